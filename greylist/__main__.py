@@ -1,0 +1,7 @@
+"""Run the policy server: python -m greylist."""
+
+import sys
+
+from greylist.cli import main
+
+sys.exit(main())

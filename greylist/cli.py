@@ -1,0 +1,96 @@
+"""Command line of the greylist policy server.
+
+DESCRIPTION
+    main() parses the command line with docopt, loads the settings,
+    sets up logging and serves policy requests on stdin and stdout, as
+    spawn(8) connects them, until end of input.
+
+DIAGNOSTICS
+    Usage and settings errors are logged as fatal and exit with status
+    2 and 1. A bug is logged by an exception hook, never printed: under
+    spawn(8) stderr is the Postfix socket, so main() points descriptor 2
+    at /dev/null unless it is a terminal.
+"""
+
+import os
+import sys
+import traceback
+
+from docopt import DocoptExit, docopt
+
+from greylist import __version__
+from greylist.config import ConfigError, load, parse_setting
+from greylist.daemon import Policy, serve
+from greylist.log import Log
+from greylist.store import Store, StoreError
+
+USAGE = """\
+Greylisting policy server for Postfix, run by spawn(8).
+
+Usage:
+  greylist [-v...] [-c FILE] [-d PATH] [--delay TIME]
+  greylist -h | --help
+  greylist --version
+
+Options:
+  -c FILE, --config FILE    Read settings from FILE (main.cf syntax).
+  -d PATH, --database PATH  Database lmdb:PATH, the file PATH.lmdb
+                            (greylist_database).
+  --delay TIME              Greylisting delay, with unit s, m, h, d or w
+                            (greylist_delay).
+  -v, --verbose             Log more; repeat for more detail.
+  -h, --help                Show this help.
+  --version                 Show the version.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the policy server; return the exit status."""
+    if not os.isatty(2):
+        _silence_stderr()
+    try:
+        args = docopt(USAGE, argv=argv, version=__version__)
+    except DocoptExit as exc:
+        Log().fatal("usage: %s" % str(exc).replace("\n", " "))
+        raise SystemExit(2) from None
+    try:
+        cfg = load(args["--config"], _overrides(args))
+    except ConfigError as exc:
+        Log().fatal(str(exc))
+        return 1
+    log = Log("greylist", cfg.log, cfg.verbose)
+    sys.excepthook = lambda kind, value, tb: _log_bug(log, kind, value, tb)
+    store = Store(cfg.database)
+    try:
+        store.open()
+    except StoreError as exc:
+        log.warning("%s; answering %s (greylist_failure_action) until the database "
+                    "works again" % (exc, cfg.failure_action))
+    log.debug(1, "serving with database %s, delay %ds" % (store.path, cfg.delay_s))
+    try:
+        return serve(sys.stdin.buffer, sys.stdout.buffer, Policy(store, cfg, log))
+    except KeyboardInterrupt:
+        return 1
+
+
+def _overrides(args: dict) -> dict[str, object]:
+    values: dict[str, object] = {"verbose": args["--verbose"]}
+    for option, name in (("--database", "greylist_database"),
+                         ("--delay", "greylist_delay")):
+        if args[option] is not None:
+            field, value = parse_setting(name, args[option])
+            values[field] = value
+    return values
+
+
+def _silence_stderr() -> None:
+    """Point descriptor 2 at /dev/null: under spawn(8) it is the socket."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+
+
+def _log_bug(log: Log, kind, value, tb) -> None:
+    log.fatal("internal error: %s: %s" % (kind.__name__, value))
+    for line in "".join(traceback.format_tb(tb)).splitlines():
+        log.fatal("  " + line)

@@ -1,0 +1,162 @@
+"""Settings: Postfix-style settings files, time values, the frozen Config.
+
+DESCRIPTION
+    A settings file uses Postfix main.cf syntax: "name = value" lines;
+    a line that starts with white space continues the previous one;
+    empty lines and lines whose first non-blank character is "#" are
+    ignored. Every setting has one name, used in the file, in the
+    Config field table below and in greylist(8). Time values take the
+    Postfix units s, m, h, d and w; a bare number means seconds.
+
+DIAGNOSTICS
+    ConfigError for an unknown name, a malformed line or an invalid
+    value; callers log it as fatal.
+"""
+
+import os
+import re
+import string
+from dataclasses import dataclass, fields, replace
+
+DEFAULT_DATABASE = "/var/lib/greylist/greylist"
+
+
+class ConfigError(Exception):
+    """An invalid setting, settings file or command-line value."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated settings; see greylist(8) for each setting's meaning."""
+
+    database: str = DEFAULT_DATABASE
+    # 180 s: below the 200-285 s first retry of many MTAs reported by
+    # mail-in-a-box (PR #403), which otherwise wait hours for a second one.
+    delay_s: int = 180
+    defer_text: str = "Greylisted, please try again in $seconds_left seconds"
+    null_sender: bool = True
+    failure_action: str = "DUNNO"
+    log: str = "syslog"
+    verbose: int = 0
+
+
+# Setting name -> (Config field, parser).
+def _parse_time(name: str, value: str) -> int:
+    match = re.fullmatch(r"(\d{1,9})([smhdw]?)", value.strip())
+    if match is None:
+        raise ConfigError("%s: invalid time value %r (use a number with an "
+                          "optional unit s, m, h, d or w)" % (name, value))
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _parse_bool(name: str, value: str) -> bool:
+    word = value.strip().lower()
+    if word not in ("yes", "no"):
+        raise ConfigError("%s: expected yes or no, not %r" % (name, value))
+    return word == "yes"
+
+
+def _parse_database(name: str, value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ConfigError("%s: empty database name" % name)
+    # Accept the data file name too: Postfix's name has no ".lmdb" suffix.
+    return value[:-len(".lmdb")] if value.endswith(".lmdb") else value
+
+
+def _parse_defer_text(name: str, value: str) -> str:
+    value = value.strip()
+    try:
+        string.Template(value).substitute(seconds_left=0)
+    except (KeyError, ValueError) as exc:
+        raise ConfigError("%s: bad placeholder in %r: %s (known: $seconds_left)"
+                          % (name, value, exc)) from None
+    return value
+
+
+_FAILURE_WORDS = ("DUNNO", "DEFER_IF_PERMIT", "DEFER")
+
+
+def _parse_failure_action(name: str, value: str) -> str:
+    value = value.strip()
+    word = value.split(None, 1)[0] if value else ""
+    if word.upper() not in _FAILURE_WORDS and not re.fullmatch(r"4\d\d", word):
+        raise ConfigError("%s: %r is not DUNNO, DEFER_IF_PERMIT text, DEFER text "
+                          "or 4NN text" % (name, value))
+    return value
+
+
+def _parse_log(name: str, value: str) -> str:
+    value = value.strip()
+    if value == "syslog" or value.startswith("postlog") or value.startswith("/"):
+        return value
+    raise ConfigError("%s: expected syslog, postlog, postlog:SOCKET or an "
+                      "absolute file name, not %r" % (name, value))
+
+
+SETTINGS = {
+    "greylist_database": ("database", _parse_database),
+    "greylist_delay": ("delay_s", _parse_time),
+    "greylist_defer_text": ("defer_text", _parse_defer_text),
+    "greylist_null_sender": ("null_sender", _parse_bool),
+    "greylist_failure_action": ("failure_action", _parse_failure_action),
+    "greylist_log": ("log", _parse_log),
+}
+assert {f for f, _ in SETTINGS.values()} == {f.name for f in fields(Config)} - {"verbose"}
+
+
+def parse_setting(name: str, value: str) -> tuple[str, object]:
+    """Return (Config field, parsed value) for one setting."""
+    if name not in SETTINGS:
+        raise ConfigError("unknown setting %r" % name)
+    if "\n" in value or "\0" in value:
+        raise ConfigError("%s: value contains a newline or NUL" % name)
+    field, parser = SETTINGS[name]
+    return field, parser(name, value)
+
+
+def read_settings(text: str, origin: str = "settings") -> dict[str, object]:
+    """Parse settings-file text; return {Config field: value}."""
+    logical: list[tuple[int, str]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0].isspace():
+            if not logical:
+                raise ConfigError("%s, line %d: continuation line without a "
+                                  "setting" % (origin, number))
+            start, previous = logical[-1]
+            logical[-1] = (start, previous + " " + line.strip())
+        else:
+            logical.append((number, line.strip()))
+    values: dict[str, object] = {}
+    for number, line in logical:
+        name, sep, value = line.partition("=")
+        if not sep:
+            raise ConfigError("%s, line %d: expected name = value" % (origin, number))
+        try:
+            field, parsed = parse_setting(name.strip(), value)
+        except ConfigError as exc:
+            raise ConfigError("%s, line %d: %s" % (origin, number, exc)) from None
+        values[field] = parsed
+    return values
+
+
+def load(path: str | None, overrides: dict[str, object]) -> Config:
+    """Return the Config: defaults, then the settings file, then overrides."""
+    values: dict[str, object] = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("cannot read settings file %s: %s" % (path, exc)) from None
+        values.update(read_settings(text, path))
+    values.update(overrides)
+    config = replace(Config(), **values)
+    if not config.log.startswith("postlog") and config.log != "syslog":
+        config = replace(config, log=os.path.abspath(config.log))
+    return config

@@ -1,0 +1,55 @@
+"""Whole-file fcntl locks, the Postfix external locking protocol.
+
+DESCRIPTION
+    lock() takes a POSIX record lock over the whole file (fcntl F_SETLK or
+    F_SETLKW with l_whence=SEEK_SET, l_start=0, l_len=0), as Postfix's
+    myflock() does for lmdb tables (lmdb_table(5) SYNCHRONIZATION).
+    fcntl.lockf is Python's interface to exactly these calls; flock(2)
+    locks would not exclude Postfix on Linux.
+
+BUGS
+    POSIX locks belong to the process: they do not exclude threads of the
+    same process, and closing ANY descriptor of the file drops them all.
+    The store keeps one lock descriptor open and adds a mutex.
+"""
+
+import errno
+import fcntl
+from contextlib import contextmanager
+from typing import Iterator
+
+SHARED = fcntl.LOCK_SH
+EXCLUSIVE = fcntl.LOCK_EX
+
+
+class LockBusy(Exception):
+    """A non-blocking lock request found the file locked by another process."""
+
+
+def lock(fd: int, mode: int, wait: bool = True) -> None:
+    """Lock the whole file for SHARED or EXCLUSIVE access.
+
+    With wait=False, raises LockBusy instead of waiting. EINTR is retried
+    by Python (PEP 475).
+    """
+    try:
+        fcntl.lockf(fd, mode if wait else mode | fcntl.LOCK_NB)
+    except OSError as exc:
+        if not wait and exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise LockBusy() from None
+        raise
+
+
+def unlock(fd: int) -> None:
+    """Release this process's lock on the whole file."""
+    fcntl.lockf(fd, fcntl.LOCK_UN)
+
+
+@contextmanager
+def locked(fd: int, mode: int, wait: bool = True) -> Iterator[None]:
+    """Hold a whole-file lock for the duration of a with block."""
+    lock(fd, mode, wait)
+    try:
+        yield
+    finally:
+        unlock(fd)

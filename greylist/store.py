@@ -1,0 +1,296 @@
+"""Postfix-compatible LMDB tables with the Postfix external locking protocol.
+
+DESCRIPTION
+    A Store is the table that Postfix calls lmdb:NAME: the single file
+    NAME.lmdb (no subdirectory), LMDB's own locking off, data format v1
+    as written by LMDB 0.9 (Postfix links liblmdb 0.9). Keys and values
+    are stored with one trailing NUL, as postmap writes them.
+
+    Every read transaction runs under a shared whole-file fcntl lock and
+    every write transaction under an exclusive one, taken on a dedicated
+    descriptor that stays open as long as the environment (closing any
+    descriptor of the file would drop the locks). A mutex makes this safe
+    between threads. No transaction or lock outlives one call.
+
+    The map size starts at max(16 MiB, file size + 10240) as in Postfix's
+    slmdb_open(). On MapFull the write transaction is aborted, the map
+    doubled and the transaction retried; on MapResized (another process
+    grew the file) the larger size is adopted and the call retried.
+
+    A Store opens lazily and reopens after a failure, at most once per
+    REOPEN_DELAY_S, so a repaired file is picked up without a restart.
+
+DIAGNOSTICS
+    StoreError, with a message for the administrator, when the file is
+    missing its directory, sits in a world-writable directory, is not an
+    LMDB 0.9 file (format v3 of LMDB 1.0, or corrupt), or when LMDB or
+    the operating system reports an error.
+"""
+
+import os
+import stat
+import struct
+import threading
+import time
+from typing import Callable, Iterator, TypeVar
+
+import lmdb
+
+from greylist.lock import EXCLUSIVE, SHARED, locked
+
+T = TypeVar("T")
+
+SUFFIX = ".lmdb"
+# Postfix's DEF_LMDB_MAP_SIZE and SLMDB_FUDGE (mail_params.h, slmdb.c).
+MAP_SIZE = 16 * 1024 * 1024
+MAP_FUDGE = 10240
+# LMDB 0.9 meta page: 16-byte page header (64-bit), then mm_magic and
+# mm_version; MDB_DATA_VERSION is 1 for 0.9 (mdb.c). LMDB 1.0 writes 3.
+MDB_MAGIC = 0xBEEFC0DE
+_META_V1 = struct.pack("=II", MDB_MAGIC, 1)
+# Retries per call after MapFull/MapResized (Postfix allows one per call;
+# a resize and a doubling may both be needed).
+RETRY_LIMIT = 4
+REOPEN_DELAY_S = 10.0
+
+# py-lmdb 3 bundles LMDB 0.9 and 1.0 and picks 1.0 for new files when
+# LMDB_DEFAULT_LIB_VERSION=1 is set: name the 0.9 engine explicitly.
+_ENGINE = {"lib_version": 0} if int(lmdb.__version__.split(".")[0]) >= 3 else {}
+
+
+class StoreError(Exception):
+    """The table cannot be opened or a transaction failed."""
+
+
+def data_file(name: str) -> str:
+    """Return the data file of the Postfix table lmdb:name."""
+    return name + SUFFIX
+
+
+def check_directory(path: str) -> None:
+    """Raise StoreError unless path's directory exists and is not world-writable."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise StoreError("database directory %s: %s" % (directory, exc.strerror)) from None
+    if st.st_mode & stat.S_IWOTH:
+        raise StoreError("refusing database directory %s: it is world-writable; use "
+                         "a directory writable only by the policy user" % directory)
+
+
+def check_format(path: str) -> bool:
+    """Check an existing data file's LMDB format; return False if it is absent.
+
+    Raises StoreError for a world-writable file, a file in LMDB 1.0's
+    format v3, and a file that is not an LMDB database at all. Opens and
+    closes the file, so it must not run while this process holds a lock.
+    """
+    try:
+        with open(path, "rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            head = handle.read(32)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise StoreError("cannot read %s: %s" % (path, exc.strerror)) from None
+    if mode & stat.S_IWOTH:
+        raise StoreError("refusing world-writable database file %s" % path)
+    if not head:
+        return True  # Empty: LMDB initialises it.
+    if head[16:24] == _META_V1:
+        return True
+    if head[24:28] == struct.pack("=I", MDB_MAGIC):
+        version = struct.unpack("=I", head[28:32])[0]
+        raise StoreError("%s is in LMDB data format v%d, which Postfix's LMDB 0.9 "
+                         "cannot read; move the file aside (do not truncate it) "
+                         "and a new one is created" % (path, version))
+    raise StoreError("%s is not an LMDB 0.9 database (corrupt or foreign file); move "
+                     "the file aside (do not truncate it) and a new one is created"
+                     % path)
+
+
+class Store:
+    """One Postfix lmdb table, opened on first use, safe across processes."""
+
+    def __init__(self, name: str, readonly: bool = False) -> None:
+        self.name = name
+        self.path = data_file(name)
+        self.readonly = readonly
+        self._env: lmdb.Environment | None = None
+        self._fd = -1
+        self._mutex = threading.Lock()
+        self._failed_at = 0.0
+
+    # Opening and closing.
+
+    def open(self) -> None:
+        """Open the table now; raise StoreError if that fails."""
+        with self._mutex:
+            self._open()
+
+    def close(self) -> None:
+        """Close the environment and the lock descriptor."""
+        with self._mutex:
+            self._close()
+
+    def _open(self) -> lmdb.Environment:
+        if self._env is not None:
+            return self._env
+        if self._failed_at and time.monotonic() - self._failed_at < REOPEN_DELAY_S:
+            raise StoreError("%s: unavailable after an earlier error; retrying in "
+                             "at most %d s" % (self.path, REOPEN_DELAY_S))
+        try:
+            env, fd = self._open_files()
+        except StoreError:
+            self._failed_at = time.monotonic()
+            raise
+        self._env, self._fd, self._failed_at = env, fd, 0.0
+        return env
+
+    def _open_files(self) -> tuple[lmdb.Environment, int]:
+        check_directory(self.path)
+        existed = check_format(self.path)
+        if self.readonly and not existed:
+            raise StoreError("%s: no such database" % self.path)
+        size = os.stat(self.path).st_size if existed else 0
+        try:
+            env = lmdb.open(self.path, map_size=max(MAP_SIZE, size + MAP_FUDGE),
+                            subdir=False, lock=False, readonly=self.readonly,
+                            create=not self.readonly, mode=0o644, max_dbs=0,
+                            **_ENGINE)
+        except lmdb.Error as exc:
+            raise StoreError("cannot open %s: %s" % (self.path, exc)) from None
+        # Open the lock descriptor after lmdb.open(), which opens and closes
+        # the file itself, and keep it as long as the environment.
+        try:
+            fd = os.open(self.path, (os.O_RDONLY if self.readonly else os.O_RDWR)
+                         | os.O_CLOEXEC)
+        except OSError as exc:
+            env.close()
+            raise StoreError("cannot open %s: %s" % (self.path, exc.strerror)) from None
+        if not existed:
+            # Postfix creates tables 0644 whatever the umask (slmdb.c).
+            os.fchmod(fd, 0o644)
+        return env, fd
+
+    def _close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            os.close(self._fd)
+            self._env, self._fd = None, -1
+
+    def _fail(self, exc: Exception) -> StoreError:
+        """Close after an error (no lock is held then) and describe it."""
+        self._close()
+        self._failed_at = time.monotonic()
+        return StoreError("%s: %s" % (self.path, exc))
+
+    # Transactions.
+
+    def _run(self, mode: int, body: Callable[[lmdb.Environment], T]) -> T:
+        """Run body(env) under the mutex and a whole-file lock, with retries."""
+        with self._mutex:
+            env = self._open()
+            try:
+                with locked(self._fd, mode):
+                    for _ in range(RETRY_LIMIT):
+                        try:
+                            return body(env)
+                        except lmdb.MapFullError:
+                            env.set_mapsize(env.info()["map_size"] * 2)
+                        except lmdb.MapResizedError:
+                            env.set_mapsize(0)
+                    raise lmdb.Error("map size retry limit reached")
+            except (lmdb.Error, OSError) as exc:
+                raise self._fail(exc) from None
+
+    def get(self, key: bytes) -> bytes | None:
+        """Return the value of key (both without NUL), or None; shared lock."""
+        def body(env: lmdb.Environment) -> bytes | None:
+            with env.begin() as txn:
+                value = txn.get(key + b"\0")
+            return value[:-1] if value and value[-1:] == b"\0" else value
+        return self._run(SHARED, body)
+
+    def update(self, key: bytes,
+               change: Callable[[bytes | None], tuple[bytes | None, T]]) -> T:
+        """Read, change and write one key atomically; exclusive lock.
+
+        change(old value or None) returns (new value or None for no
+        write, result); update() commits the new value durably and then
+        returns the result. change may run more than once (retries).
+        """
+        def body(env: lmdb.Environment) -> T:
+            txn = env.begin(write=True)
+            try:
+                old = txn.get(key + b"\0")
+                if old and old[-1:] == b"\0":
+                    old = old[:-1]
+                new, result = change(old)
+                if new is None:
+                    txn.abort()
+                    return result
+                if not new:
+                    raise ValueError("empty value for %r" % key)
+                txn.put(key + b"\0", new + b"\0")
+                txn.commit()
+                return result
+            except BaseException:
+                txn.abort()
+                raise
+        return self._run(EXCLUSIVE, body)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        """Store value under key; exclusive lock."""
+        self.update(key, lambda old: (value, None))
+
+    def delete(self, key: bytes) -> bool:
+        """Delete key; return whether it existed; exclusive lock."""
+        def body(env: lmdb.Environment) -> bool:
+            with env.begin(write=True) as txn:
+                return txn.delete(key + b"\0")
+        return self._run(EXCLUSIVE, body)
+
+    def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        """Return up to limit (key, value) pairs after key after; shared lock.
+
+        One short read transaction per call, re-seeking with set_range so
+        that a deleted position is not the end of the scan.
+        """
+        def body(env: lmdb.Environment) -> list[tuple[bytes, bytes]]:
+            items = []
+            with env.begin() as txn:
+                cursor = txn.cursor()
+                start = b"" if after is None else after + b"\0"
+                found = cursor.set_range(start)
+                while found and len(items) < limit:
+                    k, v = cursor.item()
+                    if after is None or k != start:
+                        items.append((_strip(k), _strip(v)))
+                    found = cursor.next()
+            return items
+        return self._run(SHARED, body)
+
+    def items(self, batch: int = 100) -> Iterator[tuple[bytes, bytes]]:
+        """Yield all (key, value) pairs, one batch per shared lock."""
+        after = None
+        while True:
+            chunk = self.scan(after, batch)
+            yield from chunk
+            if len(chunk) < batch:
+                return
+            after = chunk[-1][0]
+
+    def info(self) -> dict[str, int]:
+        """Return entries, map size and file size; shared lock."""
+        def body(env: lmdb.Environment) -> dict[str, int]:
+            with env.begin() as txn:
+                entries = txn.stat()["entries"]
+            return {"entries": entries, "map_size": env.info()["map_size"],
+                    "file_size": os.fstat(self._fd).st_size}
+        return self._run(SHARED, body)
+
+
+def _strip(raw: bytes) -> bytes:
+    return raw[:-1] if raw[-1:] == b"\0" else raw
