@@ -22,7 +22,7 @@ from greylist import __version__
 from greylist.config import ConfigError, load, parse_setting
 from greylist.daemon import Policy, serve
 from greylist.log import Log
-from greylist.store import Store, StoreError
+from greylist.store import Store
 
 USAGE = """\
 Greylisting policy server for Postfix, run by spawn(8).
@@ -60,15 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log = Log("greylist", cfg.log, cfg.verbose)
     sys.excepthook = lambda kind, value, tb: _log_bug(log, kind, value, tb)
-    store = Store(cfg.database)
+    policy = Policy(Store(cfg.database), cfg, log)
+    policy.open_store()
+    log.debug(1, "database %s, greylist_delay %ds" % (policy.store.path, cfg.delay_s))
     try:
-        store.open()
-    except StoreError as exc:
-        log.warning("%s; answering %s (greylist_failure_action) until the database "
-                    "works again" % (exc, cfg.failure_action))
-    log.debug(1, "serving with database %s, delay %ds" % (store.path, cfg.delay_s))
-    try:
-        return serve(sys.stdin.buffer, sys.stdout.buffer, Policy(store, cfg, log))
+        return serve(sys.stdin.buffer, sys.stdout.buffer, policy)
     except KeyboardInterrupt:
         return 1
 

@@ -51,6 +51,13 @@ class Policy:
         self.clock = clock
         self._warned_at: float | None = None
 
+    def open_store(self) -> None:
+        """Open the store now, so that a broken database is reported at start."""
+        try:
+            self.store.open()
+        except StoreError as exc:
+            self._store_failed(exc)
+
     def answer(self, attrs: dict[str, str]) -> str:
         """Return the action for one request; raise ProtocolError if malformed."""
         request = attrs.get("request")
@@ -76,12 +83,16 @@ class Policy:
             # have written this triple since our shared-lock read.
             return self.store.update(k, lambda old: self._write(old, k, now))
         except StoreError as exc:
-            now_s = time.monotonic()
-            if self._warned_at is None or now_s - self._warned_at >= STORE_WARNING_INTERVAL_S:
-                self._warned_at = now_s
-                self.log.warning("%s; answering %s (greylist_failure_action) until "
-                                 "the database works again" % (exc, self.cfg.failure_action))
+            self._store_failed(exc)
             return Decision(self.cfg.failure_action, "database-failure")
+
+    def _store_failed(self, exc: StoreError) -> None:
+        """Warn about a store failure, at most once per interval."""
+        now = time.monotonic()
+        if self._warned_at is None or now - self._warned_at >= STORE_WARNING_INTERVAL_S:
+            self._warned_at = now
+            self.log.warning("%s; answering %s (greylist_failure_action) until the "
+                             "database works again" % (exc, self.cfg.failure_action))
 
     def _write(self, old: bytes | None, k: bytes, now: int) -> tuple[bytes | None, Decision]:
         decision = decide(self._record(old, k), now, self.cfg)

@@ -1,0 +1,40 @@
+"""Shared fixtures: Postfix tools, which skip locally but fail under CI."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+CI = os.environ.get("CI") == "true"
+
+
+def require(reason: str | None) -> None:
+    """Skip (or, under CI, fail) a test whose prerequisite is missing."""
+    if reason is None:
+        return
+    if CI:
+        pytest.fail("required under CI: " + reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postmap() -> str:
+    """The path of a postmap that supports lmdb tables."""
+    path = shutil.which("postmap") or "/usr/sbin/postmap"
+    if not os.path.exists(path):
+        require("postmap is not installed (Debian: postfix, postfix-lmdb)")
+    types = subprocess.run([path.replace("postmap", "postconf"), "-m"],
+                           capture_output=True, text=True).stdout.split()
+    require(None if "lmdb" in types else "Postfix has no lmdb support (postfix-lmdb)")
+    return path
+
+
+def run_python(code: str, *args: str, timeout: float = 30,
+               **kwargs) -> subprocess.CompletedProcess:
+    """Run Python code in a fresh interpreter with this checkout importable."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    env.update(kwargs.pop("env", {}))
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                          timeout=timeout, env=env, **kwargs)

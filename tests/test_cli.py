@@ -1,0 +1,126 @@
+"""The greylist program as a process: stdin/stdout, exit status, logging."""
+
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+RCPT = (pathlib.Path(__file__).parent / "data" / "rcpt.txt").read_bytes()
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+@pytest.fixture
+def home(tmp_path):
+    """A private directory with a settings file that logs to a file there."""
+    os.chmod(tmp_path, 0o755)
+    (tmp_path / "greylist.cf").write_text(
+        "# test settings\ngreylist_log = %s\ngreylist_database =\n    %s\n"
+        % (tmp_path / "log", tmp_path / "db"))
+    return tmp_path
+
+
+def greylist(home, data, *args, timeout=30):
+    """Run the program with the given stdin; return (status, stdout, stderr, log)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "greylist", "-c", str(home / "greylist.cf"),
+                           *args], input=data, capture_output=True, timeout=timeout, env=env)
+    log = (home / "log").read_text() if (home / "log").exists() else ""
+    return done.returncode, done.stdout, done.stderr, log
+
+
+def test_defer_then_pass_through_the_real_process(home):
+    status, out, err, log = greylist(home, RCPT, "--delay", "0")
+    assert (status, out, err) == (0, b"action=DEFER_IF_PERMIT Greylisted, please try again "
+                                     b"in 0 seconds\n\n", b"")
+    status, out, err, log = greylist(home, RCPT + RCPT, "--delay", "0")
+    assert (status, out, err) == (0, b"action=DUNNO\n\n" * 2, b"")
+    lines = log.splitlines()
+    assert len(lines) == 3
+    assert re.fullmatch(r"\w{3} [ \d]\d \d\d:\d\d:\d\d \S+ greylist\[\d+\]: "
+                        r"action=DEFER_IF_PERMIT reason=new age=0 client=192\.0\.2\.10 "
+                        r"sender=alice@example\.org rcpt=bob@example\.net", lines[0])
+    assert lines[1].endswith("action=DUNNO reason=delay-passed age=0 client=192.0.2.10 "
+                             "sender=alice@example.org rcpt=bob@example.net")
+    assert (home / "db.lmdb").exists()
+
+
+def test_database_option_overrides_the_settings_file(home):
+    status, out, _, _ = greylist(home, RCPT, "-d", str(home / "other.lmdb"))
+    assert status == 0 and out.startswith(b"action=DEFER_IF_PERMIT")
+    assert (home / "other.lmdb").exists() and not (home / "db.lmdb").exists()
+
+
+def test_verbose_logs_non_rcpt_decisions(home):
+    data = RCPT.replace(b"protocol_state=RCPT", b"protocol_state=DATA")
+    _, out, _, quiet = greylist(home, data)
+    _, out, _, verbose = greylist(home, data, "-v")
+    assert out == b"action=DUNNO\n\n"
+    assert "protocol_state=DATA" not in quiet
+    assert "action=DUNNO reason=protocol_state=DATA" in verbose
+
+
+BAD_INPUTS = {
+    "no-equals": b"request=smtpd_access_policy\nno equals sign here\n\n",
+    "overlong": b"sender=" + b"a" * 100000 + b"\n\n",
+    "binary": bytes(range(256)) * 4 + b"\n\n",
+    "bad-client": RCPT.replace(b"client_address=192.0.2.10", b"client_address=999.1.1.1"),
+    "unknown-request": RCPT.replace(b"request=smtpd_access_policy", b"request=other"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_is_logged_and_disconnected_without_traceback(home, name):
+    status, out, err, log = greylist(home, RCPT + BAD_INPUTS[name] + RCPT)
+    assert status == 1
+    assert out == b"action=DEFER_IF_PERMIT Greylisted, please try again in 180 seconds\n\n"
+    assert err == b""
+    assert "warning: " in log and log.rstrip().endswith("disconnecting without a reply")
+    assert "Traceback" not in log and "internal error" not in log
+
+
+def test_store_failure_answers_dunno_and_keeps_serving(home):
+    os.chmod(home, 0o777)
+    try:
+        status, out, err, log = greylist(home, RCPT * 3)
+    finally:
+        os.chmod(home, 0o755)
+    assert (status, out, err) == (0, b"action=DUNNO\n\n" * 3, b"")
+    assert log.count("warning:") == 1 and "world-writable" in log
+    assert log.count("reason=database-failure") == 3
+
+
+def test_settings_error_is_fatal_with_status_1(home):
+    (home / "greylist.cf").write_text("greylist_log = %s\ngreylist_dealy = 60\n"
+                                      % (home / "log"))
+    status, out, err, _ = greylist(home, RCPT)
+    assert (status, out, err) == (1, b"", b"")
+
+
+def test_usage_error_exits_2_and_writes_nothing(home):
+    status, out, err, _ = greylist(home, RCPT, "--no-such-option")
+    assert (status, out, err) == (2, b"", b"")
+
+
+def test_postlog_target_sends_postfix_style_datagrams(home):
+    path = str(home / "postlog")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        server.settimeout(10)
+        (home / "greylist.cf").write_text("greylist_log = postlog:%s\n"
+                                          "greylist_database = %s\n" % (path, home / "db"))
+        status, out, err, _ = greylist(home, RCPT)
+        assert (status, err) == (0, b"")
+        record = server.recv(4096).decode()
+    assert re.fullmatch(r"\w{3} [ \d]\d \d\d:\d\d:\d\d \S+ greylist\[\d+\]: "
+                        r"action=DEFER_IF_PERMIT reason=new .*", record)
+
+
+def test_missing_postlog_socket_does_not_fail_the_service(home):
+    (home / "greylist.cf").write_text("greylist_log = postlog:%s\ngreylist_database = %s\n"
+                                      % (home / "nowhere", home / "db"))
+    status, out, err, _ = greylist(home, RCPT)
+    assert (status, err) == (0, b"") and out.startswith(b"action=DEFER_IF_PERMIT")

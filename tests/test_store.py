@@ -1,0 +1,294 @@
+"""The LMDB store against real LMDB, real postmap and concurrent processes."""
+
+import fcntl
+import os
+import subprocess
+import sys
+import time
+
+import lmdb
+import pytest
+
+from greylist import store as store_module
+from greylist.lock import EXCLUSIVE, locked
+from greylist.store import Store, StoreError
+from tests.conftest import run_python
+
+
+@pytest.fixture
+def db(tmp_path):
+    """A new store in a private directory; closed after the test."""
+    os.chmod(tmp_path, 0o755)
+    store = Store(str(tmp_path / "greylist"))
+    store.open()
+    yield store
+    store.close()
+
+
+def raw_items(path):
+    """All raw (key, value) pairs of an LMDB file, read without our store."""
+    env = lmdb.open(path, subdir=False, lock=False, readonly=True)
+    try:
+        with env.begin() as txn:
+            return list(txn.cursor())
+    finally:
+        env.close()
+
+
+def test_keys_and_values_are_stored_with_one_trailing_nul(db):
+    db.put(b"192.0.2.1/a@example.org/b@example.net", b"1:1:1:1:pending")
+    db.close()
+    assert raw_items(db.path) == [(b"192.0.2.1/a@example.org/b@example.net\0",
+                                   b"1:1:1:1:pending\0")]
+
+
+def test_get_update_delete_round_trip(db):
+    assert db.get(b"k") is None
+    assert db.update(b"k", lambda old: (b"v1", old)) is None
+    assert db.update(b"k", lambda old: (None, old)) == b"v1"
+    assert db.get(b"k") == b"v1"
+    assert db.delete(b"k") is True
+    assert db.delete(b"k") is False
+    assert db.get(b"k") is None
+
+
+def test_update_refuses_empty_values(db):
+    # An empty value makes Postfix answer 451 (maps_find, DICT_ERR_CONFIG).
+    with pytest.raises(ValueError):
+        db.update(b"k", lambda old: (b"", None))
+    assert db.get(b"k") is None
+
+
+def test_new_file_is_lmdb_09_format_with_mode_0644(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    old = os.umask(0o077)
+    try:
+        store = Store(str(tmp_path / "t"))
+        store.put(b"k", b"v")
+        store.close()
+    finally:
+        os.umask(old)
+    head = (tmp_path / "t.lmdb").read_bytes()[:24]
+    assert head[16:24] == bytes.fromhex("dec0efbe01000000")
+    assert (tmp_path / "t.lmdb").stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.lmdb"]  # no lock file
+
+
+def test_lmdb_default_lib_version_1_still_writes_format_1(tmp_path):
+    # py-lmdb 3 reads LMDB_DEFAULT_LIB_VERSION at import time.
+    os.chmod(tmp_path, 0o755)
+    done = run_python("import sys; from greylist.store import Store; "
+                      "s = Store(sys.argv[1]); s.put(b'k', b'v'); s.close()",
+                      str(tmp_path / "t"), env={"LMDB_DEFAULT_LIB_VERSION": "1"})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "t.lmdb").read_bytes()[16:24] == bytes.fromhex("dec0efbe01000000")
+
+
+@pytest.mark.skipif(int(lmdb.__version__.split(".")[0]) < 3,
+                    reason="py-lmdb < 3 has no LMDB 1.0 engine to write format v3")
+def test_format_v3_file_is_refused_with_a_clear_message(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    env = lmdb.open(str(tmp_path / "v3.lmdb"), subdir=False, lock=False, lib_version=1)
+    with env.begin(write=True) as txn:
+        txn.put(b"k\0", b"v\0")
+    env.close()
+    with pytest.raises(StoreError, match="format v3.*move the file aside"):
+        Store(str(tmp_path / "v3")).open()
+
+
+def test_corrupt_file_is_refused_and_left_untouched(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    garbage = bytes(range(256)) * 64
+    (tmp_path / "bad.lmdb").write_bytes(garbage)
+    with pytest.raises(StoreError, match="not an LMDB 0.9 database"):
+        Store(str(tmp_path / "bad")).open()
+    assert (tmp_path / "bad.lmdb").read_bytes() == garbage
+
+
+def test_world_writable_directory_is_refused(tmp_path):
+    os.chmod(tmp_path, 0o777)
+    with pytest.raises(StoreError, match="world-writable"):
+        Store(str(tmp_path / "greylist")).open()
+    assert not (tmp_path / "greylist.lmdb").exists()
+
+
+def test_world_writable_file_is_refused(db):
+    db.put(b"k", b"v")
+    db.close()
+    os.chmod(db.path, 0o666)
+    with pytest.raises(StoreError, match="world-writable"):
+        db.open()
+
+
+def test_missing_directory_is_a_store_error(tmp_path):
+    with pytest.raises(StoreError, match="No such file"):
+        Store(str(tmp_path / "missing" / "greylist")).open()
+
+
+def test_reopen_is_delayed_after_a_failure(tmp_path, monkeypatch):
+    os.chmod(tmp_path, 0o777)
+    store = Store(str(tmp_path / "g"))
+    with pytest.raises(StoreError, match="world-writable"):
+        store.get(b"k")
+    os.chmod(tmp_path, 0o755)
+    with pytest.raises(StoreError, match="retrying"):
+        store.get(b"k")
+    monkeypatch.setattr(store_module, "REOPEN_DELAY_S", 0.0)
+    assert store.get(b"k") is None  # repaired: reopened without a restart
+    store.close()
+
+
+def test_lock_calls_are_exactly_the_postfix_protocol(db, monkeypatch):
+    calls = []
+    real = fcntl.lockf
+    monkeypatch.setattr(fcntl, "lockf",
+                        lambda fd, op, *a: (calls.append((fd, op)), real(fd, op, *a))[1])
+    db.get(b"k")
+    db.update(b"k", lambda old: (b"v", None))
+    db.scan(None, 10)
+    fd = db._fd
+    assert calls == [(fd, fcntl.LOCK_SH), (fd, fcntl.LOCK_UN),
+                     (fd, fcntl.LOCK_EX), (fd, fcntl.LOCK_UN),
+                     (fd, fcntl.LOCK_SH), (fd, fcntl.LOCK_UN)]
+
+
+def test_map_full_doubles_the_map_and_keeps_every_value(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "MAP_SIZE", 64 * 1024)
+    os.chmod(tmp_path, 0o755)
+    store = Store(str(tmp_path / "g"))
+    for i in range(40):
+        store.put(b"key%03d" % i, b"x" * 4000)
+    size = store.info()["map_size"]
+    assert size > 64 * 1024
+    assert all(store.get(b"key%03d" % i) == b"x" * 4000 for i in range(40))
+    store.close()
+
+
+def test_map_grown_by_another_process_is_adopted(db):
+    db.put(b"first", b"1")
+    assert db.info()["map_size"] == store_module.MAP_SIZE
+    # Another process fills the table beyond 16 MiB, growing the map.
+    grow = ("import sys; from greylist.store import Store; s = Store(sys.argv[1]); "
+            "[s.update(b'big%04d' % i, lambda old: (b'y' * 20000, None)) "
+            "for i in range(1000)]; s.close()")
+    done = run_python(grow, db.name, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert db.get(b"big0999") == b"y" * 20000
+    assert db.info()["map_size"] > store_module.MAP_SIZE
+
+
+HOLD = """
+import sys
+from greylist.lock import EXCLUSIVE, locked
+from greylist.store import Store
+s = Store(sys.argv[1]); s.open()
+with locked(s._fd, EXCLUSIVE):
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_exclusive_lock_in_one_process_blocks_a_reader_in_another(db):
+    db.put(b"k", b"v")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    reader_code = ("import sys; from greylist.store import Store; "
+                   "print(Store(sys.argv[1]).get(b'k'))")
+    with subprocess.Popen([sys.executable, "-c", HOLD, db.name], env=env, text=True,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE) as holder:
+        try:
+            assert holder.stdout.readline() == "locked\n"
+            with subprocess.Popen([sys.executable, "-c", reader_code, db.name], env=env,
+                                  stdout=subprocess.PIPE, text=True) as reader:
+                with pytest.raises(subprocess.TimeoutExpired):
+                    reader.wait(timeout=1.0)  # blocked behind the exclusive lock
+                holder.stdin.write("release\n")
+                holder.stdin.flush()
+                assert reader.communicate(timeout=10)[0] == "b'v'\n"
+        finally:
+            holder.kill()
+
+
+def test_our_exclusive_lock_blocks_postmap_and_release_lets_it_read(db, postmap):
+    db.put(b"sender@example.com", b"OK")
+    with locked(db._fd, EXCLUSIVE):
+        blocked = subprocess.run(["timeout", "1", postmap, "-q", "sender@example.com",
+                                  "lmdb:" + db.name], capture_output=True, text=True)
+        assert blocked.returncode == 124  # killed by timeout while waiting
+    done = subprocess.run([postmap, "-q", "sender@example.com", "lmdb:" + db.name],
+                          capture_output=True, text=True, timeout=10)
+    assert (done.returncode, done.stdout) == (0, "OK\n")
+
+
+def test_postmap_reads_what_we_wrote(db, postmap):
+    db.put(b"192.0.2.1/alice@example.org/bob@example.net", b"1:100:160:2:passed")
+    db.put("strasse@example.de".encode(), b"OK")
+    queried = subprocess.run([postmap, "-q", "192.0.2.1/ALICE@example.org/bob@example.net",
+                              "lmdb:" + db.name], capture_output=True, text=True, timeout=10)
+    assert (queried.returncode, queried.stdout) == (0, "1:100:160:2:passed\n")
+    folded = subprocess.run([postmap, "-q", "Straße@Example.DE", "lmdb:" + db.name],
+                            capture_output=True, text=True, timeout=10)
+    assert folded.stdout == "OK\n"
+    listed = subprocess.run([postmap, "-s", "lmdb:" + db.name], capture_output=True,
+                            text=True, timeout=10)
+    assert listed.returncode == 0 and listed.stderr == ""
+    assert listed.stdout.splitlines() == [
+        "192.0.2.1/alice@example.org/bob@example.net\t1:100:160:2:passed",
+        "strasse@example.de\tOK"]
+
+
+def test_we_read_what_postmap_wrote(tmp_path, postmap):
+    os.chmod(tmp_path, 0o755)
+    source = tmp_path / "access"
+    source.write_text("Alpha@Example.ORG OK\n10.1.2.3 REJECT go away\n")
+    subprocess.run([postmap, "lmdb:" + str(source)], check=True, timeout=10)
+    subprocess.run([postmap, "-i", "lmdb:" + str(source)], input="added@example.net DUNNO\n",
+                   text=True, check=True, timeout=10)
+    store = Store(str(source), readonly=True)
+    assert store.get(b"alpha@example.org") == b"OK"
+    assert store.get(b"10.1.2.3") == b"REJECT go away"
+    assert store.get(b"added@example.net") == b"DUNNO"
+    assert [k for k, _ in store.items()] == [b"10.1.2.3", b"added@example.net",
+                                              b"alpha@example.org"]
+    store.close()
+
+
+WRITER = """
+import sys, time
+from greylist.store import Store
+s = Store(sys.argv[1])
+deadline = time.monotonic() + float(sys.argv[2])
+i = 0
+while time.monotonic() < deadline and i < 100000:
+    s.put(b"w%06d" % i, b"1:%d:%d:1:pending" % (i, i))
+    i += 1
+print(i)
+"""
+
+
+def test_postmap_reads_consistently_while_our_writer_runs(db, postmap):
+    db.put(b"w000000", b"1:0:0:1:pending")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    listings = 0
+    with subprocess.Popen([sys.executable, "-c", WRITER, db.name, "3"], env=env,
+                          stdout=subprocess.PIPE, text=True) as writer:
+        try:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and writer.poll() is None and listings < 200:
+                listed = subprocess.run([postmap, "-s", "lmdb:" + db.name],
+                                        capture_output=True, text=True, timeout=10)
+                assert listed.returncode == 0 and listed.stderr == ""
+                for line in listed.stdout.splitlines():
+                    key, value = line.split("\t")
+                    assert key.startswith("w") and value.startswith("1:") \
+                        and value.endswith(":1:pending"), line
+                queried = subprocess.run([postmap, "-q", "w000000", "lmdb:" + db.name],
+                                         capture_output=True, text=True, timeout=10)
+                assert queried.stdout == "1:0:0:1:pending\n"
+                listings += 1
+            written = int(writer.communicate(timeout=30)[0])
+        finally:
+            writer.kill()
+    assert writer.returncode == 0 and written > 10 and listings > 3
+    final = subprocess.run([postmap, "-s", "lmdb:" + db.name], capture_output=True,
+                           text=True, timeout=10)
+    assert len(final.stdout.splitlines()) == written
