@@ -42,7 +42,7 @@ class Config:
 
 # Setting name -> (Config field, parser).
 def _parse_time(name: str, value: str) -> int:
-    match = re.fullmatch(r"(\d{1,9})([smhdw]?)", value.strip())
+    match = re.fullmatch(r"([0-9]{1,9})([smhdw]?)", value.strip())
     if match is None:
         raise ConfigError("%s: invalid time value %r (use a number with an "
                           "optional unit s, m, h, d or w)" % (name, value))
@@ -82,8 +82,12 @@ _FAILURE_WORDS = ("DUNNO", "DEFER_IF_PERMIT", "DEFER")
 
 def _parse_failure_action(name: str, value: str) -> str:
     value = value.strip()
-    word = value.split(None, 1)[0] if value else ""
-    if word.upper() not in _FAILURE_WORDS and not re.fullmatch(r"4\d\d", word):
+    # Postfix splits the action word at a space or a tab (check_table_result).
+    word, _, text = value.replace("\t", " ").partition(" ")
+    # An all-numeric action is OK to smtpd; 4NN rejects only with text
+    # after it (check_table_result), so "451" alone would permit.
+    if word.upper() not in _FAILURE_WORDS and not (re.fullmatch("4[0-9][0-9]", word)
+                                                   and text.strip()):
         raise ConfigError("%s: %r is not DUNNO, DEFER_IF_PERMIT text, DEFER text "
                           "or 4NN text" % (name, value))
     return value
@@ -91,9 +95,10 @@ def _parse_failure_action(name: str, value: str) -> str:
 
 def _parse_log(name: str, value: str) -> str:
     value = value.strip()
-    if value == "syslog" or value.startswith("postlog") or value.startswith("/"):
+    if value in ("syslog", "postlog") or value.startswith("/") \
+            or (value.startswith("postlog:/") and len(value) > len("postlog:/")):
         return value
-    raise ConfigError("%s: expected syslog, postlog, postlog:SOCKET or an "
+    raise ConfigError("%s: expected syslog, postlog, postlog:/SOCKET or an "
                       "absolute file name, not %r" % (name, value))
 
 

@@ -121,7 +121,10 @@ def serve(instream: BinaryIO, outstream: BinaryIO, policy: Policy) -> int:
             if attrs is None:
                 policy.log.debug(1, "end of input, exiting")
                 return 0
+            policy.log.debug(2, "request: %s" % " ".join(
+                "%s=%s" % item for item in attrs.items()))
             reply = format_reply(policy.answer(attrs))
+            policy.log.debug(2, "reply: %s" % reply.decode("utf-8", "replace").strip())
         except ProtocolError as exc:
             policy.log.warning("%s; disconnecting without a reply" % exc)
             return 1

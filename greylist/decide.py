@@ -44,7 +44,7 @@ def screen(attrs: dict[str, str], cfg: Config) -> Decision | None:
         return Decision(DUNNO, "protocol_state=" + (state[:20] or "missing"))
     if "recipient" not in attrs:
         return Decision(DUNNO, "no recipient")
-    if not cfg.null_sender and "sender" not in attrs:
+    if not cfg.null_sender and not attrs.get("sender"):
         return Decision(DUNNO, "null sender")
     return None
 

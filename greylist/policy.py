@@ -70,7 +70,7 @@ def format_reply(action: str) -> bytes:
     """Return the wire form of a reply with the given non-empty action."""
     # An empty action is a permit in smtpd (check_table_result), and a
     # newline would end the reply early: both are bugs in the caller.
-    if not action or "\n" in action:
+    if not action or "\n" in action or "\0" in action:
         raise ValueError("invalid action %r" % action)
     return b"action=" + action.encode("utf-8", "surrogateescape") + b"\n\n"
 

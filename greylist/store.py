@@ -19,6 +19,8 @@ DESCRIPTION
 
     A Store opens lazily and reopens after a failure, at most once per
     REOPEN_DELAY_S, so a repaired file is picked up without a restart.
+    Before each call it checks that the open file is still the one at
+    its path, and reopens the path if the file was deleted or replaced.
 
 DIAGNOSTICS
     StoreError, with a message for the administrator, when the file is
@@ -136,7 +138,11 @@ class Store:
 
     def _open(self) -> lmdb.Environment:
         if self._env is not None:
-            return self._env
+            if self._same_file():
+                return self._env
+            # Deleted or replaced: Postfix daemons restart then (dict.c);
+            # we reopen, so writes never go to a file nobody reads.
+            self._close()
         if self._failed_at and time.monotonic() - self._failed_at < REOPEN_DELAY_S:
             raise StoreError("%s: unavailable after an earlier error; retrying in "
                              "at most %d s" % (self.path, REOPEN_DELAY_S))
@@ -173,6 +179,14 @@ class Store:
             # Postfix creates tables 0644 whatever the umask (slmdb.c).
             os.fchmod(fd, 0o644)
         return env, fd
+
+    def _same_file(self) -> bool:
+        """Whether the open file is still the one at self.path."""
+        try:
+            ours, now = os.fstat(self._fd), os.stat(self.path)
+        except OSError:
+            return False
+        return ours.st_nlink > 0 and (ours.st_ino, ours.st_dev) == (now.st_ino, now.st_dev)
 
     def _close(self) -> None:
         if self._env is not None:

@@ -43,8 +43,9 @@ def test_defer_then_pass_through_the_real_process(home):
     assert re.fullmatch(r"\w{3} [ \d]\d \d\d:\d\d:\d\d \S+ greylist\[\d+\]: "
                         r"action=DEFER_IF_PERMIT reason=new age=0 client=192\.0\.2\.10 "
                         r"sender=alice@example\.org rcpt=bob@example\.net", lines[0])
-    assert lines[1].endswith("action=DUNNO reason=delay-passed age=0 client=192.0.2.10 "
-                             "sender=alice@example.org rcpt=bob@example.net")
+    # The second process may start in the next second: any small age.
+    assert re.search(r"action=DUNNO reason=delay-passed age=[01] client=192\.0\.2\.10 "
+                     r"sender=alice@example\.org rcpt=bob@example\.net$", lines[1])
     assert (home / "db.lmdb").exists()
 
 

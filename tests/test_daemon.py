@@ -196,3 +196,13 @@ def test_concurrent_decisions_write_first_seen_exactly_once(tmp_path):
     assert run(policy, RCPT) == (0, b"action=DUNNO\n\n")
     assert real_get(k) == b"1:1000:2000:2:passed"
     store.close()
+
+
+def test_overlong_addresses_get_a_bounded_key_instead_of_a_store_failure(policy):
+    # LMDB refuses keys over 511 bytes; that must not disable greylisting.
+    long_sender = "s" * 300 + "@example.org"
+    data = request(sender=long_sender, recipient="r" * 300 + "@example.net")
+    assert run(policy, data) == (0, DEFER_300)
+    policy.clock.now += 300
+    assert run(policy, data) == (0, b"action=DUNNO\n\n")
+    assert not any(line.startswith("warning:") for line in policy.log.lines)

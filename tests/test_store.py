@@ -292,3 +292,20 @@ def test_postmap_reads_consistently_while_our_writer_runs(db, postmap):
     final = subprocess.run([postmap, "-s", "lmdb:" + db.name], capture_output=True,
                            text=True, timeout=10)
     assert len(final.stdout.splitlines()) == written
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_database_deleted_or_replaced_while_open_is_reopened(db, how):
+    db.put(b"old", b"1")
+    if how == "deleted":
+        os.unlink(db.path)
+    else:
+        other = Store(db.name + "-new")
+        other.put(b"new", b"2")
+        other.close()
+        os.rename(db.name + "-new.lmdb", db.path)
+    assert db.get(b"old") is None
+    db.put(b"after", b"3")
+    db.close()
+    assert sorted(k for k, _ in raw_items(db.path)) == (
+        [b"after\0"] if how == "deleted" else [b"after\0", b"new\0"])

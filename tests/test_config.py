@@ -1,0 +1,314 @@
+"""Tests for greylist.config: time values, settings files and load()."""
+
+import pytest
+
+from greylist.config import Config, ConfigError, load, parse_setting, read_settings
+
+
+@pytest.mark.parametrize("value, seconds", [
+    pytest.param("60", 60, id="bare-number"),
+    pytest.param("60s", 60, id="seconds"),
+    pytest.param("5m", 300, id="minutes"),
+    pytest.param("2h", 7200, id="hours"),
+    pytest.param("1d", 86400, id="days"),
+    pytest.param("1w", 604800, id="weeks"),
+    pytest.param("0", 0, id="zero"),
+    pytest.param("035d", 35 * 86400, id="leading-zero"),
+    pytest.param("999999999", 999999999, id="nine-digits"),
+    pytest.param("  5m\t", 300, id="stripped"),
+])
+def test_time_value(value, seconds):
+    assert parse_setting("greylist_delay", value) == ("delay_s", seconds)
+
+
+@pytest.mark.parametrize("value", [
+    pytest.param("", id="empty"),
+    pytest.param("   ", id="blank"),
+    pytest.param("-1", id="negative"),
+    pytest.param("+1", id="plus-sign"),
+    pytest.param("1.5m", id="fraction"),
+    pytest.param("5x", id="unknown-unit"),
+    pytest.param("5M", id="uppercase-unit"),
+    pytest.param("5mm", id="two-units"),
+    pytest.param("m", id="unit-only"),
+    pytest.param("1 m", id="space-before-unit"),
+    pytest.param("1 0", id="space-inside-number"),
+    pytest.param("1_000", id="underscore"),
+    pytest.param("0x10", id="hex"),
+    pytest.param("1e3", id="exponent"),
+    pytest.param("1000000000", id="ten-digits"),
+    pytest.param("5m # five minutes", id="trailing-comment"),
+])
+def test_time_value_rejects(value):
+    with pytest.raises(ConfigError, match="greylist_delay: invalid time value"):
+        parse_setting("greylist_delay", value)
+
+
+def test_time_value_rejects_non_ascii_digits():
+    # Regression: the pattern used \d, which in a str pattern also
+    # matches digits of other scripts, and int() converts them, so
+    # "\u0666\u0660" (Arabic-Indic 60) was accepted as 60 seconds.
+    with pytest.raises(ConfigError):
+        parse_setting("greylist_delay", "\u0666\u0660")
+
+
+@pytest.mark.parametrize("text, expected", [
+    pytest.param("", {}, id="empty"),
+    pytest.param("# comment\n\n   \n\t# indented comment\ngreylist_delay = 5m\n",
+                 {"delay_s": 300}, id="comments-and-blank-lines"),
+    pytest.param("greylist_delay=5m", {"delay_s": 300}, id="no-spaces"),
+    pytest.param("greylist_delay   =   5m   ", {"delay_s": 300}, id="spaces"),
+    pytest.param("greylist_defer_text = Greylisted,\n  try again in\n\t$seconds_left seconds\n",
+                 {"defer_text": "Greylisted, try again in $seconds_left seconds"},
+                 id="continuation-lines"),
+    pytest.param("greylist_defer_text = a=b", {"defer_text": "a=b"}, id="equals-in-value"),
+    pytest.param("greylist_delay = 1m\ngreylist_delay = 2m\n", {"delay_s": 120},
+                 id="last-wins"),
+    pytest.param("greylist_database = /var/lib/greylist/greylist.lmdb\n"
+                 "greylist_delay = 10m\n"
+                 "greylist_defer_text = wait\n"
+                 "greylist_null_sender = no\n"
+                 "greylist_failure_action = DEFER_IF_PERMIT Try again later\n"
+                 "greylist_log = postlog\n",
+                 {"database": "/var/lib/greylist/greylist", "delay_s": 600,
+                  "defer_text": "wait", "null_sender": False,
+                  "failure_action": "DEFER_IF_PERMIT Try again later", "log": "postlog"},
+                 id="every-setting"),
+])
+def test_read_settings(text, expected):
+    assert read_settings(text) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    pytest.param("# comment\n\nbogus = 1\n", r"^test\.cf, line 3: unknown setting 'bogus'",
+                 id="unknown-name"),
+    pytest.param("= 5m\n", r"^test\.cf, line 1: unknown setting ''", id="empty-name"),
+    pytest.param("greylist_delay = 5m\ngreylist_delay 5m\n",
+                 r"^test\.cf, line 2: expected name = value", id="missing-equals"),
+    pytest.param("  greylist_delay = 5m\n",
+                 r"^test\.cf, line 1: continuation line without a setting",
+                 id="continuation-first"),
+    pytest.param("# comment\n\tgreylist_delay = 5m\n",
+                 r"^test\.cf, line 2: continuation line without a setting",
+                 id="continuation-after-comment"),
+    pytest.param("\ngreylist_delay = soon\n",
+                 r"^test\.cf, line 2: greylist_delay: invalid time value",
+                 id="invalid-value"),
+    pytest.param("greylist_null_sender = yes\n  no\n",
+                 r"^test\.cf, line 1: greylist_null_sender: expected yes or no",
+                 id="invalid-continued-value-names-first-line"),
+])
+def test_read_settings_rejects(text, message):
+    with pytest.raises(ConfigError, match=message):
+        read_settings(text, "test.cf")
+
+
+@pytest.mark.parametrize("value", [
+    pytest.param("a\nb", id="newline"),
+    pytest.param("a\0b", id="nul"),
+])
+def test_parse_setting_rejects_newline_and_nul(value):
+    with pytest.raises(ConfigError, match="newline or NUL"):
+        parse_setting("greylist_defer_text", value)
+
+
+def test_parse_setting_rejects_unknown_name():
+    with pytest.raises(ConfigError, match="unknown setting 'greylist_bogus'"):
+        parse_setting("greylist_bogus", "1")
+
+
+@pytest.mark.parametrize("value, expected", [
+    pytest.param("/var/lib/greylist/greylist", "/var/lib/greylist/greylist", id="plain"),
+    pytest.param("/var/lib/greylist/greylist.lmdb", "/var/lib/greylist/greylist",
+                 id="lmdb-suffix-stripped"),
+    pytest.param(" /srv/grey.lmdb ", "/srv/grey", id="stripped"),
+])
+def test_database(value, expected):
+    assert parse_setting("greylist_database", value) == ("database", expected)
+
+
+def test_database_rejects_empty():
+    with pytest.raises(ConfigError, match="empty database name"):
+        parse_setting("greylist_database", "  ")
+
+
+@pytest.mark.parametrize("value, expected", [
+    pytest.param("Greylisted, please try again in $seconds_left seconds",
+                 "Greylisted, please try again in $seconds_left seconds", id="placeholder"),
+    pytest.param("try again in ${seconds_left}s", "try again in ${seconds_left}s",
+                 id="braced-placeholder"),
+    pytest.param("4.7.1 Greylisted", "4.7.1 Greylisted", id="no-placeholder"),
+    pytest.param("costs $$5", "costs $$5", id="escaped-dollar"),
+    pytest.param("", "", id="empty"),
+])
+def test_defer_text(value, expected):
+    assert parse_setting("greylist_defer_text", value) == ("defer_text", expected)
+
+
+@pytest.mark.parametrize("value", [
+    pytest.param("retry in $seconds", id="unknown-placeholder"),
+    pytest.param("retry in ${delay}", id="unknown-braced-placeholder"),
+    pytest.param("retry at $", id="lone-dollar"),
+    pytest.param("retry $1", id="invalid-placeholder"),
+])
+def test_defer_text_rejects(value):
+    with pytest.raises(ConfigError, match="greylist_defer_text: bad placeholder"):
+        parse_setting("greylist_defer_text", value)
+
+
+@pytest.mark.parametrize("value, expected", [
+    pytest.param("DUNNO", "DUNNO", id="dunno"),
+    pytest.param("dunno", "dunno", id="dunno-lowercase"),
+    pytest.param("DEFER_IF_PERMIT Service temporarily unavailable",
+                 "DEFER_IF_PERMIT Service temporarily unavailable", id="defer-if-permit"),
+    pytest.param("DEFER Try again later", "DEFER Try again later", id="defer"),
+    pytest.param("451 4.3.0 Greylist database unavailable",
+                 "451 4.3.0 Greylist database unavailable", id="4nn"),
+    pytest.param("  DUNNO  ", "DUNNO", id="stripped"),
+    # smtpd splits the action word at a space or a tab (check_table_result).
+    pytest.param("DEFER_IF_PERMIT\tTry again later", "DEFER_IF_PERMIT\tTry again later",
+                 id="tab-separated"),
+    pytest.param("451\t4.3.0 Try again later", "451\t4.3.0 Try again later",
+                 id="4nn-tab-separated"),
+])
+def test_failure_action(value, expected):
+    assert parse_setting("greylist_failure_action", value) == ("failure_action", expected)
+
+
+@pytest.mark.parametrize("value", [
+    pytest.param("", id="empty"),
+    pytest.param("   ", id="blank"),
+    pytest.param("OK", id="ok"),
+    pytest.param("REJECT", id="reject"),
+    pytest.param("REJECT Go away", id="reject-text"),
+    pytest.param("PERMIT", id="permit"),
+    pytest.param("DEFER_IF_REJECT Try again", id="defer-if-reject"),
+    pytest.param("550 5.7.1 Go away", id="5nn"),
+    pytest.param("4.3.0 Try again", id="enhanced-code-only"),
+    pytest.param("45 Try again", id="two-digit-code"),
+    pytest.param("4510 Try again", id="four-digit-code"),
+    pytest.param("451 ", id="4nn-trailing-space"),
+    pytest.param("451\t", id="4nn-trailing-tab"),
+])
+def test_failure_action_rejects(value):
+    with pytest.raises(ConfigError, match="greylist_failure_action"):
+        parse_setting("greylist_failure_action", value)
+
+
+def test_failure_action_rejects_bare_4nn_code():
+    # Regression: "451" alone passed the 4NN check, but Postfix's
+    # check_table_result() treats an all-numeric action as OK (a permit,
+    # smtpd_check.c "All-numeric result probably means OK"), and takes
+    # 4NN as a reject only when text follows. A database failure would
+    # then permit the recipient and skip the later restrictions.
+    with pytest.raises(ConfigError, match="greylist_failure_action"):
+        parse_setting("greylist_failure_action", "451")
+
+
+@pytest.mark.parametrize("value, expected", [
+    pytest.param("yes", True, id="yes"),
+    pytest.param("no", False, id="no"),
+    pytest.param("YES", True, id="yes-uppercase"),
+    pytest.param(" no ", False, id="stripped"),
+])
+def test_null_sender(value, expected):
+    assert parse_setting("greylist_null_sender", value) == ("null_sender", expected)
+
+
+@pytest.mark.parametrize("value", ["", "true", "false", "1", "0", "on", "y"])
+def test_null_sender_rejects(value):
+    with pytest.raises(ConfigError, match="greylist_null_sender: expected yes or no"):
+        parse_setting("greylist_null_sender", value)
+
+
+@pytest.mark.parametrize("value, expected", [
+    pytest.param("syslog", "syslog", id="syslog"),
+    pytest.param("postlog", "postlog", id="postlog"),
+    pytest.param("postlog:/var/spool/postfix/public/postlog",
+                 "postlog:/var/spool/postfix/public/postlog", id="postlog-socket"),
+    pytest.param("/var/log/greylist.log", "/var/log/greylist.log", id="absolute-file"),
+    pytest.param(" syslog ", "syslog", id="stripped"),
+])
+def test_log(value, expected):
+    assert parse_setting("greylist_log", value) == ("log", expected)
+
+
+@pytest.mark.parametrize("value", [
+    pytest.param("", id="empty"),
+    pytest.param("stderr", id="stderr"),
+    pytest.param("Syslog", id="syslog-capitalised"),
+    pytest.param("greylist.log", id="relative-file"),
+    pytest.param("log/greylist.log", id="relative-path"),
+])
+def test_log_rejects(value):
+    with pytest.raises(ConfigError, match="greylist_log: expected syslog"):
+        parse_setting("greylist_log", value)
+
+
+@pytest.mark.parametrize("value", [
+    pytest.param("postlogger", id="postlog-prefix-word"),
+    pytest.param("postlog/var/spool/postfix/public/postlog", id="postlog-missing-colon"),
+])
+def test_log_rejects_words_that_only_start_with_postlog(value):
+    # Regression: _parse_log accepted any value starting with "postlog",
+    # and Log() then logs such a value silently to the default postlog
+    # socket; only "postlog" and "postlog:SOCKET" are documented.
+    with pytest.raises(ConfigError, match="greylist_log"):
+        parse_setting("greylist_log", value)
+
+
+def test_load_defaults():
+    assert load(None, {}) == Config()
+
+
+def test_load_precedence(tmp_path):
+    settings = tmp_path / "greylist.cf"
+    settings.write_text("greylist_delay = 10m\ngreylist_null_sender = no\n", encoding="utf-8")
+    cfg = load(str(settings), {"delay_s": 60, "verbose": 2})
+    # Overrides beat the file, the file beats the defaults.
+    assert cfg == Config(delay_s=60, null_sender=False, verbose=2)
+
+
+def test_load_file_over_defaults(tmp_path):
+    settings = tmp_path / "greylist.cf"
+    settings.write_text("greylist_database = /srv/greylist/db.lmdb\n"
+                        "greylist_defer_text = Come back in $seconds_left s\n",
+                        encoding="utf-8")
+    assert load(str(settings), {}) == Config(database="/srv/greylist/db",
+                                              defer_text="Come back in $seconds_left s")
+
+
+def test_load_names_the_file_and_line(tmp_path):
+    settings = tmp_path / "greylist.cf"
+    settings.write_text("greylist_delay = 5m\ngreylist_dealy = 5m\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"greylist\.cf, line 2: unknown setting"):
+        load(str(settings), {})
+
+
+@pytest.mark.parametrize("content", [
+    pytest.param(None, id="missing-file"),
+    pytest.param(b"greylist_defer_text = \xff\n", id="not-utf-8"),
+])
+def test_load_unreadable_file(tmp_path, content):
+    settings = tmp_path / "greylist.cf"
+    if content is not None:
+        settings.write_bytes(content)
+    with pytest.raises(ConfigError, match="cannot read settings file"):
+        load(str(settings), {})
+
+
+@pytest.mark.parametrize("log, expected", [
+    pytest.param("syslog", "syslog", id="syslog"),
+    pytest.param("postlog", "postlog", id="postlog"),
+    pytest.param("postlog:/run/postlog", "postlog:/run/postlog", id="postlog-socket"),
+    pytest.param("/var/log/../log/greylist.log", "/var/log/greylist.log", id="normalised"),
+])
+def test_load_log_from_file(tmp_path, log, expected):
+    settings = tmp_path / "greylist.cf"
+    settings.write_text("greylist_log = %s\n" % log, encoding="utf-8")
+    assert load(str(settings), {}).log == expected
+
+
+def test_load_makes_a_relative_log_override_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load(None, {"log": "greylist.log"}).log == str(tmp_path / "greylist.log")

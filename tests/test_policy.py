@@ -1,0 +1,253 @@
+"""Tests for greylist.policy: reading requests and formatting replies."""
+
+import io
+import operator
+
+import pytest
+from hypothesis import given, strategies as st
+
+from greylist.policy import (MAX_ATTRIBUTES, MAX_LINE_BYTES, ProtocolError,
+                             format_reply, read_request)
+
+# The attributes Postfix 3.7 sends, in wire order (interop doc 3.1,
+# smtpd_check.c check_policy_service()), as for a first RCPT TO over TLS
+# without SASL: unavailable values are sent empty.
+POSTFIX_37_RCPT = [
+    (b"request", b"smtpd_access_policy"),
+    (b"protocol_state", b"RCPT"),
+    (b"protocol_name", b"ESMTP"),
+    (b"client_address", b"192.0.2.10"),
+    (b"client_name", b"mail.example.net"),
+    (b"client_port", b"49152"),
+    (b"reverse_client_name", b"mail.example.net"),
+    (b"server_address", b"198.51.100.25"),
+    (b"server_port", b"25"),
+    (b"helo_name", b"mail.example.net"),
+    (b"sender", b"alice@example.net"),
+    (b"recipient", b"bob@example.org"),
+    (b"recipient_count", b"0"),
+    (b"queue_id", b""),
+    (b"instance", b"8f3e.65a1b2c3.d4e5f.0"),
+    (b"size", b"2048"),
+    (b"etrn_domain", b""),
+    (b"stress", b""),
+    (b"sasl_method", b""),
+    (b"sasl_username", b""),
+    (b"sasl_sender", b""),
+    (b"ccert_subject", b""),
+    (b"ccert_issuer", b""),
+    (b"ccert_fingerprint", b""),
+    (b"ccert_pubkey_fingerprint", b""),
+    (b"encryption_protocol", b"TLSv1.3"),
+    (b"encryption_cipher", b"TLS_AES_256_GCM_SHA384"),
+    (b"encryption_keysize", b"256"),
+    (b"policy_context", b""),
+]
+
+
+def wire(pairs) -> bytes:
+    """Return one request as Postfix writes it (attr_print_plain.c)."""
+    return b"".join(name + b"=" + value + b"\n" for name, value in pairs) + b"\n"
+
+
+def line_of(length: int) -> bytes:
+    """Return a name=value line of exactly length bytes, without newline."""
+    return b"x=" + b"v" * (length - 2)
+
+
+def parse(raw: bytes) -> dict[str, str] | None:
+    return read_request(io.BytesIO(raw))
+
+
+@pytest.mark.parametrize("raw, expected", [
+    pytest.param(wire(POSTFIX_37_RCPT), {
+        "request": "smtpd_access_policy",
+        "protocol_state": "RCPT",
+        "protocol_name": "ESMTP",
+        "client_address": "192.0.2.10",
+        "client_name": "mail.example.net",
+        "client_port": "49152",
+        "reverse_client_name": "mail.example.net",
+        "server_address": "198.51.100.25",
+        "server_port": "25",
+        "helo_name": "mail.example.net",
+        "sender": "alice@example.net",
+        "recipient": "bob@example.org",
+        "recipient_count": "0",
+        "instance": "8f3e.65a1b2c3.d4e5f.0",
+        "size": "2048",
+        "encryption_protocol": "TLSv1.3",
+        "encryption_cipher": "TLS_AES_256_GCM_SHA384",
+        "encryption_keysize": "256",
+    }, id="postfix-3.7-rcpt"),
+    pytest.param(b"request=smtpd_access_policy\nmail_version=3.8.0\n\n",
+                 {"request": "smtpd_access_policy", "mail_version": "3.8.0"},
+                 id="unknown-attribute-kept"),
+    pytest.param(b"sender=a@example.net\nsender=b@example.net\n\n",
+                 {"sender": "b@example.net"}, id="repeat-last-wins"),
+    pytest.param(b"sender=\nrecipient=bob@example.org\n\n",
+                 {"recipient": "bob@example.org"}, id="empty-value-is-missing"),
+    pytest.param(b"sender=a@example.net\nsender=\n\n", {},
+                 id="empty-repeat-removes-earlier-value"),
+    pytest.param(b"sender=\nsender=a@example.net\n\n", {"sender": "a@example.net"},
+                 id="value-after-empty-repeat"),
+    pytest.param(b"ccert_subject=CN=mx,O=Example\n\n", {"ccert_subject": "CN=mx,O=Example"},
+                 id="equals-sign-in-value"),
+    pytest.param(b"helo_name= padded \n\n", {"helo_name": " padded "},
+                 id="value-not-stripped"),
+    pytest.param(b"sender=j\xc3\xb6rg@example.de\n\n", {"sender": "j\u00f6rg@example.de"},
+                 id="utf-8-value"),
+    pytest.param(b"sender=\xffa\xc3@example.de\n\n", {"sender": "\udcffa\udcc3@example.de"},
+                 id="invalid-utf-8-value-surrogateescape"),
+    pytest.param(b"na\xefme=v\n\n", {"na\udcefme": "v"},
+                 id="invalid-utf-8-name-surrogateescape"),
+    pytest.param(b"\n", {}, id="empty-request"),
+    pytest.param(line_of(MAX_LINE_BYTES) + b"\n\n", {"x": "v" * (MAX_LINE_BYTES - 2)},
+                 id="line-of-max-bytes"),
+    pytest.param(b"".join(b"a%d=v\n" % i for i in range(MAX_ATTRIBUTES)) + b"\n",
+                 {"a%d" % i: "v" for i in range(MAX_ATTRIBUTES)},
+                 id="max-attributes"),
+])
+def test_read_request(raw, expected):
+    assert parse(raw) == expected
+
+
+def test_invalid_utf_8_bytes_survive_a_round_trip():
+    value = parse(b"sender=\xff\xfe@\xc3(\n\n")["sender"]
+    assert value.encode("utf-8", "surrogateescape") == b"\xff\xfe@\xc3("
+
+
+@pytest.mark.parametrize("raw, message", [
+    pytest.param(b"=value\n\n", "malformed line", id="empty-name"),
+    pytest.param(b"=\n\n", "malformed line", id="empty-name-and-value"),
+    pytest.param(b"request\n\n", "malformed line", id="no-equals"),
+    pytest.param(b"request=smtpd_access_policy\nbogus\n\n", "malformed line",
+                 id="no-equals-after-attribute"),
+    pytest.param(b" \n\n", "malformed line", id="blank-but-not-empty-line"),
+    pytest.param(b"sender=a\0b@example.net\n\n", "NUL byte", id="nul-in-value"),
+    pytest.param(b"sen\0der=a@example.net\n\n", "NUL byte", id="nul-in-name"),
+    pytest.param(b"\0\n\n", "NUL byte", id="nul-line"),
+    pytest.param(line_of(MAX_LINE_BYTES + 1) + b"\n\n", "longer than", id="line-one-byte-over"),
+    pytest.param(b"request=smtpd_access_policy\n" + line_of(4 * MAX_LINE_BYTES) + b"\n\n",
+                 "longer than", id="line-far-over"),
+    pytest.param(b"".join(b"a%d=v\n" % i for i in range(MAX_ATTRIBUTES + 1)) + b"\n",
+                 "more than", id="one-attribute-over"),
+    pytest.param(b"sender=a\n" * (MAX_ATTRIBUTES + 1) + b"\n", "more than",
+                 id="repeated-attribute-over"),
+    pytest.param(b"request=smtpd_access_policy\nprotocol_state=RCPT\n", "premature end",
+                 id="eof-after-lines"),
+    pytest.param(b"sender=\n", "premature end", id="eof-after-empty-value"),
+    pytest.param(b"request=smtpd_access_policy\nprotocol_st", "premature end",
+                 id="eof-mid-line"),
+    pytest.param(b"request=smtpd", "premature end", id="eof-mid-first-line"),
+    pytest.param(line_of(MAX_LINE_BYTES), "premature end", id="eof-after-max-bytes-no-newline"),
+])
+def test_read_request_rejects(raw, message):
+    with pytest.raises(ProtocolError, match=message):
+        parse(raw)
+
+
+def test_several_requests_on_one_stream_then_eof():
+    first = [(b"request", b"smtpd_access_policy"), (b"protocol_state", b"RCPT"),
+             (b"recipient", b"one@example.org")]
+    second = [(b"request", b"smtpd_access_policy"), (b"protocol_state", b"RCPT"),
+              (b"recipient", b"two@example.org")]
+    stream = io.BytesIO(wire(first) + wire(second))
+    assert read_request(stream)["recipient"] == "one@example.org"
+    assert read_request(stream)["recipient"] == "two@example.org"
+    assert read_request(stream) is None
+    assert read_request(stream) is None
+
+
+def test_eof_before_a_request_is_none():
+    assert parse(b"") is None
+
+
+@pytest.mark.parametrize("action, expected", [
+    pytest.param("DUNNO", b"action=DUNNO\n\n", id="dunno"),
+    pytest.param("DEFER_IF_PERMIT Greylisted, please try again in 180 seconds",
+                 b"action=DEFER_IF_PERMIT Greylisted, please try again in 180 seconds\n\n",
+                 id="defer-if-permit"),
+    pytest.param("451 4.3.0 Try again later", b"action=451 4.3.0 Try again later\n\n",
+                 id="4nn"),
+    pytest.param("DEFER_IF_PERMIT Gr\u00fc\u00dfe", b"action=DEFER_IF_PERMIT Gr\xc3\xbc\xc3\x9fe\n\n",
+                 id="utf-8"),
+])
+def test_format_reply(action, expected):
+    assert format_reply(action) == expected
+
+
+@pytest.mark.parametrize("action", [
+    pytest.param("", id="empty"),
+    pytest.param("\n", id="newline"),
+    pytest.param("DUNNO\n", id="trailing-newline"),
+    pytest.param("DEFER_IF_PERMIT one\naction=OK", id="embedded-newline"),
+])
+def test_format_reply_rejects(action):
+    with pytest.raises(ValueError):
+        format_reply(action)
+
+
+# Names and values as raw bytes, within the protocol's rules: a name is
+# non-empty without "=", neither holds NUL or newline (SMTPD_POLICY_README).
+# A few fixed names make repeats likely.
+_names = st.one_of(
+    st.sampled_from([b"sender", b"recipient", b"client_address"]),
+    st.binary(min_size=1, max_size=30).filter(
+        lambda b: not set(b) & set(b"=\n\0")),
+)
+_values = st.one_of(
+    st.just(b""),
+    st.binary(max_size=60).map(lambda b: b.replace(b"\n", b"").replace(b"\0", b"")),
+)
+_requests = st.lists(st.tuples(_names, _values), max_size=MAX_ATTRIBUTES)
+
+
+def _expected(pairs) -> dict[str, str]:
+    """The README's rules: the last value wins, an empty value is missing."""
+    attrs: dict[str, str] = {}
+    for name, value in pairs:
+        name_s = name.decode("utf-8", "surrogateescape")
+        if value:
+            attrs[name_s] = value.decode("utf-8", "surrogateescape")
+        else:
+            attrs.pop(name_s, None)
+    return attrs
+
+
+@given(st.lists(_requests, min_size=1, max_size=3))
+def test_parse_round_trip(requests):
+    stream = io.BytesIO(b"".join(wire(pairs) for pairs in requests))
+    for pairs in requests:
+        assert read_request(stream) == _expected(pairs)
+    assert read_request(stream) is None
+
+
+@given(st.text(min_size=1).filter(lambda s: "\n" not in s and "\0" not in s))
+def test_format_reply_parses_back(action):
+    assert parse(format_reply(action)) == {"action": action}
+
+
+_pieces = st.one_of(
+    st.binary(max_size=20),
+    st.sampled_from([b"\n", b"=", b"\0", b"a=b\n", b"a=\n", b"=x\n", b"\xff\xfe"]),
+    st.integers(MAX_LINE_BYTES - 3, MAX_LINE_BYTES + 2).map(lambda n: line_of(n) + b"\n"),
+    st.builds(operator.mul, st.sampled_from([b"a=b\n", b"a=\n"]),
+              st.integers(MAX_ATTRIBUTES - 2, MAX_ATTRIBUTES + 2)),
+)
+
+
+@given(st.lists(_pieces, max_size=12).map(b"".join))
+def test_arbitrary_bytes_give_requests_or_protocol_error(raw):
+    stream = io.BytesIO(raw)
+    # Each call consumes at least one byte or returns None, so this ends.
+    for _ in range(len(raw) + 1):
+        try:
+            attrs = read_request(stream)
+        except ProtocolError:
+            return
+        if attrs is None:
+            return
+        assert len(attrs) <= MAX_ATTRIBUTES
+        assert all(name and value for name, value in attrs.items())
+    pytest.fail("read_request did not reach the end of input")
