@@ -27,8 +27,13 @@ def requests(n: int) -> list[bytes]:
 
 def run_pass(database: str, batch: list[bytes]) -> tuple[float, dict[str, int]]:
     env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, "-m", "greylist", "-d", database,
-                             "--delay", "0"], stdin=subprocess.PIPE,
+    settings = database + ".cf"
+    with open(settings, "w", encoding="utf-8") as handle:
+        handle.write("greylist_log = %s.log\n" % database)
+        if os.geteuid() == 0:
+            handle.write("greylist_allow_root = yes\n")
+    proc = subprocess.Popen([sys.executable, "-m", "greylist", "-c", settings, "-d",
+                             database, "--delay", "0"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, env=env)
     actions: dict[str, int] = {}
     start = time.perf_counter()
@@ -54,7 +59,8 @@ def main() -> None:
     for name in ("new", "passed", "known"):
         rate, actions = run_pass(database, batch)
         print("%-7s %6d requests  %8.0f requests/s  %s" % (name, n, rate, actions))
-    os.unlink(database + ".lmdb")
+    for suffix in (".lmdb", ".cf", ".log"):
+        os.unlink(database + suffix)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ DESCRIPTION
 
 DIAGNOSTICS
     Usage and settings errors are logged as fatal and exit with status
-    2 and 1. A bug is logged by an exception hook, never printed: under
+    2 and 1, and so is running as root (status 1) unless
+    greylist_allow_root is set. A bug is logged by an exception hook, never printed: under
     spawn(8) stderr is the Postfix socket, so main() points descriptor 2
     at /dev/null unless it is a terminal.
 """
@@ -59,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         Log().fatal(str(exc))
         return 1
     log = Log("greylist", cfg.log, cfg.verbose)
+    if os.geteuid() == 0 and not cfg.allow_root:
+        # spawn(8) never runs us as root; a root-owned database would
+        # also lock out the policy user later.
+        log.fatal("refusing to run as root: run greylist as the unprivileged user "
+                  "of its spawn(8) service (greylist_allow_root = yes for tests)")
+        return 1
     sys.excepthook = lambda kind, value, tb: _log_bug(log, kind, value, tb)
     policy = Policy(Store(cfg.database), cfg, log)
     policy.open_store()

@@ -37,6 +37,7 @@ class Config:
     null_sender: bool = True
     failure_action: str = "DUNNO"
     log: str = "syslog"
+    allow_root: bool = False
     verbose: int = 0
 
 
@@ -109,6 +110,7 @@ SETTINGS = {
     "greylist_null_sender": ("null_sender", _parse_bool),
     "greylist_failure_action": ("failure_action", _parse_failure_action),
     "greylist_log": ("log", _parse_log),
+    "greylist_allow_root": ("allow_root", _parse_bool),
 }
 assert {f for f, _ in SETTINGS.values()} == {f.name for f in fields(Config)} - {"verbose"}
 

@@ -259,6 +259,20 @@ class Store:
         """Store value under key; exclusive lock."""
         self.update(key, lambda old: (value, None))
 
+    def put_many(self, items: list[tuple[bytes, bytes]]) -> None:
+        """Store many pairs in one write transaction; exclusive lock.
+
+        For bulk loads (benchmarks, imports): the lock is held for the
+        whole batch, so keep batches small (a few thousand pairs).
+        """
+        def body(env: lmdb.Environment) -> None:
+            with env.begin(write=True) as txn:
+                for key, value in items:
+                    if not value:
+                        raise ValueError("empty value for %r" % key)
+                    txn.put(key + b"\0", value + b"\0")
+        self._run(EXCLUSIVE, body)
+
     def delete(self, key: bytes) -> bool:
         """Delete key; return whether it existed; exclusive lock."""
         def body(env: lmdb.Environment) -> bool:

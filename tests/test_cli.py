@@ -11,6 +11,8 @@ import pytest
 
 RCPT = (pathlib.Path(__file__).parent / "data" / "rcpt.txt").read_bytes()
 ROOT = pathlib.Path(__file__).parent.parent
+# The suite may run as root (CI does); greylist refuses root without this.
+ALLOW_ROOT = "greylist_allow_root = yes\n" if os.geteuid() == 0 else ""
 
 
 @pytest.fixture
@@ -18,8 +20,8 @@ def home(tmp_path):
     """A private directory with a settings file that logs to a file there."""
     os.chmod(tmp_path, 0o755)
     (tmp_path / "greylist.cf").write_text(
-        "# test settings\ngreylist_log = %s\ngreylist_database =\n    %s\n"
-        % (tmp_path / "log", tmp_path / "db"))
+        "# test settings\ngreylist_log = %s\ngreylist_database =\n    %s\n%s"
+        % (tmp_path / "log", tmp_path / "db", ALLOW_ROOT))
     return tmp_path
 
 
@@ -95,8 +97,8 @@ def test_store_failure_answers_dunno_and_keeps_serving(home):
 
 
 def test_settings_error_is_fatal_with_status_1(home):
-    (home / "greylist.cf").write_text("greylist_log = %s\ngreylist_dealy = 60\n"
-                                      % (home / "log"))
+    (home / "greylist.cf").write_text("greylist_log = %s\ngreylist_dealy = 60\n%s"
+                                      % (home / "log", ALLOW_ROOT))
     status, out, err, _ = greylist(home, RCPT)
     assert (status, out, err) == (1, b"", b"")
 
@@ -111,8 +113,8 @@ def test_postlog_target_sends_postfix_style_datagrams(home):
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
         server.bind(path)
         server.settimeout(10)
-        (home / "greylist.cf").write_text("greylist_log = postlog:%s\n"
-                                          "greylist_database = %s\n" % (path, home / "db"))
+        (home / "greylist.cf").write_text("greylist_log = postlog:%s\ngreylist_database = "
+                                          "%s\n%s" % (path, home / "db", ALLOW_ROOT))
         status, out, err, _ = greylist(home, RCPT)
         assert (status, err) == (0, b"")
         record = server.recv(4096).decode()
@@ -121,7 +123,17 @@ def test_postlog_target_sends_postfix_style_datagrams(home):
 
 
 def test_missing_postlog_socket_does_not_fail_the_service(home):
-    (home / "greylist.cf").write_text("greylist_log = postlog:%s\ngreylist_database = %s\n"
-                                      % (home / "nowhere", home / "db"))
+    (home / "greylist.cf").write_text("greylist_log = postlog:%s\ngreylist_database = %s\n%s"
+                                      % (home / "nowhere", home / "db", ALLOW_ROOT))
     status, out, err, _ = greylist(home, RCPT)
     assert (status, err) == (0, b"") and out.startswith(b"action=DEFER_IF_PERMIT")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as root")
+def test_running_as_root_is_refused_without_greylist_allow_root(home):
+    (home / "greylist.cf").write_text("greylist_log = %s\ngreylist_database = %s\n"
+                                      % (home / "log", home / "db"))
+    status, out, err, log = greylist(home, RCPT)
+    assert (status, out, err) == (1, b"", b"")
+    assert "fatal: refusing to run as root" in log
+    assert not (home / "db.lmdb").exists()
