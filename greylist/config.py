@@ -13,6 +13,7 @@ DIAGNOSTICS
     value; callers log it as fatal.
 """
 
+import ipaddress
 import os
 import re
 import string
@@ -33,7 +34,27 @@ class Config:
     # 180 s: below the 200-285 s first retry of many MTAs reported by
     # mail-in-a-box (PR #403), which otherwise wait hours for a second one.
     delay_s: int = 180
+    # postgrey's defaults: --retry-window 2d, --max-age 35d.
+    retry_window_s: int = 2 * 86400
+    max_age_s: int = 35 * 86400
+    client_match: str = "prefix"
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 64
+    sender_delimiter: str = "+"
+    # postgrey's --auto-whitelist-clients default.
+    client_awl_passes: int = 5
+    sender_awl: bool = True
+    whitelist_clients: tuple[str, ...] = ()
+    whitelist_recipients: tuple[str, ...] = ()
+    whitelist_senders: tuple[str, ...] = ()
+    # RFC 5321 4.5.1 (postmaster) and RFC 2142 (abuse) addresses.
+    exempt_recipients: tuple[str, ...] = ("postmaster@", "abuse@")
+    trusted_networks: tuple[str, ...] = ()
     defer_text: str = "Greylisted, please try again in $seconds_left seconds"
+    header: bool = False
+    learn: bool = False
+    privacy: bool = False
+    secret_file: str = ""
     null_sender: bool = True
     failure_action: str = "DUNNO"
     log: str = "syslog"
@@ -71,10 +92,73 @@ def _parse_database(name: str, value: str) -> str:
 def _parse_defer_text(name: str, value: str) -> str:
     value = value.strip()
     try:
-        string.Template(value).substitute(seconds_left=0)
+        string.Template(value).substitute(seconds_left=0, recipient_domain="",
+                                          client_address="")
     except (KeyError, ValueError) as exc:
-        raise ConfigError("%s: bad placeholder in %r: %s (known: $seconds_left)"
-                          % (name, value, exc)) from None
+        raise ConfigError("%s: bad placeholder in %r: %s (known: $seconds_left, "
+                          "$recipient_domain, $client_address)" % (name, value, exc)) from None
+    return value
+
+
+def _parse_list(name: str, value: str) -> tuple[str, ...]:
+    # Postfix lists: separated by white space or commas.
+    return tuple(word for word in re.split(r"[\s,]+", value.strip()) if word)
+
+
+def _parse_files(name: str, value: str) -> tuple[str, ...]:
+    files = _parse_list(name, value)
+    for path in files:
+        if not path.startswith("/"):
+            raise ConfigError("%s: %r is not an absolute file name" % (name, path))
+    return files
+
+
+def _parse_networks(name: str, value: str) -> tuple[str, ...]:
+    networks = _parse_list(name, value)
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError("%s: %r is not an IP network" % (name, network)) from None
+    return networks
+
+
+def _parse_count(name: str, value: str) -> int:
+    if not re.fullmatch("[0-9]{1,6}", value.strip()):
+        raise ConfigError("%s: expected a whole number, not %r" % (name, value))
+    return int(value)
+
+
+def _prefix_parser(bits: int, step: int):
+    def parse(name: str, value: str) -> int:
+        text = value.strip().lstrip("/")
+        if not re.fullmatch("[0-9]{1,3}", text) or not 0 < int(text) <= bits \
+                or int(text) % step:
+            raise ConfigError("%s: expected a prefix length of %d to %d in steps of %d "
+                              "(access(5) address forms), not %r"
+                              % (name, step, bits, step, value))
+        return int(text)
+    return parse
+
+
+def _parse_client_match(name: str, value: str) -> str:
+    value = value.strip().lower()
+    if value not in ("prefix", "exact", "domain"):
+        raise ConfigError("%s: expected prefix, exact or domain, not %r" % (name, value))
+    return value
+
+
+def _parse_delimiter(name: str, value: str) -> str:
+    value = value.strip()
+    if any(c.isspace() or c.isalnum() or c in "@/%" for c in value):
+        raise ConfigError("%s: %r: use punctuation characters only" % (name, value))
+    return value
+
+
+def _parse_path(name: str, value: str) -> str:
+    value = value.strip()
+    if value and not value.startswith("/"):
+        raise ConfigError("%s: %r is not an absolute file name" % (name, value))
     return value
 
 
@@ -106,7 +190,24 @@ def _parse_log(name: str, value: str) -> str:
 SETTINGS = {
     "greylist_database": ("database", _parse_database),
     "greylist_delay": ("delay_s", _parse_time),
+    "greylist_retry_window": ("retry_window_s", _parse_time),
+    "greylist_max_age": ("max_age_s", _parse_time),
+    "greylist_client_match": ("client_match", _parse_client_match),
+    "greylist_ipv4_prefix": ("ipv4_prefix", _prefix_parser(32, 8)),
+    "greylist_ipv6_prefix": ("ipv6_prefix", _prefix_parser(128, 16)),
+    "greylist_sender_delimiter": ("sender_delimiter", _parse_delimiter),
+    "greylist_client_awl_passes": ("client_awl_passes", _parse_count),
+    "greylist_sender_awl": ("sender_awl", _parse_bool),
+    "greylist_whitelist_clients": ("whitelist_clients", _parse_files),
+    "greylist_whitelist_recipients": ("whitelist_recipients", _parse_files),
+    "greylist_whitelist_senders": ("whitelist_senders", _parse_files),
+    "greylist_exempt_recipients": ("exempt_recipients", _parse_list),
+    "greylist_trusted_networks": ("trusted_networks", _parse_networks),
     "greylist_defer_text": ("defer_text", _parse_defer_text),
+    "greylist_header": ("header", _parse_bool),
+    "greylist_learn": ("learn", _parse_bool),
+    "greylist_privacy": ("privacy", _parse_bool),
+    "greylist_secret_file": ("secret_file", _parse_path),
     "greylist_null_sender": ("null_sender", _parse_bool),
     "greylist_failure_action": ("failure_action", _parse_failure_action),
     "greylist_log": ("log", _parse_log),

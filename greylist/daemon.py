@@ -3,16 +3,27 @@
 DESCRIPTION
     serve() reads SMTPD access policy requests from a binary stream,
     answers each on another, flushed, and returns at end of input. It
-    serves any number of requests. For an RCPT request it looks up the
-    triple's record, decides, and writes a changed record before it
-    replies, so a deferred triple is durably stored when Postfix sees
-    the defer.
+    serves any number of requests. Policy.answer() decides one request:
 
-    The lookup runs under a shared lock. Only when the decision changes
-    the record does it take the exclusive lock, read the record again
-    and decide again inside the write transaction, so concurrent
-    processes never both "see" a new triple (no check-then-act race),
-    while the common path for known triples never blocks readers.
+    1. screen(): only RCPT requests with a recipient are greylisted.
+    2. Static exemptions (whitelist.py): SASL, trusted networks and the
+       whitelist files, logged with their reason.
+    3. The triple's three records (triple, sender entry, client entry)
+       are read in one transaction under a shared lock, and decided on
+       (decide.py). Only when the decision changes a record are they
+       read again and decided again inside one write transaction under
+       the exclusive lock, so concurrent processes never both "see" a
+       new triple, while the common path never blocks readers. Changed
+       records are committed durably before the reply is sent.
+
+    Requests of one message share Postfix's "instance" attribute. Once a
+    recipient of a message is accepted because the client proved itself
+    (a known triple, an auto-whitelist entry, or a pass after the delay),
+    later new recipients of the same message are accepted too, so that
+    a message is never split between accepted and deferred recipients
+    (postgrey #93). With greylist_header, the first recipient of a
+    message that passed after its delay gets PREPEND X-Greylist instead
+    of DUNNO.
 
     A store failure is answered with greylist_failure_action (DUNNO by
     default: fail open), so a broken database never turns into a wall of
@@ -26,18 +37,27 @@ DIAGNOSTICS
     without a reply, and the caller exits (SMTPD_POLICY_README).
 """
 
+import email.utils
+import socket
 import time
 from typing import BinaryIO, Callable
 
+from greylist import __version__
 from greylist import record as records
 from greylist.config import Config
-from greylist.decide import Decision, decide, screen
+from greylist.decide import DUNNO, Decision, Records, decide, defer_text, screen
 from greylist.log import Log
 from greylist.policy import ProtocolError, format_reply, read_request
+from greylist.privacy import SecretError, hashed, load_secret, secret_path
 from greylist.store import Store, StoreError
-from greylist.triple import key, triple_from_request
+from greylist.triple import (UNKNOWN_CLIENT, Triple, client_address, client_group,
+                             client_key, key, normalise_sender, sender_key)
+from greylist.whitelist import Whitelists
 
 STORE_WARNING_INTERVAL_S = 60.0
+# Reasons that show the client retries like a real MTA: they let the rest
+# of the same message through.
+PROVEN = frozenset(("awl-client", "awl-sender", "known", "delay-passed", "message"))
 
 
 class Policy:
@@ -49,7 +69,13 @@ class Policy:
         self.cfg = cfg
         self.log = log
         self.clock = clock
+        self.whitelists = Whitelists(cfg, log.warning)
         self._warned_at: float | None = None
+        self._secret: bytes | None = None
+        self._instance: str | None = None
+        self._accepted = False
+        self._header_sent = False
+        self._host = socket.gethostname()
 
     def open_store(self) -> None:
         """Open the store now, so that a broken database is reported at start."""
@@ -67,24 +93,84 @@ class Policy:
         if decision is not None:
             self.log.debug(1, "action=%s reason=%s" % (decision.action, decision.reason))
             return decision.action
-        triple = triple_from_request(attrs)
-        decision = self._decide(key(triple), int(self.clock()))
+        address = client_address(attrs.get("client_address"))
+        now = int(self.clock())
+        instance = attrs.get("instance")
+        if instance != self._instance:
+            self._instance, self._accepted, self._header_sent = instance, False, False
+        exempt = self.whitelists.screen(attrs, address, now)
+        if exempt is not None:
+            decision = Decision(DUNNO, exempt)
+            action = DUNNO
+        else:
+            triple = Triple(client_group(address, attrs.get("client_name"), self.cfg),
+                            normalise_sender(attrs.get("sender"), self.cfg),
+                            attrs["recipient"].casefold())
+            decision = self._decide(triple, now, instance is not None and self._accepted)
+            action = self._action(decision, attrs, address)
         self.log.info("action=%s reason=%s age=%d client=%s sender=%s rcpt=%s"
-                      % (decision.action.split(None, 1)[0], decision.reason,
-                         decision.age, triple.client, triple.sender, triple.recipient))
+                      % (action.split(None, 1)[0], decision.reason, decision.age, address,
+                         attrs.get("sender") or "<>", attrs["recipient"]))
+        return action
+
+    def _action(self, decision: Decision, attrs: dict[str, str], address: str) -> str:
+        """The reply for a greylisting decision, with message-level effects."""
+        if decision.reason in PROVEN:
+            self._accepted = True
+        if decision.action != DUNNO:
+            domain = attrs["recipient"].rpartition("@")[2]
+            return defer_text(decision, domain, address)
+        if self.cfg.header and decision.reason == "delay-passed" and not self._header_sent:
+            self._header_sent = True
+            return ("PREPEND X-Greylist: delayed %d seconds by greylist-%s at %s; %s"
+                    % (decision.age, __version__, self._host,
+                       email.utils.formatdate(self.clock(), localtime=True)))
         return decision.action
 
-    def _decide(self, k: bytes, now: int) -> Decision:
+    def _keys(self, triple: Triple) -> list[bytes | None]:
+        """The keys of the triple's records; no client entry for "unknown"."""
+        keys = [key(triple), sender_key(triple),
+                None if triple.client == UNKNOWN_CLIENT else client_key(triple)]
+        if not self.cfg.privacy:
+            return keys
+        if self._secret is None:
+            try:
+                self._secret = load_secret(secret_path(self.cfg.database,
+                                                       self.cfg.secret_file))
+            except SecretError as exc:
+                raise StoreError(str(exc)) from None
+        return [None if k is None else hashed(self._secret, k) for k in keys]
+
+    def _decide(self, triple: Triple, now: int, accepted: bool) -> Decision:
         try:
-            decision = decide(self._record(self.store.get(k), k), now, self.cfg)
-            if decision.record is None:
+            keys = self._keys(triple)
+            decision = decide(self._records(self.store.get_many(keys), keys), now,
+                              self.cfg, accepted)
+            if not any(r is not None and k is not None
+                       for r, k in zip(_writes(decision), keys)):
                 return decision
             # Decide again under the exclusive lock: another process may
-            # have written this triple since our shared-lock read.
-            return self.store.update(k, lambda old: self._write(old, k, now))
+            # have written these records since our shared-lock read.
+            return self.store.update_many(keys, lambda olds: self._write(olds, keys, now,
+                                                                         accepted))
         except StoreError as exc:
             self._store_failed(exc)
             return Decision(self.cfg.failure_action, "database-failure")
+
+    def _write(self, olds: list[bytes | None], keys: list[bytes | None], now: int,
+               accepted: bool) -> tuple[list[bytes | None], Decision]:
+        decision = decide(self._records(olds, keys), now, self.cfg, accepted)
+        return [None if r is None else records.encode(r) for r in _writes(decision)], decision
+
+    def _records(self, values: list[bytes | None], keys: list[bytes | None]) -> Records:
+        parsed = []
+        for value, k in zip(values, keys):
+            record = None if value is None else records.decode(value)
+            if value is not None and record is None:
+                self.log.warning("ignoring malformed record for %s: %s"
+                                 % (k.decode("utf-8", "replace"), repr(value)[:100]))
+            parsed.append(record)
+        return Records(*parsed)
 
     def _store_failed(self, exc: StoreError) -> None:
         """Warn about a store failure, at most once per interval."""
@@ -94,19 +180,10 @@ class Policy:
             self.log.warning("%s; answering %s (greylist_failure_action) until the "
                              "database works again" % (exc, self.cfg.failure_action))
 
-    def _write(self, old: bytes | None, k: bytes, now: int) -> tuple[bytes | None, Decision]:
-        decision = decide(self._record(old, k), now, self.cfg)
-        return (None if decision.record is None else records.encode(decision.record),
-                decision)
 
-    def _record(self, value: bytes | None, k: bytes) -> records.Record | None:
-        if value is None:
-            return None
-        record = records.decode(value)
-        if record is None:
-            self.log.warning("ignoring malformed record for %s: %s"
-                             % (k.decode("utf-8", "replace"), repr(value)[:100]))
-        return record
+def _writes(decision: Decision) -> tuple:
+    writes = decision.writes
+    return writes.triple, writes.sender, writes.client
 
 
 def serve(instream: BinaryIO, outstream: BinaryIO, policy: Policy) -> int:

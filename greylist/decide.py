@@ -1,40 +1,81 @@
-"""Greylisting decisions as pure functions of request, record, time, settings.
+"""Greylisting decisions as pure functions of request, records, time, settings.
 
 DESCRIPTION
-    screen() answers requests that need no database: only the RCPT stage
-    is greylisted, because DEFER_IF_PERMIT defers one recipient there,
-    while at CONNECT, HELO, MAIL, DATA and END-OF-MESSAGE there is no
-    single recipient to defer (smtpd restores the defer_if_permit flag
-    per recipient). It also exempts the null sender when the
-    greylist_null_sender setting is "no".
+    screen() answers requests that need no database. Only the RCPT stage
+    is greylisted: DEFER_IF_PERMIT defers one recipient there, while at
+    CONNECT, HELO, MAIL, DATA and END-OF-MESSAGE there is no single
+    recipient to defer (smtpd restores the defer_if_permit flag per
+    recipient). It also exempts the null sender when greylist_null_sender
+    is "no".
 
-    decide() answers an RCPT request from the stored record of its
-    triple:
-        no record               DEFER_IF_PERMIT, store a pending record
-        pending, age < delay    DEFER_IF_PERMIT, count the early retry
-        pending, age >= delay   DUNNO, store the record as passed
-        passed                  DUNNO, no write
-    The age is now - first_seen. A clock that steps back makes the age
-    smaller, never larger, so it never passes a triple early.
+    decide() answers an RCPT request from the three records of its
+    triple (see record.py), first dropping any that expired():
+        client whitelisted      DUNNO awl-client
+        sender entry            DUNNO awl-sender
+        triple passed           DUNNO known
+        message accepted        DUNNO message (another recipient of this
+                                message, same instance, was accepted)
+        no triple               DEFER_IF_PERMIT new
+        pending, age < delay    DEFER_IF_PERMIT early-retry
+        pending, age >= delay   DUNNO delay-passed
+    On a pass the triple is stored as passed, a sender entry is made,
+    and the client's pass count goes up (at most once per hour, as in
+    postgrey, so one message with many recipients counts once). In learn
+    mode every would-be defer is a pass, logged as "learn:REASON".
+
+    Lifetimes, in verify(8)'s terms: a pending triple (negative entry)
+    expires greylist_retry_window after it was first seen; passed
+    triples, sender and client entries (positive entries) expire
+    greylist_max_age after they were last seen, and are refreshed on use
+    once that is more than half of greylist_max_age ago, so that the
+    common path rarely writes. The age is now - first_seen: a clock that
+    steps back makes it smaller, so a triple never passes early.
 """
 
 import string
 from dataclasses import dataclass
 
 from greylist.config import Config
-from greylist.record import Record
+from greylist.record import CLIENT, PASSED, PENDING, SENDER, Record
 
 DUNNO = "DUNNO"
+# At most one pass an hour counts toward the client auto-whitelist.
+CLIENT_COUNT_INTERVAL_S = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Records:
+    """The records of a triple: None where absent (or, in writes, unchanged)."""
+
+    triple: Record | None = None
+    sender: Record | None = None
+    client: Record | None = None
+
+
+NO_RECORDS = Records()
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """An action with its reason; record is what to store (None: no write)."""
+    """An action and its reason; writes are the records to store."""
 
     action: str
     reason: str
     age: int = 0
-    record: Record | None = None
+    writes: Records = NO_RECORDS
+
+
+def expired(record: Record, now: int, cfg: Config) -> bool:
+    """Whether a record is past its lifetime and must be treated as absent."""
+    if record.state == PENDING:
+        return now - record.first_seen > cfg.retry_window_s
+    return now - record.last_seen > cfg.max_age_s
+
+
+def whitelisted_client(record: Record | None, cfg: Config) -> bool:
+    """Whether a client record has earned the client auto-whitelist."""
+    return (record is not None and cfg.client_awl_passes > 0
+            and record.count >= cfg.client_awl_passes)
 
 
 def screen(attrs: dict[str, str], cfg: Config) -> Decision | None:
@@ -49,21 +90,64 @@ def screen(attrs: dict[str, str], cfg: Config) -> Decision | None:
     return None
 
 
-def decide(record: Record | None, now: int, cfg: Config) -> Decision:
-    """Return the decision for a triple whose stored record is record."""
-    if record is None:
-        return Decision(_defer(cfg, cfg.delay_s), "new", 0,
-                        Record(now, now, 1, passed=False))
-    age = now - record.first_seen
-    if record.passed:
-        return Decision(DUNNO, "known", age)
-    seen = Record(record.first_seen, max(record.last_seen, now), record.count + 1,
-                  passed=age >= cfg.delay_s)
-    if seen.passed:
-        return Decision(DUNNO, "delay-passed", age, seen)
-    return Decision(_defer(cfg, cfg.delay_s - age), "early-retry", age, seen)
+def decide(records: Records, now: int, cfg: Config,
+           message_accepted: bool = False) -> Decision:
+    """Return the decision for a triple whose stored records are records."""
+    triple, sender, client = (None if r is None or expired(r, now, cfg) else r
+                              for r in (records.triple, records.sender, records.client))
+    if whitelisted_client(client, cfg):
+        return Decision(DUNNO, "awl-client", now - client.first_seen,
+                        Records(client=_refreshed(client, now, cfg)))
+    if sender is not None and cfg.sender_awl:
+        return Decision(DUNNO, "awl-sender", now - sender.first_seen,
+                        Records(sender=_refreshed(sender, now, cfg)))
+    if triple is not None and triple.state == PASSED:
+        return Decision(DUNNO, "known", now - triple.first_seen,
+                        Records(triple=_refreshed(triple, now, cfg)))
+    age = 0 if triple is None else now - triple.first_seen
+    if triple is not None and age >= cfg.delay_s:
+        return _pass("delay-passed", triple, client, now, cfg)
+    if message_accepted:
+        return _pass("message", triple, client, now, cfg)
+    reason = "new" if triple is None else "early-retry"
+    if cfg.learn:
+        return _pass("learn:" + reason, triple, client, now, cfg)
+    if triple is None:
+        return Decision(_defer(cfg.delay_s, cfg), reason, 0,
+                        Records(triple=Record(now, now, 1, PENDING)))
+    seen = Record(triple.first_seen, max(triple.last_seen, now), triple.count + 1, PENDING)
+    return Decision(_defer(cfg.delay_s - age, cfg), reason, age, Records(triple=seen))
 
 
-def _defer(cfg: Config, seconds_left: int) -> str:
+def defer_text(decision: Decision, recipient_domain: str, client_address: str) -> str:
+    """Fill in the request placeholders of a deferring decision's action."""
+    return string.Template(decision.action).safe_substitute(
+        recipient_domain=recipient_domain, client_address=client_address)
+
+
+def _pass(reason: str, triple: Record | None, client: Record | None, now: int,
+          cfg: Config) -> Decision:
+    first, count = (now, 1) if triple is None else (triple.first_seen, triple.count + 1)
+    if client is None:
+        counted = Record(now, now, 1, CLIENT)
+    elif now - client.last_seen >= CLIENT_COUNT_INTERVAL_S:
+        counted = Record(client.first_seen, now, client.count + 1, CLIENT)
+    else:
+        counted = None
+    return Decision(DUNNO, reason, now - first, Records(
+        triple=Record(first, max(now, first), count, PASSED),
+        sender=Record(now, now, 1, SENDER) if cfg.sender_awl else None,
+        client=counted if cfg.client_awl_passes else None))
+
+
+def _refreshed(record: Record, now: int, cfg: Config) -> Record | None:
+    """The record with last_seen now, if past half its lifetime; else None."""
+    if now - record.last_seen <= cfg.max_age_s // 2:
+        return None
+    return Record(record.first_seen, now, record.count, record.state)
+
+
+def _defer(seconds_left: int, cfg: Config) -> str:
+    # $recipient_domain and $client_address are filled in by defer_text().
     text = string.Template(cfg.defer_text).safe_substitute(seconds_left=seconds_left)
     return ("DEFER_IF_PERMIT " + text) if text else "DEFER_IF_PERMIT"

@@ -1,11 +1,23 @@
 """Greylist records and their versioned text form.
 
 DESCRIPTION
-    A record is stored as the text "1:FIRST:LAST:COUNT:STATE" where 1 is
-    the format version, FIRST and LAST are the integer epoch seconds when
-    the triple was first and last seen, COUNT is the number of attempts
-    seen, and STATE is "pending" (still greylisted) or "passed". The text
-    is never empty, as a Postfix lookup of an empty value is an error.
+    A record is stored as the text "1:FIRST:LAST:COUNT:STATE": 1 is the
+    format version, FIRST and LAST are integer epoch seconds, COUNT a
+    number, and STATE says what the record is:
+
+    pending     a triple still greylisted; COUNT attempts, first and
+                last seen (a negative entry in verify(8)'s terms)
+    passed      a triple that passed greylisting (a positive entry)
+    sender      a (client group, sender) auto-whitelist entry, made when
+                a triple of that sender passed
+    client      a client-group entry; COUNT is the number of passes of
+                distinct triples counted so far (at most one an hour),
+                and the client is whitelisted once COUNT reaches
+                greylist_client_awl_passes
+
+    The state makes every record's lifetime readable from its value
+    alone, also when privacy mode hides the keys. The text is never
+    empty, as a Postfix lookup of an empty value is an error.
 
 DIAGNOSTICS
     decode() returns None for a value that does not parse; the caller
@@ -17,33 +29,36 @@ from dataclasses import dataclass
 VERSION = "1"
 PENDING = "pending"
 PASSED = "passed"
+SENDER = "sender"
+CLIENT = "client"
+STATES = (PENDING, PASSED, SENDER, CLIENT)
+_STATES = {state.encode("ascii"): state for state in STATES}
 
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One triple's greylisting state; times are integer epoch seconds."""
+    """One record; times are integer epoch seconds, state one of STATES."""
 
     first_seen: int
     last_seen: int
     count: int
-    passed: bool
+    state: str
 
 
 def encode(record: Record) -> bytes:
     """Return the stored text of a record, without the trailing NUL."""
     return ("%s:%d:%d:%d:%s" % (VERSION, record.first_seen, record.last_seen,
-                                record.count, PASSED if record.passed else PENDING)
-            ).encode("ascii")
+                                record.count, record.state)).encode("ascii")
 
 
 def decode(value: bytes) -> Record | None:
     """Return the record stored as value, or None if it does not parse."""
     parts = value.split(b":")
-    if len(parts) != 5 or parts[0] != b"1" or parts[4] not in (b"pending", b"passed"):
+    if len(parts) != 5 or parts[0] != b"1" or parts[4] not in _STATES:
         return None
     numbers = parts[1:4]
     # int() would also accept signs, spaces and underscores: insist on digits.
     if not all(n.isdigit() and len(n) <= 19 for n in numbers):
         return None
     first, last, count = map(int, numbers)
-    return Record(first, last, count, parts[4] == b"passed")
+    return Record(first, last, count, _STATES[parts[4]])

@@ -221,10 +221,14 @@ class Store:
 
     def get(self, key: bytes) -> bytes | None:
         """Return the value of key (both without NUL), or None; shared lock."""
-        def body(env: lmdb.Environment) -> bytes | None:
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: list[bytes | None]) -> list[bytes | None]:
+        """Return the values of keys (None for None) in one read; shared lock."""
+        def body(env: lmdb.Environment) -> list[bytes | None]:
             with env.begin() as txn:
-                value = txn.get(key + b"\0")
-            return value[:-1] if value and value[-1:] == b"\0" else value
+                return [None if k is None else _strip_or_none(txn.get(k + b"\0"))
+                        for k in keys]
         return self._run(SHARED, body)
 
     def update(self, key: bytes,
@@ -235,19 +239,34 @@ class Store:
         write, result); update() commits the new value durably and then
         returns the result. change may run more than once (retries).
         """
+        def change_one(olds: list[bytes | None]) -> tuple[list[bytes | None], T]:
+            new, result = change(olds[0])
+            return [new], result
+        return self.update_many([key], change_one)
+
+    def update_many(self, keys: list[bytes | None],
+                    change: Callable[[list[bytes | None]],
+                                     tuple[list[bytes | None], T]]) -> T:
+        """Read, change and write several keys in one transaction; exclusive lock.
+
+        change(old values) returns (new values, result), a new value of
+        None meaning no write (a None key is never read or written). The
+        transaction is committed durably before update_many() returns.
+        """
         def body(env: lmdb.Environment) -> T:
             txn = env.begin(write=True)
             try:
-                old = txn.get(key + b"\0")
-                if old and old[-1:] == b"\0":
-                    old = old[:-1]
-                new, result = change(old)
-                if new is None:
+                olds = [None if k is None else _strip_or_none(txn.get(k + b"\0"))
+                        for k in keys]
+                news, result = change(olds)
+                writes = [(k, v) for k, v in zip(keys, news) if k is not None and v is not None]
+                if not writes:
                     txn.abort()
                     return result
-                if not new:
-                    raise ValueError("empty value for %r" % key)
-                txn.put(key + b"\0", new + b"\0")
+                for k, v in writes:
+                    if not v:
+                        raise ValueError("empty value for %r" % k)
+                    txn.put(k + b"\0", v + b"\0")
                 txn.commit()
                 return result
             except BaseException:
@@ -322,3 +341,7 @@ class Store:
 
 def _strip(raw: bytes) -> bytes:
     return raw[:-1] if raw[-1:] == b"\0" else raw
+
+
+def _strip_or_none(raw: bytes | None) -> bytes | None:
+    return None if raw is None else _strip(raw)

@@ -1,38 +1,52 @@
-"""The (client, sender, recipient) triple and its database key.
+"""The (client, sender, recipient) triple, its normalisation and its keys.
 
 DESCRIPTION
-    triple_from_request() takes the attributes of an RCPT request and
-    returns the triple in canonical form:
+    triple_from_request() turns the attributes of an RCPT request into a
+    Triple of three normalised parts.
 
-    client      client_address as ipaddress prints it, with IPv4-mapped
-                IPv6 addresses (::ffff:192.0.2.1) shown as IPv4. Postfix
-                sends "unknown" when the address is unavailable (for
-                example through XCLIENT); that value is kept as "unknown",
-                so all such clients share one client part and greylisting
-                degrades to (sender, recipient) pairs instead of failing.
-    sender      the envelope sender; the null sender is "<>", the form
-                Postfix uses for it in access(5) lookups.
-    recipient   the envelope recipient.
+    client      The client group, per greylist_client_match:
+                prefix  the IPv4 address cut to greylist_ipv4_prefix bits
+                        and the IPv6 address to greylist_ipv6_prefix bits,
+                        written as access(5) writes partial addresses:
+                        "192.0.2" for a /24, "2001:db8:1:2" for a /64;
+                        the whole address at /32 or /128.
+                exact   the client address.
+                domain  the registered domain (public suffix list) of a
+                        verified client_name, so that retries from other
+                        hosts of the same provider pool match; "unknown"
+                        or unlisted names fall back to prefix.
+                IPv4-mapped IPv6 addresses count as IPv4. Postfix sends
+                "unknown" when the address is unavailable (XCLIENT); such
+                clients share the client part "unknown".
+    sender      Case-folded, the null sender as "<>". SRS0/SRS1 addresses
+                become the original sender, BATV tags (prvs=, msprvs1=)
+                are removed, so is an address extension after the first
+                greylist_sender_delimiter character, and local-part
+                tokens of digits only (VERP counters) become "#".
+    recipient   Case-folded.
 
-    key() case-folds the triple the way Postfix folds lookup keys with
-    smtputf8_enable=yes (str.casefold, lmdb_table(5), dict_utf8.c), and
-    joins the parts with "/". In the sender and recipient, "%", "/", "#",
-    white space, control characters and bytes that are not UTF-8 are
-    written as %xx (per UTF-8 byte), so the key is unambiguous, valid
-    UTF-8 and has no white space (postmap -s prints "key<TAB>value"). LMDB keys hold at
-    most 511 bytes, the trailing NUL included: a longer key keeps its
-    first characters and ends in "#" and the SHA-256 of the whole key.
+    key() joins the parts with "/". In sender and recipient, "%", "/",
+    "#", white space, control characters and bytes that are not UTF-8
+    are written as %xx (per UTF-8 byte), so the key is unambiguous,
+    valid UTF-8 and has no white space (postmap -s prints
+    "key<TAB>value"). sender_key() and client_key() name the
+    auto-whitelist records: "client/sender" and the client alone.
+    LMDB keys hold at most 511 bytes, the trailing NUL included: a longer
+    key keeps its first characters and ends in "#" and the SHA-256 of
+    the whole key. With privacy, keys are an HMAC instead (privacy.py).
 
 DIAGNOSTICS
     ProtocolError when client_address is neither an IP address nor
     "unknown".
 """
 
+import functools
 import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass
 
+from greylist.config import Config
 from greylist.policy import ProtocolError
 
 # LMDB's compile-time maximum key size (mdb_env_get_maxkeysize) less the NUL.
@@ -46,18 +60,24 @@ UNKNOWN_CLIENT = "unknown"
 # mark of a shortened key, white space and controls (Unicode's too), and
 # surrogates that stand for bytes that are not UTF-8.
 _ESCAPE = re.compile("[%/#\\s\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udcff]")
+# SRS (libsrs2 and postsrsd): SRS0=HASH=TT=domain=local@forwarder and
+# SRS1=HASH=forwarder==HASH=TT=domain=local@..., the original last.
+_SRS = re.compile(r"srs[01][=+-].*=([^=]+)=([^=@]+)@[^@]+", re.IGNORECASE)
+# BATV (draft-levine-smtp-batv): prvs=TAG=local, and Microsoft's msprvs1=.
+_BATV = re.compile(r"(?:prvs|msprvs1)=[0-9a-z]+=(.+)", re.IGNORECASE)
+_DIGITS = re.compile(r"(?<![^.+=_-])[0-9]+(?![^.+=_-])")
 
 
 @dataclass(frozen=True, slots=True)
 class Triple:
-    """A canonical (client, sender, recipient) triple."""
+    """A normalised (client group, sender, recipient) triple."""
 
     client: str
     sender: str
     recipient: str
 
 
-def canonical_client(value: str | None) -> str:
+def client_address(value: str | None) -> str:
     """Return the canonical form of a client_address value.
 
     Raises ProtocolError if it is neither an IP address nor "unknown".
@@ -78,17 +98,97 @@ def canonical_client(value: str | None) -> str:
     return str(addr)
 
 
-def triple_from_request(attrs: dict[str, str]) -> Triple:
-    """Return the triple of an RCPT request (the recipient must be set)."""
-    return Triple(canonical_client(attrs.get("client_address")),
-                  attrs.get("sender") or NULL_SENDER,
-                  attrs["recipient"])
+# The name used before grouping existed; kept for callers and tests.
+canonical_client = client_address
+
+
+def client_group(address: str, client_name: str | None, cfg: Config) -> str:
+    """Return the client group of a canonical address (see DESCRIPTION)."""
+    if address == UNKNOWN_CLIENT or cfg.client_match == "exact":
+        return address
+    if cfg.client_match == "domain" and client_name and client_name != UNKNOWN_CLIENT:
+        domain = registered_domain(client_name.casefold().rstrip("."))
+        if domain is not None:
+            return domain
+    if ":" in address:
+        if cfg.ipv6_prefix == 128:
+            return address
+        words = ipaddress.IPv6Address(address).exploded.split(":")[:cfg.ipv6_prefix // 16]
+        return ":".join(word.lstrip("0") or "0" for word in words)
+    if cfg.ipv4_prefix == 32:
+        return address
+    return ".".join(address.split(".")[:cfg.ipv4_prefix // 8])
+
+
+@functools.cache
+def _suffix_list():
+    # Imported on first use: only greylist_client_match = domain needs it.
+    from publicsuffixlist import PublicSuffixList
+    return PublicSuffixList()
+
+
+def registered_domain(hostname: str) -> str | None:
+    """Return the registered domain of a host name, or None if it has none.
+
+    A result without a letter (a numeric name) is refused: groups written
+    with digits only are IPv4 prefixes.
+    """
+    if not hostname or len(hostname) > 253 or not re.fullmatch(r"[a-z0-9._-]+", hostname):
+        return None
+    domain = _suffix_list().privatesuffix(hostname)
+    if domain is None or not re.search("[a-z]", domain):
+        return None
+    return domain
+
+
+def normalise_sender(sender: str | None, cfg: Config) -> str:
+    """Return the sender as it is keyed (see DESCRIPTION); idempotent."""
+    if not sender:
+        return NULL_SENDER
+    address = sender.casefold()
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address
+    match = _SRS.fullmatch(address)
+    if match is not None:
+        domain, local = match.group(1), match.group(2)
+    match = _BATV.fullmatch(local)
+    if match is not None:
+        local = match.group(1)
+    if cfg.sender_delimiter:
+        cut = min((i for i in map(local.find, cfg.sender_delimiter) if i > 0),
+                  default=len(local))
+        local = local[:cut]
+    local = _DIGITS.sub("#", local)
+    return local + "@" + domain
+
+
+def triple_from_request(attrs: dict[str, str], cfg: Config) -> Triple:
+    """Return the normalised triple of an RCPT request (recipient required)."""
+    address = client_address(attrs.get("client_address"))
+    return Triple(client_group(address, attrs.get("client_name"), cfg),
+                  normalise_sender(attrs.get("sender"), cfg),
+                  attrs["recipient"].casefold())
 
 
 def key(triple: Triple) -> bytes:
     """Return the database key of a triple, without the trailing NUL."""
-    encoded = "/".join((triple.client, _escape(triple.sender.casefold()),
-                        _escape(triple.recipient.casefold()))).encode("utf-8")
+    return _bounded("/".join((triple.client, _escape(triple.sender.casefold()),
+                              _escape(triple.recipient.casefold()))))
+
+
+def sender_key(triple: Triple) -> bytes:
+    """Return the key of the (client group, sender) auto-whitelist record."""
+    return _bounded(triple.client + "/" + _escape(triple.sender.casefold()))
+
+
+def client_key(triple: Triple) -> bytes:
+    """Return the key of the client-group auto-whitelist record."""
+    return _bounded(triple.client)
+
+
+def _bounded(text: str) -> bytes:
+    encoded = text.encode("utf-8")
     if len(encoded) <= MAX_KEY_BYTES:
         return encoded
     # Cut on a character boundary so that the key stays valid UTF-8.

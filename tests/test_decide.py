@@ -1,11 +1,14 @@
 """Tests for greylist.decide: screening requests and greylisting decisions."""
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, strategies as st
 
 from greylist.config import Config
-from greylist.decide import DUNNO, Decision, decide, screen
-from greylist.record import Record
+from greylist.decide import (DUNNO, NO_RECORDS, Decision, Records, decide, defer_text,
+                             expired, screen)
+from greylist.record import CLIENT, PASSED, PENDING, SENDER, Record
 
 T = 1_700_000_000
 DELAY = 300
@@ -58,110 +61,172 @@ def test_screen_rcpt(attrs, null_sender, expected):
     assert screen(attrs, cfg) == expected
 
 
+# Decisions on the triple alone: both auto-whitelists off.
+TRIPLE_ONLY = replace(CFG, sender_awl=False, client_awl_passes=0)
+
+
+def only(triple=None):
+    return Records(triple=triple)
+
+
 @pytest.mark.parametrize("record, now, expected", [
     pytest.param(None, T,
-                 Decision(deferred(DELAY), "new", 0, Record(T, T, 1, False)),
+                 Decision(deferred(DELAY), "new", 0, only(Record(T, T, 1, PENDING))),
                  id="new"),
-    pytest.param(Record(T, T, 1, False), T + 60,
-                 Decision(deferred(DELAY - 60), "early-retry", 60, Record(T, T + 60, 2, False)),
-                 id="early-retry"),
-    pytest.param(Record(T, T + 60, 2, False), T + 60,
-                 Decision(deferred(DELAY - 60), "early-retry", 60, Record(T, T + 60, 3, False)),
-                 id="retry-same-second"),
-    pytest.param(Record(T, T, 1, False), T + DELAY - 1,
+    pytest.param(Record(T, T, 1, PENDING), T + 60,
+                 Decision(deferred(DELAY - 60), "early-retry", 60,
+                          only(Record(T, T + 60, 2, PENDING))), id="early-retry"),
+    pytest.param(Record(T, T, 1, PENDING), T + DELAY - 1,
                  Decision(deferred(1), "early-retry", DELAY - 1,
-                          Record(T, T + DELAY - 1, 2, False)),
-                 id="one-second-early"),
-    pytest.param(Record(T, T, 1, False), T + DELAY,
-                 Decision(DUNNO, "delay-passed", DELAY, Record(T, T + DELAY, 2, True)),
+                          only(Record(T, T + DELAY - 1, 2, PENDING))), id="one-second-early"),
+    pytest.param(Record(T, T, 1, PENDING), T + DELAY,
+                 Decision(DUNNO, "delay-passed", DELAY, only(Record(T, T + DELAY, 2, PASSED))),
                  id="exactly-delay"),
-    pytest.param(Record(T, T + 100, 5, False), T + 86400,
-                 Decision(DUNNO, "delay-passed", 86400, Record(T, T + 86400, 6, True)),
-                 id="long-after"),
-    pytest.param(Record(T, T + DELAY, 2, True), T + 86400,
-                 Decision(DUNNO, "known", 86400, None), id="passed-known-no-write"),
-    pytest.param(Record(T, T + DELAY, 2, True), T - 50,
-                 Decision(DUNNO, "known", -50, None), id="passed-clock-back"),
-])
-def test_decide(record, now, expected):
-    assert decide(record, now, CFG) == expected
-
-
-@pytest.mark.parametrize("record, now, expected", [
-    pytest.param(Record(T, T + 100, 3, False), T - 50,
+    pytest.param(Record(T, T + DELAY, 2, PASSED), T + 86400,
+                 Decision(DUNNO, "known", 86400, NO_RECORDS), id="known-no-write"),
+    pytest.param(Record(T, T + 100, 3, PENDING), T - 50,
                  Decision(deferred(DELAY + 50), "early-retry", -50,
-                          Record(T, T + 100, 4, False)),
-                 id="before-first-seen"),
-    pytest.param(Record(T, T + 100, 3, False), T + 20,
-                 Decision(deferred(DELAY - 20), "early-retry", 20,
-                          Record(T, T + 100, 4, False)),
-                 id="between-first-and-last-seen"),
-    pytest.param(Record(T, T + 10 * DELAY, 3, False), T + DELAY - 1,
-                 Decision(deferred(1), "early-retry", DELAY - 1,
-                          Record(T, T + 10 * DELAY, 4, False)),
-                 id="last-seen-after-delay-does-not-pass"),
+                          only(Record(T, T + 100, 4, PENDING))), id="clock-back-pending"),
+    pytest.param(Record(T, T + DELAY, 2, PASSED), T - 50,
+                 Decision(DUNNO, "known", -50, NO_RECORDS), id="clock-back-passed"),
 ])
-def test_decide_clock_stepping_back(record, now, expected):
-    # seconds_left = first_seen + delay - now; last_seen never decreases.
-    assert decide(record, now, CFG) == expected
+def test_decide_triple(record, now, expected):
+    assert decide(only(record), now, TRIPLE_ONLY) == expected
 
 
-@pytest.mark.parametrize("defer_text, record, action", [
-    pytest.param("Retry in $seconds_left s", None,
-                 "DEFER_IF_PERMIT Retry in 300 s", id="new"),
-    pytest.param("Retry in $seconds_left s", Record(T - 100, T - 100, 1, False),
-                 "DEFER_IF_PERMIT Retry in 200 s", id="early-retry"),
-    pytest.param("Retry in ${seconds_left}s", None,
-                 "DEFER_IF_PERMIT Retry in 300s", id="braces"),
-    pytest.param("4.7.1 Greylisted", None,
-                 "DEFER_IF_PERMIT 4.7.1 Greylisted", id="no-placeholder"),
-    pytest.param("Costs $$5, $seconds_left", None,
-                 "DEFER_IF_PERMIT Costs $5, 300", id="escaped-dollar"),
-    pytest.param("", None, "DEFER_IF_PERMIT", id="empty-new"),
-    pytest.param("", Record(T - 100, T - 100, 1, False), "DEFER_IF_PERMIT",
-                 id="empty-early-retry"),
+WINDOW, MAX_AGE = CFG.retry_window_s, CFG.max_age_s
+
+
+@pytest.mark.parametrize("record, now, is_expired", [
+    pytest.param(Record(T, T, 1, PENDING), T + WINDOW, False, id="pending-at-window"),
+    pytest.param(Record(T, T, 1, PENDING), T + WINDOW + 1, True, id="pending-after-window"),
+    pytest.param(Record(T, T + 10, 2, PENDING), T + WINDOW + 1, True,
+                 id="window-counts-from-first-seen"),
+    pytest.param(Record(T, T, 2, PASSED), T + MAX_AGE, False, id="passed-at-max-age"),
+    pytest.param(Record(T, T, 2, PASSED), T + MAX_AGE + 1, True, id="passed-after-max-age"),
+    pytest.param(Record(0, T, 2, PASSED), T + MAX_AGE, False, id="max-age-from-last-seen"),
+    pytest.param(Record(T, T, 1, SENDER), T + MAX_AGE + 1, True, id="sender-entry"),
+    pytest.param(Record(T, T, 9, CLIENT), T + MAX_AGE + 1, True, id="client-entry"),
+    pytest.param(Record(T, T, 1, PENDING), T - 10**6, False, id="clock-back"),
 ])
-def test_defer_text(defer_text, record, action):
-    cfg = Config(delay_s=DELAY, defer_text=defer_text)
-    assert decide(record, T, cfg).action == action
+def test_expired_at_each_lifetime_boundary(record, now, is_expired):
+    assert expired(record, now, CFG) is is_expired
 
 
-_times = st.integers(min_value=0, max_value=2**40)
-_delays = st.integers(min_value=0, max_value=10**8)
-_records = st.builds(Record, _times, _times, st.integers(0, 10**9), st.booleans())
+def test_retry_after_the_retry_window_counts_as_new():
+    decision = decide(only(Record(T, T + 60, 2, PENDING)), T + WINDOW + 1, TRIPLE_ONLY)
+    assert decision.reason == "new"
+    assert decision.writes.triple == Record(T + WINDOW + 1, T + WINDOW + 1, 1, PENDING)
 
 
-@given(_records, _times, _delays)
-def test_decide_on_any_record(record, now, delay):
-    d = decide(record, now, Config(delay_s=delay))
-    age = now - record.first_seen
-    assert d.age == age
-    if record.passed:
-        assert d == Decision(DUNNO, "known", age, None)
-        return
-    assert d.record == Record(record.first_seen, max(record.last_seen, now),
-                              record.count + 1, age >= delay)
-    if age >= delay:
-        assert (d.action, d.reason) == (DUNNO, "delay-passed")
-    else:
-        assert d.reason == "early-retry"
-        assert d.action.startswith("DEFER_IF_PERMIT")
-        assert " %d seconds" % (record.first_seen + delay - now) in d.action
+def test_passed_triple_expires_after_max_age_and_is_greylisted_again():
+    decision = decide(only(Record(T, T, 2, PASSED)), T + MAX_AGE + 1, TRIPLE_ONLY)
+    assert decision.action.startswith("DEFER_IF_PERMIT") and decision.reason == "new"
 
 
-@given(st.lists(_times, min_size=1, max_size=20), _delays)
-def test_history_never_passes_a_triple_early(attempts, delay):
-    # Attempts at arbitrary times, the clock stepping back and forth.
-    cfg = Config(delay_s=delay)
-    first = attempts[0]
-    record = None
-    for now in attempts:
-        d = decide(record, now, cfg)
-        if record is None:
-            assert d.reason == "new" and d.action.startswith("DEFER_IF_PERMIT")
-        elif not record.passed:
-            assert (d.action == DUNNO) == (now - first >= delay)
-        if d.record is not None:
-            assert d.record.first_seen == first
-            assert d.record.last_seen >= (record.last_seen if record else now)
-            record = d.record
+@pytest.mark.parametrize("last_seen_ago, refreshed", [
+    pytest.param(MAX_AGE // 2, False, id="at-half-life"),
+    pytest.param(MAX_AGE // 2 + 1, True, id="past-half-life"),
+    pytest.param(MAX_AGE, True, id="at-max-age"),
+])
+def test_known_triple_is_refreshed_only_past_half_its_lifetime(last_seen_ago, refreshed):
+    now = T + 10**7
+    record = Record(T, now - last_seen_ago, 2, PASSED)
+    writes = decide(only(record), now, TRIPLE_ONLY).writes
+    assert writes == (only(Record(T, now, 2, PASSED)) if refreshed else NO_RECORDS)
+
+
+def test_pass_makes_a_sender_entry_and_counts_the_client():
+    decision = decide(only(Record(T, T, 1, PENDING)), T + DELAY, CFG)
+    assert decision.writes == Records(Record(T, T + DELAY, 2, PASSED),
+                                      Record(T + DELAY, T + DELAY, 1, SENDER),
+                                      Record(T + DELAY, T + DELAY, 1, CLIENT))
+
+
+def test_sender_entry_passes_a_new_recipient_of_a_proven_sender():
+    # postgrey #93: a new CC recipient of a sender that already retried.
+    sender = Record(T, T, 1, SENDER)
+    decision = decide(Records(sender=sender), T + 3600, CFG)
+    assert (decision.action, decision.reason, decision.writes) == (DUNNO, "awl-sender",
+                                                                   NO_RECORDS)
+
+
+@pytest.mark.parametrize("count, passes", [(4, False), (5, True)])
+def test_client_is_whitelisted_after_five_counted_passes(count, passes):
+    decision = decide(Records(client=Record(T, T, count, CLIENT)), T + 10, CFG)
+    assert (decision.reason == "awl-client") is passes
+    assert decision.action.startswith("DEFER_IF_PERMIT") is not passes
+
+
+def test_client_auto_whitelist_can_be_disabled():
+    cfg = replace(CFG, client_awl_passes=0)
+    decision = decide(Records(client=Record(T, T, 99, CLIENT)), T + 10, cfg)
+    assert decision.reason == "new"
+
+
+@pytest.mark.parametrize("since_last, counted", [(3599, False), (3600, True)])
+def test_at_most_one_pass_an_hour_counts_for_the_client(since_last, counted):
+    client = Record(T, T, 2, CLIENT)
+    now = T + since_last
+    decision = decide(Records(triple=Record(now - DELAY, now - DELAY, 1, PENDING),
+                              client=client), now, CFG)
+    assert decision.reason == "delay-passed"
+    assert decision.writes.client == (Record(T, now, 3, CLIENT) if counted else None)
+
+
+def test_other_recipient_of_an_accepted_message_passes_and_is_recorded():
+    decision = decide(NO_RECORDS, T, CFG, message_accepted=True)
+    assert (decision.action, decision.reason) == (DUNNO, "message")
+    assert decision.writes.triple == Record(T, T, 1, PASSED)
+
+
+@pytest.mark.parametrize("record, reason", [
+    pytest.param(None, "learn:new", id="new"),
+    pytest.param(Record(T, T, 1, PENDING), "learn:early-retry", id="early-retry"),
+])
+def test_learn_mode_passes_and_records_what_would_be_deferred(record, reason):
+    decision = decide(only(record), T + 10, replace(CFG, learn=True))
+    assert (decision.action, decision.reason) == (DUNNO, reason)
+    assert decision.writes.triple.state == PASSED
+    assert decision.writes.sender == Record(T + 10, T + 10, 1, SENDER)
+
+
+@pytest.mark.parametrize("text, expected", [
+    pytest.param("Retry in $seconds_left s", "DEFER_IF_PERMIT Retry in 300 s", id="seconds"),
+    pytest.param("$recipient_domain: $client_address", "DEFER_IF_PERMIT example.org: 192.0.2.1",
+                 id="request-placeholders"),
+    pytest.param("Cost $$5", "DEFER_IF_PERMIT Cost $5", id="escaped-dollar"),
+    pytest.param("", "DEFER_IF_PERMIT", id="empty"),
+])
+def test_defer_text_placeholders(text, expected):
+    decision = decide(NO_RECORDS, T, replace(CFG, defer_text=text))
+    assert defer_text(decision, "example.org", "192.0.2.1") == expected
+
+
+_times = st.integers(min_value=0, max_value=4 * 10**9)
+_states = st.sampled_from((PENDING, PASSED, SENDER, CLIENT))
+_records = st.one_of(st.none(), st.builds(Record, _times, _times,
+                                          st.integers(0, 10), _states))
+
+
+@given(_records, _times)
+def test_a_pending_triple_never_passes_before_the_delay(record, now):
+    decision = decide(only(record), now, TRIPLE_ONLY)
+    if decision.action == DUNNO:
+        assert record is not None and not expired(record, now, TRIPLE_ONLY)
+        assert record.state != PENDING or now - record.first_seen >= DELAY
+
+
+@given(_records, _records, _records, _times, st.booleans())
+def test_decide_never_raises_and_writes_only_valid_records(t, s, c, now, accepted):
+    decision = decide(Records(t, s, c), now, CFG, accepted)
+    assert decision.action
+    for record in (decision.writes.triple, decision.writes.sender, decision.writes.client):
+        assert record is None or (record.state in (PENDING, PASSED, SENDER, CLIENT)
+                                  and record.count >= 1 and record.last_seen >= 0)
+
+
+@given(_records, _times)
+def test_expired_records_are_treated_as_absent(record, now):
+    if record is not None and expired(record, now, TRIPLE_ONLY):
+        assert decide(only(record), now, TRIPLE_ONLY) == decide(NO_RECORDS, now, TRIPLE_ONLY)

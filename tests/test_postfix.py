@@ -16,6 +16,7 @@ import time
 
 import docopt
 import lmdb
+import publicsuffixlist
 import pytest
 
 import greylist
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.postfix
 
 USER = "nobody"
 DELAY_S = 4
+WHITELISTED = "198.51.100.55"
 
 
 def as_user(*argv: str) -> subprocess.CompletedProcess:
@@ -36,14 +38,14 @@ def as_user(*argv: str) -> subprocess.CompletedProcess:
 def runtime(root: pathlib.Path) -> list[str]:
     """Install greylist for the spawn user under root; return the argv prefix."""
     lib = root / "lib"
-    for package in (greylist, lmdb, docopt):
+    for package in (greylist, lmdb, docopt, publicsuffixlist):
         source = pathlib.Path(package.__file__).parent
         shutil.copytree(source, lib / source.name,
                         ignore=shutil.ignore_patterns("__pycache__"))
     version = "python%d.%d" % sys.version_info[:2]
     for python in (os.path.realpath(sys.executable), "/usr/bin/" + version):
         argv = ["/usr/bin/env", "PYTHONPATH=%s" % lib, python]
-        probe = as_user(*argv, "-c", "import greylist, lmdb, docopt")
+        probe = as_user(*argv, "-c", "import greylist, lmdb, docopt, publicsuffixlist")
         if probe.returncode == 0:
             return argv
     require("no %s that user %s can run: %s" % (version, USER, probe.stderr[-300:]))
@@ -59,12 +61,18 @@ def postfix():
         database.mkdir(mode=0o755)
         shutil.chown(database, USER)
         settings = root / "greylist.cf"
+        whitelist = root / "whitelist_clients"
+        whitelist.write_text("# postgrey syntax\n%s\n" % WHITELISTED)
         settings.write_text("greylist_database = %s/greylist\ngreylist_delay = %ds\n"
                             "greylist_log = postlog:%s/queue/public/postlog\n"
-                            % (database, DELAY_S, root))
+                            "greylist_header = yes\ngreylist_whitelist_clients = %s\n"
+                            % (database, DELAY_S, root, whitelist))
         argv = runtime(root) + ["-m", "greylist", "-c", str(settings)]
         # Group postdrop reaches queue/public/postlog (mode 0710), see greylist(8).
-        with PostfixInstance(root, argv, policy_user=USER + ":postdrop") as instance:
+        # XCLIENT from 127.0.0.1 lets swaks present other client addresses.
+        with PostfixInstance(root, argv, policy_user=USER + ":postdrop",
+                             extra_main_cf={"smtpd_authorized_xclient_hosts":
+                                            "127.0.0.1"}) as instance:
             instance.database = str(database / "greylist")
             yield instance
     finally:
@@ -94,25 +102,53 @@ def test_first_attempt_and_early_retry_get_450_and_retry_after_delay_is_delivere
     assert accepted.returncode == 0
     message = postfix.wait_for_delivery("bob")
     assert "Subject: greylist e2e" in message and "Return-Path: <alice@example.org>" in message
+    assert message.count("X-Greylist: delayed ") == 1
 
     log = postfix.log_text()
     assert "451 4.3.5" not in log and "warning: premature end-of-input" not in log
     assert "action=DEFER_IF_PERMIT reason=new age=0 client=127.0.0.1 " \
            "sender=alice@example.org rcpt=bob@example.test" in log
+    assert "action=PREPEND reason=delay-passed" in log
     assert "reason=early-retry" in log and "reason=delay-passed" in log
     listed = subprocess.run(["postmap", "-s", "lmdb:" + postfix.database],
                             capture_output=True, text=True, timeout=10)
     assert listed.returncode == 0
-    key, value = listed.stdout.splitlines()[0].split("\t")
-    assert key == "127.0.0.1/alice@example.org/bob@example.test"
-    assert value.startswith("1:") and value.endswith(":3:passed")
+    entries = dict(line.split("\t") for line in listed.stdout.splitlines())
+    triple = entries["127.0.0/alice@example.org/bob@example.test"]
+    assert triple.startswith("1:") and triple.endswith(":3:passed")
+    assert entries["127.0.0/alice@example.org"].endswith(":1:sender")
     assert os.stat(postfix.database + ".lmdb").st_mode & 0o777 == 0o644
 
 
-def test_each_recipient_of_one_message_is_greylisted_on_its_own(postfix):
-    result = postfix.swaks("carol@example.org", "dave@example.test,erin@example.test")
-    rejected = [line for line in result.stdout.splitlines() if line.startswith("<** 450 4.7.1")]
-    assert len(rejected) == 2, result.stdout
+def test_multi_recipient_message_is_delivered_with_one_header_after_the_delay(postfix):
+    sender, rcpts = "carol@example.org", "dave@example.test,erin@example.test"
+    first = postfix.swaks(sender, rcpts)
+    started = time.monotonic()
+    rejected = [line for line in first.stdout.splitlines() if line.startswith("<** 450 4.7.1")]
+    assert len(rejected) == 2, first.stdout
+    time.sleep(max(0.0, DELAY_S + 0.5 - (time.monotonic() - started)))
+    retry = postfix.swaks(sender, rcpts, ["--header", "Subject: two recipients"])
+    assert retry.returncode == 0, retry.stdout
+    for rcpt in ("dave", "erin"):
+        message = postfix.wait_for_delivery(rcpt)
+        assert "Subject: two recipients" in message
+        assert message.count("X-Greylist: delayed ") == 1
+
+
+def test_whitelisted_client_is_accepted_at_its_first_attempt(postfix):
+    result = postfix.swaks("gina@example.org", "henry@example.test",
+                           ["--xclient-addr", WHITELISTED, "--header", "Subject: listed"])
+    assert rcpt_reply(result).startswith("250 "), result.stdout
+    assert "X-Greylist" not in postfix.wait_for_delivery("henry")
+    assert "reason=whitelist-client age=0 client=%s" % WHITELISTED in postfix.log_text()
+
+
+def test_unavailable_client_address_is_greylisted_not_an_error(postfix):
+    # XCLIENT ADDR=[UNAVAILABLE] makes Postfix send client_address=unknown.
+    result = postfix.swaks("ivan@example.org", "judy@example.test",
+                           ["--xclient-addr", "[UNAVAILABLE]"])
+    assert rcpt_reply(result).startswith("450 4.7.1 "), result.stdout
+    assert "reason=new age=0 client=unknown sender=ivan@example.org" in postfix.log_text()
 
 
 def test_policy_processes_log_through_postlog_and_never_on_the_smtp_session(postfix):

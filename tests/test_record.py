@@ -3,19 +3,23 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from greylist.record import Record, decode, encode
+from greylist.record import STATES, Record, decode, encode
 
 T = 1_700_000_000
 MAX_19_DIGITS = 10**19 - 1
 
 
 @pytest.mark.parametrize("record, text", [
-    pytest.param(Record(T, T + 300, 2, False), b"1:1700000000:1700000300:2:pending",
+    pytest.param(Record(T, T + 300, 2, "pending"), b"1:1700000000:1700000300:2:pending",
                  id="pending"),
-    pytest.param(Record(T, T + 300, 3, True), b"1:1700000000:1700000300:3:passed",
+    pytest.param(Record(T, T + 300, 3, "passed"), b"1:1700000000:1700000300:3:passed",
                  id="passed"),
-    pytest.param(Record(0, 0, 0, False), b"1:0:0:0:pending", id="zeros"),
-    pytest.param(Record(MAX_19_DIGITS, MAX_19_DIGITS, MAX_19_DIGITS, True),
+    pytest.param(Record(0, 0, 0, "pending"), b"1:0:0:0:pending", id="zeros"),
+    pytest.param(Record(T, T, 1, "sender"), b"1:1700000000:1700000000:1:sender",
+                 id="sender-entry"),
+    pytest.param(Record(T, T + 7200, 5, "client"), b"1:1700000000:1700007200:5:client",
+                 id="client-entry"),
+    pytest.param(Record(MAX_19_DIGITS, MAX_19_DIGITS, MAX_19_DIGITS, "passed"),
                  b"1:9999999999999999999:9999999999999999999:9999999999999999999:passed",
                  id="nineteen-digits"),
 ])
@@ -59,7 +63,7 @@ def test_decode_rejects(text):
 
 
 _numbers = st.integers(min_value=0, max_value=MAX_19_DIGITS)
-_records = st.builds(Record, _numbers, _numbers, _numbers, st.booleans())
+_records = st.builds(Record, _numbers, _numbers, _numbers, st.sampled_from(STATES))
 
 
 @given(_records)

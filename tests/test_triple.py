@@ -7,7 +7,11 @@ import pytest
 from hypothesis import given, strategies as st
 
 from greylist.policy import ProtocolError
+from greylist.config import Config
 from greylist.triple import MAX_KEY_BYTES, Triple, canonical_client, key, triple_from_request
+
+# Exact client addresses, no sender extension: the triple as sent.
+EXACT = Config(client_match="exact", sender_delimiter="")
 
 CLIENT = "192.0.2.1"
 RCPT = "bob@example.org"
@@ -62,16 +66,16 @@ def test_canonical_client_rejects(value):
                  Triple(CLIENT, "a@example.net", RCPT), id="client-canonical"),
     pytest.param({"client_address": CLIENT, "sender": "Alice@Example.NET",
                   "recipient": "Bob@Example.ORG"},
-                 Triple(CLIENT, "Alice@Example.NET", "Bob@Example.ORG"),
-                 id="case-kept-in-triple"),
+                 Triple(CLIENT, "alice@example.net", "bob@example.org"),
+                 id="case-folded-in-triple"),
 ])
 def test_triple_from_request(attrs, expected):
-    assert triple_from_request(attrs) == expected
+    assert triple_from_request(attrs, EXACT) == expected
 
 
 def test_triple_from_request_rejects_bad_client():
     with pytest.raises(ProtocolError):
-        triple_from_request({"client_address": "not-an-ip", "recipient": RCPT})
+        triple_from_request({"client_address": "not-an-ip", "recipient": RCPT}, EXACT)
 
 
 @pytest.mark.parametrize("triple, expected", [
