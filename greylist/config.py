@@ -37,6 +37,9 @@ class Config:
     # postgrey's defaults: --retry-window 2d, --max-age 35d.
     retry_window_s: int = 2 * 86400
     max_age_s: int = 35 * 86400
+    # verify(8)'s address_verify_cache_cleanup_interval default.
+    cleanup_interval_s: int = 12 * 3600
+    client_table: str = ""
     client_match: str = "prefix"
     ipv4_prefix: int = 24
     ipv6_prefix: int = 64
@@ -155,6 +158,20 @@ def _parse_delimiter(name: str, value: str) -> str:
     return value
 
 
+def _parse_table(name: str, value: str) -> str:
+    value = value.strip()
+    if value != "none":
+        value = _parse_path(name, value)
+    return value[:-len(".lmdb")] if value.endswith(".lmdb") else value
+
+
+def client_table_name(cfg: "Config") -> str | None:
+    """The client table's name: the setting, or the database's plus -clients."""
+    if cfg.client_table == "none":
+        return None
+    return cfg.client_table or os.path.abspath(cfg.database) + "-clients"
+
+
 def _parse_path(name: str, value: str) -> str:
     value = value.strip()
     if value and not value.startswith("/"):
@@ -192,6 +209,8 @@ SETTINGS = {
     "greylist_delay": ("delay_s", _parse_time),
     "greylist_retry_window": ("retry_window_s", _parse_time),
     "greylist_max_age": ("max_age_s", _parse_time),
+    "greylist_cleanup_interval": ("cleanup_interval_s", _parse_time),
+    "greylist_client_table": ("client_table", _parse_table),
     "greylist_client_match": ("client_match", _parse_client_match),
     "greylist_ipv4_prefix": ("ipv4_prefix", _prefix_parser(32, 8)),
     "greylist_ipv6_prefix": ("ipv6_prefix", _prefix_parser(128, 16)),

@@ -25,6 +25,12 @@ DESCRIPTION
     message that passed after its delay gets PREPEND X-Greylist instead
     of DUNNO.
 
+    A client that earns, or refreshes, its client auto-whitelisting is
+    also written to the client table, a Postfix lmdb table with numeric
+    time stamps as values, for check_client_access before
+    check_policy_service. After each reply, the process takes a cleanup
+    step (cleanup.py).
+
     A store failure is answered with greylist_failure_action (DUNNO by
     default: fail open), so a broken database never turns into a wall of
     4xx replies; the store is retried every few seconds.
@@ -44,8 +50,10 @@ from typing import BinaryIO, Callable
 
 from greylist import __version__
 from greylist import record as records
-from greylist.config import Config
-from greylist.decide import DUNNO, Decision, Records, decide, defer_text, screen
+from greylist.cleanup import Cleaner
+from greylist.config import Config, client_table_name
+from greylist.decide import (DUNNO, Decision, Records, decide, defer_text, screen,
+                             whitelisted_client)
 from greylist.log import Log
 from greylist.policy import ProtocolError, format_reply, read_request
 from greylist.privacy import SecretError, hashed, load_secret, secret_path
@@ -70,6 +78,10 @@ class Policy:
         self.log = log
         self.clock = clock
         self.whitelists = Whitelists(cfg, log.warning)
+        # The client table names clients in plaintext: not in privacy mode.
+        table = None if cfg.privacy else client_table_name(cfg)
+        self.table = None if table is None else Store(table)
+        self.cleaner = Cleaner(store, self.table, cfg, log, clock)
         self._warned_at: float | None = None
         self._secret: bytes | None = None
         self._instance: str | None = None
@@ -107,6 +119,7 @@ class Policy:
                             normalise_sender(attrs.get("sender"), self.cfg),
                             attrs["recipient"].casefold())
             decision = self._decide(triple, now, instance is not None and self._accepted)
+            self._update_table(triple, address, decision, now)
             action = self._action(decision, attrs, address)
         self.log.info("action=%s reason=%s age=%d client=%s sender=%s rcpt=%s"
                       % (action.split(None, 1)[0], decision.reason, decision.age, address,
@@ -127,7 +140,33 @@ class Policy:
                        email.utils.formatdate(self.clock(), localtime=True)))
         return decision.action
 
-    def _keys(self, triple: Triple) -> list[bytes | None]:
+    def after_reply(self) -> None:
+        """Work that waits until a reply is sent: a cleanup step."""
+        self.cleaner.step()
+
+    def close(self) -> None:
+        """Release files at the end of the connection."""
+        self.cleaner.close()
+
+    def _update_table(self, triple: Triple, address: str, decision: Decision,
+                      now: int) -> None:
+        """Write a client that earned (or refreshed) its whitelisting to the table.
+
+        IPv4 groups and domains are written as access(5) keys that
+        check_client_access matches for the whole group; IPv6 clients by
+        their address, as Postfix's partial IPv6 forms cannot express a
+        /64 (it cuts the compressed address at colons).
+        """
+        client = decision.writes.client
+        if self.table is None or client is None or not whitelisted_client(client, self.cfg):
+            return
+        name = address if ":" in address else triple.client
+        try:
+            self.table.put(name.encode("utf-8"), b"%d" % now)
+        except StoreError as exc:
+            self._store_failed(exc)
+
+    def keys(self, triple: Triple) -> list[bytes | None]:
         """The keys of the triple's records; no client entry for "unknown"."""
         keys = [key(triple), sender_key(triple),
                 None if triple.client == UNKNOWN_CLIENT else client_key(triple)]
@@ -143,8 +182,8 @@ class Policy:
 
     def _decide(self, triple: Triple, now: int, accepted: bool) -> Decision:
         try:
-            keys = self._keys(triple)
-            decision = decide(self._records(self.store.get_many(keys), keys), now,
+            keys = self.keys(triple)
+            decision = decide(self.records(self.store.get_many(keys), keys), now,
                               self.cfg, accepted)
             if not any(r is not None and k is not None
                        for r, k in zip(_writes(decision), keys)):
@@ -159,10 +198,10 @@ class Policy:
 
     def _write(self, olds: list[bytes | None], keys: list[bytes | None], now: int,
                accepted: bool) -> tuple[list[bytes | None], Decision]:
-        decision = decide(self._records(olds, keys), now, self.cfg, accepted)
+        decision = decide(self.records(olds, keys), now, self.cfg, accepted)
         return [None if r is None else records.encode(r) for r in _writes(decision)], decision
 
-    def _records(self, values: list[bytes | None], keys: list[bytes | None]) -> Records:
+    def records(self, values: list[bytes | None], keys: list[bytes | None]) -> Records:
         parsed = []
         for value, k in zip(values, keys):
             record = None if value is None else records.decode(value)
@@ -197,6 +236,7 @@ def serve(instream: BinaryIO, outstream: BinaryIO, policy: Policy) -> int:
             attrs = read_request(instream)
             if attrs is None:
                 policy.log.debug(1, "end of input, exiting")
+                policy.close()
                 return 0
             policy.log.debug(2, "request: %s" % " ".join(
                 "%s=%s" % item for item in attrs.items()))
@@ -211,3 +251,4 @@ def serve(instream: BinaryIO, outstream: BinaryIO, policy: Policy) -> int:
         except BrokenPipeError:
             policy.log.debug(1, "client went away before the reply")
             return 0
+        policy.after_reply()

@@ -10,8 +10,8 @@ DESCRIPTION
 
     decide() answers an RCPT request from the three records of its
     triple (see record.py), first dropping any that expired():
-        client whitelisted      DUNNO awl-client
-        sender entry            DUNNO awl-sender
+        client whitelisted      DUNNO awl-client (manual-client)
+        sender entry            DUNNO awl-sender (manual-sender)
         triple passed           DUNNO known
         message accepted        DUNNO message (another recipient of this
                                 message, same instance, was accepted)
@@ -28,7 +28,8 @@ DESCRIPTION
     triples, sender and client entries (positive entries) expire
     greylist_max_age after they were last seen, and are refreshed on use
     once that is more than half of greylist_max_age ago, so that the
-    common path rarely writes. The age is now - first_seen: a clock that
+    common path rarely writes. Manual entries never expire. The age is
+    now - first_seen: a clock that
     steps back makes it smaller, so a triple never passes early.
 """
 
@@ -36,7 +37,7 @@ import string
 from dataclasses import dataclass
 
 from greylist.config import Config
-from greylist.record import CLIENT, PASSED, PENDING, SENDER, Record
+from greylist.record import CLIENT, MANUAL, PASSED, PENDING, SENDER, Record
 
 DUNNO = "DUNNO"
 # At most one pass an hour counts toward the client auto-whitelist.
@@ -69,13 +70,15 @@ def expired(record: Record, now: int, cfg: Config) -> bool:
     """Whether a record is past its lifetime and must be treated as absent."""
     if record.state == PENDING:
         return now - record.first_seen > cfg.retry_window_s
+    if record.state == MANUAL:
+        return False
     return now - record.last_seen > cfg.max_age_s
 
 
 def whitelisted_client(record: Record | None, cfg: Config) -> bool:
     """Whether a client record has earned the client auto-whitelist."""
-    return (record is not None and cfg.client_awl_passes > 0
-            and record.count >= cfg.client_awl_passes)
+    return record is not None and (record.state == MANUAL or (
+        cfg.client_awl_passes > 0 and record.count >= cfg.client_awl_passes))
 
 
 def screen(attrs: dict[str, str], cfg: Config) -> Decision | None:
@@ -96,11 +99,11 @@ def decide(records: Records, now: int, cfg: Config,
     triple, sender, client = (None if r is None or expired(r, now, cfg) else r
                               for r in (records.triple, records.sender, records.client))
     if whitelisted_client(client, cfg):
-        return Decision(DUNNO, "awl-client", now - client.first_seen,
-                        Records(client=_refreshed(client, now, cfg)))
-    if sender is not None and cfg.sender_awl:
-        return Decision(DUNNO, "awl-sender", now - sender.first_seen,
-                        Records(sender=_refreshed(sender, now, cfg)))
+        return Decision(DUNNO, "manual-client" if client.state == MANUAL else "awl-client",
+                        now - client.first_seen, Records(client=_refreshed(client, now, cfg)))
+    if sender is not None and (cfg.sender_awl or sender.state == MANUAL):
+        return Decision(DUNNO, "manual-sender" if sender.state == MANUAL else "awl-sender",
+                        now - sender.first_seen, Records(sender=_refreshed(sender, now, cfg)))
     if triple is not None and triple.state == PASSED:
         return Decision(DUNNO, "known", now - triple.first_seen,
                         Records(triple=_refreshed(triple, now, cfg)))
@@ -142,7 +145,7 @@ def _pass(reason: str, triple: Record | None, client: Record | None, now: int,
 
 def _refreshed(record: Record, now: int, cfg: Config) -> Record | None:
     """The record with last_seen now, if past half its lifetime; else None."""
-    if now - record.last_seen <= cfg.max_age_s // 2:
+    if record.state == MANUAL or now - record.last_seen <= cfg.max_age_s // 2:
         return None
     return Record(record.first_seen, now, record.count, record.state)
 

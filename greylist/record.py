@@ -14,6 +14,8 @@ DESCRIPTION
                 distinct triples counted so far (at most one an hour),
                 and the client is whitelisted once COUNT reaches
                 greylist_client_awl_passes
+    manual      a client-group or (client group, sender) entry made with
+                greylistctl whitelist add; it never expires
 
     The state makes every record's lifetime readable from its value
     alone, also when privacy mode hides the keys. The text is never
@@ -31,7 +33,8 @@ PENDING = "pending"
 PASSED = "passed"
 SENDER = "sender"
 CLIENT = "client"
-STATES = (PENDING, PASSED, SENDER, CLIENT)
+MANUAL = "manual"
+STATES = (PENDING, PASSED, SENDER, CLIENT, MANUAL)
 _STATES = {state.encode("ascii"): state for state in STATES}
 
 

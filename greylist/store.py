@@ -112,6 +112,19 @@ def check_format(path: str) -> bool:
                      % path)
 
 
+_DAMAGE = tuple(getattr(lmdb, name) for name in (
+    "CorruptedError", "PageNotFoundError", "InvalidError", "PanicError",
+    "BadTxnError", "VersionMismatchError") if hasattr(lmdb, name))
+
+
+def describe(path: str, exc: Exception) -> str:
+    """An error message; for a damaged file it names the recovery."""
+    if isinstance(exc, _DAMAGE):
+        return ("%s is damaged (%s); move the file aside (do not truncate it) and a "
+                "new one is created" % (path, exc))
+    return "%s: %s" % (path, exc)
+
+
 class Store:
     """One Postfix lmdb table, opened on first use, safe across processes."""
 
@@ -178,6 +191,18 @@ class Store:
         if not existed:
             # Postfix creates tables 0644 whatever the umask (slmdb.c).
             os.fchmod(fd, 0o644)
+        elif size:
+            # Read the first and last leaf under a shared lock, so that a
+            # damaged tree is reported at open, with its recovery.
+            try:
+                with locked(fd, SHARED), env.begin() as txn:
+                    cursor = txn.cursor()
+                    cursor.first()
+                    cursor.last()
+            except lmdb.Error as exc:
+                env.close()
+                os.close(fd)
+                raise StoreError(describe(self.path, exc)) from None
         return env, fd
 
     def _same_file(self) -> bool:
@@ -198,7 +223,7 @@ class Store:
         """Close after an error (no lock is held then) and describe it."""
         self._close()
         self._failed_at = time.monotonic()
-        return StoreError("%s: %s" % (self.path, exc))
+        return StoreError(describe(self.path, exc))
 
     # Transactions.
 
@@ -291,6 +316,24 @@ class Store:
                         raise ValueError("empty value for %r" % key)
                     txn.put(key + b"\0", value + b"\0")
         self._run(EXCLUSIVE, body)
+
+    def delete_if(self, keys: list[bytes],
+                  doomed: Callable[[bytes, bytes | None], bool]) -> int:
+        """Delete the keys for which doomed(key, value) holds; exclusive lock.
+
+        The values are read again inside the write transaction, so that
+        a record changed since the caller looked at it is judged anew.
+        Returns how many keys were deleted.
+        """
+        def body(env: lmdb.Environment) -> int:
+            deleted = 0
+            with env.begin(write=True) as txn:
+                for k in keys:
+                    if doomed(k, _strip_or_none(txn.get(k + b"\0"))) \
+                            and txn.delete(k + b"\0"):
+                        deleted += 1
+            return deleted
+        return self._run(EXCLUSIVE, body)
 
     def delete(self, key: bytes) -> bool:
         """Delete key; return whether it existed; exclusive lock."""

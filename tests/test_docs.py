@@ -3,8 +3,11 @@
 import pathlib
 import re
 
+import pytest
+
 from greylist import __version__
 from greylist.cli import USAGE
+from greylist.ctl import USAGE as CTL_USAGE
 from greylist.config import SETTINGS, Config
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -16,28 +19,38 @@ def plain(roff: str) -> str:
     return re.sub(r"\\f[BIRP]", "", roff).replace("\\-", "-")
 
 
-def test_every_option_of_the_usage_is_in_the_man_page():
-    options = set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", USAGE))
-    assert options >= {"-v", "-c", "-d", "--delay", "--config", "--database"}
-    missing = [option for option in options if option not in plain(MAN)]
+PAGES = [(USAGE, MAN), (CTL_USAGE, (ROOT / "man" / "greylistctl.8").read_text())]
+
+
+@pytest.mark.parametrize("usage, page", PAGES, ids=["greylist", "greylistctl"])
+def test_every_option_of_the_usage_is_in_the_man_page(usage, page):
+    options = set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", usage))
+    assert options >= {"-c", "-d", "--config", "--database"}
+    missing = [option for option in options if option not in plain(page)]
     assert missing == []
 
 
-def test_synopsis_is_the_usage():
-    usage = [line.strip() for line in USAGE.split("Usage:")[1].split("Options:")[0]
+@pytest.mark.parametrize("usage, page", PAGES, ids=["greylist", "greylistctl"])
+def test_synopsis_is_the_usage(usage, page):
+    lines = [line.strip() for line in usage.split("Usage:")[1].split("Options:")[0]
              .splitlines() if line.strip()]
-    synopsis = plain(MAN.split(".SH SYNOPSIS")[1].split(".SH")[0])
-    lines = [line.strip() for line in synopsis.splitlines()
+    synopsis = plain(page.split(".SH SYNOPSIS")[1].split(".SH")[0])
+    shown = [line.strip() for line in synopsis.splitlines()
              if line.strip() and not line.startswith(".")]
-    assert lines == usage
+    assert shown == lines
 
 
 def shown(field: str, default) -> str:
     """A default as the man page writes it."""
     if field == "secret_file":
         return "the database name plus .secret"
+    if field == "client_table":
+        return "the database name plus -clients"
     if field.endswith("_s"):
-        return "%dd" % (default // 86400) if default % 86400 == 0 else "%ds" % default
+        for unit, size in (("d", 86400), ("h", 3600)):
+            if default % size == 0:
+                return "%d%s" % (default // size, unit)
+        return "%ds" % default
     if isinstance(default, bool):
         return "yes" if default else "no"
     if isinstance(default, tuple):
@@ -57,7 +70,8 @@ def test_changes_starts_with_the_current_version():
                       re.MULTILINE)
     assert first is not None
     assert __version__.startswith(first.group(1))
-    assert '"greylist %s"' % __version__ in MAN
+    for name in ("greylist.8", "greylistctl.8"):
+        assert '"greylist %s"' % __version__ in (ROOT / "man" / name).read_text()
 
 
 def test_master_cf_example_has_the_spawn_service_and_main_cf_lines():

@@ -6,6 +6,7 @@ its dependencies into a directory nobody can read, and runs them with an
 interpreter of the same Python version that nobody can execute.
 """
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -20,6 +21,7 @@ import publicsuffixlist
 import pytest
 
 import greylist
+from greylist.store import Store
 from tests.conftest import require
 from tests.postfix_instance import PostfixInstance, postfix_available
 
@@ -51,8 +53,13 @@ def runtime(root: pathlib.Path) -> list[str]:
     require("no %s that user %s can run: %s" % (version, USER, probe.stderr[-300:]))
 
 
-@pytest.fixture(scope="module")
-def postfix():
+@contextlib.contextmanager
+def instance(settings: str = "", main_cf: dict | None = None):
+    """A throw-away Postfix whose spawn service runs greylist as nobody.
+
+    settings are added to greylist's settings file; main_cf to Postfix's,
+    with {db} standing for the database directory.
+    """
     require(postfix_available())
     root = pathlib.Path(tempfile.mkdtemp(prefix="greylist-e2e-"))
     os.chmod(root, 0o755)
@@ -60,23 +67,46 @@ def postfix():
         database = root / "db"
         database.mkdir(mode=0o755)
         shutil.chown(database, USER)
-        settings = root / "greylist.cf"
+        # smtpd opens its lmdb tables at start: make the client table first,
+        # owned by the policy user who writes it.
+        table = Store(str(database / "greylist-clients"))
+        table.open()
+        table.close()
+        shutil.chown(str(database / "greylist-clients.lmdb"), USER)
         whitelist = root / "whitelist_clients"
         whitelist.write_text("# postgrey syntax\n%s\n" % WHITELISTED)
-        settings.write_text("greylist_database = %s/greylist\ngreylist_delay = %ds\n"
-                            "greylist_log = postlog:%s/queue/public/postlog\n"
-                            "greylist_header = yes\ngreylist_whitelist_clients = %s\n"
-                            % (database, DELAY_S, root, whitelist))
-        argv = runtime(root) + ["-m", "greylist", "-c", str(settings)]
+        config = root / "greylist.cf"
+        config.write_text("greylist_database = %s/greylist\ngreylist_delay = %ds\n"
+                          "greylist_log = postlog:%s/queue/public/postlog\n"
+                          "greylist_header = yes\ngreylist_whitelist_clients = %s\n%s"
+                          % (database, DELAY_S, root, whitelist, settings))
+        argv = runtime(root) + ["-m", "greylist", "-c", str(config)]
         # Group postdrop reaches queue/public/postlog (mode 0710), see greylist(8).
         # XCLIENT from 127.0.0.1 lets swaks present other client addresses.
+        extra = {"smtpd_authorized_xclient_hosts": "127.0.0.1"} | {
+            name: value.format(db=database) for name, value in (main_cf or {}).items()}
         with PostfixInstance(root, argv, policy_user=USER + ":postdrop",
-                             extra_main_cf={"smtpd_authorized_xclient_hosts":
-                                            "127.0.0.1"}) as instance:
-            instance.database = str(database / "greylist")
-            yield instance
+                             extra_main_cf=extra) as postfix:
+            postfix.database = str(database / "greylist")
+            yield postfix
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postfix():
+    with instance() as postfix:
+        yield postfix
+
+
+@pytest.fixture(scope="module")
+def postfix_with_client_table():
+    """Clients whitelisted after one pass, and smtpd reading the client table."""
+    with instance("greylist_client_awl_passes = 1\n", {
+            "smtpd_recipient_restrictions":
+                "reject_unauth_destination, check_client_access lmdb:{db}/greylist-clients, "
+                "check_policy_service unix:private/policy"}) as postfix:
+        yield postfix
 
 
 def rcpt_reply(result: subprocess.CompletedProcess) -> str:
@@ -159,3 +189,27 @@ def test_policy_processes_log_through_postlog_and_never_on_the_smtp_session(post
     log = postfix.log_text()
     assert "greylist[" in log and "fatal:" not in log
     assert "malformed" not in log and "451 4.3.5" not in log
+
+
+def test_auto_whitelisted_client_is_accepted_by_smtpd_from_the_client_table(
+        postfix_with_client_table):
+    postfix = postfix_with_client_table
+    first = rcpt_reply(postfix.swaks("kim@example.org", "lee@example.test",
+                                     ["--xclient-addr", "198.51.100.20"]))
+    started = time.monotonic()
+    assert first.startswith("450 4.7.1 "), first
+    time.sleep(max(0.0, DELAY_S + 0.5 - (time.monotonic() - started)))
+    retry = postfix.swaks("kim@example.org", "lee@example.test",
+                          ["--xclient-addr", "198.51.100.20"])
+    assert rcpt_reply(retry).startswith("250 "), retry.stdout
+    table = postfix.database + "-clients"
+    queried = subprocess.run(["postmap", "-q", "198.51.100", "lmdb:" + table],
+                             capture_output=True, text=True, timeout=10)
+    assert queried.returncode == 0 and queried.stdout.strip().isdigit()
+    # A new triple from another address of the group: smtpd's
+    # check_client_access finds "198.51.100" and never asks the policy.
+    fresh = postfix.swaks("new@example.net", "other@example.test",
+                          ["--xclient-addr", "198.51.100.99", "--header", "Subject: awl"])
+    assert rcpt_reply(fresh).startswith("250 "), fresh.stdout
+    assert "Subject: awl" in postfix.wait_for_delivery("other")
+    assert "sender=new@example.net" not in postfix.log_text()

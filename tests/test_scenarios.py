@@ -58,7 +58,9 @@ class Site:
         return out.getvalue().decode()[len("action="):].strip()
 
     def reason(self):
-        return re.search(r"reason=(\S+)", self.policy.log.lines[-1]).group(1)
+        """The reason of the last decision logged (cleanup lines may follow)."""
+        decisions = [line for line in self.policy.log.lines if "reason=" in line]
+        return re.search(r"reason=(\S+)", decisions[-1]).group(1)
 
     def later(self, seconds):
         self.policy.clock.now += seconds

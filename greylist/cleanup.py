@@ -1,0 +1,223 @@
+"""Incremental removal of expired records, in the manner of verify(8).
+
+DESCRIPTION
+    A cleanup pass walks the greylist database, and then the client
+    table, and removes what expired() says has expired (decide.py), and
+    records that do not parse; the client table loses entries whose time
+    stamp is more than greylist_max_age old. A pass starts when the last
+    full pass completed greylist_cleanup_interval ago.
+
+    The pass is shared by all processes. Its position, counts and the
+    time the last pass completed are kept in the state file NAME.cleanup
+    beside NAME.lmdb. A step takes a non-blocking fcntl lock on that file
+    (another process cleaning means: skip), reads the state, walks one
+    batch of BATCH records under a shared lock of the database, deletes
+    the expired ones under a short exclusive lock, writes the state and
+    releases everything. So at most one process cleans at a time, no
+    lock or transaction is held across steps or requests, and a pass
+    resumes where the last step left off, in whatever process. The walk
+    re-seeks with set_range after the last key it saw, so a deleted
+    position does not end it (Postfix's own iterator stops there).
+
+    A delete reads the record again inside the write transaction and
+    keeps it if it is no longer expired: a record refreshed between the
+    walk and the delete is never lost.
+
+    Policy processes run steps after a reply has been sent, for at most
+    BUDGET_S each time, so a waiting request is delayed by a few
+    milliseconds at most. greylistctl cleanup runs steps until the pass
+    completes.
+
+DIAGNOSTICS
+    "cleanup: full retained=N dropped=M" when a pass completes (the
+    counts are for the whole pass, whichever processes took part), and
+    "cleanup: partial retained=N dropped=M" when a pass is given up
+    because of a database error or an interrupted greylistctl. A state
+    file that does not parse starts a new pass, with a warning.
+"""
+
+import os
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from greylist import record as records
+from greylist.config import Config
+from greylist.decide import expired
+from greylist.lock import EXCLUSIVE, LockBusy, lock, unlock
+from greylist.store import Store, StoreError
+
+STATE_SUFFIX = ".cleanup"
+BATCH = 64
+BUDGET_S = 0.005
+# How long a policy process waits before it looks at the state again
+# after finding another process cleaning.
+BUSY_RETRY_S = 1
+
+
+@dataclass(frozen=True)
+class State:
+    """The shared cleanup state; position None means no pass in progress."""
+
+    last_completed: int = 0
+    position: tuple[int, bytes] | None = None
+    retained: int = 0
+    dropped: int = 0
+    started: int = 0
+
+
+def parse_state(text: str) -> State | None:
+    """Return the state written by format_state(), or None if it does not parse."""
+    fields = text.split()
+    if len(fields) != 7 or fields[0] != "1" or fields[2] not in ("-", "0", "1"):
+        return None
+    try:
+        last, retained, dropped, started = (int(fields[i]) for i in (1, 4, 5, 6))
+        position = None if fields[2] == "-" else (int(fields[2]), bytes.fromhex(
+            "" if fields[3] == "-" else fields[3]))
+    except ValueError:
+        return None
+    return State(last, position, retained, dropped, started)
+
+
+def format_state(state: State) -> str:
+    """Return the one-line text of a state."""
+    table, key = state.position if state.position is not None else ("-", b"")
+    return "1 %d %s %s %d %d %d\n" % (state.last_completed, table, key.hex() or "-",
+                                      state.retained, state.dropped, state.started)
+
+
+class Cleaner:
+    """Cleanup steps for one process over the database and the client table."""
+
+    def __init__(self, store: Store, table: Store | None, cfg: Config,
+                 log, clock: Callable[[], float] = time.time) -> None:
+        self.stores = [store] + ([table] if table is not None else [])
+        self.cfg = cfg
+        self.log = log
+        self.clock = clock
+        self.path = store.name + STATE_SUFFIX
+        self._fd = -1
+        self._next_check = 0.0
+
+    def close(self) -> None:
+        """Close the state file."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def step(self, budget_s: float = BUDGET_S, start: bool = False) -> State | None:
+        """Advance the shared pass for about budget_s; return the state.
+
+        Returns None, without waiting, when cleanup is disabled or not
+        yet due to be looked at, or when another process holds the state
+        lock; a state whose position is None when no pass is in progress.
+        With start=True a pass begins even if none is due (greylistctl).
+        """
+        now = int(self.clock())
+        if self.cfg.cleanup_interval_s == 0 and not start:
+            return None
+        if now < self._next_check and not start:
+            return None
+        try:
+            fd = self._state_fd()
+            lock(fd, EXCLUSIVE, wait=False)
+        except LockBusy:
+            self._next_check = now + BUSY_RETRY_S
+            return None
+        except OSError as exc:
+            self._next_check = now + BUSY_RETRY_S * 60
+            self.log.warning("cleanup state %s: %s" % (self.path, exc.strerror))
+            return None
+        try:
+            state = self._read(fd)
+            if state is None:
+                # A new state file: the interval starts now.
+                state = State(last_completed=now)
+                self._write(fd, state)
+            if state.position is None:
+                due = state.last_completed + self.cfg.cleanup_interval_s
+                if now < due and not start:
+                    self._next_check = due
+                    return state
+                state = State(state.last_completed, (0, b""), 0, 0, now)
+            state = self._walk(state, now, budget_s)
+            self._write(fd, state)
+            return state
+        finally:
+            unlock(fd)
+
+    def _walk(self, state: State, now: int, budget_s: float) -> State:
+        deadline = time.monotonic() + budget_s
+        while True:
+            table, after = state.position
+            try:
+                items = self.stores[table].scan(after or None, BATCH)
+                doomed = [k for k, v in items if self._doomed(table, v, now)]
+                if doomed:
+                    self.stores[table].delete_if(
+                        doomed, lambda k, v: v is not None and self._doomed(table, v, now))
+            except StoreError as exc:
+                self.log.warning("cleanup stopped: %s" % exc)
+                self.log.info("cleanup: partial retained=%d dropped=%d"
+                              % (state.retained, state.dropped))
+                return State(state.last_completed, None, 0, 0, 0)
+            state = replace(state, retained=state.retained + len(items) - len(doomed),
+                            dropped=state.dropped + len(doomed),
+                            position=(table, items[-1][0] if items else after))
+            if len(items) < BATCH:
+                if table + 1 < len(self.stores):
+                    state = replace(state, position=(table + 1, b""))
+                else:
+                    self.log.info("cleanup: full retained=%d dropped=%d"
+                                  % (state.retained, state.dropped))
+                    self._next_check = now + self.cfg.cleanup_interval_s
+                    return replace(state, last_completed=now, position=None)
+            if time.monotonic() >= deadline:
+                return state
+
+    def _doomed(self, table: int, value: bytes, now: int) -> bool:
+        if table == 0:
+            record = records.decode(value)
+            return record is None or (record.state != records.MANUAL
+                                      and expired(record, now, self.cfg))
+        # Client table: numeric time stamps; anything else is left alone.
+        return value.isdigit() and now - int(value) > self.cfg.max_age_s
+
+    def count(self, now: int) -> tuple[int, int]:
+        """Walk everything without deleting; return (retained, dropped)."""
+        retained = dropped = 0
+        for table, store in enumerate(self.stores):
+            for _, value in store.items(BATCH):
+                if self._doomed(table, value, now):
+                    dropped += 1
+                else:
+                    retained += 1
+        return retained, dropped
+
+    def abandon(self, state: State) -> None:
+        """Give up a pass in progress (greylistctl interrupted), logging it."""
+        self.log.info("cleanup: partial retained=%d dropped=%d"
+                      % (state.retained, state.dropped))
+
+    def _state_fd(self) -> int:
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        return self._fd
+
+    def _read(self, fd: int) -> State | None:
+        """The state in the file; None for a new, empty file."""
+        text = os.pread(fd, 4096, 0).decode("ascii", "replace")
+        if not text:
+            return None
+        state = parse_state(text)
+        if state is None:
+            self.log.warning("cleanup state %s does not parse; starting a new pass"
+                             % self.path)
+            return State()
+        return state
+
+    def _write(self, fd: int, state: State) -> None:
+        data = format_state(state).encode("ascii")
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))

@@ -1,0 +1,307 @@
+"""greylistctl: manage a greylist database while greylist runs.
+
+DESCRIPTION
+    Commands for administrators, safe while policy processes use the
+    database: every read runs under a shared lock and every change under
+    a short exclusive one, as greylist(8) does.
+
+    cleanup     Run a full cleanup pass now (cleanup.py), sharing the pass
+                with the policy processes; --dry-run only counts.
+    stats       Entries per state, file and map sizes, oldest and newest.
+    show        What the database holds for a triple and what greylist
+                would answer now, with the reason.
+    dump        key<TAB>value lines, like postmap -s.
+    whitelist   Add or remove a manual client or (client, sender) entry.
+
+    Started as root, greylistctl switches to the owner of the database
+    directory, so that the files it creates belong to the policy user.
+
+DIAGNOSTICS
+    Exit status 0 on success, 1 when the database cannot be used, 2 for
+    a usage or settings error, 75 (EX_TEMPFAIL) when another process
+    held the cleanup state for longer than BUSY_WAIT_S.
+"""
+
+import os
+import sys
+import time
+
+from docopt import DocoptExit, docopt
+
+from greylist import __version__
+from greylist import record as records
+from greylist.cleanup import Cleaner
+from greylist.config import ConfigError, client_table_name, load, parse_setting
+from greylist.daemon import Policy
+from greylist.decide import decide, expired, screen
+from greylist.log import Log
+from greylist.policy import ProtocolError
+from greylist.store import Store, StoreError
+from greylist.triple import (Triple, client_address, client_group, normalise_sender,
+                             registered_domain)
+
+USAGE = """\
+Manage a greylist database.
+
+Usage:
+  greylistctl [options] cleanup [--dry-run]
+  greylistctl [options] stats
+  greylistctl [options] show CLIENT SENDER RECIPIENT [--client-name NAME]
+  greylistctl [options] dump [--table]
+  greylistctl [options] whitelist (add | remove) CLIENT [SENDER]
+  greylistctl -h | --help
+  greylistctl --version
+
+Options:
+  -c FILE, --config FILE    Read settings from FILE, as greylist does.
+  -d PATH, --database PATH  Database lmdb:PATH (greylist_database).
+  --dry-run                 Count what cleanup would drop; change nothing.
+  --client-name NAME        The client's verified name (for domain matching).
+  --table                   Dump the client table instead of the database.
+  -h, --help                Show this help.
+  --version                 Show the version.
+"""
+
+BUSY_WAIT_S = 60.0
+EX_TEMPFAIL = 75
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one greylistctl command; return the exit status."""
+    try:
+        args = docopt(USAGE, argv=argv, version=__version__)
+    except DocoptExit as exc:
+        print(exc)
+        return 2
+    try:
+        overrides = {}
+        if args["--database"]:
+            overrides = dict([parse_setting("greylist_database", args["--database"])])
+        cfg = load(args["--config"], overrides)
+    except ConfigError as exc:
+        print("greylistctl: %s" % exc)
+        return 2
+    _become_owner(cfg)
+    log = Log("greylistctl", cfg.log, cfg.verbose)
+    store = Store(cfg.database, readonly=not (args["cleanup"] and not args["--dry-run"]
+                                              or args["whitelist"]))
+    try:
+        if args["cleanup"]:
+            return _cleanup(store, cfg, log, args["--dry-run"])
+        if args["stats"]:
+            return _stats(store, cfg)
+        if args["show"]:
+            return _show(store, cfg, log, args)
+        if args["dump"]:
+            return _dump(Store(client_table_name(cfg) or "", readonly=True)
+                         if args["--table"] else store)
+        return _whitelist(store, cfg, log, args)
+    except StoreError as exc:
+        print("greylistctl: %s" % exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        store.close()
+
+
+def _become_owner(cfg) -> None:
+    """As root, switch to the owner of the database directory, if not root."""
+    if os.geteuid() != 0:
+        return
+    try:
+        st = os.stat(os.path.dirname(os.path.abspath(cfg.database)))
+    except OSError:
+        return
+    if st.st_uid == 0:
+        return
+    if cfg.client_match == "domain":
+        registered_domain("example.com")  # load the suffix list while we can
+    os.setgroups([])
+    os.setgid(st.st_gid)
+    os.setuid(st.st_uid)
+
+
+def _table(cfg, writable: bool) -> Store | None:
+    name = None if cfg.privacy else client_table_name(cfg)
+    if name is None or not (writable or os.path.exists(name + ".lmdb")):
+        return None
+    return Store(name)
+
+
+def _cleanup(store: Store, cfg, log: Log, dry_run: bool) -> int:
+    table = _table(cfg, writable=False)
+    cleaner = Cleaner(store, table, cfg, log)
+    if dry_run:
+        retained, dropped = cleaner.count(int(time.time()))
+        print("cleanup: dry run retained=%d dropped=%d (nothing changed)"
+              % (retained, dropped))
+        return 0
+    store.open()
+    busy_since = None
+    start = True
+    state = None
+    terminal = sys.stdout.isatty()
+    try:
+        while True:
+            stepped = cleaner.step(budget_s=0.2, start=start)
+            if stepped is None:
+                busy_since = busy_since or time.monotonic()
+                if time.monotonic() - busy_since > BUSY_WAIT_S:
+                    print("greylistctl: another process held the cleanup state for %d s; "
+                          "try again later" % BUSY_WAIT_S)
+                    return EX_TEMPFAIL
+                time.sleep(0.05)
+                continue
+            busy_since, start, state = None, False, stepped
+            if state.position is None:
+                break
+            if terminal:
+                print("\rcleanup: %d entries examined, %d dropped"
+                      % (state.retained + state.dropped, state.dropped), end="", flush=True)
+    except KeyboardInterrupt:
+        if state is not None:
+            cleaner.abandon(state)
+        raise
+    finally:
+        cleaner.close()
+    if terminal:
+        print()
+    print("cleanup: full retained=%d dropped=%d" % (state.retained, state.dropped))
+    return 0
+
+
+def _stats(store: Store, cfg) -> int:
+    now = int(time.time())
+    counts: dict[str, int] = {}
+    oldest = newest = None
+    stale = 0
+    for key, value in store.items():
+        record = records.decode(value)
+        state = "malformed" if record is None else record.state
+        counts[state] = counts.get(state, 0) + 1
+        if record is None:
+            continue
+        stale += expired(record, now, cfg)
+        if oldest is None or record.first_seen < oldest[0]:
+            oldest = (record.first_seen, key)
+        if newest is None or record.last_seen > newest[0]:
+            newest = (record.last_seen, key)
+    info = store.info()
+    print("database: %s" % store.path)
+    print("entries: %d" % info["entries"])
+    for state in records.STATES + ("malformed",):
+        if state in counts:
+            print("  %s: %d" % (state, counts[state]))
+    print("expired, awaiting cleanup: %d" % stale)
+    print("file size: %d bytes" % info["file_size"])
+    print("map size: %d bytes" % info["map_size"])
+    for label, found in (("oldest first seen", oldest), ("newest last seen", newest)):
+        if found is not None:
+            print("%s: %s %s" % (label, _when(found[0]), found[1].decode("utf-8", "replace")))
+    table = _table(cfg, writable=False)
+    if table is not None:
+        print("client table: %s, %d entries" % (table.path, table.info()["entries"]))
+        table.close()
+    return 0
+
+
+def _show(store: Store, cfg, log: Log, args: dict) -> int:
+    attrs = {"request": "smtpd_access_policy", "protocol_state": "RCPT",
+             "client_address": args["CLIENT"], "sender": args["SENDER"],
+             "recipient": args["RECIPIENT"]}
+    if args["--client-name"]:
+        attrs["client_name"] = args["--client-name"]
+    attrs = {name: value for name, value in attrs.items() if value not in ("", "<>")}
+    policy = Policy(store, cfg, log)
+    try:
+        address = client_address(attrs.get("client_address"))
+    except ProtocolError as exc:
+        print("greylistctl: %s" % exc)
+        return 2
+    now = int(time.time())
+    triple = Triple(client_group(address, attrs.get("client_name"), cfg),
+                    normalise_sender(attrs.get("sender"), cfg), attrs["recipient"].casefold())
+    keys = policy.keys(triple)
+    found = policy.records(store.get_many(keys), keys)
+    print("client group: %s" % triple.client)
+    print("sender: %s" % triple.sender)
+    print("recipient: %s" % triple.recipient)
+    for label, k, record in zip(("triple", "sender entry", "client entry"), keys,
+                                (found.triple, found.sender, found.client)):
+        if k is None:
+            print("%s: none (clients without an address have no client entry)" % label)
+            continue
+        shown = "absent" if record is None else _describe(record, now, cfg)
+        print("%s: %s\n  %s" % (label, k.decode("utf-8", "replace"), shown))
+    decision = screen(attrs, cfg)
+    if decision is None:
+        exempt = policy.whitelists.screen(attrs, address, now)
+        decision = decide(found, now, cfg) if exempt is None else None
+        reason = exempt if decision is None else decision.reason
+        action = "DUNNO" if decision is None else decision.action
+    else:
+        action, reason = decision.action, decision.reason
+    print("decision now: %s\nreason: %s" % (action, reason))
+    return 0
+
+
+def _describe(record, now: int, cfg) -> str:
+    state = "expired" if expired(record, now, cfg) else "live"
+    return "%s, first seen %s, last seen %s, count %d (%s)" % (
+        record.state, _when(record.first_seen), _when(record.last_seen), record.count, state)
+
+
+def _when(stamp: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(stamp))
+
+
+def _dump(store: Store) -> int:
+    for key, value in store.items():
+        print("%s\t%s" % (key.decode("utf-8", "replace"), value.decode("utf-8", "replace")))
+    return 0
+
+
+def _whitelist(store: Store, cfg, log: Log, args: dict) -> int:
+    client = args["CLIENT"]
+    try:
+        address = client_address(client)
+        group = client_group(address, None, cfg)
+        table_key = address if ":" in address else group
+    except ProtocolError:
+        group = registered_domain(client.casefold()) if cfg.client_match == "domain" else None
+        if group is None:
+            print("greylistctl: %s is not an IP address%s" % (
+                client, "" if cfg.client_match != "domain" else " or a registered domain"))
+            return 2
+        table_key = group
+    if group == "unknown":
+        print("greylistctl: clients without an address cannot be whitelisted")
+        return 2
+    sender = args["SENDER"]
+    triple = Triple(group, normalise_sender(sender, cfg) if sender else "", "")
+    policy = Policy(store, cfg, log)
+    keys = policy.keys(triple)
+    k = keys[1] if sender else keys[2]
+    what = "%s %s" % (group, triple.sender) if sender else group
+    table = None if sender else _table(cfg, writable=args["add"])
+    if args["add"]:
+        now = int(time.time())
+        store.put(k, records.encode(records.Record(now, now, 1, records.MANUAL)))
+        if table is not None:
+            table.put(table_key.encode("utf-8"), b"%d" % now)
+        log.info("whitelist: added %s" % what)
+        print("added: %s" % what)
+    else:
+        existed = store.delete(k)
+        if table is not None:
+            table.delete(table_key.encode("utf-8"))
+        log.info("whitelist: removed %s" % what)
+        print(("removed: %s" if existed else "not listed: %s") % what)
+    if table is not None:
+        table.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

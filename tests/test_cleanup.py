@@ -1,0 +1,207 @@
+"""Incremental cleanup: lifetimes, shared passes, coordination, concurrency."""
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+
+from greylist import cleanup as cleanup_module
+from greylist.cleanup import BATCH, Cleaner, State, format_state, parse_state
+from greylist.config import Config
+from greylist.record import Record, encode
+from greylist.store import Store
+
+T = 1_700_000_000
+CFG = Config(delay_s=300)
+WINDOW, MAX_AGE = CFG.retry_window_s, CFG.max_age_s
+
+
+class Recorder:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, message):
+        self.lines.append(message)
+
+    def warning(self, message):
+        self.lines.append("warning: " + message)
+
+
+@pytest.fixture
+def stores(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    store, table = Store(str(tmp_path / "g")), Store(str(tmp_path / "g-clients"))
+    yield store, table
+    store.close()
+    table.close()
+
+
+def cleaner(store, table, now, cfg=CFG):
+    return Cleaner(store, table, cfg, Recorder(), clock=lambda: now)
+
+
+def run_pass(c, budget_s=1.0):
+    """Steps until the pass completes (bounded)."""
+    for _ in range(10000):
+        state = c.step(budget_s=budget_s, start=True)
+        if state is not None and state.position is None:
+            return state
+    raise AssertionError("cleanup pass did not complete")
+
+
+NOW = T + 10**7
+BOUNDARIES = {
+    b"pending-at-window": (Record(NOW - WINDOW, NOW - WINDOW, 1, "pending"), True),
+    b"pending-after-window": (Record(NOW - WINDOW - 1, NOW - 5, 3, "pending"), False),
+    b"passed-at-max-age": (Record(T, NOW - MAX_AGE, 2, "passed"), True),
+    b"passed-after-max-age": (Record(T, NOW - MAX_AGE - 1, 2, "passed"), False),
+    b"sender-at-max-age": (Record(T, NOW - MAX_AGE, 1, "sender"), True),
+    b"sender-after-max-age": (Record(T, NOW - MAX_AGE - 1, 1, "sender"), False),
+    b"client-after-max-age": (Record(T, NOW - MAX_AGE - 1, 7, "client"), False),
+    b"manual-very-old": (Record(0, 0, 1, "manual"), True),
+}
+
+
+def test_keep_and_drop_at_each_lifetime_boundary(stores):
+    store, table = stores
+    store.put_many([(k, encode(r)) for k, (r, _) in BOUNDARIES.items()]
+                   + [(b"malformed", b"garbage")])
+    table.put_many([(b"192.0.2", b"%d" % (NOW - MAX_AGE)),
+                    (b"198.51.100", b"%d" % (NOW - MAX_AGE - 1)),
+                    (b"203.0.113", b"OK")])  # not ours to judge: kept
+    c = cleaner(store, table, NOW)
+    state = run_pass(c)
+    kept = {k for k, (_, keep) in BOUNDARIES.items() if keep}
+    assert {k for k, _ in store.items()} == kept
+    assert {k for k, _ in table.items()} == {b"192.0.2", b"203.0.113"}
+    assert (state.retained, state.dropped) == (len(kept) + 2, len(BOUNDARIES) - len(kept) + 2)
+    assert c.log.lines == ["cleanup: full retained=6 dropped=6"]
+
+
+def test_a_pass_resumes_in_another_process_where_the_last_step_stopped(stores):
+    store, table = stores
+    store.put_many([(b"k%04d" % i, encode(Record(T, T, 1, "pending"))) for i in range(300)])
+    first = cleaner(store, table, NOW)
+    state = first.step(budget_s=0, start=True)  # one batch only
+    assert state.position == (0, b"k%04d" % (BATCH - 1)) and state.dropped == BATCH
+    first.close()
+    second = cleaner(store, table, NOW)  # another process, same state file
+    state = run_pass(second, budget_s=0)
+    assert state.dropped == 300 and list(store.items()) == []
+    assert second.log.lines == ["cleanup: full retained=0 dropped=300"]
+
+
+def test_a_deleted_position_does_not_end_the_walk(stores):
+    store, table = stores
+    store.put_many([(b"k%04d" % i, encode(Record(T, NOW, 1, "passed"))) for i in range(200)])
+    c = cleaner(store, table, NOW)
+    state = c.step(budget_s=0, start=True)
+    store.delete(state.position[1])  # another process deletes our position
+    state = run_pass(c, budget_s=0)
+    assert state.retained == 199 + 1  # every remaining key was visited
+
+
+def test_a_record_refreshed_after_the_walk_is_not_deleted(stores, monkeypatch):
+    store, table = stores
+    stale = encode(Record(T, T, 2, "passed"))
+    store.put(b"k", encode(Record(T, NOW, 2, "passed")))  # fresh in the database
+    monkeypatch.setattr(store, "scan", lambda after, limit: [] if after else [(b"k", stale)])
+    run_pass(cleaner(store, table, NOW))
+    assert store.get(b"k") == encode(Record(T, NOW, 2, "passed"))
+
+
+def test_only_one_process_cleans_at_a_time(stores):
+    store, table = stores
+    store.put(b"k", encode(Record(T, T, 1, "pending")))
+    hold = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644); "
+            "fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.readline()")
+    with subprocess.Popen([sys.executable, "-c", hold, store.name + ".cleanup"], text=True,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE) as holder:
+        try:
+            assert holder.stdout.readline() == "locked\n"
+            started = time.monotonic()
+            assert cleaner(store, table, NOW).step(start=True) is None
+            assert time.monotonic() - started < 1.0  # did not wait for the lock
+        finally:
+            holder.kill()
+    assert run_pass(cleaner(store, table, NOW)).dropped == 1
+
+
+def test_interval_starts_with_the_state_file_and_zero_disables(stores):
+    store, table = stores
+    store.put(b"k", encode(Record(T, T, 1, "pending")))
+    c = cleaner(store, table, NOW)
+    state = c.step()
+    assert state == State(last_completed=NOW)  # new state file: not due yet
+    later = cleaner(store, table, NOW + CFG.cleanup_interval_s)
+    assert later.step(budget_s=1.0).position is None and store.get(b"k") is None
+    assert later.log.lines == ["cleanup: full retained=0 dropped=1"]
+    off = cleaner(store, table, NOW + 10**6, replace(CFG, cleanup_interval_s=0))
+    assert off.step() is None
+
+
+def test_unparsable_state_file_starts_a_new_pass_with_a_warning(stores):
+    store, table = stores
+    with open(store.name + ".cleanup", "w") as handle:
+        handle.write("junk\n")
+    c = cleaner(store, table, NOW)
+    assert c.step(start=True).position is None
+    assert c.log.lines[0].startswith("warning: cleanup state")
+
+
+@pytest.mark.parametrize("state", [
+    State(), State(T, (0, b"192.0.2/a@b/c"), 5, 6, T - 9), State(T, (1, b""), 0, 0, T),
+])
+def test_state_round_trip(state):
+    assert parse_state(format_state(state)) == state
+
+
+WRITER = """
+import sys, time
+from greylist.record import Record, encode
+from greylist.store import Store
+s = Store(sys.argv[1])
+now = int(time.time())
+deadline = time.monotonic() + float(sys.argv[2])
+i = 0
+while time.monotonic() < deadline and i < 100000:
+    s.put(b"fresh%06d" % i, encode(Record(now, now, 1, "pending")))
+    i += 1
+print(i)
+"""
+
+
+def test_cleanup_with_concurrent_writers_and_postmap_loses_nothing_that_should_stay(
+        stores, postmap):
+    store, table = stores
+    now = int(time.time())
+    old = encode(Record(now - WINDOW - 10, now - WINDOW - 10, 1, "pending"))
+    store.put_many([(b"old%06d" % i, old) for i in range(3000)])
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, store.name, "3"], env=env,
+                                stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    c = Cleaner(store, table, CFG, Recorder())
+    passes = listings = 0
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and passes < 50:
+            run_pass(c, budget_s=0.002)
+            passes += 1
+            listed = subprocess.run([postmap, "-s", "lmdb:" + store.name],
+                                    capture_output=True, text=True, timeout=30)
+            assert listed.returncode == 0 and listed.stderr == ""
+            listings += 1
+        written = [int(w.communicate(timeout=30)[0]) for w in writers]
+    finally:
+        for w in writers:
+            w.kill()
+            w.wait()
+            w.stdout.close()
+    keys = {k for k, _ in store.items()}
+    assert not any(k.startswith(b"old") for k in keys)
+    # Both writers wrote the same keys: the larger count is what must stay.
+    assert {b"fresh%06d" % i for i in range(max(written))} <= keys
+    assert passes >= 1 and listings >= 1 and max(written) > 10

@@ -1,0 +1,161 @@
+"""greylistctl against a live database, beside a running greylist process."""
+
+import os
+import pathlib
+import pwd
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).parent.parent
+ALLOW_ROOT = "greylist_allow_root = yes\n" if os.geteuid() == 0 else ""
+
+
+def request(client="192.0.2.10", sender="alice@example.org", rcpt="bob@example.net"):
+    return ("request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=%s\n"
+            "sender=%s\nrecipient=%s\n\n" % (client, sender, rcpt)).encode()
+
+
+@pytest.fixture
+def site(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    (tmp_path / "gl.cf").write_text("greylist_database = %s/gl\ngreylist_log = %s/log\n"
+                                    "greylist_delay = 1h\n%s" % (tmp_path, tmp_path, ALLOW_ROOT))
+    return tmp_path
+
+
+class Live:
+    """A running greylist process, asked one request at a time."""
+
+    def __init__(self, site):
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen([sys.executable, "-m", "greylist", "-c",
+                                      str(site / "gl.cf")], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def ask(self, data):
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline()
+        assert self.proc.stdout.readline() == b"\n"
+        return reply.decode().strip()
+
+    def close(self):
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=10) == 0
+        self.proc.stdout.close()
+
+
+@pytest.fixture
+def live(site):
+    process = Live(site)
+    yield process
+    process.close()
+
+
+def ctl(site, *args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "greylist.ctl", "-c", str(site / "gl.cf"),
+                           *args], capture_output=True, text=True, timeout=60, env=env)
+    return done.returncode, done.stdout
+
+
+def test_stats_show_and_dump_read_the_live_database(site, live, postmap):
+    assert live.ask(request()).startswith("action=DEFER_IF_PERMIT")
+    status, out = ctl(site, "stats")
+    assert status == 0 and "entries: 1\n  pending: 1\n" in out
+    status, out = ctl(site, "show", "192.0.2.99", "Alice+News@Example.ORG", "bob@example.net")
+    assert status == 0
+    assert "client group: 192.0.2\nsender: alice@example.org\n" in out
+    assert "triple: 192.0.2/alice@example.org/bob@example.net\n  pending, first seen" in out
+    assert out.endswith("decision now: DEFER_IF_PERMIT Greylisted, please try again in "
+                        "3600 seconds\nreason: early-retry\n") or "in 3599 seconds" in out
+    status, out = ctl(site, "dump")
+    listed = subprocess.run([postmap, "-s", "lmdb:%s/gl" % site], capture_output=True,
+                            text=True, timeout=10)
+    assert status == 0 and out == listed.stdout and out.count("\n") == 1
+
+
+def test_manual_whitelist_takes_effect_in_the_running_process(site, live):
+    status, out = ctl(site, "whitelist", "add", "198.51.100.7")
+    assert (status, out) == (0, "added: 198.51.100\n")
+    assert live.ask(request(client="198.51.100.9")) == "action=DUNNO"
+    assert "reason=manual-client" in (site / "log").read_text()
+    table = subprocess.run(["postmap", "-q", "198.51.100", "lmdb:%s/gl-clients" % site],
+                           capture_output=True, text=True, timeout=10)
+    assert table.returncode == 0 and table.stdout.strip().isdigit()
+    status, out = ctl(site, "whitelist", "remove", "198.51.100.7")
+    assert (status, out) == (0, "removed: 198.51.100\n")
+    assert live.ask(request(client="198.51.100.9", rcpt="x@example.net")).startswith(
+        "action=DEFER_IF_PERMIT")
+
+
+def test_manual_sender_entry(site, live):
+    assert ctl(site, "whitelist", "add", "192.0.2.1", "news+123@example.com")[0] == 0
+    assert live.ask(request(sender="news+456@example.com")) == "action=DUNNO"
+    assert "reason=manual-sender" in (site / "log").read_text()
+
+
+def test_cleanup_prints_and_logs_its_counts(site, live):
+    live.ask(request())
+    status, out = ctl(site, "cleanup", "--dry-run")
+    assert (status, out) == (0, "cleanup: dry run retained=1 dropped=0 (nothing changed)\n")
+    status, out = ctl(site, "cleanup")
+    assert (status, out) == (0, "cleanup: full retained=1 dropped=0\n")
+    assert "greylistctl[" in (site / "log").read_text()
+    assert "cleanup: full retained=1 dropped=0" in (site / "log").read_text()
+    assert live.ask(request()).startswith("action=DEFER_IF_PERMIT")  # still there
+
+
+@pytest.mark.parametrize("args, status", [
+    (["stats"], 1),                    # no database yet
+    (["frobnicate"], 2),               # usage
+    (["whitelist", "add", "not-an-ip"], 2),
+])
+def test_exit_status(site, args, status):
+    assert ctl(site, *args)[0] == status
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_as_root_it_acts_as_the_owner_of_the_database_directory(tmp_path):
+    site = pathlib.Path(os.path.join("/tmp", "greylistctl-owner-%d" % os.getpid()))
+    site.mkdir(mode=0o755)
+    try:
+        shutil.chown(site, "nobody")
+        (site / "gl.cf").write_text("greylist_database = %s/gl\ngreylist_log = %s/log\n"
+                                    % (site, site))
+        done = subprocess.run([sys.executable, "-m", "greylist.ctl", "-c", str(site / "gl.cf"),
+                               "whitelist", "add", "192.0.2.1"], capture_output=True,
+                              text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        if done.returncode != 0 and "Permission denied" in done.stdout + done.stderr:
+            pytest.skip("the interpreter is not usable by nobody: %s" % done.stderr[-200:])
+        assert done.returncode == 0, done.stdout + done.stderr
+        nobody = pwd.getpwnam("nobody").pw_uid
+        for name in ("gl.lmdb", "gl-clients.lmdb"):
+            st = (site / name).stat()
+            assert (st.st_uid, st.st_mode & 0o777) == (nobody, 0o644), name
+    finally:
+        shutil.rmtree(site)
+
+
+def test_damaged_database_fails_open_with_one_line_naming_the_recovery(site):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    data = request() * 3
+    subprocess.run([sys.executable, "-m", "greylist", "-c", str(site / "gl.cf")], input=data,
+                   capture_output=True, env=env, timeout=30, check=True)
+    path = site / "gl.lmdb"
+    damaged = bytearray(path.read_bytes())
+    for offset in range(2 * 4096, len(damaged), 4096):
+        damaged[offset:offset + 64] = b"\xa5" * 64
+    path.write_bytes(bytes(damaged))
+    (site / "log").unlink()
+    done = subprocess.run([sys.executable, "-m", "greylist", "-c", str(site / "gl.cf")],
+                          input=data, capture_output=True, env=env, timeout=30)
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"action=DUNNO\n\n" * 3, b"")
+    warnings = [line for line in (site / "log").read_text().splitlines() if "warning:" in line]
+    assert len(warnings) == 1
+    assert "is damaged" in warnings[0] and "move the file aside (do not truncate it)" \
+        in warnings[0]
+    assert path.read_bytes() == bytes(damaged)  # never truncated or rewritten
