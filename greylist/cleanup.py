@@ -53,6 +53,8 @@ BUDGET_S = 0.005
 # How long a policy process waits before it looks at the state again
 # after finding another process cleaning.
 BUSY_RETRY_S = 1
+# How long a policy process waits after a cleanup step failed.
+FAILURE_RETRY_S = 60
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ class Cleaner:
             self._next_check = now + BUSY_RETRY_S
             return None
         except OSError as exc:
-            self._next_check = now + BUSY_RETRY_S * 60
+            self._next_check = now + FAILURE_RETRY_S
             self.log.warning("cleanup state %s: %s" % (self.path, exc.strerror))
             return None
         try:
@@ -161,7 +163,9 @@ class Cleaner:
                 self.log.warning("cleanup stopped: %s" % exc)
                 self.log.info("cleanup: partial retained=%d dropped=%d"
                               % (state.retained, state.dropped))
-                return State(state.last_completed, None, 0, 0, 0)
+                # Keep the position; try again later, not at every request.
+                self._next_check = now + FAILURE_RETRY_S
+                return state
             state = replace(state, retained=state.retained + len(items) - len(doomed),
                             dropped=state.dropped + len(doomed),
                             position=(table, items[-1][0] if items else after))

@@ -205,3 +205,19 @@ def test_cleanup_with_concurrent_writers_and_postmap_loses_nothing_that_should_s
     # Both writers wrote the same keys: the larger count is what must stay.
     assert {b"fresh%06d" % i for i in range(max(written))} <= keys
     assert passes >= 1 and listings >= 1 and max(written) > 10
+
+
+def test_a_broken_database_stops_cleanup_once_not_at_every_request(stores, monkeypatch):
+    store, table = stores
+    store.put(b"k", encode(Record(T, T, 1, "pending")))
+
+    def broken(after, limit):
+        raise cleanup_module.StoreError("disk on fire")
+
+    monkeypatch.setattr(store, "scan", broken)
+    c = cleaner(store, table, NOW)
+    c.step(start=True)
+    for _ in range(5):
+        assert c.step() is None  # backing off: no new attempt, no new lines
+    assert c.log.lines == ["warning: cleanup stopped: disk on fire",
+                           "cleanup: partial retained=0 dropped=0"]
