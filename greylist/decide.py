@@ -9,7 +9,8 @@ DESCRIPTION
     is "no".
 
     decide() answers an RCPT request from the three records of its
-    triple (see record.py), first dropping any that expired():
+    triple (see record.py), first dropping any that expired() or that
+    is of the wrong kind for its place:
         client whitelisted      DUNNO awl-client (manual-client)
         sender entry            DUNNO awl-sender (manual-sender)
         triple passed           DUNNO known
@@ -42,6 +43,11 @@ from greylist.record import CLIENT, MANUAL, PASSED, PENDING, SENDER, Record
 DUNNO = "DUNNO"
 # At most one pass an hour counts toward the client auto-whitelist.
 CLIENT_COUNT_INTERVAL_S = 3600
+
+
+# The states a record may have in each slot of Records; a record of
+# another kind (a damaged or hand-edited database) is treated as absent.
+SLOT_STATES = ((PENDING, PASSED), (SENDER, MANUAL), (CLIENT, MANUAL))
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +102,9 @@ def screen(attrs: dict[str, str], cfg: Config) -> Decision | None:
 def decide(records: Records, now: int, cfg: Config,
            message_accepted: bool = False) -> Decision:
     """Return the decision for a triple whose stored records are records."""
-    triple, sender, client = (None if r is None or expired(r, now, cfg) else r
-                              for r in (records.triple, records.sender, records.client))
+    triple, sender, client = (
+        None if r is None or r.state not in kinds or expired(r, now, cfg) else r
+        for r, kinds in zip((records.triple, records.sender, records.client), SLOT_STATES))
     if whitelisted_client(client, cfg):
         return Decision(DUNNO, "manual-client" if client.state == MANUAL else "awl-client",
                         now - client.first_seen, Records(client=_refreshed(client, now, cfg)))

@@ -38,3 +38,29 @@ def run_python(code: str, *args: str, timeout: float = 30,
     env.update(kwargs.pop("env", {}))
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
                           timeout=timeout, env=env, **kwargs)
+
+
+class Recorder:
+    """A Log stand-in that keeps its lines ("warning: " marks warnings)."""
+
+    def __init__(self):
+        self.lines = []
+
+    def info(self, message):
+        self.lines.append(message)
+
+    def warning(self, message):
+        self.lines.append("warning: " + message)
+
+    def debug(self, level, message):
+        pass
+
+
+class Clock:
+    """An injected clock: call it for the time, set .now to move it."""
+
+    def __init__(self, now):
+        self.now = now
+
+    def __call__(self):
+        return self.now

@@ -13,21 +13,11 @@ from greylist.cleanup import BATCH, Cleaner, State, format_state, parse_state
 from greylist.config import Config
 from greylist.record import Record, encode
 from greylist.store import Store
+from tests.conftest import Recorder
 
 T = 1_700_000_000
 CFG = Config(delay_s=300)
 WINDOW, MAX_AGE = CFG.retry_window_s, CFG.max_age_s
-
-
-class Recorder:
-    def __init__(self):
-        self.lines = []
-
-    def info(self, message):
-        self.lines.append(message)
-
-    def warning(self, message):
-        self.lines.append("warning: " + message)
 
 
 @pytest.fixture

@@ -9,32 +9,9 @@ import pytest
 from greylist.config import Config
 from greylist.daemon import Policy, serve
 from greylist.store import Store
+from tests.conftest import Clock, Recorder
 
 RCPT = (pathlib.Path(__file__).parent / "data" / "rcpt.txt").read_bytes()
-
-
-class Recorder:
-    """A Log stand-in that keeps lines."""
-
-    def __init__(self):
-        self.lines = []
-
-    def info(self, message):
-        self.lines.append(message)
-
-    def warning(self, message):
-        self.lines.append("warning: " + message)
-
-    def debug(self, level, message):
-        pass
-
-
-class Clock:
-    def __init__(self, now):
-        self.now = now
-
-    def __call__(self):
-        return self.now
 
 
 @pytest.fixture

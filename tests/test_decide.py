@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 from greylist.config import Config
-from greylist.decide import (DUNNO, NO_RECORDS, Decision, Records, decide, defer_text,
-                             expired, screen)
-from greylist.record import CLIENT, PASSED, PENDING, SENDER, Record
+from greylist.decide import (DUNNO, NO_RECORDS, SLOT_STATES, Decision, Records, decide,
+                             defer_text, expired, screen)
+from greylist.record import CLIENT, MANUAL, PASSED, PENDING, SENDER, Record
 
 T = 1_700_000_000
 DELAY = 300
@@ -204,7 +204,7 @@ def test_defer_text_placeholders(text, expected):
 
 
 _times = st.integers(min_value=0, max_value=4 * 10**9)
-_states = st.sampled_from((PENDING, PASSED, SENDER, CLIENT))
+_states = st.sampled_from((PENDING, PASSED, SENDER, CLIENT, MANUAL))
 _records = st.one_of(st.none(), st.builds(Record, _times, _times,
                                           st.integers(0, 10), _states))
 
@@ -221,12 +221,21 @@ def test_a_pending_triple_never_passes_before_the_delay(record, now):
 def test_decide_never_raises_and_writes_only_valid_records(t, s, c, now, accepted):
     decision = decide(Records(t, s, c), now, CFG, accepted)
     assert decision.action
-    for record in (decision.writes.triple, decision.writes.sender, decision.writes.client):
-        assert record is None or (record.state in (PENDING, PASSED, SENDER, CLIENT)
-                                  and record.count >= 1 and record.last_seen >= 0)
+    writes = (decision.writes.triple, decision.writes.sender, decision.writes.client)
+    for record, kinds in zip(writes, SLOT_STATES):
+        assert record is None or record.state in kinds
 
 
 @given(_records, _times)
 def test_expired_records_are_treated_as_absent(record, now):
     if record is not None and expired(record, now, TRIPLE_ONLY):
         assert decide(only(record), now, TRIPLE_ONLY) == decide(NO_RECORDS, now, TRIPLE_ONLY)
+
+
+@pytest.mark.parametrize("records", [
+    Records(triple=Record(T, T, 1, SENDER)),
+    Records(sender=Record(T, T, 9, CLIENT)),
+    Records(client=Record(T, T, 9, PASSED)),
+], ids=["sender-as-triple", "client-as-sender", "triple-as-client"])
+def test_a_record_of_the_wrong_kind_is_treated_as_absent(records):
+    assert decide(records, T + 10, CFG).reason == "new"

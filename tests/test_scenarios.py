@@ -10,31 +10,10 @@ import pytest
 from greylist.config import Config
 from greylist.daemon import Policy, serve
 from greylist.store import Store
+from tests.conftest import Clock, Recorder
 
 T = 1_700_000_000
 CFG = Config(delay_s=300)
-
-
-class Recorder:
-    def __init__(self):
-        self.lines = []
-
-    def info(self, message):
-        self.lines.append(message)
-
-    def warning(self, message):
-        self.lines.append("warning: " + message)
-
-    def debug(self, level, message):
-        pass
-
-
-class Clock:
-    def __init__(self, now):
-        self.now = now
-
-    def __call__(self):
-        return self.now
 
 
 class Site:
