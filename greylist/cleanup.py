@@ -45,7 +45,7 @@ from greylist import record as records
 from greylist.config import Config
 from greylist.decide import expired
 from greylist.lock import EXCLUSIVE, LockBusy, lock, unlock
-from greylist.store import Store, StoreError
+from greylist.store import Store, StoreError, check_directory
 
 STATE_SUFFIX = ".cleanup"
 BATCH = 64
@@ -121,15 +121,18 @@ class Cleaner:
             return None
         if now < self._next_check and not start:
             return None
+        if self.stores[0].failing:
+            return None  # Already reported by the store's user.
         try:
             fd = self._state_fd()
             lock(fd, EXCLUSIVE, wait=False)
         except LockBusy:
             self._next_check = now + BUSY_RETRY_S
             return None
-        except OSError as exc:
+        except (OSError, StoreError) as exc:
             self._next_check = now + FAILURE_RETRY_S
-            self.log.warning("cleanup state %s: %s" % (self.path, exc.strerror))
+            self.log.warning("cleanup state %s: %s"
+                             % (self.path, getattr(exc, "strerror", None) or exc))
             return None
         try:
             state = self._read(fd)
@@ -206,7 +209,10 @@ class Cleaner:
 
     def _state_fd(self) -> int:
         if self._fd < 0:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # Never create files where the database itself is refused.
+            check_directory(self.path)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                               | os.O_CLOEXEC, 0o644)
         return self._fd
 
     def _read(self, fd: int) -> State | None:

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                   "of its spawn(8) service (greylist_allow_root = yes for tests)")
         return 1
     sys.excepthook = lambda kind, value, tb: _log_bug(log, kind, value, tb)
-    policy = Policy(Store(cfg.database), cfg, log)
+    policy = Policy(Store(cfg.database, warn=log.warning), cfg, log)
     policy.open_store()
     log.debug(1, "database %s, greylist_delay %ds" % (policy.store.path, cfg.delay_s))
     try:

@@ -80,7 +80,7 @@ class Policy:
         self.whitelists = Whitelists(cfg, log.warning)
         # The client table names clients in plaintext: not in privacy mode.
         table = None if cfg.privacy else client_table_name(cfg)
-        self.table = None if table is None else Store(table)
+        self.table = None if table is None else Store(table, warn=log.warning)
         self.cleaner = Cleaner(store, self.table, cfg, log, clock)
         self._warned_at: float | None = None
         self._secret: bytes | None = None

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from greylist.config import Config
 from greylist.record import CLIENT, MANUAL, PASSED, PENDING, SENDER, Record
+from greylist.triple import escape
 
 DUNNO = "DUNNO"
 # At most one pass an hour counts toward the client auto-whitelist.
@@ -130,9 +131,14 @@ def decide(records: Records, now: int, cfg: Config,
 
 
 def defer_text(decision: Decision, recipient_domain: str, client_address: str) -> str:
-    """Fill in the request placeholders of a deferring decision's action."""
+    """Fill in the request placeholders of a deferring decision's action.
+
+    The values come from the request: white space, controls and bytes
+    that are not UTF-8 are written as %xx, because smtpd answers a reply
+    that is not valid UTF-8 with its default action.
+    """
     return string.Template(decision.action).safe_substitute(
-        recipient_domain=recipient_domain, client_address=client_address)
+        recipient_domain=escape(recipient_domain), client_address=escape(client_address))
 
 
 def _pass(reason: str, triple: Record | None, client: Record | None, now: int,

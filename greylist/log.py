@@ -77,7 +77,10 @@ class Log:
             if self._socket is not None:
                 self._socket.sendto(line.encode("utf-8"), self._path)
             else:
-                with open(self._path, "a", encoding="utf-8") as handle:
+                # 0640 whatever the umask: the lines name mail addresses.
+                fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                             | os.O_CLOEXEC, 0o640)
+                with os.fdopen(fd, "a", encoding="utf-8") as handle:
                     handle.write(line + "\n")
         except OSError:
             pass  # Logging must never fail the service.

@@ -50,6 +50,12 @@ MAP_FUDGE = 10240
 # mm_version; MDB_DATA_VERSION is 1 for 0.9 (mdb.c). LMDB 1.0 writes 3.
 MDB_MAGIC = 0xBEEFC0DE
 _META_V1 = struct.pack("=II", MDB_MAGIC, 1)
+# Offsets in an LMDB 0.9 meta page on 64-bit hosts (mdb.c MDB_meta): the
+# page size is kept in the free DB's md_pad, then mm_last_pg, mm_txnid.
+_META_PAGE_SIZE = 40
+_META_LAST_PAGE = 136
+_META_END = 152
+_MOVE_ASIDE = "move the file aside (do not truncate it) and a new one is created"
 # Retries per call after MapFull/MapResized (Postfix allows one per call;
 # a resize and a doubling may both be needed).
 RETRY_LIMIT = 4
@@ -90,7 +96,8 @@ def check_format(path: str) -> bool:
     """
     try:
         with open(path, "rb") as handle:
-            mode = os.fstat(handle.fileno()).st_mode
+            st = os.fstat(handle.fileno())
+            mode, size = st.st_mode, st.st_size
             head = handle.read(32)
     except FileNotFoundError:
         return False
@@ -101,15 +108,14 @@ def check_format(path: str) -> bool:
     if not head:
         return True  # Empty: LMDB initialises it.
     if head[16:24] == _META_V1:
+        _check_length(path, size)
         return True
     if head[24:28] == struct.pack("=I", MDB_MAGIC):
         version = struct.unpack("=I", head[28:32])[0]
         raise StoreError("%s is in LMDB data format v%d, which Postfix's LMDB 0.9 "
-                         "cannot read; move the file aside (do not truncate it) "
-                         "and a new one is created" % (path, version))
-    raise StoreError("%s is not an LMDB 0.9 database (corrupt or foreign file); move "
-                     "the file aside (do not truncate it) and a new one is created"
-                     % path)
+                         "cannot read; %s" % (path, version, _MOVE_ASIDE))
+    raise StoreError("%s is not an LMDB 0.9 database (corrupt or foreign file); %s"
+                     % (path, _MOVE_ASIDE))
 
 
 _DAMAGE = tuple(getattr(lmdb, name) for name in (
@@ -120,18 +126,46 @@ _DAMAGE = tuple(getattr(lmdb, name) for name in (
 def describe(path: str, exc: Exception) -> str:
     """An error message; for a damaged file it names the recovery."""
     if isinstance(exc, _DAMAGE):
-        return ("%s is damaged (%s); move the file aside (do not truncate it) and a "
-                "new one is created" % (path, exc))
-    return "%s: %s" % (path, exc)
+        return "%s is damaged (%s); %s" % (path, exc, _MOVE_ASIDE)
+    text = str(exc)
+    return text if path in text else "%s: %s" % (path, text)
+
+
+def _check_length(path: str, size: int) -> None:
+    """Raise StoreError if the file is shorter than its newest meta page says.
+
+    LMDB would read the missing pages through its map and the process
+    would die of SIGBUS, without a reply or a log line.
+    """
+    try:
+        with open(path, "rb") as handle:
+            first = handle.read(_META_END)
+            page_size = struct.unpack_from("=I", first, _META_PAGE_SIZE)[0]
+            if page_size < 512 or page_size > 65536 or page_size & (page_size - 1):
+                raise StoreError("%s has an invalid page size; %s" % (path, _MOVE_ASIDE))
+            handle.seek(page_size)
+            second = handle.read(_META_END)
+    except (OSError, struct.error) as exc:
+        raise StoreError("cannot read %s: %s" % (path, exc)) from None
+    metas = [struct.unpack_from("=QQ", meta, _META_LAST_PAGE) for meta in (first, second)
+             if len(meta) == _META_END and meta[16:24] == _META_V1]
+    if not metas:
+        raise StoreError("%s has no valid meta page; %s" % (path, _MOVE_ASIDE))
+    last_page = max(metas, key=lambda meta: meta[1])[0]
+    if size < (last_page + 1) * page_size:
+        raise StoreError("%s is truncated (%d bytes, its meta page needs %d); %s"
+                         % (path, size, (last_page + 1) * page_size, _MOVE_ASIDE))
 
 
 class Store:
     """One Postfix lmdb table, opened on first use, safe across processes."""
 
-    def __init__(self, name: str, readonly: bool = False) -> None:
+    def __init__(self, name: str, readonly: bool = False,
+                 warn: Callable[[str], None] | None = None) -> None:
         self.name = name
         self.path = data_file(name)
         self.readonly = readonly
+        self._warn = warn
         self._env: lmdb.Environment | None = None
         self._fd = -1
         self._mutex = threading.Lock()
@@ -156,6 +190,9 @@ class Store:
             # Deleted or replaced: Postfix daemons restart then (dict.c);
             # we reopen, so writes never go to a file nobody reads.
             self._close()
+            if self._warn is not None:
+                self._warn("%s was deleted or replaced; using the file now at that path"
+                           % self.path)
         if self._failed_at and time.monotonic() - self._failed_at < REOPEN_DELAY_S:
             raise StoreError("%s: unavailable after an earlier error; retrying in "
                              "at most %d s" % (self.path, REOPEN_DELAY_S))
@@ -179,7 +216,7 @@ class Store:
                             create=not self.readonly, mode=0o644, max_dbs=0,
                             **_ENGINE)
         except lmdb.Error as exc:
-            raise StoreError("cannot open %s: %s" % (self.path, exc)) from None
+            raise StoreError(describe(self.path, exc)) from None
         # Open the lock descriptor after lmdb.open(), which opens and closes
         # the file itself, and keep it as long as the environment.
         try:
@@ -204,6 +241,11 @@ class Store:
                 os.close(fd)
                 raise StoreError(describe(self.path, exc)) from None
         return env, fd
+
+    @property
+    def failing(self) -> bool:
+        """Whether the last attempt to use the table failed."""
+        return self._env is None and self._failed_at != 0.0
 
     def _same_file(self) -> bool:
         """Whether the open file is still the one at self.path."""
@@ -346,7 +388,8 @@ class Store:
         """Return up to limit (key, value) pairs after key after; shared lock.
 
         One short read transaction per call, re-seeking with set_range so
-        that a deleted position is not the end of the scan.
+        that a deleted position is not the end of the scan. Keys must
+        ascend: a damaged tree that loops is reported as damaged.
         """
         def body(env: lmdb.Environment) -> list[tuple[bytes, bytes]]:
             items = []
@@ -354,10 +397,15 @@ class Store:
                 cursor = txn.cursor()
                 start = b"" if after is None else after + b"\0"
                 found = cursor.set_range(start)
+                previous = start
                 while found and len(items) < limit:
                     k, v = cursor.item()
+                    if k < previous or (k == previous and items):
+                        # Keys must ascend: a damaged tree could loop forever.
+                        raise lmdb.CorruptedError("keys out of order after %r" % previous)
                     if after is None or k != start:
                         items.append((_strip(k), _strip(v)))
+                    previous = k
                     found = cursor.next()
             return items
         return self._run(SHARED, body)

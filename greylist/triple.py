@@ -196,6 +196,11 @@ def _bounded(text: str) -> bytes:
     return kept + b"#" + hashlib.sha256(encoded).hexdigest().encode("ascii")
 
 
+def escape(field: str) -> str:
+    """Return field with the characters that keys escape written as %xx."""
+    return _escape(field)
+
+
 def _escape(field: str) -> str:
     if _ESCAPE.search(field) is None:
         return field
