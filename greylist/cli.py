@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve(sys.stdin.buffer, sys.stdout.buffer, policy)
     except KeyboardInterrupt:
         return 1
+    finally:
+        log.close()
 
 
 def _overrides(args: dict) -> dict[str, object]:

@@ -30,7 +30,7 @@ from docopt import DocoptExit, docopt
 
 from greylist import __version__
 from greylist import record as records
-from greylist.cleanup import Cleaner
+from greylist.cleanup import MANUAL_BATCH, Cleaner
 from greylist.config import ConfigError, client_table_name, load, parse_setting
 from greylist.daemon import Policy
 from greylist.decide import decide, expired, screen
@@ -131,7 +131,7 @@ def _table(cfg, writable: bool) -> Store | None:
 
 def _cleanup(store: Store, cfg, log: Log, dry_run: bool) -> int:
     table = _table(cfg, writable=False)
-    cleaner = Cleaner(store, table, cfg, log)
+    cleaner = Cleaner(store, table, cfg, log, batch=MANUAL_BATCH)
     if dry_run:
         retained, dropped = cleaner.count(int(time.time()))
         print("cleanup: dry run retained=%d dropped=%d (nothing changed)"

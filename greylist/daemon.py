@@ -238,10 +238,13 @@ def serve(instream: BinaryIO, outstream: BinaryIO, policy: Policy) -> int:
                 policy.log.debug(1, "end of input, exiting")
                 policy.close()
                 return 0
-            policy.log.debug(2, "request: %s" % " ".join(
-                "%s=%s" % item for item in attrs.items()))
+            trace = policy.log.verbose >= 2
+            if trace:
+                policy.log.debug(2, "request: %s" % " ".join(
+                    "%s=%s" % item for item in attrs.items()))
             reply = format_reply(policy.answer(attrs))
-            policy.log.debug(2, "reply: %s" % reply.decode("utf-8", "replace").strip())
+            if trace:
+                policy.log.debug(2, "reply: %s" % reply.decode("utf-8", "replace").strip())
         except ProtocolError as exc:
             policy.log.warning("%s; disconnecting without a reply" % exc)
             return 1

@@ -34,6 +34,7 @@ DESCRIPTION
     steps back makes it smaller, so a triple never passes early.
 """
 
+import functools
 import string
 from dataclasses import dataclass
 
@@ -163,7 +164,12 @@ def _refreshed(record: Record, now: int, cfg: Config) -> Record | None:
     return Record(record.first_seen, now, record.count, record.state)
 
 
+@functools.lru_cache(maxsize=1024)
+def _defer_action(template: str, seconds_left: int) -> str:
+    text = string.Template(template).safe_substitute(seconds_left=seconds_left)
+    return ("DEFER_IF_PERMIT " + text) if text else "DEFER_IF_PERMIT"
+
+
 def _defer(seconds_left: int, cfg: Config) -> str:
     # $recipient_domain and $client_address are filled in by defer_text().
-    text = string.Template(cfg.defer_text).safe_substitute(seconds_left=seconds_left)
-    return ("DEFER_IF_PERMIT " + text) if text else "DEFER_IF_PERMIT"
+    return _defer_action(cfg.defer_text, seconds_left)

@@ -45,6 +45,11 @@ class Log:
             self._socket.setblocking(False)
         else:
             self._path = target
+        self._fd = -1
+        self._file_id = (0, 0)
+        self._stamp_at = -1
+        self._stamp = ""
+        self._prefix = "%s %s[%d]: " % (self._host, ident, os.getpid())
 
     def info(self, message: str) -> None:
         """Log an informational line."""
@@ -71,16 +76,37 @@ class Log:
             if self._target == "syslog":
                 syslog.syslog(priority, message)
                 return
-            stamp = time.strftime("%b %e %H:%M:%S")
-            line = "%s %s %s[%d]: %s" % (stamp, self._host, self.ident, os.getpid(),
-                                         message)
+            now = int(time.time())
+            if now != self._stamp_at:
+                self._stamp_at, self._stamp = now, time.strftime("%b %e %H:%M:%S ")
+            line = self._stamp + self._prefix + message
             if self._socket is not None:
                 self._socket.sendto(line.encode("utf-8"), self._path)
             else:
-                # 0640 whatever the umask: the lines name mail addresses.
-                fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                             | os.O_CLOEXEC, 0o640)
-                with os.fdopen(fd, "a", encoding="utf-8") as handle:
-                    handle.write(line + "\n")
+                os.write(self._file(), (line + "\n").encode("utf-8"))
         except OSError:
-            pass  # Logging must never fail the service.
+            self.close()  # Logging must never fail the service.
+
+    def close(self) -> None:
+        """Close the log file, if one is open."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _file(self) -> int:
+        """The log file's descriptor, kept open; opened again when the path
+        names another file (rotated or removed). Created 0640 whatever the
+        umask: the lines name mail addresses. O_APPEND and one write(2) per
+        line, so the lines of concurrent processes do not mix."""
+        try:
+            st = os.stat(self._path)
+            if self._fd >= 0 and (st.st_ino, st.st_dev) == self._file_id:
+                return self._fd
+        except OSError:
+            pass
+        self.close()
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                           | os.O_CLOEXEC, 0o640)
+        st = os.fstat(self._fd)
+        self._file_id = (st.st_ino, st.st_dev)
+        return self._fd

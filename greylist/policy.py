@@ -35,35 +35,43 @@ def read_request(stream: BinaryIO) -> dict[str, str] | None:
     Returns the attributes, or None at end of input before the first
     line of a request. Raises ProtocolError on malformed input.
     """
-    attrs: dict[str, str] = {}
-    count = 0
+    # Collect the raw lines, then decode and split them in one go: per-line
+    # work in Python is what this function costs.
+    lines = []
+    readline = stream.readline
     while True:
-        line = stream.readline(MAX_LINE_BYTES + 1)
-        if not line:
-            if count == 0:
-                return None
-            raise ProtocolError("premature end of input after %d attributes" % count)
+        line = readline(MAX_LINE_BYTES + 1)
+        if line == b"\n":
+            break
         if line[-1:] != b"\n":
+            if not line:
+                if not lines:
+                    return None
+                raise ProtocolError("premature end of input after %d attributes"
+                                    % len(lines))
             if len(line) > MAX_LINE_BYTES:
                 raise ProtocolError("line longer than %d bytes: %s"
                                     % (MAX_LINE_BYTES, _show(line)))
             raise ProtocolError("premature end of input in line %s" % _show(line))
-        line = line[:-1]
-        if not line:
-            return attrs
-        if b"\0" in line:
-            raise ProtocolError("NUL byte in line %s" % _show(line))
-        name, sep, value = line.partition(b"=")
-        if not sep or not name:
-            raise ProtocolError("malformed line %s: expected name=value" % _show(line))
-        count += 1
-        if count > MAX_ATTRIBUTES:
+        lines.append(line)
+        if len(lines) > MAX_ATTRIBUTES:
             raise ProtocolError("more than %d attributes in one request" % MAX_ATTRIBUTES)
-        key = name.decode("utf-8", "surrogateescape")
+    block = b"".join(lines)
+    if b"\0" in block:
+        raise ProtocolError("NUL byte in line %s"
+                            % _show(next(raw for raw in lines if b"\0" in raw)[:-1]))
+    attrs: dict[str, str] = {}
+    # A newline never occurs inside a UTF-8 sequence: splitting after
+    # decoding gives the same lines.
+    for raw, text in zip(lines, block.decode("utf-8", "surrogateescape").split("\n")):
+        name, sep, value = text.partition("=")
+        if not sep or not name:
+            raise ProtocolError("malformed line %s: expected name=value" % _show(raw[:-1]))
         if value:
-            attrs[key] = value.decode("utf-8", "surrogateescape")
+            attrs[name] = value
         else:
-            attrs.pop(key, None)
+            attrs.pop(name, None)
+    return attrs
 
 
 def format_reply(action: str) -> bytes:

@@ -38,7 +38,7 @@ from typing import Callable, Iterator, TypeVar
 
 import lmdb
 
-from greylist.lock import EXCLUSIVE, SHARED, locked
+from greylist.lock import EXCLUSIVE, SHARED, lock, locked, unlock
 
 T = TypeVar("T")
 
@@ -170,6 +170,7 @@ class Store:
         self._fd = -1
         self._mutex = threading.Lock()
         self._failed_at = 0.0
+        self._file_id = (0, 0)
 
     # Opening and closing.
 
@@ -202,6 +203,8 @@ class Store:
             self._failed_at = time.monotonic()
             raise
         self._env, self._fd, self._failed_at = env, fd, 0.0
+        st = os.fstat(fd)
+        self._file_id = (st.st_ino, st.st_dev)
         return env
 
     def _open_files(self) -> tuple[lmdb.Environment, int]:
@@ -249,11 +252,13 @@ class Store:
 
     def _same_file(self) -> bool:
         """Whether the open file is still the one at self.path."""
+        # One stat(2) per call, compared with the identity taken at open: a
+        # deleted file fails it, a replaced one has another inode.
         try:
-            ours, now = os.fstat(self._fd), os.stat(self.path)
+            now = os.stat(self.path)
         except OSError:
             return False
-        return ours.st_nlink > 0 and (ours.st_ino, ours.st_dev) == (now.st_ino, now.st_dev)
+        return (now.st_ino, now.st_dev) == self._file_id
 
     def _close(self) -> None:
         if self._env is not None:
@@ -274,7 +279,8 @@ class Store:
         with self._mutex:
             env = self._open()
             try:
-                with locked(self._fd, mode):
+                lock(self._fd, mode)
+                try:
                     for _ in range(RETRY_LIMIT):
                         try:
                             return body(env)
@@ -283,6 +289,8 @@ class Store:
                         except lmdb.MapResizedError:
                             env.set_mapsize(0)
                     raise lmdb.Error("map size retry limit reached")
+                finally:
+                    unlock(self._fd)
             except (lmdb.Error, OSError) as exc:
                 raise self._fail(exc) from None
 

@@ -44,6 +44,7 @@ import functools
 import hashlib
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 
 from greylist.config import Config
@@ -84,6 +85,13 @@ def client_address(value: str | None) -> str:
     """
     if not value or value == UNKNOWN_CLIENT:
         return UNKNOWN_CLIENT
+    try:
+        # Fast path: a dotted quad that inet_ntop prints back unchanged is
+        # canonical; anything else takes the full parse below.
+        if socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, value)) == value:
+            return value
+    except (OSError, ValueError):
+        pass
     # ipaddress accepts an IPv6 zone ("%eth0"); Postfix strips it, so a
     # zone is malformed input (and would carry any bytes into the key).
     if "%" in value:

@@ -45,6 +45,7 @@ class Recorder:
 
     def __init__(self):
         self.lines = []
+        self.verbose = 0
 
     def info(self, message):
         self.lines.append(message)
