@@ -1,0 +1,377 @@
+"""The programs under test: greylist, its peers, and the DUNNO responder.
+
+DESCRIPTION
+    Each Program starts K server processes (or one daemon with K
+    connections) on a fresh database in a work directory of its own,
+    returns the endpoints the drivers talk to, and stops exactly the
+    processes it started, by PID.
+
+      ours       python -m greylist, K processes on stdin/stdout pipes
+                 (as spawn(8) runs it), one settings file per run with
+                 greylist_delay, greylist_log = a file (no syslog) and,
+                 as root, greylist_allow_root = yes.
+      dunno      bench/dunno.py, K processes on pipes: reads a request,
+                 answers DUNNO; the harness's own ceiling.
+      greylist.pl  Postfix's examples/smtpd-policy/greylist.pl from
+                 Debian's postfix-doc, run from a temporary copy with
+                 only $database_name and $greylist_delay changed, K
+                 processes on pipes sharing one DB_File database.
+      postgrey   /usr/sbin/postgrey (Debian 1.37) as one daemon on a unix
+                 socket with a temporary --dbdir and explicit --delay,
+                 K connections; as root it runs as the user postgrey.
+
+    The benchmark's delay D applies to all. greylist.pl passes a triple
+    when age > $greylist_delay, the others when age >= delay, so
+    greylist.pl gets D - 1 (the same behaviour in whole seconds).
+
+DIAGNOSTICS
+    available() returns (False, reason) when a peer is not installed;
+    the harness then reports it as not available.
+"""
+
+import gzip
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+GREYLIST_PL = ("/usr/share/doc/postfix/examples/smtpd-policy/greylist.pl",
+               "/usr/share/doc/postfix/examples/smtpd-policy/greylist.pl.gz",
+               "/usr/libexec/postfix/greylist.pl")
+POSTGREY = "/usr/sbin/postgrey"
+
+
+def run_text(argv: list, timeout: float = 10) -> str:
+    """Return a command's stripped stdout+stderr, or "" if it fails to run."""
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return (out.stdout + out.stderr).strip()
+
+
+def dpkg_version(package: str) -> str:
+    return run_text(["dpkg-query", "-W", "-f", "${Version}", package]) or "unknown"
+
+
+class Program:
+    """A server under test; subclasses define how it starts."""
+
+    name = "?"
+    pipes = True
+
+    def __init__(self) -> None:
+        self.procs: list = []
+        self.workdir = ""
+        self.endpoints: list = []
+
+    def available(self) -> tuple:
+        return True, ""
+
+    def version(self) -> str:
+        return ""
+
+    def argv(self) -> list:
+        raise NotImplementedError
+
+    def env(self) -> dict | None:
+        return None
+
+    def prepare(self, workdir: str, delay_s: int) -> None:
+        """Create the program's files in workdir (fresh database)."""
+
+    def start(self, workdir: str, k: int, delay_s: int) -> list:
+        """Start the servers; return k endpoints ("pipe", wfd, rfd) or ("unix", path)."""
+        self.workdir = workdir
+        self.prepare(workdir, delay_s)
+        self.endpoints = []
+        for _ in range(k):
+            proc = subprocess.Popen(self.argv(), stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE,
+                                    stderr=open(os.path.join(workdir, "stderr"), "ab"),
+                                    env=self.env(), cwd=workdir, bufsize=0)
+            self.procs.append(proc)
+            self.endpoints.append(("pipe", proc.stdin.fileno(), proc.stdout.fileno()))
+        return self.endpoints
+
+    def pids(self) -> list:
+        return [p.pid for p in self.procs]
+
+    def stop(self, timeout: float = 10) -> list:
+        """Close stdin (end of input), wait, kill stragglers; return exit codes."""
+        for proc in self.procs:
+            for stream in (proc.stdin, proc.stdout):
+                try:
+                    if stream:
+                        stream.close()
+                except OSError:
+                    pass
+        codes = [_wait(proc, timeout) for proc in self.procs]
+        self.procs = []
+        return codes
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        return proc.wait(timeout=timeout)
+
+
+class Ours(Program):
+    name = "greylist"
+
+    def __init__(self, python: str, source: str, verbose: int = 0) -> None:
+        super().__init__()
+        self.python = python
+        self.source = source
+        self.verbose = verbose
+
+    def available(self) -> tuple:
+        if not os.path.isdir(os.path.join(self.source, "greylist")):
+            return False, "no greylist package in %s" % self.source
+        return True, ""
+
+    def version(self) -> str:
+        return describe_source(self.source)
+
+    def prepare(self, workdir: str, delay_s: int) -> None:
+        self.database = os.path.join(workdir, "greylist")
+        self.settings = os.path.join(workdir, "greylist.cf")
+        with open(self.settings, "w", encoding="utf-8") as handle:
+            handle.write("greylist_database = %s\n" % self.database)
+            handle.write("greylist_delay = %ds\n" % delay_s)
+            handle.write("greylist_log = %s\n" % os.path.join(workdir, "greylist.log"))
+            if os.geteuid() == 0:
+                handle.write("greylist_allow_root = yes\n")
+
+    def argv(self) -> list:
+        return [self.python, "-m", "greylist", "-c", self.settings] + \
+            ["-v"] * self.verbose
+
+    def env(self) -> dict:
+        path = os.environ.get("PYTHONPATH")
+        return dict(os.environ, PYTHONPATH=self.source + (":" + path if path else ""))
+
+
+class Dunno(Program):
+    name = "dunno"
+
+    def __init__(self, python: str) -> None:
+        super().__init__()
+        self.python = python
+
+    def version(self) -> str:
+        return "bench/dunno.py on " + run_text([self.python, "-V"])
+
+    def argv(self) -> list:
+        return [self.python, os.path.join(HERE, "dunno.py")]
+
+
+class GreylistPl(Program):
+    name = "greylist.pl"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.source = next((p for p in GREYLIST_PL if os.path.exists(p)), None)
+        if self.source is None:
+            listing = run_text(["dpkg", "-L", "postfix-doc"]).split("\n")
+            self.source = next((p for p in listing if p.endswith("/greylist.pl")
+                                or p.endswith("/greylist.pl.gz")), None)
+
+    def available(self) -> tuple:
+        if self.source is None:
+            return False, "greylist.pl not found (Debian: apt-get install postfix-doc)"
+        if shutil.which("perl") is None:
+            return False, "perl not found"
+        if run_text(["perl", "-MDB_File", "-e", "print 1"]) != "1":
+            return False, "perl DB_File not available"
+        return True, ""
+
+    def version(self) -> str:
+        return "postfix-doc %s, perl %s, DB_File %s" % (
+            dpkg_version("postfix-doc"),
+            run_text(["perl", "-e", "print $^V"]).lstrip("v"),
+            run_text(["perl", "-MDB_File", "-e", "print \"$DB_File::VERSION (db $DB_File::db_ver)\""]))
+
+    def prepare(self, workdir: str, delay_s: int) -> None:
+        opener = gzip.open if self.source.endswith(".gz") else open
+        with opener(self.source, "rt", encoding="utf-8") as handle:
+            text = handle.read()
+        self.script = os.path.join(workdir, "greylist.pl")
+        self.script_text = patch_greylist_pl(text, os.path.join(workdir, "greylist.db"),
+                                             max(0, delay_s - 1))
+        with open(self.script, "w", encoding="utf-8") as handle:
+            handle.write(self.script_text)
+
+    def argv(self) -> list:
+        return ["perl", self.script]
+
+
+def patch_greylist_pl(text: str, database: str, delay_s: int) -> str:
+    """Change only the database path and the delay of greylist.pl."""
+    lines = text.split("\n")
+    changed = 0
+    for i, line in enumerate(lines):
+        if line.startswith("$database_name="):
+            lines[i] = '$database_name="%s";' % database
+            changed += 1
+        elif line.startswith("$greylist_delay="):
+            lines[i] = "$greylist_delay=%d;" % delay_s
+            changed += 1
+    if changed != 2:
+        raise ValueError("greylist.pl: expected one $database_name= and one "
+                         "$greylist_delay= line, changed %d" % changed)
+    return "\n".join(lines)
+
+
+class Postgrey(Program):
+    name = "postgrey"
+    pipes = False
+
+    def __init__(self, whitelists: bool = True) -> None:
+        super().__init__()
+        self.whitelists = whitelists
+        self.path = POSTGREY if os.path.exists(POSTGREY) else shutil.which("postgrey")
+
+    def available(self) -> tuple:
+        if self.path is None:
+            return False, "postgrey not installed (Debian: apt-get install postgrey)"
+        if os.geteuid() == 0:
+            try:
+                pwd.getpwnam("postgrey")
+            except KeyError:
+                return False, "no user postgrey to run it as"
+        return True, ""
+
+    def version(self) -> str:
+        text = run_text(["perl", "-T", self.path, "--version"]) or \
+            run_text([self.path, "--version"])
+        return "%s (Debian %s), BerkeleyDB %s" % (
+            text.split("\n")[0], dpkg_version("postgrey"),
+            run_text(["perl", "-MBerkeleyDB", "-e",
+                      "print \"$BerkeleyDB::VERSION (db $BerkeleyDB::db_version)\""]))
+
+    def start(self, workdir: str, k: int, delay_s: int) -> list:
+        self.workdir = workdir
+        dbdir = os.path.join(workdir, "db")
+        os.mkdir(dbdir, 0o755)
+        self.socket_path = os.path.join(workdir, "postgrey.sock")
+        argv = [self.path, "--unix=%s" % self.socket_path, "--dbdir=%s" % dbdir,
+                "--delay=%d" % delay_s]
+        if not self.whitelists:
+            empty = os.path.join(workdir, "empty")
+            open(empty, "w").close()
+            argv += ["--whitelist-clients=%s" % empty,
+                     "--whitelist-recipients=%s" % empty]
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgrey")
+            os.chown(dbdir, user.pw_uid, user.pw_gid)
+            argv += ["--user=postgrey", "--group=%s" % _group_name(user.pw_gid)]
+        log = open(os.path.join(workdir, "postgrey.log"), "ab")
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                cwd=workdir)
+        self.procs = [proc]
+        _wait_for_socket(self.socket_path, proc, 20)
+        self.endpoints = [("unix", self.socket_path)] * k
+        return self.endpoints
+
+    def stop(self, timeout: float = 10) -> list:
+        codes = []
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+            codes.append(_wait(proc, timeout))
+        self.procs = []
+        return codes
+
+
+def _group_name(gid: int) -> str:
+    import grp
+    return grp.getgrgid(gid).gr_name
+
+
+def _wait_for_socket(path: str, proc: subprocess.Popen, limit_s: float) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("postgrey exited with status %s" % proc.returncode)
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                return
+            except OSError:
+                pass
+            finally:
+                probe.close()
+        time.sleep(0.05)
+    raise RuntimeError("postgrey did not open %s within %ds" % (path, limit_s))
+
+
+def describe_source(path: str) -> str:
+    """Return "commit[-dirty]" for a git checkout, else the path."""
+    head = run_text(["git", "-C", path, "rev-parse", "--short", "HEAD"])
+    if not head or " " in head:
+        marker = os.path.join(path, ".bench-commit")
+        if os.path.exists(marker):
+            with open(marker, encoding="utf-8") as handle:
+                return handle.read().strip() + " (exported tree)"
+        return path
+    dirty = run_text(["git", "-C", path, "status", "--porcelain", "--", "greylist"])
+    return head + ("-dirty" if dirty else "")
+
+
+def read_proc(pid: int) -> dict:
+    """Return peak RSS (kB) and CPU seconds of a live process, or {}."""
+    out = {}
+    try:
+        with open("/proc/%d/status" % pid, encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(("VmHWM:", "VmRSS:", "RssAnon:", "RssFile:")):
+                    out[line.split(":")[0]] = int(line.split()[1])
+        with open("/proc/%d/stat" % pid, encoding="ascii") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        out["cpu_s"] = (int(fields[11]) + int(fields[12])) / ticks
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def find_greylistctl(python: str, source: str) -> list | None:
+    """Return the argv prefix of greylistctl (issue 4), or None if there is none.
+
+    Prefers the console script declared in source's setup.cfg, run with
+    the benchmark's python and source, over one on PATH.
+    """
+    try:
+        with open(os.path.join(source, "setup.cfg"), encoding="utf-8") as handle:
+            for line in handle:
+                name, _, target = line.partition("=")
+                if name.strip() == "greylistctl" and ":" in target:
+                    module, func = target.strip().split(":", 1)
+                    return [python, "-c", "import sys; from %s import %s as m; "
+                            "sys.argv[0] = 'greylistctl'; sys.exit(m())" % (module, func)]
+    except OSError:
+        pass
+    found = shutil.which("greylistctl")
+    return [found] if found else None
+
+
+def python_default() -> str:
+    venv = os.path.join(ROOT, ".venv", "bin", "python")
+    return venv if os.path.exists(venv) else sys.executable

@@ -1,0 +1,67 @@
+"""Smoke test of the benchmark harness in bench/ (issue 5).
+
+Not a performance test: it runs a tiny seeded comparison of greylist and
+the DUNNO responder through the real transport (pipes, one request in
+flight per process) and checks that the harness works and that its
+machine-readable report is well formed. No peer needs to be installed.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, "bench", "run.py")
+
+RUN_FIELDS = ("scenario", "processes", "program", "requests", "replies", "rate",
+              "p50_ms", "p99_ms", "p999_ms", "max_ms", "peak_rss_kb", "passes",
+              "defers", "other", "malformed", "wrong", "early_passes")
+
+
+def test_bench_smoke_run_reports_well_formed_json(tmp_path):
+    report_path = tmp_path / "report.json"
+    argv = [sys.executable, RUN, "--scenario", "repeat,new,mixed", "--processes", "1,2",
+            "--requests", "40", "--warm", "12", "--delay", "1", "--seed", "7",
+            "--programs", "greylist,dunno", "--python", sys.executable,
+            "--ours-path", ROOT, "--tmpdir", str(tmp_path), "--limit", "60",
+            "--json", str(report_path), "--check"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "greylist's rate as a multiple" in done.stdout
+
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    assert report["seed"] == 7 and report["delay_s"] == 1
+    assert report["machine"]["nproc"] >= 1
+    assert report["versions"]["greylist"]
+    runs = report["runs"]
+    assert {(r["scenario"], r["processes"], r["program"]) for r in runs} == {
+        (s, k, p) for s in ("repeat", "new", "mixed") for k in (1, 2)
+        for p in ("greylist", "dunno")}
+    for run in runs:
+        missing = [f for f in RUN_FIELDS if f not in run]
+        assert not missing, (run, missing)
+        assert run["available"] and not run.get("errors"), run
+        assert run["requests"] == run["replies"] > 0
+        assert run["passes"] + run["defers"] + run["other"] + run["malformed"] \
+            == run["replies"]
+        assert run["malformed"] == 0 and run["other"] == 0
+        assert run["rate"] > 0 and run["peak_rss_kb"] > 0
+        assert 0 < run["p50_ms"] <= run["p99_ms"] <= run["p999_ms"] <= run["max_ms"]
+        if run["program"] == "dunno":
+            assert run["passes"] == run["replies"] and run["wrong"] is None
+            continue
+        assert run["wrong"] == 0, run
+        if run["scenario"] == "repeat":
+            assert run["passes"] == run["replies"], run
+        if run["scenario"] == "new":
+            assert run["defers"] == run["replies"] and run["early_passes"] == 0, run
+        if run["scenario"] == "mixed":
+            assert run["defers"] > 0 and run["passes"] > 0, run
+
+    ratios = {(r["scenario"], r["processes"]): r for r in report["ratios"]}
+    assert set(ratios) == {(s, k) for s in ("repeat", "new", "mixed") for k in (1, 2)}
+    assert all(r["dunno"] > 0 and r["postgrey"] is None for r in ratios.values())
+    for target in report["targets"]:
+        assert set(target) >= {"target", "measured", "goal", "met"}
+        assert target["met"] in (True, False, None)
