@@ -89,6 +89,7 @@ import select
 import shutil
 import socket
 import subprocess
+import sys
 import time
 
 SBIN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -373,3 +374,33 @@ class PostfixInstance:
             return self.maillog.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+
+def install_runtime(root: pathlib.Path, user: str = "nobody") -> list[str] | str:
+    """Make this checkout's greylist runnable by user under root.
+
+    Copies the packages greylist needs into root/lib (the test's virtual
+    environment may live where user cannot read, such as /root) and finds
+    an interpreter of the same Python version that user can run. Returns
+    the argv prefix ("/usr/bin/env PYTHONPATH=... python"), or a reason
+    string if there is none.
+    """
+    import docopt
+    import lmdb
+    import publicsuffixlist
+    import greylist
+    lib = root / "lib"
+    for package in (greylist, lmdb, docopt, publicsuffixlist):
+        source = pathlib.Path(package.__file__).parent
+        shutil.copytree(source, lib / source.name, ignore=shutil.ignore_patterns("__pycache__"))
+    version = "python%d.%d" % sys.version_info[:2]
+    reason = "no %s that user %s can run" % (version, user)
+    for python in (os.path.realpath(sys.executable), "/usr/bin/" + version):
+        argv = ["/usr/bin/env", "PYTHONPATH=%s" % lib, python]
+        probe = subprocess.run(["runuser", "-u", user, "--", *argv, "-c",
+                                "import greylist, lmdb, docopt, publicsuffixlist"],
+                               capture_output=True, text=True, timeout=30)
+        if probe.returncode == 0:
+            return argv
+        reason += ": " + probe.stderr[-200:]
+    return reason

@@ -11,19 +11,14 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
-import docopt
-import lmdb
-import publicsuffixlist
 import pytest
 
-import greylist
 from greylist.store import Store
 from tests.conftest import require
-from tests.postfix_instance import PostfixInstance, postfix_available
+from tests.postfix_instance import PostfixInstance, install_runtime, postfix_available
 
 pytestmark = pytest.mark.postfix
 
@@ -32,25 +27,12 @@ DELAY_S = 4
 WHITELISTED = "198.51.100.55"
 
 
-def as_user(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["runuser", "-u", USER, "--", *argv], capture_output=True,
-                          text=True, timeout=30)
-
-
 def runtime(root: pathlib.Path) -> list[str]:
     """Install greylist for the spawn user under root; return the argv prefix."""
-    lib = root / "lib"
-    for package in (greylist, lmdb, docopt, publicsuffixlist):
-        source = pathlib.Path(package.__file__).parent
-        shutil.copytree(source, lib / source.name,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    version = "python%d.%d" % sys.version_info[:2]
-    for python in (os.path.realpath(sys.executable), "/usr/bin/" + version):
-        argv = ["/usr/bin/env", "PYTHONPATH=%s" % lib, python]
-        probe = as_user(*argv, "-c", "import greylist, lmdb, docopt, publicsuffixlist")
-        if probe.returncode == 0:
-            return argv
-    require("no %s that user %s can run: %s" % (version, USER, probe.stderr[-300:]))
+    argv = install_runtime(root, USER)
+    if isinstance(argv, str):
+        require(argv)
+    return argv
 
 
 @contextlib.contextmanager

@@ -11,13 +11,10 @@ import pathlib
 import shutil
 import tempfile
 
-import docopt
-import lmdb
 import pytest
 
-import greylist
 from tests.conftest import require
-from tests.postfix_instance import PostfixInstance, postfix_available
+from tests.postfix_instance import PostfixInstance, install_runtime, postfix_available
 
 pytestmark = pytest.mark.postfix
 
@@ -29,11 +26,9 @@ def test_corrupt_database_under_spawn_accepts_mail_without_451():
     root = pathlib.Path(tempfile.mkdtemp(prefix="greylist-rel-e2e-"))
     os.chmod(root, 0o755)
     try:
-        lib = root / "lib"
-        for package in (greylist, lmdb, docopt):
-            source = pathlib.Path(package.__file__).parent
-            shutil.copytree(source, lib / source.name,
-                            ignore=shutil.ignore_patterns("__pycache__"))
+        prefix = install_runtime(root, USER)
+        if isinstance(prefix, str):
+            require(prefix)
         database = root / "db"
         database.mkdir(mode=0o755)
         shutil.chown(database, USER)
@@ -43,11 +38,7 @@ def test_corrupt_database_under_spawn_accepts_mail_without_451():
         settings.write_text("greylist_database = %s/greylist\n"
                             "greylist_log = postlog:%s/queue/public/postlog\n"
                             % (database, root))
-        python = "/usr/bin/python3.%d" % __import__("sys").version_info[1]
-        if not os.path.exists(python):
-            require("%s is missing" % python)
-        argv = ["/usr/bin/env", "PYTHONPATH=%s" % lib, python, "-m", "greylist",
-                "-c", str(settings)]
+        argv = prefix + ["-m", "greylist", "-c", str(settings)]
         with PostfixInstance(root, argv, policy_user=USER + ":postdrop") as postfix:
             for n in range(3):
                 done = postfix.swaks("alice%d@example.org" % n, "bob%d@example.test" % n)

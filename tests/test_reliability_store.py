@@ -18,12 +18,11 @@ import sys
 import tempfile
 import time
 
-import docopt
 import lmdb
 import pytest
 
-import greylist
 from greylist.store import Store
+from tests.postfix_instance import install_runtime
 from tests.reliability import (SEED, SIZES, Client, command, decisions, environment,
                                fast_reopen_command, home, postmap_list, read_log,
                                record_figures, run, settings, split_replies,
@@ -147,21 +146,10 @@ def as_nobody():
     root = pathlib.Path(tempfile.mkdtemp(prefix="greylist-nobody-"))
     os.chmod(root, 0o755)
     try:
-        lib = root / "lib"
-        for package in (greylist, lmdb, docopt):
-            source = pathlib.Path(package.__file__).parent
-            shutil.copytree(source, lib / source.name,
-                            ignore=shutil.ignore_patterns("__pycache__"))
-        version = "python%d.%d" % sys.version_info[:2]
-        for python in (os.path.realpath(sys.executable), "/usr/bin/" + version):
-            argv = ["runuser", "-u", USER, "--", "/usr/bin/env", "PYTHONPATH=%s" % lib,
-                    python, "-m", "greylist"]
-            probe = subprocess.run(argv + ["--version"], capture_output=True, timeout=30)
-            if probe.returncode == 0:
-                yield root, argv
-                break
-        else:
-            pytest.skip("no %s that %s can run" % (version, USER))
+        prefix = install_runtime(root, USER)
+        if isinstance(prefix, str):
+            pytest.skip(prefix)
+        yield root, ["runuser", "-u", USER, "--", *prefix, "-m", "greylist"]
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
