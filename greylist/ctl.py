@@ -130,7 +130,9 @@ def _table(cfg, writable: bool) -> Store | None:
 
 
 def _cleanup(store: Store, cfg, log: Log, dry_run: bool) -> int:
-    table = _table(cfg, writable=False)
+    # A real run creates a missing database and client table: smtpd needs
+    # the table to exist before check_client_access names it.
+    table = _table(cfg, writable=not dry_run)
     cleaner = Cleaner(store, table, cfg, log, batch=MANUAL_BATCH)
     if dry_run:
         retained, dropped = cleaner.count(int(time.time()))

@@ -159,3 +159,12 @@ def test_damaged_database_fails_open_with_one_line_naming_the_recovery(site):
     assert "is damaged" in warnings[0] and "move the file aside (do not truncate it)" \
         in warnings[0]
     assert path.read_bytes() == bytes(damaged)  # never truncated or rewritten
+
+
+def test_cleanup_creates_a_missing_database_and_client_table(site, postmap):
+    assert ctl(site, "cleanup") == (0, "cleanup: full retained=0 dropped=0\n")
+    for name in ("gl", "gl-clients"):
+        assert (site / (name + ".lmdb")).stat().st_mode & 0o777 == 0o644
+        listed = subprocess.run([postmap, "-s", "lmdb:%s/%s" % (site, name)],
+                                capture_output=True, text=True, timeout=10)
+        assert (listed.returncode, listed.stdout) == (0, "")
