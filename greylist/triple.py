@@ -106,10 +106,6 @@ def client_address(value: str | None) -> str:
     return str(addr)
 
 
-# The name used before grouping existed; kept for callers and tests.
-canonical_client = client_address
-
-
 def client_group(address: str, client_name: str | None, cfg: Config) -> str:
     """Return the client group of a canonical address (see DESCRIPTION)."""
     if address == UNKNOWN_CLIENT or cfg.client_match == "exact":

@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 from greylist.policy import ProtocolError
 from greylist.config import Config
-from greylist.triple import MAX_KEY_BYTES, Triple, canonical_client, key, triple_from_request
+from greylist.triple import MAX_KEY_BYTES, Triple, client_address, key, triple_from_request
 
 # Exact client addresses, no sender extension: the triple as sent.
 EXACT = Config(client_match="exact", sender_delimiter="")
@@ -30,8 +30,8 @@ RCPT = "bob@example.org"
     pytest.param(None, "unknown", id="missing"),
     pytest.param("", "unknown", id="empty"),
 ])
-def test_canonical_client(value, expected):
-    assert canonical_client(value) == expected
+def test_client_address(value, expected):
+    assert client_address(value) == expected
 
 
 @pytest.mark.parametrize("value", [
@@ -47,9 +47,9 @@ def test_canonical_client(value, expected):
     pytest.param("2001:db8::1::2", id="two-double-colons"),
     pytest.param("UNKNOWN", id="unknown-uppercase"),
 ])
-def test_canonical_client_rejects(value):
+def test_client_address_rejects(value):
     with pytest.raises(ProtocolError, match="client_address"):
-        canonical_client(value)
+        client_address(value)
 
 
 @pytest.mark.parametrize("attrs, expected", [
@@ -141,13 +141,13 @@ def test_key_distinguishes(one, other, same):
 ])
 def test_ipv6_scope_id_cannot_put_white_space_or_bad_bytes_in_key(value):
     # Regression: ipaddress accepts a scope ID ("%zone") after an IPv6
-    # address, and canonical_client kept it, so white space, controls and
+    # address, and client_address kept it, so white space, controls and
     # undecodable bytes from client_address reached key() unescaped: the
     # key held white space, or key() raised UnicodeEncodeError instead of
     # the ProtocolError the daemon handles. Either rejecting the value or
     # dropping the zone (as Postfix does, smtpd_peer.c) is fine.
     try:
-        client = canonical_client(value)
+        client = client_address(value)
     except ProtocolError:
         return
     k = key(Triple(client, "a@example.net", RCPT))
@@ -219,7 +219,7 @@ def _fields(max_size: int | None = None):
 
 _clients = st.one_of(
     st.just("unknown"),
-    st.ip_addresses().map(lambda a: canonical_client(str(a))),
+    st.ip_addresses().map(lambda a: client_address(str(a))),
 )
 _short_triples = st.builds(Triple, _clients, _fields(19), _fields(19))
 _triples = st.one_of(
@@ -265,9 +265,9 @@ def test_key_is_injective(triple):
 
 
 @given(st.text())
-def test_canonical_client_raises_only_protocol_error(value):
+def test_client_address_raises_only_protocol_error(value):
     try:
-        client = canonical_client(value)
+        client = client_address(value)
     except ProtocolError:
         return
-    assert canonical_client(client) == client
+    assert client_address(client) == client
