@@ -38,7 +38,7 @@ from greylist.log import Log
 from greylist.policy import ProtocolError
 from greylist.store import Store, StoreError
 from greylist.triple import (Triple, client_address, client_group, normalise_sender,
-                             registered_domain)
+                             registered_domain, triple_from_request)
 
 USAGE = """\
 Manage a greylist database.
@@ -222,8 +222,7 @@ def _show(store: Store, cfg, log: Log, args: dict) -> int:
         print("greylistctl: %s" % exc)
         return 2
     now = int(time.time())
-    triple = Triple(client_group(address, attrs.get("client_name"), cfg),
-                    normalise_sender(attrs.get("sender"), cfg), attrs["recipient"].casefold())
+    triple = triple_from_request(attrs, cfg, address)
     keys = policy.keys(triple)
     found = policy.records(store.get_many(keys), keys)
     print("client group: %s" % triple.client)

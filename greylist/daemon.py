@@ -58,8 +58,8 @@ from greylist.log import Log
 from greylist.policy import ProtocolError, format_reply, read_request
 from greylist.privacy import SecretError, hashed, load_secret, secret_path
 from greylist.store import Store, StoreError
-from greylist.triple import (UNKNOWN_CLIENT, Triple, client_address, client_group,
-                             client_key, key, normalise_sender, sender_key)
+from greylist.triple import (UNKNOWN_CLIENT, Triple, client_address, client_key, key,
+                             sender_key, triple_from_request)
 from greylist.whitelist import Whitelists
 
 STORE_WARNING_INTERVAL_S = 60.0
@@ -115,9 +115,7 @@ class Policy:
             decision = Decision(DUNNO, exempt)
             action = DUNNO
         else:
-            triple = Triple(client_group(address, attrs.get("client_name"), self.cfg),
-                            normalise_sender(attrs.get("sender"), self.cfg),
-                            attrs["recipient"].casefold())
+            triple = triple_from_request(attrs, self.cfg, address)
             decision = self._decide(triple, now, instance is not None and self._accepted)
             self._update_table(triple, address, decision, now)
             action = self._action(decision, attrs, address)

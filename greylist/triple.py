@@ -167,9 +167,14 @@ def normalise_sender(sender: str | None, cfg: Config) -> str:
     return local + "@" + domain
 
 
-def triple_from_request(attrs: dict[str, str], cfg: Config) -> Triple:
-    """Return the normalised triple of an RCPT request (recipient required)."""
-    address = client_address(attrs.get("client_address"))
+def triple_from_request(attrs: dict[str, str], cfg: Config,
+                        address: str | None = None) -> Triple:
+    """Return the normalised triple of an RCPT request (recipient required).
+
+    address is the canonical client_address, if the caller has it already.
+    """
+    if address is None:
+        address = client_address(attrs.get("client_address"))
     return Triple(client_group(address, attrs.get("client_name"), cfg),
                   normalise_sender(attrs.get("sender"), cfg),
                   attrs["recipient"].casefold())
