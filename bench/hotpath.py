@@ -11,7 +11,7 @@ retry after the delay) runs unprofiled first. Prints the wall time per
 request without the profiler, the top functions by own time, and the
 time per request of each stage, from cumulative times:
 
-  parse    greylist.policy.read_request
+  parse    greylist.policy.Reader.read
   key      greylist.triple: triple_from_request, key
   lookup   greylist.store.Store.get
   write    greylist.store.Store.update (decide again, commit, fsync)
@@ -38,7 +38,7 @@ sys.path.insert(0, HERE)
 import streams  # noqa: E402
 
 STAGES = (
-    ("parse", (("policy.py", "read_request"),)),
+    ("parse", (("policy.py", "read"),)),
     ("key", (("triple.py", "triple_from_request"), ("triple.py", "key"))),
     ("lookup", (("store.py", "get"),)),
     ("write", (("store.py", "update"),)),

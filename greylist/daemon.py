@@ -55,7 +55,7 @@ from greylist.config import Config, client_table_name
 from greylist.decide import (DUNNO, Decision, Records, decide, defer_text, screen,
                              whitelisted_client)
 from greylist.log import Log
-from greylist.policy import ProtocolError, format_reply, read_request
+from greylist.policy import ProtocolError, Reader, format_reply
 from greylist.privacy import SecretError, hashed, load_secret, secret_path
 from greylist.store import Store, StoreError
 from greylist.triple import (UNKNOWN_CLIENT, Triple, client_address, client_key, key,
@@ -229,9 +229,10 @@ def serve(instream: BinaryIO, outstream: BinaryIO, policy: Policy) -> int:
     Returns 0 at end of input, 1 after a protocol violation (logged, no
     reply sent).
     """
+    reader = Reader(instream)
     while True:
         try:
-            attrs = read_request(instream)
+            attrs = reader.read()
             if attrs is None:
                 policy.log.debug(1, "end of input, exiting")
                 policy.close()

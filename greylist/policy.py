@@ -3,7 +3,7 @@
 DESCRIPTION
     A request is a sequence of ``name=value`` lines ended by an empty line;
     a reply is ``action=...`` followed by an empty line (SMTPD_POLICY_README).
-    read_request() returns the attributes of one request as a dict of str,
+    Reader.read() returns the attributes of one request as a dict of str,
     decoded from UTF-8 with surrogateescape so no byte is lost. As the
     README allows, unknown names are kept but ignored by callers, the last
     of repeated attributes wins, and an empty value counts as missing.
@@ -23,50 +23,93 @@ from typing import BinaryIO
 # line_length_limit (2048) and certificate names. These caps bound memory.
 MAX_LINE_BYTES = 8192
 MAX_ATTRIBUTES = 100
+# Bytes asked for per read(2): more than a request, which is about 1 KB.
+READ_SIZE = 65536
 
 
 class ProtocolError(Exception):
     """Input that violates the policy protocol; disconnect without reply."""
 
 
-def read_request(stream: BinaryIO) -> dict[str, str] | None:
-    """Read one request from a binary stream.
+class Reader:
+    """Reads requests from one binary stream through a buffer.
 
-    Returns the attributes, or None at end of input before the first
-    line of a request. Raises ProtocolError on malformed input.
+    The stream must have read1() (a BufferedReader such as
+    sys.stdin.buffer, or a BytesIO). Requests arrive whole in the common
+    case, so one read(2) and one search for the empty line find a
+    request; the caps are then checked on the block. Otherwise the
+    buffer is scanned line by line as bytes arrive, and a violation is
+    reported as soon as it shows, so at most the caps plus one read are
+    ever held.
     """
-    # Collect the raw lines, then decode and split them in one go: per-line
-    # work in Python is what this function costs.
-    lines = []
-    readline = stream.readline
-    while True:
-        line = readline(MAX_LINE_BYTES + 1)
-        if line == b"\n":
-            break
-        if line[-1:] != b"\n":
-            if not line:
-                if not lines:
-                    return None
-                raise ProtocolError("premature end of input after %d attributes"
-                                    % len(lines))
-            if len(line) > MAX_LINE_BYTES:
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._read1 = stream.read1
+        self._buf = b""
+
+    def read(self) -> dict[str, str] | None:
+        """Return the attributes of the next request, or None at end of
+        input before its first byte. Raises ProtocolError on malformed input.
+        """
+        buf = self._buf or self._read1(READ_SIZE)
+        if not buf:
+            return None
+        if buf[0] != 10:
+            end = buf.find(b"\n\n")
+            # A block shorter than the line cap cannot hold a long line.
+            if 0 <= end < MAX_LINE_BYTES:
+                self._buf = buf[end + 2:]
+                return _parse(buf[:end + 1])
+        return self._read_lines(bytearray(buf))
+
+    def _read_lines(self, buf: bytearray) -> dict[str, str]:
+        start = 0  # Where the line being read begins.
+        count = 0
+        while True:
+            newline = buf.find(b"\n", start)
+            if newline < 0:
+                if len(buf) - start > MAX_LINE_BYTES:
+                    raise ProtocolError("line longer than %d bytes: %s"
+                                        % (MAX_LINE_BYTES, _show(bytes(buf[start:start + 101]))))
+                data = self._read1(READ_SIZE)
+                if data:
+                    buf += data
+                    continue
+                self._buf = b""
+                if start == len(buf):
+                    raise ProtocolError("premature end of input after %d attributes" % count)
+                raise ProtocolError("premature end of input in line %s"
+                                    % _show(bytes(buf[start:])))
+            if newline == start:
+                self._buf = bytes(buf[start + 1:])
+                return _parse(bytes(buf[:start]))
+            if newline - start > MAX_LINE_BYTES:
                 raise ProtocolError("line longer than %d bytes: %s"
-                                    % (MAX_LINE_BYTES, _show(line)))
-            raise ProtocolError("premature end of input in line %s" % _show(line))
-        lines.append(line)
-        if len(lines) > MAX_ATTRIBUTES:
-            raise ProtocolError("more than %d attributes in one request" % MAX_ATTRIBUTES)
-    block = b"".join(lines)
+                                    % (MAX_LINE_BYTES, _show(bytes(buf[start:newline]))))
+            count += 1
+            if count > MAX_ATTRIBUTES:
+                raise ProtocolError("more than %d attributes in one request" % MAX_ATTRIBUTES)
+            start = newline + 1
+
+
+def _parse(block: bytes) -> dict[str, str]:
+    """The attributes of a block of lines, each ended by a newline, within
+    the line cap."""
     if b"\0" in block:
-        raise ProtocolError("NUL byte in line %s"
-                            % _show(next(raw for raw in lines if b"\0" in raw)[:-1]))
-    attrs: dict[str, str] = {}
+        line = next(raw for raw in block.split(b"\n") if b"\0" in raw)
+        raise ProtocolError("NUL byte in line %s" % _show(line))
     # A newline never occurs inside a UTF-8 sequence: splitting after
     # decoding gives the same lines.
-    for raw, text in zip(lines, block.decode("utf-8", "surrogateescape").split("\n")):
-        name, sep, value = text.partition("=")
+    lines = block.decode("utf-8", "surrogateescape").split("\n")
+    lines.pop()
+    if len(lines) > MAX_ATTRIBUTES:
+        raise ProtocolError("more than %d attributes in one request" % MAX_ATTRIBUTES)
+    attrs: dict[str, str] = {}
+    for line in lines:
+        name, sep, value = line.partition("=")
         if not sep or not name:
-            raise ProtocolError("malformed line %s: expected name=value" % _show(raw[:-1]))
+            raise ProtocolError("malformed line %s: expected name=value"
+                                % _show(line.encode("utf-8", "surrogateescape")))
         if value:
             attrs[name] = value
         else:

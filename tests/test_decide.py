@@ -20,7 +20,7 @@ def deferred(seconds_left: int) -> str:
 
 
 def rcpt(**changes: str | None) -> dict[str, str]:
-    """An RCPT request as read_request returns it; None removes an attribute."""
+    """An RCPT request as Reader.read returns it; None removes an attribute."""
     attrs = {"request": "smtpd_access_policy", "protocol_state": "RCPT",
              "client_address": "192.0.2.1", "sender": "alice@example.net",
              "recipient": "bob@example.org"}

@@ -6,8 +6,8 @@ import operator
 import pytest
 from hypothesis import given, strategies as st
 
-from greylist.policy import (MAX_ATTRIBUTES, MAX_LINE_BYTES, ProtocolError,
-                             format_reply, read_request)
+from greylist.policy import (MAX_ATTRIBUTES, MAX_LINE_BYTES, READ_SIZE, ProtocolError,
+                             Reader, format_reply)
 
 # The attributes Postfix 3.7 sends, in wire order (interop doc 3.1,
 # smtpd_check.c check_policy_service()), as for a first RCPT TO over TLS
@@ -56,7 +56,7 @@ def line_of(length: int) -> bytes:
 
 
 def parse(raw: bytes) -> dict[str, str] | None:
-    return read_request(io.BytesIO(raw))
+    return Reader(io.BytesIO(raw)).read()
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -152,11 +152,11 @@ def test_several_requests_on_one_stream_then_eof():
              (b"recipient", b"one@example.org")]
     second = [(b"request", b"smtpd_access_policy"), (b"protocol_state", b"RCPT"),
               (b"recipient", b"two@example.org")]
-    stream = io.BytesIO(wire(first) + wire(second))
-    assert read_request(stream)["recipient"] == "one@example.org"
-    assert read_request(stream)["recipient"] == "two@example.org"
-    assert read_request(stream) is None
-    assert read_request(stream) is None
+    reader = Reader(io.BytesIO(wire(first) + wire(second)))
+    assert reader.read()["recipient"] == "one@example.org"
+    assert reader.read()["recipient"] == "two@example.org"
+    assert reader.read() is None
+    assert reader.read() is None
 
 
 def test_eof_before_a_request_is_none():
@@ -217,10 +217,10 @@ def _expected(pairs) -> dict[str, str]:
 
 @given(st.lists(_requests, min_size=1, max_size=3))
 def test_parse_round_trip(requests):
-    stream = io.BytesIO(b"".join(wire(pairs) for pairs in requests))
+    reader = Reader(io.BytesIO(b"".join(wire(pairs) for pairs in requests)))
     for pairs in requests:
-        assert read_request(stream) == _expected(pairs)
-    assert read_request(stream) is None
+        assert reader.read() == _expected(pairs)
+    assert reader.read() is None
 
 
 @given(st.text(min_size=1).filter(lambda s: "\n" not in s and "\0" not in s))
@@ -239,15 +239,53 @@ _pieces = st.one_of(
 
 @given(st.lists(_pieces, max_size=12).map(b"".join))
 def test_arbitrary_bytes_give_requests_or_protocol_error(raw):
-    stream = io.BytesIO(raw)
+    reader = Reader(io.BytesIO(raw))
     # Each call consumes at least one byte or returns None, so this ends.
     for _ in range(len(raw) + 1):
         try:
-            attrs = read_request(stream)
+            attrs = reader.read()
         except ProtocolError:
             return
         if attrs is None:
             return
         assert len(attrs) <= MAX_ATTRIBUTES
         assert all(name and value for name, value in attrs.items())
-    pytest.fail("read_request did not reach the end of input")
+    pytest.fail("Reader.read did not reach the end of input")
+
+
+class Trickle:
+    """A stream whose read1() returns at most size bytes, as a socket may."""
+
+    def __init__(self, data: bytes, size: int) -> None:
+        self.data, self.size, self.offset, self.reads = data, size, 0, 0
+
+    def read1(self, n: int) -> bytes:
+        self.reads += 1
+        chunk = self.data[self.offset:self.offset + min(n, self.size)]
+        self.offset += len(chunk)
+        return chunk
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 4096])
+def test_requests_that_arrive_in_pieces(size):
+    requests = [POSTFIX_37_RCPT, [(b"request", b"smtpd_access_policy")], []]
+    reader = Reader(Trickle(b"".join(wire(pairs) for pairs in requests), size))
+    assert reader.read()["instance"] == "8f3e.65a1b2c3.d4e5f.0"
+    assert reader.read() == {"request": "smtpd_access_policy"}
+    assert reader.read() == {}
+    assert reader.read() is None
+
+
+def test_a_long_line_is_refused_before_the_rest_arrives():
+    stream = Trickle(b"request=smtpd_access_policy\nx=" + b"v" * (10 * MAX_LINE_BYTES), 1000)
+    with pytest.raises(ProtocolError, match="longer than"):
+        Reader(stream).read()
+    assert stream.offset <= 2 * MAX_LINE_BYTES
+
+
+def test_a_request_in_the_buffer_is_answered_without_another_read():
+    stream = Trickle(wire(POSTFIX_37_RCPT) * 2, READ_SIZE)
+    reader = Reader(stream)
+    reader.read()
+    reader.read()
+    assert stream.reads == 1

@@ -206,7 +206,7 @@ def test_short_key_cannot_equal_a_shortened_long_key():
     assert key(forged) != key(long_triple)
 
 
-# Fields as read_request() produces them (any bytes, decoded with
+# Fields as Reader.read() produces them (any bytes, decoded with
 # surrogateescape), plus arbitrary text; clients in canonical form.
 # Short fields give keys below MAX_KEY_BYTES: a character casefolds to
 # at most 3 characters of at most 4 bytes each, a byte escapes to 3.
@@ -232,7 +232,7 @@ _triples = st.one_of(
 def _unescape(field: str) -> str:
     """Invert the %xx escaping: each %xx is one byte of the field's UTF-8
     form, and bytes that are not UTF-8 come back as surrogates, exactly as
-    read_request() decodes them."""
+    Reader.read() decodes them."""
     raw = re.sub(rb"%([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]),
                  field.encode("utf-8"))
     return raw.decode("utf-8", "surrogateescape")
