@@ -11,7 +11,8 @@ DESCRIPTION
                     /var/spool/postfix/public/postlog, for hosts that
                     log with maillog_file (Postfix 3.4 and later); the
                     lines land in Postfix's own log file.
-    /FILE           lines appended to a file.
+    /FILE           lines appended to a file, opened again within a
+                    second when it is rotated or removed.
 
     Warnings start with "warning: " and fatal errors with "fatal: ", as
     in Postfix. Debug lines are written only when the -v count reaches
@@ -47,6 +48,7 @@ class Log:
             self._path = target
         self._fd = -1
         self._file_id = (0, 0)
+        self._checked_at = -1
         self._stamp_at = -1
         self._stamp = ""
         self._prefix = "%s %s[%d]: " % (self._host, ident, os.getpid())
@@ -69,21 +71,22 @@ class Log:
             self._write(syslog.LOG_INFO, message)
 
     def _write(self, priority: int, message: str) -> None:
-        # One record per message: no newlines, bounded length, no surrogates.
+        # One record per message: no newlines, bounded length, and
+        # surrogates (bytes that were not UTF-8) written as \x escapes.
         message = message.replace("\n", " ")[:MAX_MESSAGE]
-        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         try:
             if self._target == "syslog":
-                syslog.syslog(priority, message)
+                syslog.syslog(priority, message.encode("utf-8", "backslashreplace")
+                              .decode("utf-8"))
                 return
             now = int(time.time())
             if now != self._stamp_at:
                 self._stamp_at, self._stamp = now, time.strftime("%b %e %H:%M:%S ")
-            line = self._stamp + self._prefix + message
+            line = (self._stamp + self._prefix + message).encode("utf-8", "backslashreplace")
             if self._socket is not None:
-                self._socket.sendto(line.encode("utf-8"), self._path)
+                self._socket.sendto(line, self._path)
             else:
-                os.write(self._file(), (line + "\n").encode("utf-8"))
+                os.write(self._file(now), line + b"\n")
         except OSError:
             self.close()  # Logging must never fail the service.
 
@@ -93,20 +96,26 @@ class Log:
             os.close(self._fd)
             self._fd = -1
 
-    def _file(self) -> int:
+    def _file(self, now: int) -> int:
         """The log file's descriptor, kept open; opened again when the path
-        names another file (rotated or removed). Created 0640 whatever the
-        umask: the lines name mail addresses. O_APPEND and one write(2) per
-        line, so the lines of concurrent processes do not mix."""
-        try:
-            st = os.stat(self._path)
-            if self._fd >= 0 and (st.st_ino, st.st_dev) == self._file_id:
+        names another file (rotated or removed), which is looked at once a
+        second. Created 0640 whatever the umask: the lines name mail
+        addresses. O_APPEND and one write(2) per line, so the lines of
+        concurrent processes do not mix."""
+        if self._fd >= 0:
+            if now == self._checked_at:
                 return self._fd
-        except OSError:
-            pass
+            try:
+                st = os.stat(self._path)
+                if (st.st_ino, st.st_dev) == self._file_id:
+                    self._checked_at = now
+                    return self._fd
+            except OSError:
+                pass
         self.close()
         self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
                            | os.O_CLOEXEC, 0o640)
         st = os.fstat(self._fd)
         self._file_id = (st.st_ino, st.st_dev)
+        self._checked_at = now
         return self._fd

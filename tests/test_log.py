@@ -1,0 +1,87 @@
+"""Tests for greylist.log: the file target's format, modes and rotation."""
+
+import os
+import stat
+import time
+import types
+
+import pytest
+
+from greylist import log as log_module
+from greylist.log import MAX_MESSAGE, Log
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The log module's clock, set by the test (epoch seconds)."""
+    now = [1_700_000_000.0]
+    monkeypatch.setattr(log_module, "time", types.SimpleNamespace(
+        time=lambda: now[0], strftime=time.strftime))
+    return now
+
+
+def lines(path) -> list[str]:
+    return path.read_bytes().decode("utf-8").splitlines()
+
+
+def test_file_lines_have_a_stamp_host_ident_and_pid(tmp_path, clock):
+    path = tmp_path / "greylist.log"
+    log = Log("greylist", str(path))
+    log.info("action=DUNNO reason=known")
+    log.warning("something odd")
+    log.close()
+    first, second = lines(path)
+    assert first.endswith(" greylist[%d]: action=DUNNO reason=known" % os.getpid())
+    assert second.endswith(": warning: something odd")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+
+
+def test_one_record_per_message_and_surrogates_escaped(tmp_path, clock):
+    path = tmp_path / "greylist.log"
+    log = Log("greylist", str(path))
+    log.info("a\nb sender=\udcff@example.org " + "x" * (2 * MAX_MESSAGE))
+    log.close()
+    (line,) = lines(path)
+    assert ": a b sender=\\udcff@example.org x" in line
+    assert len(line.partition(": ")[2]) == MAX_MESSAGE + 5  # "\\udcff" is 6 characters
+
+
+def test_debug_lines_need_their_verbose_level(tmp_path, clock):
+    path = tmp_path / "greylist.log"
+    log = Log("greylist", str(path), verbose=1)
+    log.debug(1, "level one")
+    log.debug(2, "level two")
+    log.close()
+    assert [line.rpartition(": ")[2] for line in lines(path)] == ["level one"]
+
+
+def test_a_rotated_file_is_replaced_within_a_second(tmp_path, clock):
+    path = tmp_path / "greylist.log"
+    log = Log("greylist", str(path))
+    log.info("before")
+    os.rename(path, tmp_path / "greylist.log.1")
+    log.info("same second")  # The path is looked at once a second.
+    clock[0] += 1
+    log.info("after")
+    log.close()
+    assert [line.rpartition(": ")[2] for line in lines(tmp_path / "greylist.log.1")] == [
+        "before", "same second"]
+    assert [line.rpartition(": ")[2] for line in lines(path)] == ["after"]
+
+
+def test_a_removed_file_is_created_again(tmp_path, clock):
+    path = tmp_path / "greylist.log"
+    log = Log("greylist", str(path))
+    log.info("one")
+    path.unlink()
+    clock[0] += 1
+    log.info("two")
+    log.close()
+    assert [line.rpartition(": ")[2] for line in lines(path)] == ["two"]
+
+
+def test_an_unwritable_log_never_fails_the_caller(tmp_path, clock):
+    log = Log("greylist", str(tmp_path / "missing-directory" / "greylist.log"))
+    log.info("lost")  # No exception.
+    log.warning("lost too")
+    log.close()
