@@ -36,7 +36,7 @@ DESCRIPTION
 
 import functools
 import string
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from greylist.config import Config
 from greylist.record import CLIENT, MANUAL, PASSED, PENDING, SENDER, Record
@@ -49,11 +49,13 @@ CLIENT_COUNT_INTERVAL_S = 3600
 
 # The states a record may have in each slot of Records; a record of
 # another kind (a damaged or hand-edited database) is treated as absent.
-SLOT_STATES = ((PENDING, PASSED), (SENDER, MANUAL), (CLIENT, MANUAL))
+TRIPLE_STATES = (PENDING, PASSED)
+SENDER_STATES = (SENDER, MANUAL)
+CLIENT_STATES = (CLIENT, MANUAL)
+SLOT_STATES = (TRIPLE_STATES, SENDER_STATES, CLIENT_STATES)
 
 
-@dataclass(frozen=True, slots=True)
-class Records:
+class Records(NamedTuple):
     """The records of a triple: None where absent (or, in writes, unchanged)."""
 
     triple: Record | None = None
@@ -64,8 +66,7 @@ class Records:
 NO_RECORDS = Records()
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """An action and its reason; writes are the records to store."""
 
     action: str
@@ -104,9 +105,13 @@ def screen(attrs: dict[str, str], cfg: Config) -> Decision | None:
 def decide(records: Records, now: int, cfg: Config,
            message_accepted: bool = False) -> Decision:
     """Return the decision for a triple whose stored records are records."""
-    triple, sender, client = (
-        None if r is None or r.state not in kinds or expired(r, now, cfg) else r
-        for r, kinds in zip((records.triple, records.sender, records.client), SLOT_STATES))
+    triple, sender, client = records
+    if triple is not None and (triple.state not in TRIPLE_STATES or expired(triple, now, cfg)):
+        triple = None
+    if sender is not None and (sender.state not in SENDER_STATES or expired(sender, now, cfg)):
+        sender = None
+    if client is not None and (client.state not in CLIENT_STATES or expired(client, now, cfg)):
+        client = None
     if whitelisted_client(client, cfg):
         return Decision(DUNNO, "manual-client" if client.state == MANUAL else "awl-client",
                         now - client.first_seen, Records(client=_refreshed(client, now, cfg)))

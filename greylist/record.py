@@ -26,7 +26,7 @@ DIAGNOSTICS
     logs it and treats the record as absent.
 """
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 VERSION = "1"
 PENDING = "pending"
@@ -38,8 +38,7 @@ STATES = (PENDING, PASSED, SENDER, CLIENT, MANUAL)
 _STATES = {state.encode("ascii"): state for state in STATES}
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """One record; times are integer epoch seconds, state one of STATES."""
 
     first_seen: int
@@ -56,12 +55,15 @@ def encode(record: Record) -> bytes:
 
 def decode(value: bytes) -> Record | None:
     """Return the record stored as value, or None if it does not parse."""
-    parts = value.split(b":")
-    if len(parts) != 5 or parts[0] != b"1" or parts[4] not in _STATES:
+    try:
+        version, first, last, count, state = value.split(b":")
+    except ValueError:
         return None
-    numbers = parts[1:4]
-    # int() would also accept signs, spaces and underscores: insist on digits.
-    if not all(n.isdigit() and len(n) <= 19 for n in numbers):
+    state = _STATES.get(state)
+    # int() would also accept signs, spaces and underscores: insist on
+    # ASCII digits (bytes.isdigit), at most 19 of them.
+    if (version != b"1" or state is None
+            or not (first.isdigit() and last.isdigit() and count.isdigit())
+            or len(first) > 19 or len(last) > 19 or len(count) > 19):
         return None
-    first, last, count = map(int, numbers)
-    return Record(first, last, count, _STATES[parts[4]])
+    return Record(int(first), int(last), int(count), state)
