@@ -19,8 +19,13 @@ DESCRIPTION
 
     A Store opens lazily and reopens after a failure, at most once per
     REOPEN_DELAY_S, so a repaired file is picked up without a restart.
-    Before each call it checks that the open file is still the one at
-    its path, and reopens the path if the file was deleted or replaced.
+    It checks that the open file is still the one at its path, and
+    reopens the path if the file was deleted or replaced: before every
+    write, and before a read when SAME_FILE_INTERVAL_S has passed since
+    the last check. A read may thus see a replaced file's contents for
+    up to that long (Postfix daemons use theirs until the client
+    session ends); a write never goes to a file that left its path
+    before the write began.
 
 DIAGNOSTICS
     StoreError, with a message for the administrator, when the file is
@@ -60,6 +65,8 @@ _MOVE_ASIDE = "move the file aside (do not truncate it) and a new one is created
 # a resize and a doubling may both be needed).
 RETRY_LIMIT = 4
 REOPEN_DELAY_S = 10.0
+# Most often a read looks whether the file at the path was replaced.
+SAME_FILE_INTERVAL_S = 1.0
 
 # py-lmdb 3 bundles LMDB 0.9 and 1.0 and picks 1.0 for new files when
 # LMDB_DEFAULT_LIB_VERSION=1 is set: name the 0.9 engine explicitly.
@@ -171,6 +178,7 @@ class Store:
         self._mutex = threading.Lock()
         self._failed_at = 0.0
         self._file_id = (0, 0)
+        self._checked_at = 0.0
 
     # Opening and closing.
 
@@ -184,9 +192,12 @@ class Store:
         with self._mutex:
             self._close()
 
-    def _open(self) -> lmdb.Environment:
+    def _open(self, mode: int = EXCLUSIVE) -> lmdb.Environment:
         if self._env is not None:
+            if mode == SHARED and time.monotonic() < self._checked_at + SAME_FILE_INTERVAL_S:
+                return self._env
             if self._same_file():
+                self._checked_at = time.monotonic()
                 return self._env
             # Deleted or replaced: Postfix daemons restart then (dict.c);
             # we reopen, so writes never go to a file nobody reads.
@@ -205,6 +216,7 @@ class Store:
         self._env, self._fd, self._failed_at = env, fd, 0.0
         st = os.fstat(fd)
         self._file_id = (st.st_ino, st.st_dev)
+        self._checked_at = time.monotonic()
         return env
 
     def _open_files(self) -> tuple[lmdb.Environment, int]:
@@ -277,7 +289,7 @@ class Store:
     def _run(self, mode: int, body: Callable[[lmdb.Environment], T]) -> T:
         """Run body(env) under the mutex and a whole-file lock, with retries."""
         with self._mutex:
-            env = self._open()
+            env = self._open(mode)
             try:
                 lock(self._fd, mode)
                 try:

@@ -294,9 +294,7 @@ def test_postmap_reads_consistently_while_our_writer_runs(db, postmap):
     assert len(final.stdout.splitlines()) == written
 
 
-@pytest.mark.parametrize("how", ["deleted", "replaced"])
-def test_a_database_deleted_or_replaced_while_open_is_reopened(db, how):
-    db.put(b"old", b"1")
+def _delete_or_replace(db, how: str) -> None:
     if how == "deleted":
         os.unlink(db.path)
     else:
@@ -304,8 +302,23 @@ def test_a_database_deleted_or_replaced_while_open_is_reopened(db, how):
         other.put(b"new", b"2")
         other.close()
         os.rename(db.name + "-new.lmdb", db.path)
-    assert db.get(b"old") is None
-    db.put(b"after", b"3")
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_write_after_the_database_was_deleted_or_replaced_goes_to_the_path(db, how):
+    db.put(b"old", b"1")
+    assert db.get(b"old") == b"1"  # A read just now: the next read does not look.
+    _delete_or_replace(db, how)
+    db.put(b"after", b"3")  # A write always looks.
     db.close()
     assert sorted(k for k, _ in raw_items(db.path)) == (
         [b"after\0"] if how == "deleted" else [b"after\0", b"new\0"])
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_read_sees_the_file_at_the_path_after_the_check_interval(db, how, monkeypatch):
+    db.put(b"old", b"1")
+    _delete_or_replace(db, how)
+    monkeypatch.setattr(store_module, "SAME_FILE_INTERVAL_S", 0.0)
+    assert db.get(b"old") is None
+    assert db.get(b"new") == (None if how == "deleted" else b"2")
