@@ -58,8 +58,7 @@ from greylist.log import Log
 from greylist.policy import ProtocolError, Reader, format_reply
 from greylist.privacy import SecretError, hashed, load_secret, secret_path
 from greylist.store import Store, StoreError
-from greylist.triple import (UNKNOWN_CLIENT, Triple, client_address, client_key, key,
-                             sender_key, triple_from_request)
+from greylist.triple import UNKNOWN_CLIENT, Triple, client_address, keys, triple_from_request
 from greylist.whitelist import Whitelists
 
 STORE_WARNING_INTERVAL_S = 60.0
@@ -166,17 +165,17 @@ class Policy:
 
     def keys(self, triple: Triple) -> list[bytes | None]:
         """The keys of the triple's records; no client entry for "unknown"."""
-        keys = [key(triple), sender_key(triple),
-                None if triple.client == UNKNOWN_CLIENT else client_key(triple)]
+        triple_key, sender_key, client_key = keys(triple)
+        found = [triple_key, sender_key, None if triple.client == UNKNOWN_CLIENT else client_key]
         if not self.cfg.privacy:
-            return keys
+            return found
         if self._secret is None:
             try:
                 self._secret = load_secret(secret_path(self.cfg.database,
                                                        self.cfg.secret_file))
             except SecretError as exc:
                 raise StoreError(str(exc)) from None
-        return [None if k is None else hashed(self._secret, k) for k in keys]
+        return [None if k is None else hashed(self._secret, k) for k in found]
 
     def _decide(self, triple: Triple, now: int, accepted: bool) -> Decision:
         try:

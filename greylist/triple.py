@@ -29,8 +29,8 @@ DESCRIPTION
     "#", white space, control characters and bytes that are not UTF-8
     are written as %xx (per UTF-8 byte), so the key is unambiguous,
     valid UTF-8 and has no white space (postmap -s prints
-    "key<TAB>value"). sender_key() and client_key() name the
-    auto-whitelist records: "client/sender" and the client alone.
+    "key<TAB>value"). keys() adds the keys of the auto-whitelist
+    records: "client/sender" and the client alone.
     LMDB keys hold at most 511 bytes, the trailing NUL included: a longer
     key keeps its first characters and ends in "#" and the SHA-256 of
     the whole key. With privacy, keys are an HMAC instead (privacy.py).
@@ -45,7 +45,7 @@ import hashlib
 import ipaddress
 import re
 import socket
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from greylist.config import Config
 from greylist.policy import ProtocolError
@@ -69,8 +69,7 @@ _BATV = re.compile(r"(?:prvs|msprvs1)=[0-9a-z]+=(.+)", re.IGNORECASE)
 _DIGITS = re.compile(r"(?<![^.+=_-])[0-9]+(?![^.+=_-])")
 
 
-@dataclass(frozen=True, slots=True)
-class Triple:
+class Triple(NamedTuple):
     """A normalised (client group, sender, recipient) triple."""
 
     client: str
@@ -160,11 +159,20 @@ def normalise_sender(sender: str | None, cfg: Config) -> str:
     if match is not None:
         local = match.group(1)
     if cfg.sender_delimiter:
-        cut = min((i for i in map(local.find, cfg.sender_delimiter) if i > 0),
-                  default=len(local))
-        local = local[:cut]
+        local = strip_extension(local, cfg.sender_delimiter)
     local = _DIGITS.sub("#", local)
     return local + "@" + domain
+
+
+def strip_extension(local: str, delimiters: str) -> str:
+    """Return local cut at the first delimiter character that is not its
+    first character (Postfix's recipient_delimiter rule)."""
+    cut = len(local)
+    for delimiter in delimiters:
+        at = local.find(delimiter)
+        if 0 < at < cut:
+            cut = at
+    return local[:cut]
 
 
 def triple_from_request(attrs: dict[str, str], cfg: Config,
@@ -182,18 +190,15 @@ def triple_from_request(attrs: dict[str, str], cfg: Config,
 
 def key(triple: Triple) -> bytes:
     """Return the database key of a triple, without the trailing NUL."""
-    return _bounded("/".join((triple.client, _escape(triple.sender.casefold()),
-                              _escape(triple.recipient.casefold()))))
+    return keys(triple)[0]
 
 
-def sender_key(triple: Triple) -> bytes:
-    """Return the key of the (client group, sender) auto-whitelist record."""
-    return _bounded(triple.client + "/" + _escape(triple.sender.casefold()))
-
-
-def client_key(triple: Triple) -> bytes:
-    """Return the key of the client-group auto-whitelist record."""
-    return _bounded(triple.client)
+def keys(triple: Triple) -> tuple[bytes, bytes, bytes]:
+    """Return the keys of the triple, of its (client group, sender)
+    auto-whitelist record and of its client-group record."""
+    client_sender = triple.client + "/" + _escape(triple.sender.casefold())
+    return (_bounded(client_sender + "/" + _escape(triple.recipient.casefold())),
+            _bounded(client_sender), _bounded(triple.client))
 
 
 def _bounded(text: str) -> bytes:

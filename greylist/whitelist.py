@@ -40,6 +40,8 @@ import os
 import re
 from typing import Callable
 
+from greylist.triple import strip_extension
+
 CHECK_INTERVAL_S = 10.0
 
 Warn = Callable[[str], None]
@@ -136,8 +138,7 @@ def match_address(entries: Entries, address: str, delimiter: str) -> bool:
     address = address.casefold()
     local, at, domain = address.rpartition("@")
     if at and delimiter:
-        cut = min((i for i in map(local.find, delimiter) if i > 0), default=len(local))
-        local = local[:cut]
+        local = strip_extension(local, delimiter)
         address = local + "@" + domain
     if address in entries.addresses or (at and local in entries.locals):
         return True
