@@ -52,8 +52,8 @@ from greylist import __version__
 from greylist import record as records
 from greylist.cleanup import Cleaner
 from greylist.config import Config, client_table_name
-from greylist.decide import (DUNNO, Decision, Records, decide, defer_text, screen,
-                             whitelisted_client)
+from greylist.decide import (DUNNO, NO_RECORDS, Decision, Records, decide, defer_text,
+                             screen, whitelisted_client)
 from greylist.log import Log
 from greylist.policy import ProtocolError, Reader, format_reply
 from greylist.privacy import SecretError, hashed, load_secret, secret_path
@@ -182,8 +182,8 @@ class Policy:
             keys = self.keys(triple)
             decision = decide(self.records(self.store.get_many(keys), keys), now,
                               self.cfg, accepted)
-            if not any(r is not None and k is not None
-                       for r, k in zip(_writes(decision), keys)):
+            if decision.writes == NO_RECORDS or not any(
+                    r is not None and k is not None for r, k in zip(decision.writes, keys)):
                 return decision
             # Decide again under the exclusive lock: another process may
             # have written these records since our shared-lock read.
@@ -196,7 +196,7 @@ class Policy:
     def _write(self, olds: list[bytes | None], keys: list[bytes | None], now: int,
                accepted: bool) -> tuple[list[bytes | None], Decision]:
         decision = decide(self.records(olds, keys), now, self.cfg, accepted)
-        return [None if r is None else records.encode(r) for r in _writes(decision)], decision
+        return [None if r is None else records.encode(r) for r in decision.writes], decision
 
     def records(self, values: list[bytes | None], keys: list[bytes | None]) -> Records:
         parsed = []
@@ -215,11 +215,6 @@ class Policy:
             self._warned_at = now
             self.log.warning("%s; answering %s (greylist_failure_action) until the "
                              "database works again" % (exc, self.cfg.failure_action))
-
-
-def _writes(decision: Decision) -> tuple:
-    writes = decision.writes
-    return writes.triple, writes.sender, writes.client
 
 
 def serve(instream: BinaryIO, outstream: BinaryIO, policy: Policy) -> int:

@@ -142,9 +142,9 @@ def match_address(entries: Entries, address: str, delimiter: str) -> bool:
         address = local + "@" + domain
     if address in entries.addresses or (at and local in entries.locals):
         return True
-    if _suffix_match(domain if at else address, entries.names):
+    if entries.names and _suffix_match(domain if at else address, entries.names):
         return True
-    return any(regex.search(address) for regex in entries.regexes)
+    return bool(entries.regexes) and any(regex.search(address) for regex in entries.regexes)
 
 
 class List:
@@ -207,6 +207,7 @@ class Whitelists:
         self.recipients = List(cfg.whitelist_recipients, "address", warn,
                                inline=cfg.exempt_recipients)
         self.senders = List(cfg.whitelist_senders, "address", warn)
+        self._refreshed_at = 0.0  # The lists loaded just now, at time 0.
 
     def screen(self, attrs: dict[str, str], address: str, now: float) -> str | None:
         """Return why a request is exempt from greylisting, or None."""
@@ -216,8 +217,10 @@ class Whitelists:
             ip = ipaddress.ip_address(address)
             if any(ip in network for network in self.trusted):
                 return "trusted"
-        for lists in (self.clients, self.recipients, self.senders):
-            lists.refresh(now)
+        if not 0 <= now - self._refreshed_at < CHECK_INTERVAL_S:
+            self._refreshed_at = now
+            for lists in (self.clients, self.recipients, self.senders):
+                lists.refresh(now)
         if not self.clients.empty and match_client(self.clients.entries, address,
                                                    attrs.get("client_name")):
             return "whitelist-client"
