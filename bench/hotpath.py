@@ -12,9 +12,9 @@ request without the profiler, the top functions by own time, and the
 time per request of each stage, from cumulative times:
 
   parse    greylist.policy.Reader.read
-  key      greylist.triple: triple_from_request, key
-  lookup   greylist.store.Store.get
-  write    greylist.store.Store.update (decide again, commit, fsync)
+  key      greylist.triple: triple_from_request, keys
+  lookup   greylist.store.Store.get_many
+  write    greylist.store.Store.update_many (decide again, commit, fsync)
   decide   greylist.decide: screen, decide
   log      greylist.log.Log.info/debug/_write (the per-decision line)
   reply    greylist.policy.format_reply + the write and flush
@@ -39,9 +39,9 @@ import streams  # noqa: E402
 
 STAGES = (
     ("parse", (("policy.py", "read"),)),
-    ("key", (("triple.py", "triple_from_request"), ("triple.py", "key"))),
-    ("lookup", (("store.py", "get"),)),
-    ("write", (("store.py", "update"),)),
+    ("key", (("triple.py", "triple_from_request"), ("triple.py", "keys"))),
+    ("lookup", (("store.py", "get_many"),)),
+    ("write", (("store.py", "update_many"),)),
     ("decide", (("decide.py", "screen"), ("decide.py", "decide"))),
     ("log", (("log.py", "info"), ("log.py", "debug"), ("log.py", "_write"))),
     ("reply", (("policy.py", "format_reply"),
