@@ -31,6 +31,7 @@ sys.path.insert(0, HERE)
 
 import driver  # noqa: E402
 import peers  # noqa: E402
+import storage  # noqa: E402
 import streams  # noqa: E402
 
 NS = 1_000_000_000
@@ -339,7 +340,8 @@ def ratios(rows: list) -> list:
     return out
 
 
-def targets(rows: list, scale: dict | None, dur: list | None) -> list:
+def targets(rows: list, scale: dict | None, dur: list | None,
+            floor: dict | None = None) -> list:
     keyed = {(r["scenario"], r["processes"], r["program"]): r for r in rows}
 
     def get(s, k, p, field):
@@ -356,19 +358,38 @@ def targets(rows: list, scale: dict | None, dur: list | None) -> list:
         out.append({"target": name, "measured": value, "goal": goal,
                     "met": met, "note": note})
 
-    def cmp_ratio(name, s, k, peer, goal):
+    def cmp_ratio(name, s, k, peer, goal, note=""):
         r = ratio(s, k, peer)
         add(name, None if r is None else round(r, 2), ">= %s" % goal,
-            None if r is None else r >= goal)
+            None if r is None else r >= goal, note)
+
+    def ceiling(s):
+        """The storage floor's bound on our rate, as a multiple of postgrey's."""
+        theirs = get(s, 1, "postgrey", "rate")
+        counts = get(s, 1, "greylist", "plan_counts") or {}
+        if not floor or not floor.get("commit_p50_us") or not theirs or not counts:
+            return ""
+        # Every request but a known triple's commits: first attempts, and
+        # retries (a pending record's update, or a pass and its entries).
+        share = 1 - counts.get("known", 0) / sum(counts.values())
+        if share <= 0:
+            return ""
+        rate = 1e6 / (share * floor["commit_p50_us"])
+        return ("storage floor: %.0f%% of requests commit at p50 %.0f us each, so at most "
+                "%.0f/s = %.2f x postgrey" % (100 * share, floor["commit_p50_us"], rate,
+                                                rate / theirs))
 
     cmp_ratio("repeat, 1 process: x postgrey", "repeat", 1, "postgrey", 4)
     cmp_ratio("repeat, 1 process: x DUNNO responder", "repeat", 1, "dunno", 0.70)
-    cmp_ratio("mixed, 1 process: x postgrey", "mixed", 1, "postgrey", 3)
+    cmp_ratio("mixed, 1 process: x postgrey", "mixed", 1, "postgrey", 3, ceiling("mixed"))
     ours, theirs = get("mixed", 1, "greylist", "p99_ms"), get("mixed", 1, "postgrey", "p50_ms")
     add("mixed, 1 process: our p99 < postgrey p50 (ms)",
         None if ours is None or theirs is None else "%s < %s" % (ours, theirs),
-        "p99 < p50", None if ours is None or theirs is None else ours < theirs)
-    cmp_ratio("new, 1 process: x postgrey", "new", 1, "postgrey", 2)
+        "p99 < p50", None if ours is None or theirs is None else ours < theirs,
+        "storage floor: a durable commit alone takes p50 %.3f ms, p99 %.3f ms"
+        % (floor["commit_p50_us"] / 1000, floor["commit_p99_us"] / 1000)
+        if floor and floor.get("commit_p50_us") else "")
+    cmp_ratio("new, 1 process: x postgrey", "new", 1, "postgrey", 2, ceiling("new"))
     if dur:
         d = next((x for x in dur if x["program"] == "greylist"), None)
         if d and d.get("defer_replies_traced"):
@@ -460,6 +481,8 @@ def print_table(report: dict, stream) -> None:
                      d.get("defer_replies_traced", 0), d.get("sync_calls", 0),
                      d.get("defers", 0),
                      "  errors: " + "; ".join(d["errors"]) if d.get("errors") else ""))
+    if report.get("storage"):
+        w("\n" + storage.describe(report["storage"]))
     if report.get("scale"):
         import scale as scale_mod
         scale_mod.print_scale(report["scale"], stream)
@@ -586,12 +609,13 @@ def main(argv: list | None = None) -> int:
                 out.flush()
         if args.durability:
             report["durability"] = durability(progs, args, top)
+            report["storage"] = storage.measure(args.python, args.ours_path, top)
         if args.scale:
             import scale
             report["scale"] = scale.run_scale(args, top, out)
         report["ratios"] = ratios(report["runs"])
         report["targets"] = targets(report["runs"], report.get("scale"),
-                                    report.get("durability"))
+                                    report.get("durability"), report.get("storage"))
     finally:
         shutil.rmtree(top, ignore_errors=True)
     out.write("\n")

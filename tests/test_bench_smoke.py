@@ -65,3 +65,18 @@ def test_bench_smoke_run_reports_well_formed_json(tmp_path):
     for target in report["targets"]:
         assert set(target) >= {"target", "measured", "goal", "met"}
         assert target["met"] in (True, False, None)
+
+
+def test_storage_floor_measures_commits_and_flushes(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import storage
+    finally:
+        sys.path.pop(0)
+    floor = storage.measure(sys.executable, ROOT, str(tmp_path), commits=20, prefill=200)
+    assert floor.get("available", True), floor
+    assert 0 < floor["commit_p50_us"] <= floor["commit_p99_us"]
+    assert 0 < floor["fdatasync_p50_us"] <= floor["fdatasync_p99_us"]
+    assert floor["commit_ceiling_per_s"] == round(1e6 / floor["commit_p50_us"])
+    assert "durable commit into 200 keys" in storage.describe(floor)
+    assert os.listdir(tmp_path) == []  # Its work directory is removed.
