@@ -105,7 +105,8 @@ class _Api:
         self.Store = store.Store
         self.encode = record.encode
         self._Record = record.Record
-        names = [f.name for f in dataclasses.fields(record.Record)]
+        names = (list(record.Record._fields) if hasattr(record.Record, "_fields")
+                 else [f.name for f in dataclasses.fields(record.Record)])
         self._by_state = "state" in names
         params = inspect.signature(triple.triple_from_request).parameters
         cfg = config.Config() if len(params) > 1 else None
