@@ -26,8 +26,9 @@ DESCRIPTION
     Policy processes run steps after a reply has been sent, for at most
     BUDGET_S each time, so a waiting request is delayed by a few
     milliseconds at most. greylistctl cleanup runs steps until the pass
-    completes, with batches of MANUAL_BATCH records: fewer, still short,
-    locks and commits.
+    completes, walking MANUAL_BATCH records per shared lock. Either way
+    a write transaction deletes at most DELETE_BATCH records, so the
+    exclusive lock is held for one short commit.
 
 DIAGNOSTICS
     "cleanup: full retained=N dropped=M" when a pass completes (the
@@ -51,6 +52,9 @@ from greylist.store import Store, StoreError, check_directory
 STATE_SUFFIX = ".cleanup"
 BATCH = 64
 MANUAL_BATCH = 1024
+# At most this many deletes per write transaction: the exclusive lock,
+# which makes requests wait, is held for one commit of at most this many.
+DELETE_BATCH = 128
 BUDGET_S = 0.005
 # How long a policy process waits before it looks at the state again
 # after finding another process cleaning.
@@ -104,6 +108,8 @@ class Cleaner:
         self.path = store.name + STATE_SUFFIX
         self._fd = -1
         self._next_check = 0.0
+        # The longest delete transaction of this process, lock wait included.
+        self.longest_write_s = 0.0
 
     def close(self) -> None:
         """Close the state file."""
@@ -162,9 +168,13 @@ class Cleaner:
             try:
                 items = self.stores[table].scan(after or None, self.batch)
                 doomed = [k for k, v in items if self._doomed(table, v, now)]
-                if doomed:
+                for start in range(0, len(doomed), DELETE_BATCH):
+                    began = time.monotonic()
                     self.stores[table].delete_if(
-                        doomed, lambda k, v: v is not None and self._doomed(table, v, now))
+                        doomed[start:start + DELETE_BATCH],
+                        lambda k, v: v is not None and self._doomed(table, v, now))
+                    self.longest_write_s = max(self.longest_write_s,
+                                               time.monotonic() - began)
             except StoreError as exc:
                 self.log.warning("cleanup stopped: %s" % exc)
                 self.log.info("cleanup: partial retained=%d dropped=%d"

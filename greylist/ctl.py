@@ -140,6 +140,7 @@ def _cleanup(store: Store, cfg, log: Log, dry_run: bool) -> int:
               % (retained, dropped))
         return 0
     store.open()
+    began = time.monotonic()
     busy_since = None
     start = True
     state = None
@@ -170,6 +171,8 @@ def _cleanup(store: Store, cfg, log: Log, dry_run: bool) -> int:
     if terminal:
         print()
     print("cleanup: full retained=%d dropped=%d" % (state.retained, state.dropped))
+    print("cleanup: %.1f s, longest write lock %.1f ms"
+          % (time.monotonic() - began, 1000 * cleaner.longest_write_s))
     return 0
 
 

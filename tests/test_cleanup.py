@@ -84,6 +84,21 @@ def test_a_pass_resumes_in_another_process_where_the_last_step_stopped(stores):
     assert second.log.lines == ["cleanup: full retained=0 dropped=300"]
 
 
+def test_a_write_transaction_deletes_at_most_delete_batch_records(stores, monkeypatch):
+    store, table = stores
+    store.put_many([(b"k%04d" % i, encode(Record(T, T, 1, "pending"))) for i in range(50)])
+    monkeypatch.setattr(cleanup_module, "DELETE_BATCH", 8)
+    sizes = []
+    delete_if = store.delete_if
+    monkeypatch.setattr(store, "delete_if",
+                        lambda keys, doomed: sizes.append(len(keys)) or delete_if(keys, doomed))
+    c = Cleaner(store, table, CFG, Recorder(), clock=lambda: NOW, batch=20)
+    state = run_pass(c)
+    assert state.dropped == 50 and list(store.items()) == []
+    assert sizes == [8, 8, 4, 8, 8, 4, 8, 2]  # walks of 20, 20 and 10 records
+    assert c.longest_write_s > 0
+
+
 def test_a_deleted_position_does_not_end_the_walk(stores):
     store, table = stores
     store.put_many([(b"k%04d" % i, encode(Record(T, NOW, 1, "passed"))) for i in range(200)])
