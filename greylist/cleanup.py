@@ -165,25 +165,29 @@ class Cleaner:
         deadline = time.monotonic() + budget_s
         while True:
             table, after = state.position
+            deleted = 0
             try:
                 items = self.stores[table].scan(after or None, self.batch)
                 doomed = [k for k, v in items if self._doomed(table, v, now)]
                 for start in range(0, len(doomed), DELETE_BATCH):
                     began = time.monotonic()
-                    self.stores[table].delete_if(
+                    deleted += self.stores[table].delete_if(
                         doomed[start:start + DELETE_BATCH],
                         lambda k, v: v is not None and self._doomed(table, v, now))
                     self.longest_write_s = max(self.longest_write_s,
                                                time.monotonic() - began)
             except StoreError as exc:
+                # Deletes committed before the failure are counted now: the
+                # next walk of this batch no longer sees them.
+                state = replace(state, dropped=state.dropped + deleted)
                 self.log.warning("cleanup stopped: %s" % exc)
                 self.log.info("cleanup: partial retained=%d dropped=%d"
                               % (state.retained, state.dropped))
                 # Keep the position; try again later, not at every request.
                 self._next_check = now + FAILURE_RETRY_S
                 return state
-            state = replace(state, retained=state.retained + len(items) - len(doomed),
-                            dropped=state.dropped + len(doomed),
+            state = replace(state, retained=state.retained + len(items) - deleted,
+                            dropped=state.dropped + deleted,
                             position=(table, items[-1][0] if items else after))
             if len(items) < self.batch:
                 if table + 1 < len(self.stores):

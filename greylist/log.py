@@ -72,7 +72,7 @@ class Log:
 
     def _write(self, priority: int, message: str) -> None:
         # One record per message: no newlines, bounded length, and
-        # surrogates (bytes that were not UTF-8) written as \x escapes.
+        # surrogates (bytes that were not UTF-8) written as \udcXX.
         message = message.replace("\n", " ")[:MAX_MESSAGE]
         try:
             if self._target == "syslog":

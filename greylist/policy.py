@@ -95,6 +95,8 @@ class Reader:
 def _parse(block: bytes) -> dict[str, str]:
     """The attributes of a block of lines, each ended by a newline, within
     the line cap."""
+    if block.count(b"\n") > MAX_ATTRIBUTES:
+        raise ProtocolError("more than %d attributes in one request" % MAX_ATTRIBUTES)
     if b"\0" in block:
         line = next(raw for raw in block.split(b"\n") if b"\0" in raw)
         raise ProtocolError("NUL byte in line %s" % _show(line))
@@ -102,8 +104,6 @@ def _parse(block: bytes) -> dict[str, str]:
     # decoding gives the same lines.
     lines = block.decode("utf-8", "surrogateescape").split("\n")
     lines.pop()
-    if len(lines) > MAX_ATTRIBUTES:
-        raise ProtocolError("more than %d attributes in one request" % MAX_ATTRIBUTES)
     attrs: dict[str, str] = {}
     for line in lines:
         name, sep, value = line.partition("=")

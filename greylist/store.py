@@ -20,12 +20,12 @@ DESCRIPTION
     A Store opens lazily and reopens after a failure, at most once per
     REOPEN_DELAY_S, so a repaired file is picked up without a restart.
     It checks that the open file is still the one at its path, and
-    reopens the path if the file was deleted or replaced: before every
-    write, and before a read when SAME_FILE_INTERVAL_S has passed since
-    the last check. A read may thus see a replaced file's contents for
-    up to that long (Postfix daemons use theirs until the client
-    session ends); a write never goes to a file that left its path
-    before the write began.
+    reopens the path if the file was deleted or replaced: just before
+    every write takes its lock, and before a read when
+    SAME_FILE_INTERVAL_S has passed since the last check. A read may
+    thus see a replaced file's contents for up to that long (Postfix
+    daemons use theirs until the client session ends). A file replaced
+    while a write waits for its lock still gets that write.
 
 DIAGNOSTICS
     StoreError, with a message for the administrator, when the file is

@@ -12,7 +12,7 @@ from greylist import cleanup as cleanup_module
 from greylist.cleanup import BATCH, Cleaner, State, format_state, parse_state
 from greylist.config import Config
 from greylist.record import Record, encode
-from greylist.store import Store
+from greylist.store import Store, StoreError
 from tests.conftest import Recorder
 
 T = 1_700_000_000
@@ -99,6 +99,27 @@ def test_a_write_transaction_deletes_at_most_delete_batch_records(stores, monkey
     assert c.longest_write_s > 0
 
 
+def test_deletes_committed_before_a_failure_are_counted(stores, monkeypatch):
+    store, table = stores
+    store.put_many([(b"k%04d" % i, encode(Record(T, T, 1, "pending"))) for i in range(30)])
+    monkeypatch.setattr(cleanup_module, "DELETE_BATCH", 8)
+    delete_if, calls = store.delete_if, []
+
+    def failing_second(keys, doomed):
+        calls.append(len(keys))
+        if len(calls) == 2:
+            raise StoreError("disk trouble")
+        return delete_if(keys, doomed)
+    monkeypatch.setattr(store, "delete_if", failing_second)
+    c = Cleaner(store, table, CFG, Recorder(), clock=lambda: NOW, batch=1024)
+    state = c.step(budget_s=1.0, start=True)
+    assert (state.retained, state.dropped) == (0, 8)
+    monkeypatch.setattr(store, "delete_if", delete_if)
+    c._next_check = 0  # Retry now rather than after FAILURE_RETRY_S.
+    state = run_pass(c)
+    assert (state.retained, state.dropped) == (0, 30) and list(store.items()) == []
+
+
 def test_a_deleted_position_does_not_end_the_walk(stores):
     store, table = stores
     store.put_many([(b"k%04d" % i, encode(Record(T, NOW, 1, "passed"))) for i in range(200)])
@@ -167,7 +188,7 @@ def test_state_round_trip(state):
 WRITER = """
 import sys, time
 from greylist.record import Record, encode
-from greylist.store import Store
+from greylist.store import Store, StoreError
 s = Store(sys.argv[1])
 now = int(time.time())
 deadline = time.monotonic() + float(sys.argv[2])

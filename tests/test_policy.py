@@ -134,6 +134,8 @@ def test_invalid_utf_8_bytes_survive_a_round_trip():
                  "more than", id="one-attribute-over"),
     pytest.param(b"sender=a\n" * (MAX_ATTRIBUTES + 1) + b"\n", "more than",
                  id="repeated-attribute-over"),
+    pytest.param(b"a=b\n" * (MAX_ATTRIBUTES + 1) + b"c=\0\n\n", "more than",
+                 id="attribute-count-before-nul"),
     pytest.param(b"request=smtpd_access_policy\nprotocol_state=RCPT\n", "premature end",
                  id="eof-after-lines"),
     pytest.param(b"sender=\n", "premature end", id="eof-after-empty-value"),
