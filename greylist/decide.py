@@ -105,13 +105,9 @@ def screen(attrs: dict[str, str], cfg: Config) -> Decision | None:
 def decide(records: Records, now: int, cfg: Config,
            message_accepted: bool = False) -> Decision:
     """Return the decision for a triple whose stored records are records."""
-    triple, sender, client = records
-    if triple is not None and (triple.state not in TRIPLE_STATES or expired(triple, now, cfg)):
-        triple = None
-    if sender is not None and (sender.state not in SENDER_STATES or expired(sender, now, cfg)):
-        sender = None
-    if client is not None and (client.state not in CLIENT_STATES or expired(client, now, cfg)):
-        client = None
+    triple = _live(records.triple, TRIPLE_STATES, now, cfg)
+    sender = _live(records.sender, SENDER_STATES, now, cfg)
+    client = _live(records.client, CLIENT_STATES, now, cfg)
     if whitelisted_client(client, cfg):
         return Decision(DUNNO, "manual-client" if client.state == MANUAL else "awl-client",
                         now - client.first_seen, Records(client=_refreshed(client, now, cfg)))
@@ -134,6 +130,14 @@ def decide(records: Records, now: int, cfg: Config,
                         Records(triple=Record(now, now, 1, PENDING)))
     seen = Record(triple.first_seen, max(triple.last_seen, now), triple.count + 1, PENDING)
     return Decision(_defer(cfg.delay_s - age, cfg), reason, age, Records(triple=seen))
+
+
+def _live(record: Record | None, kinds: tuple[str, ...], now: int,
+          cfg: Config) -> Record | None:
+    """The record, unless absent, of a kind its slot does not hold, or expired."""
+    if record is None or record.state not in kinds or expired(record, now, cfg):
+        return None
+    return record
 
 
 def defer_text(decision: Decision, recipient_domain: str, client_address: str) -> str:

@@ -69,8 +69,7 @@ class Reader:
             newline = buf.find(b"\n", start)
             if newline < 0:
                 if len(buf) - start > MAX_LINE_BYTES:
-                    raise ProtocolError("line longer than %d bytes: %s"
-                                        % (MAX_LINE_BYTES, _show(bytes(buf[start:start + 101]))))
+                    raise _too_long(bytes(buf[start:start + 101]))
                 data = self._read1(READ_SIZE)
                 if data:
                     buf += data
@@ -84,12 +83,15 @@ class Reader:
                 self._buf = bytes(buf[start + 1:])
                 return _parse(bytes(buf[:start]))
             if newline - start > MAX_LINE_BYTES:
-                raise ProtocolError("line longer than %d bytes: %s"
-                                    % (MAX_LINE_BYTES, _show(bytes(buf[start:newline]))))
+                raise _too_long(bytes(buf[start:newline]))
             count += 1
             if count > MAX_ATTRIBUTES:
                 raise ProtocolError("more than %d attributes in one request" % MAX_ATTRIBUTES)
             start = newline + 1
+
+
+def _too_long(line: bytes) -> ProtocolError:
+    return ProtocolError("line longer than %d bytes: %s" % (MAX_LINE_BYTES, _show(line)))
 
 
 def _parse(block: bytes) -> dict[str, str]:

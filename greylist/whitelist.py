@@ -21,9 +21,10 @@ DESCRIPTION
         user@domain     this address
         domain          this domain and its subdomains
 
-    A List notes the files' modification times and sizes and, checked at
-    most once per CHECK_INTERVAL_S, reads them again when one changed,
-    so that long-lived spawn(8) processes see edits without a restart.
+    A List notes the files' modification times and sizes and reads them
+    again when one changed; Whitelists has its lists look at most once
+    per CHECK_INTERVAL_S, so that long-lived spawn(8) processes see
+    edits without a restart.
 
     Whitelists bundles the exemptions that need no database: SASL
     authentication, greylist_trusted_networks, and the client, recipient
@@ -157,17 +158,14 @@ class List:
         self.inline = inline
         self._warn = warn
         self._stamps: list[tuple[int, int] | None] | None = None
-        self._checked_at: float | None = None
         self.entries = Entries()
         self.empty = not files and not inline
-        self.refresh(0.0)
+        self.refresh()
 
-    def refresh(self, now: float) -> None:
-        """Reload the files if one changed; check at most once per interval."""
-        if self.empty or (self._checked_at is not None
-                          and 0 <= now - self._checked_at < CHECK_INTERVAL_S):
+    def refresh(self) -> None:
+        """Reload the files if one changed since the last look."""
+        if self.empty:
             return
-        self._checked_at = now
         stamps = [_stamp(path) for path in self.files]
         if stamps == self._stamps:
             return
@@ -220,7 +218,7 @@ class Whitelists:
         if not 0 <= now - self._refreshed_at < CHECK_INTERVAL_S:
             self._refreshed_at = now
             for lists in (self.clients, self.recipients, self.senders):
-                lists.refresh(now)
+                lists.refresh()
         if not self.clients.empty and match_client(self.clients.entries, address,
                                                    attrs.get("client_name")):
             return "whitelist-client"
