@@ -3,23 +3,27 @@
 Usage: python bench/hotpath.py [--scenario repeat,new] [--requests N]
                                [--ours-path DIR] [--top N]
 
-Runs greylist.cli.main() in this process on a seeded stream (stdin and
-stdout replaced by in-memory buffers, the database and log in a
-temporary directory), under cProfile, exactly as spawn(8) would run it
+Runs greylist.cli.greylist.main() in this process on a seeded stream
+(stdin and stdout replaced by in-memory buffers, the database and log in
+a temporary directory), under cProfile, exactly as spawn(8) would run it
 but without the pipes. For "repeat" the warm-up (first sight, then a
 retry after the delay) runs unprofiled first. Prints the wall time per
 request without the profiler, the top functions by own time, and the
-time per request of each stage, from cumulative times:
+time per request of each stage, from cumulative times (STAGES):
 
-  parse    greylist.policy.Reader.read
-  key      greylist.triple: triple_from_request, keys
-  lookup   greylist.store.Store.get_many
-  write    greylist.store.Store.update_many (decide again, commit, fsync)
-  decide   greylist.decide: screen, decide
-  log      greylist.log.Log.info/debug/_write (the per-decision line)
-  reply    greylist.policy.format_reply + the write and flush
-  other    the rest: serve()'s own loop, including the formatting of
-           debug lines that are not logged
+  parse    transports.spawn Reader.read (protocols.policy Decoder inside)
+  key      core.triple: triple_from_request, keys
+  lookup   stores.lmdb LmdbStore.get_many
+  write    stores.lmdb LmdbStore.update_many (decide again, commit, fsync)
+  decide   core.evaluate: precheck, render; core.decide: decide
+  log      log Log.info/debug/warning (the per-decision line)
+  reply    protocols.policy format_reply + the write and flush
+  other    the rest: serve()'s own loop, the service and handler glue,
+           the formatting of debug lines that are not logged
+
+Stages name the functions themselves (module and qualified name), and
+resolve_stages() finds their code objects: a stage whose function no
+longer exists is an error, never a silent 0 (tests/test_bench_smoke.py).
 """
 
 import argparse
@@ -38,21 +42,46 @@ sys.path.insert(0, HERE)
 import streams  # noqa: E402
 
 STAGES = (
-    ("parse", (("policy.py", "read"),)),
-    ("key", (("triple.py", "triple_from_request"), ("triple.py", "keys"))),
-    ("lookup", (("store.py", "get_many"),)),
-    ("write", (("store.py", "update_many"),)),
-    ("decide", (("decide.py", "screen"), ("decide.py", "decide"))),
-    ("log", (("log.py", "info"), ("log.py", "debug"), ("log.py", "_write"))),
-    ("reply", (("policy.py", "format_reply"),
-               ("~", "<method 'write' of '_io.BytesIO' objects>"),
-               ("~", "<method 'flush' of '_io.BytesIO' objects>"))),
+    ("parse", ("greylist.transports.spawn:Reader.read",)),
+    ("key", ("greylist.core.triple:triple_from_request", "greylist.core.triple:keys")),
+    ("lookup", ("greylist.stores.lmdb:LmdbStore.get_many",)),
+    ("write", ("greylist.stores.lmdb:LmdbStore.update_many",)),
+    ("decide", ("greylist.core.evaluate:precheck", "greylist.core.decide:decide",
+                "greylist.core.evaluate:render")),
+    ("log", ("greylist.log:Log.info", "greylist.log:Log.debug", "greylist.log:Log.warning")),
+    ("reply", ("greylist.protocols.policy:format_reply",
+               "~:<method 'write' of '_io.BytesIO' objects>",
+               "~:<method 'flush' of '_io.BytesIO' objects>")),
 )
 
 
+def resolve_stages() -> list[tuple[str, set]]:
+    """Return each stage with the pstats keys (file, line, name) of its
+    functions; raise LookupError if a function no longer exists."""
+    import importlib
+    resolved = []
+    for stage, names in STAGES:
+        keys = set()
+        for name in names:
+            module, _, qualname = name.partition(":")
+            if module == "~":
+                keys.add(("~", 0, qualname))  # a builtin, as pstats names it
+                continue
+            try:
+                target = importlib.import_module(module)
+                for part in qualname.split("."):
+                    target = getattr(target, part)
+                code = target.__code__
+            except (ImportError, AttributeError) as exc:
+                raise LookupError("stage %s: %s: %s" % (stage, name, exc)) from None
+            keys.add((code.co_filename, code.co_firstlineno, code.co_name))
+        resolved.append((stage, keys))
+    return resolved
+
+
 def run_main(stream: bytes, settings: str) -> bytes:
-    """Run greylist.cli.main on stream; return what it wrote to stdout."""
-    from greylist import cli
+    """Run greylist.cli.greylist.main on stream; return what it wrote to stdout."""
+    from greylist.cli import greylist as cli
     saved = sys.stdin, sys.stdout, sys.excepthook
     saved_fd2 = os.dup(2)
     out = io.BytesIO()
@@ -106,17 +135,11 @@ def profile(scenario: str, requests: int, seed: int, delay_s: int, top: int,
     total = stats.total_tt
     print("profiled: %.1f us/request\n" % (total / n * 1e6))
     print("stage     us/request  share  (cumulative, profiled)")
-    for stage, funcs in STAGES:
-        cum = 0.0
-        for (path, line, func), (cc, nc, tt, ct, callers) in stats.stats.items():
-            if any(path.endswith(p) and func == f for p, f in funcs):
-                cum += ct
-        print("%-8s %10.1f %5.0f%%" % (stage, cum / n * 1e6, 100 * cum / total))
     staged = 0.0
-    for stage, funcs in STAGES:
-        for (path, line, func), (cc, nc, tt, ct, callers) in stats.stats.items():
-            if any(path.endswith(p) and func == f for p, f in funcs):
-                staged += ct
+    for stage, keys in resolve_stages():
+        cum = sum(ct for key, (cc, nc, tt, ct, callers) in stats.stats.items() if key in keys)
+        staged += cum
+        print("%-8s %10.1f %5.0f%%" % (stage, cum / n * 1e6, 100 * cum / total))
     print("%-8s %10.1f %5.0f%%  (serve's own work: loop, debug formatting)"
           % ("other", (total - staged) / n * 1e6, 100 * (total - staged) / total))
     print("\ntop %d by own time:" % top)

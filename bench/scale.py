@@ -2,8 +2,8 @@
 
 DESCRIPTION
     For each size, a database is built in a temporary directory through
-    greylist's own API: keys from greylist.triple.key(), values from
-    greylist.record.encode(), written with greylist.store.Store.put_many
+    greylist's own API: keys from greylist.core.triple.key(), values from
+    greylist.core.record.encode(), written with greylist.stores.lmdb.LmdbStore.put_many
     in batches of BATCH pairs, in key order (a bulk load; the file is
     then about half full per page, as LMDB splits pages in the middle).
     The triples look like the streams' (realistic clients, senders and
@@ -106,8 +106,15 @@ class _Api:
         import dataclasses
         import inspect
         sys.path.insert(0, source)
-        from greylist import config, record, store, triple
-        self.Store = store.Store
+        try:
+            # The layout of 0.4: greylist.core, greylist.stores.
+            from greylist import config
+            from greylist.core import record, triple
+            from greylist.stores.lmdb import LmdbStore
+        except ImportError:
+            from greylist import config, record, store, triple
+            LmdbStore = store.Store
+        self.Store = LmdbStore
         self.encode = record.encode
         self._Record = record.Record
         names = (list(record.Record._fields) if hasattr(record.Record, "_fields")

@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 _CHILD = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
-from greylist.store import Store
+from greylist.stores.lmdb import LmdbStore
 directory, n = sys.argv[2], int(sys.argv[3])
 import random
 rng = random.Random(5)
@@ -43,7 +43,7 @@ def key():
     return ("198.18.%d/%08x@example.org/%08x@example.net" % (
         rng.randrange(256), rng.getrandbits(32), rng.getrandbits(32))).encode()
 value = b"1:1700000000:1700000000:1:pending"
-store = Store(os.path.join(directory, "floor"))
+store = LmdbStore(os.path.join(directory, "floor"))
 prefill = sorted((key(), value) for _ in range(int(sys.argv[4])))
 for start in range(0, len(prefill), 1000):
     store.put_many(prefill[start:start + 1000])

@@ -2,6 +2,6 @@
 
 import sys
 
-from greylist.cli import main
+from greylist.cli.greylist import main
 
 sys.exit(main())

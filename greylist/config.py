@@ -8,16 +8,19 @@ DESCRIPTION
     Config field table below and in greylist(8). Time values take the
     Postfix units s, m, h, d and w; a bare number means seconds.
 
+    The names derived from greylist_database (the client table, the
+    privacy secret, the cleanup state file) are resolved once, by
+    resolve(), when load() returns the settings: every program and
+    module then reads them from Config, none computes them.
+
 DIAGNOSTICS
     ConfigError for an unknown name, a malformed line or an invalid
     value; callers log it as fatal.
 """
 
-import ipaddress
 import os
 import re
-import string
-from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
 
 DEFAULT_DATABASE = "/var/lib/greylist/greylist"
 
@@ -26,9 +29,12 @@ class ConfigError(Exception):
     """An invalid setting, settings file or command-line value."""
 
 
-@dataclass(frozen=True)
-class Config:
-    """Validated settings; see greylist(8) for each setting's meaning."""
+class Config(NamedTuple):
+    """Validated settings; see greylist(8) for each setting's meaning.
+
+    A named tuple (immutable; _replace() for a changed copy): it costs
+    less start-up time under spawn(8) than a dataclass.
+    """
 
     database: str = DEFAULT_DATABASE
     # 180 s: below the 200-285 s first retry of many MTAs reported by
@@ -39,6 +45,7 @@ class Config:
     max_age_s: int = 35 * 86400
     # verify(8)'s address_verify_cache_cleanup_interval default.
     cleanup_interval_s: int = 12 * 3600
+    # "" until resolve(): then the table's name, or "" for none.
     client_table: str = ""
     client_match: str = "prefix"
     ipv4_prefix: int = 24
@@ -57,12 +64,17 @@ class Config:
     header: bool = False
     learn: bool = False
     privacy: bool = False
+    # "" until resolve(): then the secret file's name.
     secret_file: str = ""
     null_sender: bool = True
     failure_action: str = "DUNNO"
     log: str = "syslog"
     allow_root: bool = False
     verbose: int = 0
+    # Derived by resolve(), not a setting: the cleanup state file.
+    cleanup_state: str = ""
+    # Whether resolve() ran.
+    resolved: bool = False
 
 
 # Setting name -> (Config field, parser).
@@ -93,6 +105,7 @@ def _parse_database(name: str, value: str) -> str:
 
 
 def _parse_defer_text(name: str, value: str) -> str:
+    import string
     value = value.strip()
     try:
         string.Template(value).substitute(seconds_left=0, recipient_domain="",
@@ -117,6 +130,7 @@ def _parse_files(name: str, value: str) -> tuple[str, ...]:
 
 
 def _parse_networks(name: str, value: str) -> tuple[str, ...]:
+    import ipaddress
     networks = _parse_list(name, value)
     for network in networks:
         try:
@@ -163,13 +177,6 @@ def _parse_table(name: str, value: str) -> str:
     if value != "none":
         value = _parse_path(name, value)
     return value[:-len(".lmdb")] if value.endswith(".lmdb") else value
-
-
-def client_table_name(cfg: "Config") -> str | None:
-    """The client table's name: the setting, or the database's plus -clients."""
-    if cfg.client_table == "none":
-        return None
-    return cfg.client_table or os.path.abspath(cfg.database) + "-clients"
 
 
 def _parse_path(name: str, value: str) -> str:
@@ -232,7 +239,8 @@ SETTINGS = {
     "greylist_log": ("log", _parse_log),
     "greylist_allow_root": ("allow_root", _parse_bool),
 }
-assert {f for f, _ in SETTINGS.values()} == {f.name for f in fields(Config)} - {"verbose"}
+assert {f for f, _ in SETTINGS.values()} == set(Config._fields) - {
+    "verbose", "cleanup_state", "resolved"}
 
 
 def parse_setting(name: str, value: str) -> tuple[str, object]:
@@ -283,7 +291,34 @@ def load(path: str | None, overrides: dict[str, object]) -> Config:
             raise ConfigError("cannot read settings file %s: %s" % (path, exc)) from None
         values.update(read_settings(text, path))
     values.update(overrides)
-    config = replace(Config(), **values)
-    if not config.log.startswith("postlog") and config.log != "syslog":
-        config = replace(config, log=os.path.abspath(config.log))
-    return config
+    return resolve(Config(**values))
+
+
+CLIENT_TABLE_SUFFIX = "-clients"
+SECRET_SUFFIX = ".secret"
+CLEANUP_SUFFIX = ".cleanup"
+
+
+def resolve(cfg: Config) -> Config:
+    """Return cfg with its derived names resolved (see DESCRIPTION).
+
+    client_table: the setting, or the database's name plus "-clients";
+    "" for none (greylist_client_table = none, and always in privacy
+    mode, as the table names clients in plaintext). secret_file: the
+    setting, or the database's name plus ".secret". cleanup_state: the
+    database's name plus ".cleanup". The log file is made absolute.
+    Idempotent.
+    """
+    if cfg.resolved:
+        return cfg
+    database = os.path.abspath(cfg.database)
+    table = cfg.client_table or database + CLIENT_TABLE_SUFFIX
+    if table == "none" or cfg.privacy:
+        table = ""
+    log = cfg.log
+    if not log.startswith("postlog") and log != "syslog":
+        log = os.path.abspath(log)
+    return cfg._replace(client_table=table,
+                        secret_file=cfg.secret_file or database + SECRET_SUFFIX,
+                        cleanup_state=cfg.database + CLEANUP_SUFFIX,
+                        log=log, resolved=True)

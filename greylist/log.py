@@ -15,14 +15,15 @@ DESCRIPTION
                     second when it is rotated or removed.
 
     Warnings start with "warning: " and fatal errors with "fatal: ", as
-    in Postfix. Debug lines are written only when the -v count reaches
+    in Postfix. The clock that stamps file and postlog lines is injected
+    (time.time by default). Debug lines are written only when the -v count reaches
     their level. A logging failure is never allowed to fail the service.
 """
 
 import os
-import socket
 import syslog
 import time
+from typing import Callable
 
 POSTLOG_SOCKET = "/var/spool/postfix/public/postlog"
 MAX_MESSAGE = 2000
@@ -32,15 +33,18 @@ class Log:
     """A logger for one process; see the module description for targets."""
 
     def __init__(self, ident: str = "greylist", target: str = "syslog",
-                 verbose: int = 0) -> None:
+                 verbose: int = 0, clock: Callable[[], float] = time.time) -> None:
         self.ident = ident
         self.verbose = verbose
+        self.clock = clock
         self._target = target
-        self._socket: socket.socket | None = None
-        self._host = socket.gethostname().split(".")[0]
+        self._socket = None
+        self._host = os.uname().nodename.split(".")[0]
         if target == "syslog":
             syslog.openlog(ident, syslog.LOG_PID, syslog.LOG_MAIL)
         elif target.startswith("postlog"):
+            # Imported here: only the postlog target needs a socket.
+            import socket
             self._path = target.partition(":")[2] or POSTLOG_SOCKET
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._socket.setblocking(False)
@@ -79,9 +83,10 @@ class Log:
                 syslog.syslog(priority, message.encode("utf-8", "backslashreplace")
                               .decode("utf-8"))
                 return
-            now = int(time.time())
+            now = int(self.clock())
             if now != self._stamp_at:
-                self._stamp_at, self._stamp = now, time.strftime("%b %e %H:%M:%S ")
+                self._stamp_at = now
+                self._stamp = time.strftime("%b %e %H:%M:%S ", time.localtime(now))
             line = (self._stamp + self._prefix + message).encode("utf-8", "backslashreplace")
             if self._socket is not None:
                 self._socket.sendto(line, self._path)

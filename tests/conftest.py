@@ -40,6 +40,16 @@ def run_python(code: str, *args: str, timeout: float = 30,
                           timeout=timeout, env=env, **kwargs)
 
 
+def policy_service(store, cfg, log, clock=None):
+    """The spawn program's policy service on a given store (its name is
+    the database of cfg)."""
+    from greylist.config import resolve
+    from greylist.wiring import policy_service as build
+    import time
+    return build(resolve(cfg._replace(database=store.name)), log, clock or time.time,
+                 store=store)
+
+
 class Recorder:
     """A Log stand-in that keeps its lines ("warning: " marks warnings)."""
 

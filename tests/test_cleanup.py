@@ -4,15 +4,15 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import replace
 
 import pytest
 
-from greylist import cleanup as cleanup_module
-from greylist.cleanup import BATCH, Cleaner, State, format_state, parse_state
-from greylist.config import Config
-from greylist.record import Record, encode
-from greylist.store import Store, StoreError
+from greylist.stores import cleanup as cleanup_module
+from greylist.stores.cleanup import BATCH, Cleaner, State, format_state, parse_state
+from greylist.config import Config, resolve
+from greylist.core.record import Record, encode
+from greylist.stores.base import StoreError
+from greylist.stores.lmdb import LmdbStore
 from tests.conftest import Recorder
 
 T = 1_700_000_000
@@ -23,14 +23,19 @@ WINDOW, MAX_AGE = CFG.retry_window_s, CFG.max_age_s
 @pytest.fixture
 def stores(tmp_path):
     os.chmod(tmp_path, 0o755)
-    store, table = Store(str(tmp_path / "g")), Store(str(tmp_path / "g-clients"))
+    store, table = LmdbStore(str(tmp_path / "g")), LmdbStore(str(tmp_path / "g-clients"))
     yield store, table
     store.close()
     table.close()
 
 
-def cleaner(store, table, now, cfg=CFG):
-    return Cleaner(store, table, cfg, Recorder(), clock=lambda: now)
+def at(store, cfg=CFG):
+    """cfg for the database store (its cleanup state beside it)."""
+    return resolve(cfg._replace(database=store.name))
+
+
+def cleaner(store, table, now, cfg=CFG, **tuning):
+    return Cleaner(store, table, at(store, cfg), Recorder(), clock=lambda: now, **tuning)
 
 
 def run_pass(c, budget_s=1.0):
@@ -87,12 +92,11 @@ def test_a_pass_resumes_in_another_process_where_the_last_step_stopped(stores):
 def test_a_write_transaction_deletes_at_most_delete_batch_records(stores, monkeypatch):
     store, table = stores
     store.put_many([(b"k%04d" % i, encode(Record(T, T, 1, "pending"))) for i in range(50)])
-    monkeypatch.setattr(cleanup_module, "DELETE_BATCH", 8)
     sizes = []
     delete_if = store.delete_if
     monkeypatch.setattr(store, "delete_if",
                         lambda keys, doomed: sizes.append(len(keys)) or delete_if(keys, doomed))
-    c = Cleaner(store, table, CFG, Recorder(), clock=lambda: NOW, batch=20)
+    c = cleaner(store, table, NOW, batch=20, delete_batch=8)
     state = run_pass(c)
     assert state.dropped == 50 and list(store.items()) == []
     assert sizes == [8, 8, 4, 8, 8, 4, 8, 2]  # walks of 20, 20 and 10 records
@@ -102,7 +106,6 @@ def test_a_write_transaction_deletes_at_most_delete_batch_records(stores, monkey
 def test_deletes_committed_before_a_failure_are_counted(stores, monkeypatch):
     store, table = stores
     store.put_many([(b"k%04d" % i, encode(Record(T, T, 1, "pending"))) for i in range(30)])
-    monkeypatch.setattr(cleanup_module, "DELETE_BATCH", 8)
     delete_if, calls = store.delete_if, []
 
     def failing_second(keys, doomed):
@@ -111,7 +114,7 @@ def test_deletes_committed_before_a_failure_are_counted(stores, monkeypatch):
             raise StoreError("disk trouble")
         return delete_if(keys, doomed)
     monkeypatch.setattr(store, "delete_if", failing_second)
-    c = Cleaner(store, table, CFG, Recorder(), clock=lambda: NOW, batch=1024)
+    c = cleaner(store, table, NOW, batch=1024, delete_batch=8)
     state = c.step(budget_s=1.0, start=True)
     assert (state.retained, state.dropped) == (0, 8)
     monkeypatch.setattr(store, "delete_if", delete_if)
@@ -165,7 +168,7 @@ def test_interval_starts_with_the_state_file_and_zero_disables(stores):
     later = cleaner(store, table, NOW + CFG.cleanup_interval_s)
     assert later.step(budget_s=1.0).position is None and store.get(b"k") is None
     assert later.log.lines == ["cleanup: full retained=0 dropped=1"]
-    off = cleaner(store, table, NOW + 10**6, replace(CFG, cleanup_interval_s=0))
+    off = cleaner(store, table, NOW + 10**6, CFG._replace(cleanup_interval_s=0))
     assert off.step() is None
 
 
@@ -187,9 +190,10 @@ def test_state_round_trip(state):
 
 WRITER = """
 import sys, time
-from greylist.record import Record, encode
-from greylist.store import Store, StoreError
-s = Store(sys.argv[1])
+from greylist.core.record import Record, encode
+from greylist.stores.base import StoreError
+from greylist.stores.lmdb import LmdbStore
+s = LmdbStore(sys.argv[1])
 now = int(time.time())
 deadline = time.monotonic() + float(sys.argv[2])
 i = 0
@@ -209,7 +213,7 @@ def test_cleanup_with_concurrent_writers_and_postmap_loses_nothing_that_should_s
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, store.name, "3"], env=env,
                                 stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    c = Cleaner(store, table, CFG, Recorder())
+    c = Cleaner(store, table, at(store), Recorder())
     passes = listings = 0
     try:
         deadline = time.monotonic() + 3

@@ -2,7 +2,7 @@
 
 import pytest
 
-from greylist.config import Config, ConfigError, load, parse_setting, read_settings
+from greylist.config import Config, ConfigError, load, parse_setting, read_settings, resolve
 
 
 @pytest.mark.parametrize("value, seconds", [
@@ -258,7 +258,17 @@ def test_log_rejects_words_that_only_start_with_postlog(value):
 
 
 def test_load_defaults():
-    assert load(None, {}) == Config()
+    assert load(None, {}) == resolve(Config())
+
+
+def test_derived_names_are_resolved_once_at_load(tmp_path):
+    cfg = load(None, {"database": "/srv/gl/db"})
+    assert (cfg.client_table, cfg.secret_file, cfg.cleanup_state) == (
+        "/srv/gl/db-clients", "/srv/gl/db.secret", "/srv/gl/db.cleanup")
+    assert resolve(cfg) is cfg
+    assert load(None, {"database": "/srv/gl/db", "client_table": "none"}).client_table == ""
+    assert load(None, {"database": "/srv/gl/db", "privacy": True}).client_table == ""
+    assert load(None, {"client_table": "/t/c"}).client_table == "/t/c"
 
 
 def test_load_precedence(tmp_path):
@@ -266,7 +276,7 @@ def test_load_precedence(tmp_path):
     settings.write_text("greylist_delay = 10m\ngreylist_null_sender = no\n", encoding="utf-8")
     cfg = load(str(settings), {"delay_s": 60, "verbose": 2})
     # Overrides beat the file, the file beats the defaults.
-    assert cfg == Config(delay_s=60, null_sender=False, verbose=2)
+    assert cfg == resolve(Config(delay_s=60, null_sender=False, verbose=2))
 
 
 def test_load_file_over_defaults(tmp_path):
@@ -274,8 +284,8 @@ def test_load_file_over_defaults(tmp_path):
     settings.write_text("greylist_database = /srv/greylist/db.lmdb\n"
                         "greylist_defer_text = Come back in $seconds_left s\n",
                         encoding="utf-8")
-    assert load(str(settings), {}) == Config(database="/srv/greylist/db",
-                                              defer_text="Come back in $seconds_left s")
+    assert load(str(settings), {}) == resolve(Config(
+        database="/srv/greylist/db", defer_text="Come back in $seconds_left s"))
 
 
 def test_load_names_the_file_and_line(tmp_path):

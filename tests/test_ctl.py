@@ -58,7 +58,7 @@ def live(site):
 
 def ctl(site, *args):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-m", "greylist.ctl", "-c", str(site / "gl.cf"),
+    done = subprocess.run([sys.executable, "-m", "greylist.cli.greylistctl", "-c", str(site / "gl.cf"),
                            *args], capture_output=True, text=True, timeout=60, env=env)
     return done.returncode, done.stdout
 
@@ -130,7 +130,7 @@ def test_as_root_it_acts_as_the_owner_of_the_database_directory(tmp_path):
         shutil.chown(site, "nobody")
         (site / "gl.cf").write_text("greylist_database = %s/gl\ngreylist_log = %s/log\n"
                                     % (site, site))
-        done = subprocess.run([sys.executable, "-m", "greylist.ctl", "-c", str(site / "gl.cf"),
+        done = subprocess.run([sys.executable, "-m", "greylist.cli.greylistctl", "-c", str(site / "gl.cf"),
                                "whitelist", "add", "192.0.2.1"], capture_output=True,
                               text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         if done.returncode != 0 and "Permission denied" in done.stdout + done.stderr:

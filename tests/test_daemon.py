@@ -7,9 +7,9 @@ import pathlib
 import pytest
 
 from greylist.config import Config
-from greylist.daemon import Policy, serve
-from greylist.store import Store
-from tests.conftest import Clock, Recorder
+from greylist.transports.spawn import serve
+from greylist.stores.lmdb import LmdbStore
+from tests.conftest import Clock, Recorder, policy_service
 
 RCPT = (pathlib.Path(__file__).parent / "data" / "rcpt.txt").read_bytes()
 
@@ -17,8 +17,8 @@ RCPT = (pathlib.Path(__file__).parent / "data" / "rcpt.txt").read_bytes()
 @pytest.fixture
 def policy(tmp_path):
     os.chmod(tmp_path, 0o755)
-    store = Store(str(tmp_path / "greylist"))
-    yield Policy(store, Config(delay_s=300), Recorder(), Clock(1_700_000_000))
+    store = LmdbStore(str(tmp_path / "greylist"))
+    yield policy_service(store, Config(delay_s=300), Recorder(), Clock(1_700_000_000))
     store.close()
 
 
@@ -86,8 +86,8 @@ def test_null_sender_is_greylisted_by_default_as_angle_brackets(policy):
 
 def test_null_sender_passes_when_greylist_null_sender_is_no(tmp_path):
     os.chmod(tmp_path, 0o755)
-    store = Store(str(tmp_path / "g"))
-    policy = Policy(store, Config(null_sender=False), Recorder(), Clock(1))
+    store = LmdbStore(str(tmp_path / "g"))
+    policy = policy_service(store, Config(null_sender=False), Recorder(), Clock(1))
     assert run(policy, request(sender="")) == (0, b"action=DUNNO\n\n")
     assert run(policy, RCPT) == (0, b"action=DEFER_IF_PERMIT Greylisted, please try "
                                      b"again in 180 seconds\n\n")
@@ -140,7 +140,7 @@ def test_malformed_record_is_logged_and_treated_as_absent(policy):
 
 def test_store_failure_fails_open_with_one_warning(tmp_path):
     os.chmod(tmp_path, 0o777)  # refused: world-writable
-    policy = Policy(Store(str(tmp_path / "g")), Config(), Recorder(), Clock(1))
+    policy = policy_service(LmdbStore(str(tmp_path / "g")), Config(), Recorder(), Clock(1))
     assert run(policy, RCPT * 3) == (0, b"action=DUNNO\n\n" * 3)
     warnings = [line for line in policy.log.lines if line.startswith("warning:")]
     assert len(warnings) == 1 and "world-writable" in warnings[0]
@@ -151,7 +151,7 @@ def test_store_failure_fails_open_with_one_warning(tmp_path):
 def test_failure_action_is_configurable(tmp_path):
     os.chmod(tmp_path, 0o777)
     cfg = Config(failure_action="DEFER_IF_PERMIT 4.3.0 try later")
-    policy = Policy(Store(str(tmp_path / "g")), cfg, Recorder(), Clock(1))
+    policy = policy_service(LmdbStore(str(tmp_path / "g")), cfg, Recorder(), Clock(1))
     assert run(policy, RCPT) == (0, b"action=DEFER_IF_PERMIT 4.3.0 try later\n\n")
 
 
@@ -159,8 +159,8 @@ def test_concurrent_decisions_write_first_seen_exactly_once(tmp_path):
     # Another process stored the triple after our shared-lock read found
     # nothing: the exclusive-lock re-read must see it and not reset it.
     os.chmod(tmp_path, 0o755)
-    store = Store(str(tmp_path / "g"))
-    policy = Policy(store, Config(delay_s=300), Recorder(), Clock(2000))
+    store = LmdbStore(str(tmp_path / "g"))
+    policy = policy_service(store, Config(delay_s=300), Recorder(), Clock(2000))
     real_get_many = store.get_many
     k = b"192.0.2/alice@example.org/bob@example.net"
 

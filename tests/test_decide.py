@@ -1,14 +1,14 @@
-"""Tests for greylist.decide: screening requests and greylisting decisions."""
+"""Tests for greylist.core.decide: screening requests and greylisting decisions."""
 
-from dataclasses import replace
 
 import pytest
 from hypothesis import given, strategies as st
 
 from greylist.config import Config
-from greylist.decide import (DUNNO, NO_RECORDS, SLOT_STATES, Decision, Records, decide,
-                             defer_text, expired, screen)
-from greylist.record import CLIENT, MANUAL, PASSED, PENDING, SENDER, Record
+from greylist.core.decide import (DUNNO, NO_RECORDS, SLOT_STATES, Decision, Records, decide,
+                                  expired, screen)
+from greylist.core.evaluate import fill
+from greylist.core.record import CLIENT, MANUAL, PASSED, PENDING, SENDER, Record
 
 T = 1_700_000_000
 DELAY = 300
@@ -62,7 +62,7 @@ def test_screen_rcpt(attrs, null_sender, expected):
 
 
 # Decisions on the triple alone: both auto-whitelists off.
-TRIPLE_ONLY = replace(CFG, sender_awl=False, client_awl_passes=0)
+TRIPLE_ONLY = CFG._replace(sender_awl=False, client_awl_passes=0)
 
 
 def only(triple=None):
@@ -80,18 +80,34 @@ def only(triple=None):
                  Decision(deferred(1), "early-retry", DELAY - 1,
                           only(Record(T, T + DELAY - 1, 2, PENDING))), id="one-second-early"),
     pytest.param(Record(T, T, 1, PENDING), T + DELAY,
-                 Decision(DUNNO, "delay-passed", DELAY, only(Record(T, T + DELAY, 2, PASSED))),
-                 id="exactly-delay"),
+                 Decision(DUNNO, "delay-passed", DELAY, only(Record(T, T + DELAY, 2, PASSED)),
+                          True), id="exactly-delay"),
     pytest.param(Record(T, T + DELAY, 2, PASSED), T + 86400,
-                 Decision(DUNNO, "known", 86400, NO_RECORDS), id="known-no-write"),
+                 Decision(DUNNO, "known", 86400, NO_RECORDS, True), id="known-no-write"),
     pytest.param(Record(T, T + 100, 3, PENDING), T - 50,
                  Decision(deferred(DELAY + 50), "early-retry", -50,
                           only(Record(T, T + 100, 4, PENDING))), id="clock-back-pending"),
     pytest.param(Record(T, T + DELAY, 2, PASSED), T - 50,
-                 Decision(DUNNO, "known", -50, NO_RECORDS), id="clock-back-passed"),
+                 Decision(DUNNO, "known", -50, NO_RECORDS, True), id="clock-back-passed"),
 ])
 def test_decide_triple(record, now, expected):
     assert decide(only(record), now, TRIPLE_ONLY) == expected
+
+
+@pytest.mark.parametrize("records, learn, reason, proven", [
+    (Records(client=Record(T, T, 5, CLIENT)), False, "awl-client", True),
+    (Records(client=Record(T, T, 1, MANUAL)), False, "manual-client", False),
+    (Records(sender=Record(T, T, 1, SENDER)), False, "awl-sender", True),
+    (Records(sender=Record(T, T, 1, MANUAL)), False, "manual-sender", False),
+    (only(Record(T, T, 2, PASSED)), False, "known", True),
+    (only(Record(T - DELAY, T - DELAY, 1, PENDING)), False, "delay-passed", True),
+    (NO_RECORDS, False, "new", False),
+    (only(Record(T, T, 1, PENDING)), False, "early-retry", False),
+    (NO_RECORDS, True, "learn:new", False),
+])
+def test_a_decision_says_whether_it_proves_the_client(records, learn, reason, proven):
+    decision = decide(records, T, CFG._replace(learn=learn))
+    assert (decision.reason, decision.proven) == (reason, proven)
 
 
 WINDOW, MAX_AGE = CFG.retry_window_s, CFG.max_age_s
@@ -159,7 +175,7 @@ def test_client_is_whitelisted_after_five_counted_passes(count, passes):
 
 
 def test_client_auto_whitelist_can_be_disabled():
-    cfg = replace(CFG, client_awl_passes=0)
+    cfg = CFG._replace(client_awl_passes=0)
     decision = decide(Records(client=Record(T, T, 99, CLIENT)), T + 10, cfg)
     assert decision.reason == "new"
 
@@ -185,7 +201,7 @@ def test_other_recipient_of_an_accepted_message_passes_and_is_recorded():
     pytest.param(Record(T, T, 1, PENDING), "learn:early-retry", id="early-retry"),
 ])
 def test_learn_mode_passes_and_records_what_would_be_deferred(record, reason):
-    decision = decide(only(record), T + 10, replace(CFG, learn=True))
+    decision = decide(only(record), T + 10, CFG._replace(learn=True))
     assert (decision.action, decision.reason) == (DUNNO, reason)
     assert decision.writes.triple.state == PASSED
     assert decision.writes.sender == Record(T + 10, T + 10, 1, SENDER)
@@ -199,8 +215,8 @@ def test_learn_mode_passes_and_records_what_would_be_deferred(record, reason):
     pytest.param("", "DEFER_IF_PERMIT", id="empty"),
 ])
 def test_defer_text_placeholders(text, expected):
-    decision = decide(NO_RECORDS, T, replace(CFG, defer_text=text))
-    assert defer_text(decision, "example.org", "192.0.2.1") == expected
+    decision = decide(NO_RECORDS, T, CFG._replace(defer_text=text))
+    assert fill(decision.action, "example.org", "192.0.2.1") == expected
 
 
 _times = st.integers(min_value=0, max_value=4 * 10**9)

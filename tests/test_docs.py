@@ -6,8 +6,8 @@ import re
 import pytest
 
 from greylist import __version__
-from greylist.cli import USAGE
-from greylist.ctl import USAGE as CTL_USAGE
+from greylist.cli.greylist import USAGE
+from greylist.cli.greylistctl import USAGE as CTL_USAGE
 from greylist.config import SETTINGS, Config
 
 ROOT = pathlib.Path(__file__).parent.parent

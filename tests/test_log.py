@@ -3,7 +3,6 @@
 import os
 import stat
 import time
-import types
 
 import pytest
 
@@ -12,12 +11,17 @@ from greylist.log import MAX_MESSAGE, Log
 
 
 @pytest.fixture
-def clock(monkeypatch):
-    """The log module's clock, set by the test (epoch seconds)."""
-    now = [1_700_000_000.0]
-    monkeypatch.setattr(log_module, "time", types.SimpleNamespace(
-        time=lambda: now[0], strftime=time.strftime))
-    return now
+def clock():
+    """The log's injected clock, set by the test (epoch seconds in [0])."""
+    return Clock()
+
+
+class Clock(list):
+    def __init__(self):
+        super().__init__([1_700_000_000.0])
+
+    def __call__(self):
+        return self[0]
 
 
 def lines(path) -> list[str]:
@@ -26,7 +30,7 @@ def lines(path) -> list[str]:
 
 def test_file_lines_have_a_stamp_host_ident_and_pid(tmp_path, clock):
     path = tmp_path / "greylist.log"
-    log = Log("greylist", str(path))
+    log = Log("greylist", str(path), clock=clock)
     log.info("action=DUNNO reason=known")
     log.warning("something odd")
     log.close()
@@ -38,7 +42,7 @@ def test_file_lines_have_a_stamp_host_ident_and_pid(tmp_path, clock):
 
 def test_one_record_per_message_and_surrogates_escaped(tmp_path, clock):
     path = tmp_path / "greylist.log"
-    log = Log("greylist", str(path))
+    log = Log("greylist", str(path), clock=clock)
     log.info("a\nb sender=\udcff@example.org " + "x" * (2 * MAX_MESSAGE))
     log.close()
     (line,) = lines(path)
@@ -48,7 +52,7 @@ def test_one_record_per_message_and_surrogates_escaped(tmp_path, clock):
 
 def test_debug_lines_need_their_verbose_level(tmp_path, clock):
     path = tmp_path / "greylist.log"
-    log = Log("greylist", str(path), verbose=1)
+    log = Log("greylist", str(path), verbose=1, clock=clock)
     log.debug(1, "level one")
     log.debug(2, "level two")
     log.close()
@@ -57,7 +61,7 @@ def test_debug_lines_need_their_verbose_level(tmp_path, clock):
 
 def test_a_rotated_file_is_replaced_within_a_second(tmp_path, clock):
     path = tmp_path / "greylist.log"
-    log = Log("greylist", str(path))
+    log = Log("greylist", str(path), clock=clock)
     log.info("before")
     os.rename(path, tmp_path / "greylist.log.1")
     log.info("same second")  # The path is looked at once a second.
@@ -71,7 +75,7 @@ def test_a_rotated_file_is_replaced_within_a_second(tmp_path, clock):
 
 def test_a_removed_file_is_created_again(tmp_path, clock):
     path = tmp_path / "greylist.log"
-    log = Log("greylist", str(path))
+    log = Log("greylist", str(path), clock=clock)
     log.info("one")
     path.unlink()
     clock[0] += 1
@@ -81,7 +85,7 @@ def test_a_removed_file_is_created_again(tmp_path, clock):
 
 
 def test_an_unwritable_log_never_fails_the_caller(tmp_path, clock):
-    log = Log("greylist", str(tmp_path / "missing-directory" / "greylist.log"))
+    log = Log("greylist", str(tmp_path / "missing-directory" / "greylist.log"), clock=clock)
     log.info("lost")  # No exception.
     log.warning("lost too")
     log.close()

@@ -3,7 +3,7 @@
 import pytest
 
 from greylist.config import Config
-from greylist.triple import client_group, normalise_sender
+from greylist.core.triple import client_group, normalise_sender
 
 CFG = Config()
 

@@ -1,4 +1,5 @@
-"""Tests for greylist.policy: reading requests and formatting replies."""
+"""Tests for protocols/policy.py (the push decoder, replies) and the
+spawn transport's Reader over it."""
 
 import io
 import operator
@@ -6,8 +7,9 @@ import operator
 import pytest
 from hypothesis import given, strategies as st
 
-from greylist.policy import (MAX_ATTRIBUTES, MAX_LINE_BYTES, READ_SIZE, ProtocolError,
-                             Reader, format_reply)
+from greylist.protocols.policy import (MAX_ATTRIBUTES, MAX_LINE_BYTES, READ_SIZE, Decoder,
+                                      ProtocolError, format_reply)
+from greylist.transports.spawn import Reader
 
 # The attributes Postfix 3.7 sends, in wire order (interop doc 3.1,
 # smtpd_check.c check_policy_service()), as for a first RCPT TO over TLS

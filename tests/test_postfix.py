@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from greylist.store import Store
+from greylist.stores.lmdb import LmdbStore
 from tests.conftest import require
 from tests.postfix_instance import PostfixInstance, install_runtime, postfix_available
 
@@ -51,7 +51,7 @@ def instance(settings: str = "", main_cf: dict | None = None):
         shutil.chown(database, USER)
         # smtpd opens its lmdb tables at start: make the client table first,
         # owned by the policy user who writes it.
-        table = Store(str(database / "greylist-clients"))
+        table = LmdbStore(str(database / "greylist-clients"))
         table.open()
         table.close()
         shutil.chown(str(database / "greylist-clients.lmdb"), USER)

@@ -1,9 +1,9 @@
-"""Tests for greylist.record: the versioned text form of records."""
+"""Tests for greylist.core.record: the versioned text form of records."""
 
 import pytest
 from hypothesis import given, strategies as st
 
-from greylist.record import STATES, Record, decode, encode
+from greylist.core.record import STATES, Record, decode, encode
 
 T = 1_700_000_000
 MAX_19_DIGITS = 10**19 - 1

@@ -18,8 +18,8 @@ import time
 
 import lmdb
 
-from greylist import record as records
-from greylist.store import Store
+from greylist.core import record as records
+from greylist.stores.lmdb import LmdbStore
 from tests.reliability import (BAD_LOG, SEED, SIZES, Client, command, decisions, home,
                                postmap_list, read_log, record_figures, run, settings,
                                split_replies, triple, triple_request, warnings)
@@ -63,7 +63,7 @@ def check_database(directory, postmap) -> int:
     assert len(pairs) == len(raw)
     bad = [(k, v) for k, v in pairs if records.decode(v.encode()) is None]
     assert not bad, "values that do not parse: %r" % bad[:5]
-    store = Store(str(directory / "db"))
+    store = LmdbStore(str(directory / "db"))
     try:
         assert store.info()["entries"] == len(raw)
     finally:

@@ -26,10 +26,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from greylist.config import Config, ConfigError, parse_setting
-from greylist.daemon import Policy, serve
 from greylist.log import Log
-from greylist.policy import MAX_ATTRIBUTES, MAX_LINE_BYTES, READ_SIZE, ProtocolError, Reader
-from greylist.store import Store
+from greylist.protocols.policy import MAX_ATTRIBUTES, MAX_LINE_BYTES, READ_SIZE, ProtocolError
+from greylist.transports.spawn import Reader, serve
+from greylist.stores.lmdb import LmdbStore
+from tests.conftest import policy_service
 from tests.reliability import (FULL, ROOT, SEED, SIZES, command, environment, home,
                                read_log, record_figures, request, settings as write_settings)
 from tests.reliability.hostile import check_answer, stream
@@ -90,10 +91,10 @@ def loop():
     """A real store, the shipped default settings, and one Policy per
     settings: like one process, whose lifetime serves many connections."""
     directory = scratch()
-    cfg = dataclasses.replace(Config(), database=str(directory / "db"),
+    cfg = Config()._replace(database=str(directory / "db"),
                               log=str(directory / "log"), delay_s=1)
     (directory / "log").touch()
-    store = Store(cfg.database)
+    store = LmdbStore(cfg.database)
     yield directory, cfg, store, {}
     store.close()
     shutil.rmtree(directory, ignore_errors=True)
@@ -109,7 +110,7 @@ def run_loop(loop, data: bytes, cfg: Config | None = None) -> tuple[int, bytes, 
     directory, default, store, policies = loop
     cfg = cfg or default
     if cfg not in policies:
-        policies[cfg] = Policy(store, cfg, Log("greylist", cfg.log, 0))
+        policies[cfg] = policy_service(store, cfg, Log("greylist", cfg.log, 0))
     logfile = directory / "log"
     before = logfile.stat().st_size
     out = io.BytesIO()
@@ -313,7 +314,7 @@ def test_defer_text_with_recipient_domain_never_replies_invalid_utf8(loop, domai
     # Found by atheris and hypothesis: $recipient_domain copies request
     # bytes into the reply. smtpd (smtputf8_enable = yes) answers a reply
     # that is not UTF-8 with smtpd_policy_service_default_action, 451.
-    cfg = dataclasses.replace(loop[1], defer_text=domain_defer_text())
+    cfg = loop[1]._replace(defer_text=domain_defer_text())
     data = (b"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.1\n"
             b"sender=a%d@example.org\nrecipient=b@" % random.getrandbits(64) + domain + b"\n\n")
     status, out, lines = run_loop(loop, data, cfg)
@@ -321,7 +322,7 @@ def test_defer_text_with_recipient_domain_never_replies_invalid_utf8(loop, domai
 
 
 def test_defer_text_with_recipient_domain_and_a_latin1_domain_is_utf8(loop):
-    cfg = dataclasses.replace(loop[1], defer_text=domain_defer_text())
+    cfg = loop[1]._replace(defer_text=domain_defer_text())
     data = (b"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.1\n"
             b"sender=a@example.org\nrecipient=b@m\xfcller.example\n\n")
     status, out, lines = run_loop(loop, data, cfg)

@@ -171,7 +171,7 @@ def scan(path: pathlib.Path) -> list[str]:
 
 
 def test_no_input_reaches_a_shell_eval_or_deserialiser():
-    files = sorted(PACKAGE.glob("*.py"))
+    files = sorted(PACKAGE.rglob("*.py"))
     assert len(files) >= 10
     found = [problem for path in files for problem in scan(path)]
     assert found == []

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 
-from greylist import record as records
+from greylist.core import record as records
 from tests.reliability import (BAD_LOG, ROOT, SEED, SIZES, Client, command, decisions,
                                environment, home, postmap_list, read_log, record_figures,
                                run, settings, triple, triple_request, warnings)

@@ -21,7 +21,7 @@ import time
 import lmdb
 import pytest
 
-from greylist.store import Store
+from greylist.stores.lmdb import LmdbStore
 from tests.postfix_instance import install_runtime
 from tests.reliability import (SEED, SIZES, Client, command, decisions, environment,
                                fast_reopen_command, home, postmap_list, read_log,
@@ -164,7 +164,7 @@ def test_permission_denied_fails_open_with_one_warning(as_nobody, case):
     shutil.chown(logs, USER)
     database = directory / "db"
     if case == "cannot-write":
-        store = Store(str(database))
+        store = LmdbStore(str(database))
         store.put(b"k", b"1:1:1:1:pending")
         store.close()
     cf = directory / "greylist.cf"
@@ -184,7 +184,7 @@ def write_v3(path: str) -> None:
 
 
 def build_database(name: str, entries: int = 3000) -> bytes:
-    store = Store(name)
+    store = LmdbStore(name)
     for start in range(0, entries, 500):
         store.put_many([(b"10.%d.%d/from-t%06d@example.org/rcpt-%06d@example.net"
                          % (i // 256 % 256, i % 256, i, i), b"1:1700000000:1700000000:1:pending")
@@ -316,8 +316,9 @@ def test_database_deleted_or_replaced_while_running_is_reopened_with_one_log_lin
 
 SCAN = """
 import sys
-from greylist.store import Store, StoreError
-store = Store(sys.argv[1], readonly=True)
+from greylist.stores.base import StoreError
+from greylist.stores.lmdb import LmdbStore
+store = LmdbStore(sys.argv[1], readonly=True)
 try:
     print(sum(1 for _ in store.items()))
 except StoreError as exc:

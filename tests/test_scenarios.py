@@ -3,14 +3,14 @@
 import io
 import os
 import re
-from dataclasses import replace
 
 import pytest
 
 from greylist.config import Config
-from greylist.daemon import Policy, serve
-from greylist.store import Store
-from tests.conftest import Clock, Recorder
+from greylist.core.message import Session
+from greylist.transports.spawn import serve
+from greylist.stores.lmdb import LmdbStore
+from tests.conftest import Clock, Recorder, policy_service
 
 T = 1_700_000_000
 CFG = Config(delay_s=300)
@@ -21,8 +21,9 @@ class Site:
 
     def __init__(self, directory, cfg=CFG):
         os.chmod(directory, 0o755)
-        self.store = Store(str(directory / "greylist"))
-        self.policy = Policy(self.store, replace(cfg, database=str(directory / "greylist")),
+        self.store = LmdbStore(str(directory / "greylist"))
+        self.session = Session()
+        self.policy = policy_service(self.store, cfg._replace(database=str(directory / "greylist")),
                              Recorder(), Clock(T))
 
     def ask(self, client="192.0.2.10", sender="alice@example.org", rcpt="bob@example.net",
@@ -33,7 +34,7 @@ class Site:
         attrs.update(extra)
         data = "".join("%s=%s\n" % item for item in attrs.items() if item[1] is not None)
         out = io.BytesIO()
-        assert serve(io.BytesIO(data.encode() + b"\n"), out, self.policy) == 0
+        assert serve(io.BytesIO(data.encode() + b"\n"), out, self.policy, self.session) == 0
         return out.getvalue().decode()[len("action="):].strip()
 
     def reason(self):
@@ -68,7 +69,7 @@ def test_new_cc_recipient_of_a_proven_sender_is_not_delayed(site):
 
 
 def test_one_message_is_never_split_even_without_the_sender_whitelist(tmp_path):
-    site = Site(tmp_path, replace(CFG, sender_awl=False))
+    site = Site(tmp_path, CFG._replace(sender_awl=False))
     passes_after_delay(site)
     assert site.ask(rcpt="bob@example.net", instance="m2") == "DUNNO"
     assert site.ask(rcpt="carol@example.net", instance="m2") == "DUNNO"
@@ -92,7 +93,7 @@ def test_retry_from_another_address_of_the_same_network(site, first, retry, pass
 
 
 def test_exact_client_match_keys_the_whole_address(tmp_path):
-    site = Site(tmp_path, replace(CFG, client_match="exact"))
+    site = Site(tmp_path, CFG._replace(client_match="exact"))
     site.ask(client="192.0.2.10")
     site.later(300)
     assert site.ask(client="192.0.2.11").startswith("DEFER_IF_PERMIT")
@@ -160,7 +161,7 @@ def test_sender_variants_share_one_triple(site, first, retry):
 def test_changed_whitelist_file_is_reloaded_without_restart(tmp_path):
     listed = tmp_path / "clients"
     listed.write_text("# nothing yet\n")
-    site = Site(tmp_path, replace(CFG, whitelist_clients=(str(listed),)))
+    site = Site(tmp_path, CFG._replace(whitelist_clients=(str(listed),)))
     assert site.ask().startswith("DEFER_IF_PERMIT")
     listed.write_text("# now listed\n192.0.2.0/24\n")
     site.later(11)
@@ -200,7 +201,7 @@ southwest.com
 def test_postgrey_whitelist_clients_file_is_read_unchanged(tmp_path, client, name, listed):
     path = tmp_path / "whitelist_clients"
     path.write_text(POSTGREY_CLIENTS)
-    site = Site(tmp_path, replace(CFG, whitelist_clients=(str(path),)))
+    site = Site(tmp_path, CFG._replace(whitelist_clients=(str(path),)))
     assert (site.ask(client=client, client_name=name) == "DUNNO") is listed
     assert not [line for line in site.policy.log.lines if line.startswith("warning")]
 
@@ -211,7 +212,7 @@ def test_postgrey_whitelist_recipients_and_our_sender_list(tmp_path):
                           "greylist-free.example\n")
     senders = tmp_path / "senders"
     senders.write_text("newsletter@example.com\npartner.example\n")
-    site = Site(tmp_path, replace(CFG, whitelist_recipients=(str(recipients),),
+    site = Site(tmp_path, CFG._replace(whitelist_recipients=(str(recipients),),
                                   whitelist_senders=(str(senders),)))
     assert site.ask(rcpt="Spam-Lovers+tag@example.net") == "DUNNO"
     assert site.ask(rcpt="user@sub.greylist-free.example") == "DUNNO"
@@ -228,13 +229,13 @@ def test_postgrey_whitelist_recipients_and_our_sender_list(tmp_path):
     ({"client": "198.51.100.7"}, "trusted"),
 ])
 def test_exemptions_need_no_retry(tmp_path, extra, reason):
-    site = Site(tmp_path, replace(CFG, trusted_networks=("198.51.100.0/24",)))
+    site = Site(tmp_path, CFG._replace(trusted_networks=("198.51.100.0/24",)))
     assert site.ask(**extra) == "DUNNO"
     assert site.reason() == reason
 
 
 def test_learn_mode_never_defers_and_fills_the_database(tmp_path):
-    learning = Site(tmp_path, replace(CFG, learn=True))
+    learning = Site(tmp_path, CFG._replace(learn=True))
     assert learning.ask() == "DUNNO"
     assert learning.reason() == "learn:new"
     learning.store.close()
@@ -245,7 +246,7 @@ def test_learn_mode_never_defers_and_fills_the_database(tmp_path):
 
 
 def test_privacy_mode_stores_only_keyed_hashes(tmp_path):
-    site = Site(tmp_path, replace(CFG, privacy=True))
+    site = Site(tmp_path, CFG._replace(privacy=True))
     passes_after_delay(site)
     secret = tmp_path / "greylist.secret"
     assert secret.stat().st_mode & 0o777 == 0o600
@@ -260,13 +261,13 @@ def test_privacy_mode_fails_open_with_an_unsafe_secret_file(tmp_path):
     secret = tmp_path / "greylist.secret"
     secret.write_text("00" * 32 + "\n")
     os.chmod(secret, 0o644)
-    site = Site(tmp_path, replace(CFG, privacy=True))
+    site = Site(tmp_path, CFG._replace(privacy=True))
     assert site.ask() == "DUNNO"
     assert "accessible by group or others" in site.policy.log.lines[0]
 
 
 def test_pool_aware_matching_passes_a_retry_from_another_pool_address(tmp_path):
-    site = Site(tmp_path, replace(CFG, client_match="domain"))
+    site = Site(tmp_path, CFG._replace(client_match="domain"))
     site.ask(client="209.85.128.10", client_name="mail-wm1-f10.google.com")
     site.later(300)
     assert site.ask(client="74.125.82.9", client_name="mail-ot1-f9.google.com") == "DUNNO"
@@ -278,7 +279,7 @@ def test_pool_aware_matching_passes_a_retry_from_another_pool_address(tmp_path):
 
 
 def test_header_is_prepended_once_per_delayed_message(tmp_path):
-    site = Site(tmp_path, replace(CFG, header=True))
+    site = Site(tmp_path, CFG._replace(header=True))
     site.ask(rcpt="bob@example.net", instance="m1")
     site.ask(rcpt="carol@example.net", instance="m1")
     site.later(300)
@@ -290,6 +291,6 @@ def test_header_is_prepended_once_per_delayed_message(tmp_path):
 
 
 def test_defer_text_tells_recipient_domain_and_client(tmp_path):
-    site = Site(tmp_path, replace(CFG, defer_text="4.7.1 $client_address to "
+    site = Site(tmp_path, CFG._replace(defer_text="4.7.1 $client_address to "
                                                   "$recipient_domain: wait $seconds_left s"))
     assert site.ask() == "DEFER_IF_PERMIT 4.7.1 192.0.2.10 to example.net: wait 300 s"

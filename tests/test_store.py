@@ -9,9 +9,10 @@ import time
 import lmdb
 import pytest
 
-from greylist import store as store_module
-from greylist.lock import EXCLUSIVE, locked
-from greylist.store import Store, StoreError
+from greylist.stores import lmdbenv as store_module
+from greylist.stores.lock import EXCLUSIVE, locked
+from greylist.stores.base import StoreError
+from greylist.stores.lmdb import LmdbStore
 from tests.conftest import run_python
 
 
@@ -19,7 +20,7 @@ from tests.conftest import run_python
 def db(tmp_path):
     """A new store in a private directory; closed after the test."""
     os.chmod(tmp_path, 0o755)
-    store = Store(str(tmp_path / "greylist"))
+    store = LmdbStore(str(tmp_path / "greylist"))
     store.open()
     yield store
     store.close()
@@ -63,7 +64,7 @@ def test_new_file_is_lmdb_09_format_with_mode_0644(tmp_path):
     os.chmod(tmp_path, 0o755)
     old = os.umask(0o077)
     try:
-        store = Store(str(tmp_path / "t"))
+        store = LmdbStore(str(tmp_path / "t"))
         store.put(b"k", b"v")
         store.close()
     finally:
@@ -77,8 +78,8 @@ def test_new_file_is_lmdb_09_format_with_mode_0644(tmp_path):
 def test_lmdb_default_lib_version_1_still_writes_format_1(tmp_path):
     # py-lmdb 3 reads LMDB_DEFAULT_LIB_VERSION at import time.
     os.chmod(tmp_path, 0o755)
-    done = run_python("import sys; from greylist.store import Store; "
-                      "s = Store(sys.argv[1]); s.put(b'k', b'v'); s.close()",
+    done = run_python("import sys; from greylist.stores.lmdb import LmdbStore; "
+                      "s = LmdbStore(sys.argv[1]); s.put(b'k', b'v'); s.close()",
                       str(tmp_path / "t"), env={"LMDB_DEFAULT_LIB_VERSION": "1"})
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "t.lmdb").read_bytes()[16:24] == bytes.fromhex("dec0efbe01000000")
@@ -93,7 +94,7 @@ def test_format_v3_file_is_refused_with_a_clear_message(tmp_path):
         txn.put(b"k\0", b"v\0")
     env.close()
     with pytest.raises(StoreError, match="format v3.*move the file aside"):
-        Store(str(tmp_path / "v3")).open()
+        LmdbStore(str(tmp_path / "v3")).open()
 
 
 def test_corrupt_file_is_refused_and_left_untouched(tmp_path):
@@ -101,14 +102,14 @@ def test_corrupt_file_is_refused_and_left_untouched(tmp_path):
     garbage = bytes(range(256)) * 64
     (tmp_path / "bad.lmdb").write_bytes(garbage)
     with pytest.raises(StoreError, match="not an LMDB 0.9 database"):
-        Store(str(tmp_path / "bad")).open()
+        LmdbStore(str(tmp_path / "bad")).open()
     assert (tmp_path / "bad.lmdb").read_bytes() == garbage
 
 
 def test_world_writable_directory_is_refused(tmp_path):
     os.chmod(tmp_path, 0o777)
     with pytest.raises(StoreError, match="world-writable"):
-        Store(str(tmp_path / "greylist")).open()
+        LmdbStore(str(tmp_path / "greylist")).open()
     assert not (tmp_path / "greylist.lmdb").exists()
 
 
@@ -122,18 +123,18 @@ def test_world_writable_file_is_refused(db):
 
 def test_missing_directory_is_a_store_error(tmp_path):
     with pytest.raises(StoreError, match="No such file"):
-        Store(str(tmp_path / "missing" / "greylist")).open()
+        LmdbStore(str(tmp_path / "missing" / "greylist")).open()
 
 
 def test_reopen_is_delayed_after_a_failure(tmp_path, monkeypatch):
     os.chmod(tmp_path, 0o777)
-    store = Store(str(tmp_path / "g"))
+    store = LmdbStore(str(tmp_path / "g"))
     with pytest.raises(StoreError, match="world-writable"):
         store.get(b"k")
     os.chmod(tmp_path, 0o755)
     with pytest.raises(StoreError, match="retrying"):
         store.get(b"k")
-    monkeypatch.setattr(store_module, "REOPEN_DELAY_S", 0.0)
+    store.env.reopen_delay_s = 0.0
     assert store.get(b"k") is None  # repaired: reopened without a restart
     store.close()
 
@@ -146,16 +147,15 @@ def test_lock_calls_are_exactly_the_postfix_protocol(db, monkeypatch):
     db.get(b"k")
     db.update(b"k", lambda old: (b"v", None))
     db.scan(None, 10)
-    fd = db._fd
+    fd = db.env.fd
     assert calls == [(fd, fcntl.LOCK_SH), (fd, fcntl.LOCK_UN),
                      (fd, fcntl.LOCK_EX), (fd, fcntl.LOCK_UN),
                      (fd, fcntl.LOCK_SH), (fd, fcntl.LOCK_UN)]
 
 
 def test_map_full_doubles_the_map_and_keeps_every_value(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module, "MAP_SIZE", 64 * 1024)
     os.chmod(tmp_path, 0o755)
-    store = Store(str(tmp_path / "g"))
+    store = LmdbStore(str(tmp_path / "g"), map_size=64 * 1024)
     for i in range(40):
         store.put(b"key%03d" % i, b"x" * 4000)
     size = store.info()["map_size"]
@@ -168,7 +168,7 @@ def test_map_grown_by_another_process_is_adopted(db):
     db.put(b"first", b"1")
     assert db.info()["map_size"] == store_module.MAP_SIZE
     # Another process fills the table beyond 16 MiB, growing the map.
-    grow = ("import sys; from greylist.store import Store; s = Store(sys.argv[1]); "
+    grow = ("import sys; from greylist.stores.lmdb import LmdbStore; s = LmdbStore(sys.argv[1]); "
             "[s.update(b'big%04d' % i, lambda old: (b'y' * 20000, None)) "
             "for i in range(1000)]; s.close()")
     done = run_python(grow, db.name, timeout=120)
@@ -179,10 +179,10 @@ def test_map_grown_by_another_process_is_adopted(db):
 
 HOLD = """
 import sys
-from greylist.lock import EXCLUSIVE, locked
-from greylist.store import Store
-s = Store(sys.argv[1]); s.open()
-with locked(s._fd, EXCLUSIVE):
+from greylist.stores.lock import EXCLUSIVE, locked
+from greylist.stores.lmdb import LmdbStore
+s = LmdbStore(sys.argv[1]); s.open()
+with locked(s.env.fd, EXCLUSIVE):
     print("locked", flush=True)
     sys.stdin.readline()
 """
@@ -191,8 +191,8 @@ with locked(s._fd, EXCLUSIVE):
 def test_exclusive_lock_in_one_process_blocks_a_reader_in_another(db):
     db.put(b"k", b"v")
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    reader_code = ("import sys; from greylist.store import Store; "
-                   "print(Store(sys.argv[1]).get(b'k'))")
+    reader_code = ("import sys; from greylist.stores.lmdb import LmdbStore; "
+                   "print(LmdbStore(sys.argv[1]).get(b'k'))")
     with subprocess.Popen([sys.executable, "-c", HOLD, db.name], env=env, text=True,
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE) as holder:
         try:
@@ -210,7 +210,7 @@ def test_exclusive_lock_in_one_process_blocks_a_reader_in_another(db):
 
 def test_our_exclusive_lock_blocks_postmap_and_release_lets_it_read(db, postmap):
     db.put(b"sender@example.com", b"OK")
-    with locked(db._fd, EXCLUSIVE):
+    with locked(db.env.fd, EXCLUSIVE):
         blocked = subprocess.run(["timeout", "1", postmap, "-q", "sender@example.com",
                                   "lmdb:" + db.name], capture_output=True, text=True)
         assert blocked.returncode == 124  # killed by timeout while waiting
@@ -243,7 +243,7 @@ def test_we_read_what_postmap_wrote(tmp_path, postmap):
     subprocess.run([postmap, "lmdb:" + str(source)], check=True, timeout=10)
     subprocess.run([postmap, "-i", "lmdb:" + str(source)], input="added@example.net DUNNO\n",
                    text=True, check=True, timeout=10)
-    store = Store(str(source), readonly=True)
+    store = LmdbStore(str(source), readonly=True)
     assert store.get(b"alpha@example.org") == b"OK"
     assert store.get(b"10.1.2.3") == b"REJECT go away"
     assert store.get(b"added@example.net") == b"DUNNO"
@@ -254,8 +254,8 @@ def test_we_read_what_postmap_wrote(tmp_path, postmap):
 
 WRITER = """
 import sys, time
-from greylist.store import Store
-s = Store(sys.argv[1])
+from greylist.stores.lmdb import LmdbStore
+s = LmdbStore(sys.argv[1])
 deadline = time.monotonic() + float(sys.argv[2])
 i = 0
 while time.monotonic() < deadline and i < 100000:
@@ -298,7 +298,7 @@ def _delete_or_replace(db, how: str) -> None:
     if how == "deleted":
         os.unlink(db.path)
     else:
-        other = Store(db.name + "-new")
+        other = LmdbStore(db.name + "-new")
         other.put(b"new", b"2")
         other.close()
         os.rename(db.name + "-new.lmdb", db.path)
@@ -319,6 +319,6 @@ def test_a_write_after_the_database_was_deleted_or_replaced_goes_to_the_path(db,
 def test_a_read_sees_the_file_at_the_path_after_the_check_interval(db, how, monkeypatch):
     db.put(b"old", b"1")
     _delete_or_replace(db, how)
-    monkeypatch.setattr(store_module, "SAME_FILE_INTERVAL_S", 0.0)
+    db.env.same_file_interval_s = 0.0
     assert db.get(b"old") is None
     assert db.get(b"new") == (None if how == "deleted" else b"2")

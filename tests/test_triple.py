@@ -1,4 +1,4 @@
-"""Tests for greylist.triple: canonical triples and their database keys."""
+"""Tests for greylist.core.triple: canonical triples and their database keys."""
 
 import hashlib
 import re
@@ -6,9 +6,9 @@ import re
 import pytest
 from hypothesis import given, strategies as st
 
-from greylist.policy import ProtocolError
+
 from greylist.config import Config
-from greylist.triple import MAX_KEY_BYTES, Triple, client_address, key, triple_from_request
+from greylist.core.triple import BadAddress, MAX_KEY_BYTES, Triple, client_address, key, triple_from_request
 
 # Exact client addresses, no sender extension: the triple as sent.
 EXACT = Config(client_match="exact", sender_delimiter="")
@@ -48,7 +48,7 @@ def test_client_address(value, expected):
     pytest.param("UNKNOWN", id="unknown-uppercase"),
 ])
 def test_client_address_rejects(value):
-    with pytest.raises(ProtocolError, match="client_address"):
+    with pytest.raises(BadAddress, match="client_address"):
         client_address(value)
 
 
@@ -74,7 +74,7 @@ def test_triple_from_request(attrs, expected):
 
 
 def test_triple_from_request_rejects_bad_client():
-    with pytest.raises(ProtocolError):
+    with pytest.raises(BadAddress):
         triple_from_request({"client_address": "not-an-ip", "recipient": RCPT}, EXACT)
 
 
@@ -144,11 +144,11 @@ def test_ipv6_scope_id_cannot_put_white_space_or_bad_bytes_in_key(value):
     # address, and client_address kept it, so white space, controls and
     # undecodable bytes from client_address reached key() unescaped: the
     # key held white space, or key() raised UnicodeEncodeError instead of
-    # the ProtocolError the daemon handles. Either rejecting the value or
+    # the BadAddress the policy handler turns into a protocol error. Either rejecting the value or
     # dropping the zone (as Postfix does, smtpd_peer.c) is fine.
     try:
         client = client_address(value)
-    except ProtocolError:
+    except BadAddress:
         return
     k = key(Triple(client, "a@example.net", RCPT))
     k.decode("utf-8")
@@ -265,9 +265,9 @@ def test_key_is_injective(triple):
 
 
 @given(st.text())
-def test_client_address_raises_only_protocol_error(value):
+def test_client_address_raises_only_bad_address(value):
     try:
         client = client_address(value)
-    except ProtocolError:
+    except BadAddress:
         return
     assert client_address(client) == client

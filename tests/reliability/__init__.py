@@ -119,9 +119,9 @@ def command(cf: pathlib.Path, *args: str) -> list[str]:
 
 # A wrapper that shortens the store's reopen delay (10 s), so that recovery
 # is seen within a test; everything else is the real program.
-FAST_REOPEN = ("import sys; import greylist.store as s; s.REOPEN_DELAY_S = %s; "
-               "from greylist.cli import main; sys.argv[0] = 'greylist'; "
-               "sys.exit(main(sys.argv[1:]))")
+FAST_REOPEN = ("import sys; from greylist.wiring import Tuning; "
+               "from greylist.cli.greylist import main; sys.argv[0] = 'greylist'; "
+               "sys.exit(main(sys.argv[1:], tuning=Tuning(reopen_delay_s=%s)))")
 
 
 def fast_reopen_command(cf: pathlib.Path, delay_s: float = 0.3) -> list[str]:

@@ -23,9 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 with atheris.instrument_imports():
     from greylist.config import Config
-    from greylist.daemon import Policy, serve
+    from greylist.transports.spawn import serve
     from greylist.log import Log
-    from greylist.store import Store
+    from greylist.stores.lmdb import LmdbStore
 
 REPLY = re.compile(rb"(?:action=(?:DUNNO|DEFER_IF_PERMIT|PREPEND)[^\n\0]*\n\n)*")
 
@@ -36,12 +36,12 @@ def main() -> None:
     directory = os.environ.get("GREYLIST_ATHERIS_DIR") or tempfile.mkdtemp(
         prefix="greylist-atheris-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
     os.chmod(directory, 0o755)
-    cfg = dataclasses.replace(Config(), database=os.path.join(directory, "db"),
+    cfg = Config()._replace(database=os.path.join(directory, "db"),
                               log="/dev/null", delay_s=1)
-    store = Store(cfg.database)
+    store = LmdbStore(cfg.database)
     # One Policy for all inputs, as one process serves one connection
     # after another in its lifetime; it opens its files once.
-    policy = Policy(store, cfg, Log("greylist", cfg.log, 0))
+    policy = policy_service(store, cfg, Log("greylist", cfg.log, 0))
 
     def one_input(data: bytes) -> None:
         out = io.BytesIO()

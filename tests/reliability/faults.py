@@ -62,11 +62,10 @@ def main() -> int:
     fault = Fault(getattr(errno, name), int(skip), int(fail))
     real_open = lmdb.open
     lmdb.open = lambda *a, **k: _Env(real_open(*a, **k), fault)
-    import greylist.store
-    greylist.store.REOPEN_DELAY_S = float(reopen_s)
-    from greylist.cli import main as greylist_main
+    from greylist.cli.greylist import main as greylist_main
+    from greylist.wiring import Tuning
     sys.argv[0] = "greylist"
-    return greylist_main(rest)
+    return greylist_main(rest, tuning=Tuning(reopen_delay_s=float(reopen_s)))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 DESCRIPTION
     main() parses the command line with docopt, loads the settings,
-    sets up logging and serves policy requests on stdin and stdout, as
-    spawn(8) connects them, until end of input.
+    sets up logging, builds the policy service (wiring.py) and serves
+    policy requests on stdin and stdout, as spawn(8) connects them,
+    until end of input (transports/spawn.py). It imports only what that
+    path needs: under spawn(8) every smtpd connection starts a process.
 
 DIAGNOSTICS
     Usage and settings errors are logged as fatal and exit with status
@@ -15,15 +17,14 @@ DIAGNOSTICS
 
 import os
 import sys
-import traceback
 
 from docopt import DocoptExit, docopt
 
 from greylist import __version__
 from greylist.config import ConfigError, load, parse_setting
-from greylist.daemon import Policy, serve
 from greylist.log import Log
-from greylist.store import Store
+from greylist.transports.spawn import serve
+from greylist.wiring import DEFAULT, Tuning, policy_service
 
 USAGE = """\
 Greylisting policy server for Postfix, run by spawn(8).
@@ -45,8 +46,11 @@ Options:
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the policy server; return the exit status."""
+def main(argv: list[str] | None = None, tuning: Tuning = DEFAULT) -> int:
+    """Run the policy server; return the exit status.
+
+    tuning changes the stores' tunables (tests only).
+    """
     if not os.isatty(2):
         _silence_stderr()
     try:
@@ -67,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
                   "of its spawn(8) service (greylist_allow_root = yes for tests)")
         return 1
     sys.excepthook = lambda kind, value, tb: _log_bug(log, kind, value, tb)
-    policy = Policy(Store(cfg.database, warn=log.warning), cfg, log)
-    policy.open_store()
-    log.debug(1, "database %s, greylist_delay %ds" % (policy.store.path, cfg.delay_s))
+    service = policy_service(cfg, log, tuning=tuning)
+    service.open_store()
+    log.debug(1, "database %s, greylist_delay %ds" % (cfg.database, cfg.delay_s))
     try:
-        return serve(sys.stdin.buffer, sys.stdout.buffer, policy)
+        return serve(sys.stdin.buffer, sys.stdout.buffer, service)
     except KeyboardInterrupt:
         return 1
     finally:
@@ -96,6 +100,7 @@ def _silence_stderr() -> None:
 
 
 def _log_bug(log: Log, kind, value, tb) -> None:
+    import traceback
     log.fatal("internal error: %s: %s" % (kind.__name__, value))
     for line in "".join(traceback.format_tb(tb)).splitlines():
         log.fatal("  " + line)

@@ -35,20 +35,21 @@ DESCRIPTION
     key keeps its first characters and ends in "#" and the SHA-256 of
     the whole key. With privacy, keys are an HMAC instead (privacy.py).
 
+    This module is part of the pure core: no I/O, no clock, no logging.
+    The one exception is the public suffix list, loaded from its package
+    on first use when greylist_client_match = domain.
+
 DIAGNOSTICS
-    ProtocolError when client_address is neither an IP address nor
-    "unknown".
+    BadAddress (a ValueError) when client_address is neither an IP
+    address nor "unknown"; the protocol handler turns it into a protocol
+    error.
 """
 
 import functools
-import hashlib
-import ipaddress
 import re
-import socket
 from typing import NamedTuple
 
 from greylist.config import Config
-from greylist.policy import ProtocolError
 
 # LMDB's compile-time maximum key size (mdb_env_get_maxkeysize) less the NUL.
 MAX_KEY_BYTES = 510
@@ -69,6 +70,10 @@ _BATV = re.compile(r"(?:prvs|msprvs1)=[0-9a-z]+=(.+)", re.IGNORECASE)
 _DIGITS = re.compile(r"(?<![^.+=_-])[0-9]+(?![^.+=_-])")
 
 
+class BadAddress(ValueError):
+    """A client_address that is neither an IP address nor "unknown"."""
+
+
 class Triple(NamedTuple):
     """A normalised (client group, sender, recipient) triple."""
 
@@ -80,29 +85,37 @@ class Triple(NamedTuple):
 def client_address(value: str | None) -> str:
     """Return the canonical form of a client_address value.
 
-    Raises ProtocolError if it is neither an IP address nor "unknown".
+    Raises BadAddress if it is neither an IP address nor "unknown".
     """
     if not value or value == UNKNOWN_CLIENT:
         return UNKNOWN_CLIENT
-    try:
-        # Fast path: a dotted quad that inet_ntop prints back unchanged is
-        # canonical; anything else takes the full parse below.
-        if socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, value)) == value:
-            return value
-    except (OSError, ValueError):
-        pass
+    # Fast path: a canonical dotted quad (four decimal octets without
+    # leading zeros) is returned as it is; anything else takes the full
+    # parse below.
+    if _canonical_ipv4(value):
+        return value
     # ipaddress accepts an IPv6 zone ("%eth0"); Postfix strips it, so a
     # zone is malformed input (and would carry any bytes into the key).
     if "%" in value:
-        raise ProtocolError("client_address is not an IP address: %s" % repr(value)[:100])
+        raise BadAddress("client_address is not an IP address: %s" % repr(value)[:100])
+    # Imported here: most clients take the IPv4 fast path above, and the
+    # module costs start-up time under spawn(8).
+    import ipaddress
     try:
         addr = ipaddress.ip_address(value)
     except ValueError:
-        raise ProtocolError("client_address is not an IP address: %s"
-                            % repr(value)[:100]) from None
+        raise BadAddress("client_address is not an IP address: %s"
+                         % repr(value)[:100]) from None
     if addr.version == 6 and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     return str(addr)
+
+
+def _canonical_ipv4(value: str) -> bool:
+    parts = value.split(".")
+    return len(parts) == 4 and value.isascii() and all(
+        part.isdigit() and len(part) <= 3 and (part[0] != "0" or part == "0")
+        and int(part) < 256 for part in parts)
 
 
 def client_group(address: str, client_name: str | None, cfg: Config) -> str:
@@ -116,6 +129,7 @@ def client_group(address: str, client_name: str | None, cfg: Config) -> str:
     if ":" in address:
         if cfg.ipv6_prefix == 128:
             return address
+        import ipaddress
         words = ipaddress.IPv6Address(address).exploded.split(":")[:cfg.ipv6_prefix // 16]
         return ":".join(word.lstrip("0") or "0" for word in words)
     if cfg.ipv4_prefix == 32:
@@ -188,17 +202,48 @@ def triple_from_request(attrs: dict[str, str], cfg: Config,
                   attrs["recipient"].casefold())
 
 
+class Keys(NamedTuple):
+    """The plaintext keys of a triple's three records; client is None for
+    clients without an address, which never get a client entry."""
+
+    triple: bytes
+    sender: bytes
+    client: bytes | None
+
+
 def key(triple: Triple) -> bytes:
     """Return the database key of a triple, without the trailing NUL."""
-    return keys(triple)[0]
+    return keys(triple).triple
 
 
-def keys(triple: Triple) -> tuple[bytes, bytes, bytes]:
+def keys(triple: Triple) -> Keys:
     """Return the keys of the triple, of its (client group, sender)
     auto-whitelist record and of its client-group record."""
     client_sender = triple.client + "/" + _escape(triple.sender.casefold())
-    return (_bounded(client_sender + "/" + _escape(triple.recipient.casefold())),
-            _bounded(client_sender), _bounded(triple.client))
+    return Keys(_bounded(client_sender + "/" + _escape(triple.recipient.casefold())),
+                _bounded(client_sender),
+                None if triple.client == UNKNOWN_CLIENT else _bounded(triple.client))
+
+
+def sender_key(client: str, sender: str) -> bytes:
+    """Return the key of a (client group, sender) entry."""
+    return _bounded(client + "/" + _escape(sender.casefold()))
+
+
+def client_key(client: str) -> bytes:
+    """Return the key of a client-group entry."""
+    return _bounded(client)
+
+
+def table_key(address: str, group: str) -> bytes:
+    """Return the client table key of a client (canonical address, group).
+
+    IPv4 groups and domains are written as access(5) keys that
+    check_client_access matches for the whole group; IPv6 clients by
+    their address, as Postfix's partial IPv6 forms cannot express a /64
+    (it cuts the compressed address at colons).
+    """
+    return (address if ":" in address else group).encode("utf-8")
 
 
 def _bounded(text: str) -> bytes:
@@ -207,6 +252,7 @@ def _bounded(text: str) -> bytes:
         return encoded
     # Cut on a character boundary so that the key stays valid UTF-8.
     kept = encoded[:_KEPT_BYTES].decode("utf-8", "ignore").encode("utf-8")
+    import hashlib
     return kept + b"#" + hashlib.sha256(encoded).hexdigest().encode("ascii")
 
 

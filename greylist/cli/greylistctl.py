@@ -9,7 +9,10 @@ DESCRIPTION
                 with the policy processes; --dry-run only counts.
     stats       Entries per state, file and map sizes, oldest and newest.
     show        What the database holds for a triple and what greylist
-                would answer now, with the reason.
+                would answer now, with the reason: the policy handler's
+                own evaluation (handlers/policy.py explain()), with the
+                same whitelists and reply text, on the records as they
+                are; nothing is written.
     dump        key<TAB>value lines, like postmap -s.
     whitelist   Add or remove a manual client or (client, sender) entry.
 
@@ -25,20 +28,25 @@ DIAGNOSTICS
 import os
 import sys
 import time
+from typing import Callable
 
 from docopt import DocoptExit, docopt
 
 from greylist import __version__
-from greylist import record as records
-from greylist.cleanup import MANUAL_BATCH, Cleaner
-from greylist.config import ConfigError, client_table_name, load, parse_setting
-from greylist.daemon import Policy
-from greylist.decide import decide, expired, screen
+from greylist.config import Config, ConfigError, load, parse_setting
+from greylist.core import record as records
+from greylist.core.decide import expired
+from greylist.core.message import Session
+from greylist.core.triple import (BadAddress, client_address, client_group, client_key,
+                                  normalise_sender, registered_domain, sender_key,
+                                  table_key, triple_from_request)
+from greylist.handlers.policy import PolicyHandler
 from greylist.log import Log
-from greylist.policy import ProtocolError
-from greylist.store import Store, StoreError
-from greylist.triple import (Triple, client_address, client_group, normalise_sender,
-                             registered_domain, triple_from_request)
+from greylist.protocols.policy import ProtocolError
+from greylist.stores.base import Store, StoreError
+from greylist.stores.cleanup import MANUAL_BATCH, Cleaner
+from greylist.whitelist import Whitelists
+from greylist.wiring import client_table, database, host_name
 
 USAGE = """\
 Manage a greylist database.
@@ -66,8 +74,11 @@ BUSY_WAIT_S = 60.0
 EX_TEMPFAIL = 75
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one greylistctl command; return the exit status."""
+def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) -> int:
+    """Run one greylistctl command; return the exit status.
+
+    clock is the time source of show (tests).
+    """
     try:
         args = docopt(USAGE, argv=argv, version=__version__)
     except DocoptExit as exc:
@@ -83,19 +94,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _become_owner(cfg)
     log = Log("greylistctl", cfg.log, cfg.verbose)
-    store = Store(cfg.database, readonly=not (args["cleanup"] and not args["--dry-run"]
-                                              or args["whitelist"]))
+    store, keyed = database(cfg, log, readonly=not (args["cleanup"] and not args["--dry-run"]
+                                                    or args["whitelist"]))
     try:
         if args["cleanup"]:
             return _cleanup(store, cfg, log, args["--dry-run"])
         if args["stats"]:
             return _stats(store, cfg)
         if args["show"]:
-            return _show(store, cfg, log, args)
+            return _show(keyed, cfg, log, args, clock)
         if args["dump"]:
-            return _dump(Store(client_table_name(cfg) or "", readonly=True)
-                         if args["--table"] else store)
-        return _whitelist(store, cfg, log, args)
+            if not args["--table"]:
+                return _dump(store)
+            table = _table(cfg, writable=False, readonly=True)
+            if table is None:
+                print("greylistctl: no client table (greylist_client_table = none, "
+                      "or greylist_privacy = yes)" if not cfg.client_table else
+                      "greylistctl: %s.lmdb: no such database" % cfg.client_table)
+                return 1
+            return _dump(table)
+        return _whitelist(keyed, cfg, log, args)
     except StoreError as exc:
         print("greylistctl: %s" % exc)
         return 1
@@ -122,14 +140,15 @@ def _become_owner(cfg) -> None:
     os.setuid(st.st_uid)
 
 
-def _table(cfg, writable: bool) -> Store | None:
-    name = None if cfg.privacy else client_table_name(cfg)
-    if name is None or not (writable or os.path.exists(name + ".lmdb")):
+def _table(cfg: Config, writable: bool, readonly: bool = False) -> Store | None:
+    """The client table; None if there is none, or (unless writable) it
+    does not exist yet."""
+    if not cfg.client_table or not (writable or os.path.exists(cfg.client_table + ".lmdb")):
         return None
-    return Store(name)
+    return client_table(cfg, readonly=readonly)
 
 
-def _cleanup(store: Store, cfg, log: Log, dry_run: bool) -> int:
+def _cleanup(store: Store, cfg: Config, log: Log, dry_run: bool) -> int:
     # A real run creates a missing database and client table: smtpd needs
     # the table to exist before check_client_access names it.
     table = _table(cfg, writable=not dry_run)
@@ -176,7 +195,7 @@ def _cleanup(store: Store, cfg, log: Log, dry_run: bool) -> int:
     return 0
 
 
-def _stats(store: Store, cfg) -> int:
+def _stats(store: Store, cfg: Config) -> int:
     now = int(time.time())
     counts: dict[str, int] = {}
     oldest = newest = None
@@ -211,43 +230,55 @@ def _stats(store: Store, cfg) -> int:
     return 0
 
 
-def _show(store: Store, cfg, log: Log, args: dict) -> int:
+def _show(store: Store, cfg: Config, log: Log, args: dict,
+          clock: Callable[[], float]) -> int:
     attrs = {"request": "smtpd_access_policy", "protocol_state": "RCPT",
              "client_address": args["CLIENT"], "sender": args["SENDER"],
              "recipient": args["RECIPIENT"]}
     if args["--client-name"]:
         attrs["client_name"] = args["--client-name"]
     attrs = {name: value for name, value in attrs.items() if value not in ("", "<>")}
-    policy = Policy(store, cfg, log)
+    now = int(clock())
+    handler = PolicyHandler(cfg, host_name())
+    exemptions = Whitelists(cfg, log.warning).exemptions(now)
     try:
-        address = client_address(attrs.get("client_address"))
+        answer, pending, outcome = handler.explain(attrs, Session(), now, exemptions,
+                                                   store.get_many)
     except ProtocolError as exc:
         print("greylistctl: %s" % exc)
         return 2
-    now = int(time.time())
-    triple = triple_from_request(attrs, cfg, address)
-    keys = policy.keys(triple)
-    found = policy.records(store.get_many(keys), keys)
+    if pending is None:
+        # Answered without its records (an exemption, say): show them all
+        # the same, as a new request of this connection would read them.
+        try:
+            triple = triple_from_request(attrs, cfg, client_address(attrs.get("client_address")))
+        except BadAddress as exc:
+            print("greylistctl: %s" % exc)
+            return 2
+        plan = handler.plan(triple, now, False)
+        outcome = plan.change(store.get_many(plan.keys))[1]
+    else:
+        triple, plan = pending.triple, pending.plan
     print("client group: %s" % triple.client)
     print("sender: %s" % triple.sender)
     print("recipient: %s" % triple.recipient)
-    for label, k, record in zip(("triple", "sender entry", "client entry"), keys,
-                                (found.triple, found.sender, found.client)):
+    for warning in outcome.warnings:
+        print("warning: %s" % warning)
+    for label, k, record in zip(("triple", "sender entry", "client entry"),
+                                plan.keys, outcome.records):
         if k is None:
             print("%s: none (clients without an address have no client entry)" % label)
             continue
         shown = "absent" if record is None else _describe(record, now, cfg)
-        print("%s: %s\n  %s" % (label, k.decode("utf-8", "replace"), shown))
-    decision = screen(attrs, cfg)
-    if decision is None:
-        exempt = policy.whitelists.screen(attrs, address, now)
-        decision = decide(found, now, cfg) if exempt is None else None
-        reason = exempt if decision is None else decision.reason
-        action = "DUNNO" if decision is None else decision.action
-    else:
-        action, reason = decision.action, decision.reason
-    print("decision now: %s\nreason: %s" % (action, reason))
+        print("%s: %s\n  %s" % (label, _shown_key(store, k), shown))
+    print("decision now: %s\nreason: %s" % (answer.action, answer.decision.reason))
     return 0
+
+
+def _shown_key(store, key: bytes) -> str:
+    """The key as stored (hashed in privacy mode)."""
+    stored = store.hash(key) if hasattr(store, "hash") else key
+    return stored.decode("utf-8", "replace")
 
 
 def _describe(record, now: int, cfg) -> str:
@@ -266,40 +297,41 @@ def _dump(store: Store) -> int:
     return 0
 
 
-def _whitelist(store: Store, cfg, log: Log, args: dict) -> int:
+def _whitelist(store: Store, cfg: Config, log: Log, args: dict) -> int:
     client = args["CLIENT"]
     try:
         address = client_address(client)
         group = client_group(address, None, cfg)
-        table_key = address if ":" in address else group
-    except ProtocolError:
+        table_name = table_key(address, group)
+    except BadAddress:
         group = registered_domain(client.casefold()) if cfg.client_match == "domain" else None
         if group is None:
             print("greylistctl: %s is not an IP address%s" % (
                 client, "" if cfg.client_match != "domain" else " or a registered domain"))
             return 2
-        table_key = group
+        table_name = group.encode("utf-8")
     if group == "unknown":
         print("greylistctl: clients without an address cannot be whitelisted")
         return 2
     sender = args["SENDER"]
-    triple = Triple(group, normalise_sender(sender, cfg) if sender else "", "")
-    policy = Policy(store, cfg, log)
-    keys = policy.keys(triple)
-    k = keys[1] if sender else keys[2]
-    what = "%s %s" % (group, triple.sender) if sender else group
+    if sender:
+        normalised = normalise_sender(sender, cfg)
+        k = sender_key(group, normalised)
+        what = "%s %s" % (group, normalised)
+    else:
+        k, what = client_key(group), group
     table = None if sender else _table(cfg, writable=args["add"])
     if args["add"]:
         now = int(time.time())
         store.put(k, records.encode(records.Record(now, now, 1, records.MANUAL)))
         if table is not None:
-            table.put(table_key.encode("utf-8"), b"%d" % now)
+            table.put(table_name, b"%d" % now)
         log.info("whitelist: added %s" % what)
         print("added: %s" % what)
     else:
         existed = store.delete(k)
         if table is not None:
-            table.delete(table_key.encode("utf-8"))
+            table.delete(table_name)
         log.info("whitelist: removed %s" % what)
         print(("removed: %s" if existed else "not listed: %s") % what)
     if table is not None:

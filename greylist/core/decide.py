@@ -10,7 +10,7 @@ DESCRIPTION
 
     decide() answers an RCPT request from the three records of its
     triple (see record.py), first dropping any that expired() or that
-    is of the wrong kind for its place:
+    is of the wrong kind for its place (reasons are the constants below):
         client whitelisted      DUNNO awl-client (manual-client)
         sender entry            DUNNO awl-sender (manual-sender)
         triple passed           DUNNO known
@@ -32,17 +32,39 @@ DESCRIPTION
     common path rarely writes. Manual entries never expire. The age is
     now - first_seen: a clock that
     steps back makes it smaller, so a triple never passes early.
+
+    A Decision says itself whether it proves the client (Decision.proven:
+    a retry like a real MTA's), which lets the rest of the same message
+    through (evaluate.py). This module is part of the pure core: no I/O,
+    no clock reads, no logging.
 """
 
 import functools
-import string
 from typing import NamedTuple
 
 from greylist.config import Config
-from greylist.record import CLIENT, MANUAL, PASSED, PENDING, SENDER, Record
-from greylist.triple import escape
+from greylist.core.record import CLIENT, MANUAL, PASSED, PENDING, SENDER, Record
 
 DUNNO = "DUNNO"
+
+# Reasons, as logged ("reason=") and shown by greylistctl show.
+AWL_CLIENT = "awl-client"
+MANUAL_CLIENT = "manual-client"
+AWL_SENDER = "awl-sender"
+MANUAL_SENDER = "manual-sender"
+KNOWN = "known"
+DELAY_PASSED = "delay-passed"
+MESSAGE = "message"
+NEW = "new"
+EARLY_RETRY = "early-retry"
+LEARN = "learn:"          # prefix of the would-be defer's reason
+NULL_SENDER = "null sender"
+NO_RECIPIENT = "no recipient"
+PROTOCOL_STATE = "protocol_state="   # followed by the state
+DATABASE_FAILURE = "database-failure"
+# Reasons that show the client retries like a real MTA: they let the rest
+# of the same message through (postgrey #93).
+PROVING = frozenset((AWL_CLIENT, AWL_SENDER, KNOWN, DELAY_PASSED, MESSAGE))
 # At most one pass an hour counts toward the client auto-whitelist.
 CLIENT_COUNT_INTERVAL_S = 3600
 
@@ -67,12 +89,18 @@ NO_RECORDS = Records()
 
 
 class Decision(NamedTuple):
-    """An action and its reason; writes are the records to store."""
+    """An action and its reason; writes are the records to store.
+
+    action is DUNNO or DEFER_IF_PERMIT with text whose request
+    placeholders ($recipient_domain, $client_address) are still to be
+    filled in (evaluate.render). proven: the decision proves the client.
+    """
 
     action: str
     reason: str
     age: int = 0
     writes: Records = NO_RECORDS
+    proven: bool = False
 
 
 def expired(record: Record, now: int, cfg: Config) -> bool:
@@ -94,11 +122,11 @@ def screen(attrs: dict[str, str], cfg: Config) -> Decision | None:
     """Return the decision for a request that needs no lookup, else None."""
     state = attrs.get("protocol_state", "")
     if state.upper() != "RCPT":
-        return Decision(DUNNO, "protocol_state=" + (state[:20] or "missing"))
+        return Decision(DUNNO, PROTOCOL_STATE + (state[:20] or "missing"))
     if "recipient" not in attrs:
-        return Decision(DUNNO, "no recipient")
+        return Decision(DUNNO, NO_RECIPIENT)
     if not cfg.null_sender and not attrs.get("sender"):
-        return Decision(DUNNO, "null sender")
+        return Decision(DUNNO, NULL_SENDER)
     return None
 
 
@@ -109,22 +137,26 @@ def decide(records: Records, now: int, cfg: Config,
     sender = _live(records.sender, SENDER_STATES, now, cfg)
     client = _live(records.client, CLIENT_STATES, now, cfg)
     if whitelisted_client(client, cfg):
-        return Decision(DUNNO, "manual-client" if client.state == MANUAL else "awl-client",
-                        now - client.first_seen, Records(client=_refreshed(client, now, cfg)))
+        manual = client.state == MANUAL
+        return Decision(DUNNO, MANUAL_CLIENT if manual else AWL_CLIENT,
+                        now - client.first_seen, Records(client=_refreshed(client, now, cfg)),
+                        not manual)
     if sender is not None and (cfg.sender_awl or sender.state == MANUAL):
-        return Decision(DUNNO, "manual-sender" if sender.state == MANUAL else "awl-sender",
-                        now - sender.first_seen, Records(sender=_refreshed(sender, now, cfg)))
+        manual = sender.state == MANUAL
+        return Decision(DUNNO, MANUAL_SENDER if manual else AWL_SENDER,
+                        now - sender.first_seen, Records(sender=_refreshed(sender, now, cfg)),
+                        not manual)
     if triple is not None and triple.state == PASSED:
-        return Decision(DUNNO, "known", now - triple.first_seen,
-                        Records(triple=_refreshed(triple, now, cfg)))
+        return Decision(DUNNO, KNOWN, now - triple.first_seen,
+                        Records(triple=_refreshed(triple, now, cfg)), True)
     age = 0 if triple is None else now - triple.first_seen
     if triple is not None and age >= cfg.delay_s:
-        return _pass("delay-passed", triple, client, now, cfg)
+        return _pass(DELAY_PASSED, triple, client, now, cfg)
     if message_accepted:
-        return _pass("message", triple, client, now, cfg)
-    reason = "new" if triple is None else "early-retry"
+        return _pass(MESSAGE, triple, client, now, cfg)
+    reason = NEW if triple is None else EARLY_RETRY
     if cfg.learn:
-        return _pass("learn:" + reason, triple, client, now, cfg)
+        return _pass(LEARN + reason, triple, client, now, cfg)
     if triple is None:
         return Decision(_defer(cfg.delay_s, cfg), reason, 0,
                         Records(triple=Record(now, now, 1, PENDING)))
@@ -140,17 +172,6 @@ def _live(record: Record | None, kinds: tuple[str, ...], now: int,
     return record
 
 
-def defer_text(decision: Decision, recipient_domain: str, client_address: str) -> str:
-    """Fill in the request placeholders of a deferring decision's action.
-
-    The values come from the request: white space, controls and bytes
-    that are not UTF-8 are written as %xx, because smtpd answers a reply
-    that is not valid UTF-8 with its default action.
-    """
-    return string.Template(decision.action).safe_substitute(
-        recipient_domain=escape(recipient_domain), client_address=escape(client_address))
-
-
 def _pass(reason: str, triple: Record | None, client: Record | None, now: int,
           cfg: Config) -> Decision:
     first, count = (now, 1) if triple is None else (triple.first_seen, triple.count + 1)
@@ -163,7 +184,7 @@ def _pass(reason: str, triple: Record | None, client: Record | None, now: int,
     return Decision(DUNNO, reason, now - first, Records(
         triple=Record(first, max(now, first), count, PASSED),
         sender=Record(now, now, 1, SENDER) if cfg.sender_awl else None,
-        client=counted if cfg.client_awl_passes else None))
+        client=counted if cfg.client_awl_passes else None), reason in PROVING)
 
 
 def _refreshed(record: Record, now: int, cfg: Config) -> Record | None:
@@ -175,10 +196,12 @@ def _refreshed(record: Record, now: int, cfg: Config) -> Record | None:
 
 @functools.lru_cache(maxsize=1024)
 def _defer_action(template: str, seconds_left: int) -> str:
-    text = string.Template(template).safe_substitute(seconds_left=seconds_left)
-    return ("DEFER_IF_PERMIT " + text) if text else "DEFER_IF_PERMIT"
+    if "$" in template:
+        import string
+        template = string.Template(template).safe_substitute(seconds_left=seconds_left)
+    return ("DEFER_IF_PERMIT " + template) if template else "DEFER_IF_PERMIT"
 
 
 def _defer(seconds_left: int, cfg: Config) -> str:
-    # $recipient_domain and $client_address are filled in by defer_text().
+    # $recipient_domain and $client_address are filled in by evaluate.render().
     return _defer_action(cfg.defer_text, seconds_left)

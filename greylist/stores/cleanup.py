@@ -9,7 +9,7 @@ DESCRIPTION
 
     The pass is shared by all processes. Its position, counts and the
     time the last pass completed are kept in the state file NAME.cleanup
-    beside NAME.lmdb. A step takes a non-blocking fcntl lock on that file
+    beside NAME.lmdb (config.py resolves the name). A step takes a non-blocking fcntl lock on that file
     (another process cleaning means: skip), reads the state, walks one
     batch of BATCH records under a shared lock of the database, deletes
     the expired ones under a short exclusive lock, writes the state and
@@ -24,11 +24,11 @@ DESCRIPTION
     walk and the delete is never lost.
 
     Policy processes run steps after a reply has been sent, for at most
-    BUDGET_S each time, so a waiting request is delayed by a few
-    milliseconds at most. greylistctl cleanup runs steps until the pass
-    completes, walking MANUAL_BATCH records per shared lock. Either way
-    a write transaction deletes at most DELETE_BATCH records, so the
-    exclusive lock is held for one short commit.
+    budget_s (BUDGET_S) each time, so a waiting request is delayed by a
+    few milliseconds at most. greylistctl cleanup runs steps until the
+    pass completes, walking MANUAL_BATCH records per shared lock. Either
+    way a write transaction deletes at most delete_batch (DELETE_BATCH)
+    records, so the exclusive lock is held for one short commit.
 
 DIAGNOSTICS
     "cleanup: full retained=N dropped=M" when a pass completes (the
@@ -43,13 +43,16 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from greylist import record as records
 from greylist.config import Config
-from greylist.decide import expired
-from greylist.lock import EXCLUSIVE, LockBusy, lock, unlock
-from greylist.store import Store, StoreError, check_directory
+from greylist.core import record as records
+from greylist.core.decide import expired
+from greylist.stores.base import Store, StoreError
+from greylist.stores.lmdbfile import check_directory
+from greylist.stores.lock import EXCLUSIVE, LockBusy, lock, unlock
 
-STATE_SUFFIX = ".cleanup"
+# The tables of a pass, in the order walked (State.position names one).
+DATABASE = 0
+CLIENT_TABLE = 1
 BATCH = 64
 MANUAL_BATCH = 1024
 # At most this many deletes per write transaction: the exclusive lock,
@@ -99,13 +102,19 @@ class Cleaner:
     """Cleanup steps for one process over the database and the client table."""
 
     def __init__(self, store: Store, table: Store | None, cfg: Config,
-                 log, clock: Callable[[], float] = time.time, batch: int = BATCH) -> None:
+                 log, clock: Callable[[], float] = time.time, batch: int = BATCH,
+                 delete_batch: int = DELETE_BATCH, budget_s: float = BUDGET_S) -> None:
+        """store is the database and table the client table (or None), both
+        as stored (not through privacy.HashedKeys); cfg.cleanup_state names
+        the state file."""
         self.stores = [store] + ([table] if table is not None else [])
         self.batch = batch
+        self.delete_batch = delete_batch
+        self.budget_s = budget_s
         self.cfg = cfg
         self.log = log
         self.clock = clock
-        self.path = store.name + STATE_SUFFIX
+        self.path = cfg.cleanup_state
         self._fd = -1
         self._next_check = 0.0
         # The longest delete transaction of this process, lock wait included.
@@ -117,8 +126,9 @@ class Cleaner:
             os.close(self._fd)
             self._fd = -1
 
-    def step(self, budget_s: float = BUDGET_S, start: bool = False) -> State | None:
-        """Advance the shared pass for about budget_s; return the state.
+    def step(self, budget_s: float | None = None, start: bool = False) -> State | None:
+        """Advance the shared pass for about budget_s (default: the
+        constructor's); return the state.
 
         Returns None, without waiting, when cleanup is disabled or not
         yet due to be looked at, or when another process holds the state
@@ -155,7 +165,7 @@ class Cleaner:
                     self._next_check = due
                     return state
                 state = State(state.last_completed, (0, b""), 0, 0, now)
-            state = self._walk(state, now, budget_s)
+            state = self._walk(state, now, self.budget_s if budget_s is None else budget_s)
             self._write(fd, state)
             return state
         finally:
@@ -169,10 +179,10 @@ class Cleaner:
             try:
                 items = self.stores[table].scan(after or None, self.batch)
                 doomed = [k for k, v in items if self._doomed(table, v, now)]
-                for start in range(0, len(doomed), DELETE_BATCH):
+                for start in range(0, len(doomed), self.delete_batch):
                     began = time.monotonic()
                     deleted += self.stores[table].delete_if(
-                        doomed[start:start + DELETE_BATCH],
+                        doomed[start:start + self.delete_batch],
                         lambda k, v: v is not None and self._doomed(table, v, now))
                     self.longest_write_s = max(self.longest_write_s,
                                                time.monotonic() - began)
@@ -201,10 +211,10 @@ class Cleaner:
                 return state
 
     def _doomed(self, table: int, value: bytes, now: int) -> bool:
-        if table == 0:
+        if table == DATABASE:
+            # expired() keeps manual entries for ever.
             record = records.decode(value)
-            return record is None or (record.state != records.MANUAL
-                                      and expired(record, now, self.cfg))
+            return record is None or expired(record, now, self.cfg)
         # Client table: numeric time stamps; anything else is left alone.
         return value.isdigit() and now - int(value) > self.cfg.max_age_s
 

@@ -9,6 +9,12 @@ DESCRIPTION
     kept in greylist_secret_file (default: the database name plus
     ".secret"), created on first use with mode 0600.
 
+    HashedKeys wraps a store so that handlers, which build plaintext
+    keys, never need the secret: it hashes every key on its way in.
+    The secret is read on first use; a secret that cannot be used makes
+    every operation fail with StoreError, which is answered with
+    greylist_failure_action like any other store failure.
+
     What can no longer be read back: the clients, senders and recipients
     of the records (postmap -s and greylistctl dump show hashes). A known
     triple can still be looked up, by hashing it with the same secret.
@@ -24,17 +30,17 @@ import hmac
 import os
 import secrets
 import stat
+from typing import Callable, TypeVar
+
+from greylist.stores.base import Change, StoreBase, StoreError, Values
+
+T = TypeVar("T")
 
 SECRET_BYTES = 32
 
 
 class SecretError(Exception):
     """The secret file cannot be used."""
-
-
-def secret_path(database: str, setting: str) -> str:
-    """Return the secret file's name: the setting, or the database's plus .secret."""
-    return setting or os.path.abspath(database) + ".secret"
 
 
 def load_secret(path: str) -> bytes:
@@ -69,3 +75,51 @@ def load_secret(path: str) -> bytes:
 def hashed(secret: bytes, key: bytes) -> bytes:
     """Return the privacy-mode form of a key."""
     return hmac.new(secret, key, hashlib.sha256).hexdigest().encode("ascii")
+
+
+class HashedKeys(StoreBase):
+    """A store whose keys are hashed with the secret in a file."""
+
+    def __init__(self, store, secret_file: str) -> None:
+        self.store = store
+        self.name = store.name
+        self.secret_file = secret_file
+        self._secret: bytes | None = None
+
+    @property
+    def failing(self) -> bool:
+        return self.store.failing
+
+    def open(self) -> None:
+        self.store.open()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def hash(self, key: bytes | None) -> bytes | None:
+        """Return the stored form of a plaintext key (None stays None)."""
+        if key is None:
+            return None
+        if self._secret is None:
+            try:
+                self._secret = load_secret(self.secret_file)
+            except SecretError as exc:
+                raise StoreError(str(exc)) from None
+        return hashed(self._secret, key)
+
+    def get_many(self, keys: list[bytes | None]) -> Values:
+        return self.store.get_many([self.hash(k) for k in keys])
+
+    def update_many(self, keys: list[bytes | None], change: Change) -> T:
+        return self.store.update_many([self.hash(k) for k in keys], change)
+
+    def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        # Stored keys are hashes already: the cursor is one of them.
+        return self.store.scan(after, limit)
+
+    def delete_if(self, keys: list[bytes],
+                  doomed: Callable[[bytes, bytes | None], bool]) -> int:
+        return self.store.delete_if([self.hash(k) for k in keys], doomed)
+
+    def info(self) -> dict[str, int]:
+        return self.store.info()

@@ -1,0 +1,1 @@
+"""Command lines: one composition root per program."""

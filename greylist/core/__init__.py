@@ -1,0 +1,1 @@
+"""The pure core: records, triples and keys, decisions, the order of checks; no I/O."""

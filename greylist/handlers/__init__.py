@@ -1,0 +1,1 @@
+"""Protocol handlers: a request and a session in, a reply or a record plan out."""

@@ -1,0 +1,186 @@
+"""The SMTPD policy handler: a request and a session in, a reply out.
+
+DESCRIPTION
+    PolicyHandler turns one decoded policy request, with the Session of
+    its connection (core/message.py), into an Answer, in two steps so
+    that it never touches a store or a stream:
+
+    prepare()   checks the request (request type, client_address), runs
+                precheck() (core/evaluate.py). A request it can answer
+                alone gets an Answer; any other gets a Pending, whose
+                Plan names the three records of the triple (triple,
+                sender entry, client entry; keys in plaintext) and a
+                pure change function.
+    complete()  renders the Outcome of the plan (or a store failure)
+                into the Answer: the action, the log line, warnings, and
+                the client-table entry to write, if any.
+
+    Running a plan is the transport's job (stores/base.py run_plan):
+    read the records in one snapshot and decide; only when the decision
+    changes a record, read and decide again inside one write transaction
+    under the exclusive lock, so concurrent writers never both "see" a
+    new triple, while the common path never blocks readers. Changed
+    records are committed durably before the reply is sent. change()
+    may thus run twice; it is pure, and returns its warnings (a record
+    that does not parse) as data, so they are logged once.
+
+    A client that earns, or refreshes, its client auto-whitelisting is
+    also written to the client table, a Postfix lmdb table with numeric
+    time stamps as values, for check_client_access before
+    check_policy_service.
+
+    explain() is greylistctl show: the same steps on a snapshot, with
+    nothing written.
+
+DIAGNOSTICS
+    ProtocolError for a request that is not smtpd_access_policy or whose
+    client_address is not an address: the transport logs it and closes
+    the connection without a reply. One info line per RCPT decision:
+    action, reason, age, client, sender, rcpt; a debug line for requests
+    that screen() answers.
+"""
+
+from typing import Callable, NamedTuple
+
+from greylist.config import Config
+from greylist.core import record as records
+from greylist.core.decide import (DATABASE_FAILURE, Decision, Records, decide,
+                                  whitelisted_client)
+from greylist.core.evaluate import precheck, render
+from greylist.core.lists import Exemptions
+from greylist.core.message import Session
+from greylist.core.triple import BadAddress, Triple, keys, table_key, triple_from_request
+from greylist.protocols.policy import ProtocolError
+
+REQUEST = "smtpd_access_policy"
+
+Values = list[bytes | None]
+
+
+class Plan(NamedTuple):
+    """Records to read, and a pure change: values -> (new values, result).
+
+    A new value of None means no write; a None key is never read or
+    written.
+    """
+
+    keys: list[bytes | None]
+    change: Callable[[Values], tuple[Values, object]]
+
+
+class Outcome(NamedTuple):
+    """The result of a plan's change: the decision and its warnings."""
+
+    decision: Decision
+    warnings: tuple[str, ...] = ()
+    records: Records = Records()
+
+
+class Answer(NamedTuple):
+    """What to send and log for one request."""
+
+    action: str
+    decision: Decision
+    line: str                      # the log line
+    debug: bool = False            # log it only with -v
+    warnings: tuple[str, ...] = ()
+    table_write: tuple[bytes, bytes] | None = None
+
+
+class Pending(NamedTuple):
+    """A request waiting for its plan's outcome."""
+
+    attrs: dict[str, str]
+    address: str
+    triple: Triple
+    now: int
+    plan: Plan
+
+
+class PolicyHandler:
+    """Answers SMTPD policy requests with the settings of one program."""
+
+    def __init__(self, cfg: Config, host: str) -> None:
+        self.cfg = cfg
+        self.host = host
+
+    def prepare(self, attrs: dict[str, str], session: Session, now: int,
+                exemptions: Exemptions) -> "Answer | Pending":
+        """First step; raises ProtocolError for a malformed request."""
+        request = attrs.get("request")
+        if request != REQUEST:
+            raise ProtocolError("unknown request type: %s" % repr(request)[:100])
+        try:
+            decision, address = precheck(attrs, self.cfg, exemptions)
+        except BadAddress as exc:
+            raise ProtocolError(str(exc)) from None
+        if address is None:
+            return Answer(decision.action, decision, "action=%s reason=%s"
+                          % (decision.action, decision.reason), debug=True)
+        session.begin(attrs.get("instance"))
+        if decision is not None:
+            return Answer(decision.action, decision, self._line(decision.action, decision,
+                                                                attrs, address))
+        triple = triple_from_request(attrs, self.cfg, address)
+        return Pending(attrs, address, triple, now,
+                       self.plan(triple, now, session.message_accepted))
+
+    def plan(self, triple: Triple, now: int, accepted: bool) -> Plan:
+        """The plan that decides a triple at now."""
+        cfg = self.cfg
+        found = list(keys(triple))
+
+        def change(values: Values) -> tuple[Values, Outcome]:
+            parsed, warnings = parse_records(values, found)
+            decision = decide(parsed, now, cfg, accepted)
+            news = [None if r is None else records.encode(r) for r in decision.writes]
+            return news, Outcome(decision, warnings, parsed)
+        return Plan(found, change)
+
+    def complete(self, pending: Pending, outcome: Outcome | None,
+                 session: Session) -> Answer:
+        """Second step: the answer for the plan's outcome, None for a
+        store failure (answered with greylist_failure_action)."""
+        if outcome is None:
+            outcome = Outcome(Decision(self.cfg.failure_action, DATABASE_FAILURE))
+        decision = outcome.decision
+        attrs, address = pending.attrs, pending.address
+        action = render(decision, attrs, address, session, pending.now, self.cfg, self.host)
+        client = decision.writes.client
+        table = None
+        if self.cfg.client_table and client is not None \
+                and whitelisted_client(client, self.cfg):
+            table = (table_key(address, pending.triple.client), b"%d" % pending.now)
+        return Answer(action, decision, self._line(action, decision, attrs, address),
+                      warnings=outcome.warnings, table_write=table)
+
+    def explain(self, attrs: dict[str, str], session: Session, now: int,
+                exemptions: Exemptions, read: Callable[[list[bytes | None]], Values]
+                ) -> tuple["Answer", "Pending | None", "Outcome | None"]:
+        """What prepare() and complete() answer on the records read() returns
+        now, without writing anything (greylistctl show)."""
+        step = self.prepare(attrs, session, now, exemptions)
+        if isinstance(step, Answer):
+            return step, None, None
+        _, outcome = step.plan.change(read(step.plan.keys))
+        return self.complete(step, outcome, session), step, outcome
+
+    @staticmethod
+    def _line(action: str, decision: Decision, attrs: dict[str, str], address: str) -> str:
+        return ("action=%s reason=%s age=%d client=%s sender=%s rcpt=%s"
+                % (action.split(None, 1)[0], decision.reason, decision.age, address,
+                   attrs.get("sender") or "<>", attrs["recipient"]))
+
+
+def parse_records(values: Values, found: list[bytes | None]) -> tuple[Records, tuple[str, ...]]:
+    """The records stored as values (keys found), and a warning for each
+    value that does not parse (treated as absent)."""
+    parsed = []
+    warnings = ()
+    for value, k in zip(values, found):
+        record = None if value is None else records.decode(value)
+        if value is not None and record is None:
+            warnings += ("ignoring malformed record for %s: %s"
+                         % (k.decode("utf-8", "replace"), repr(value)[:100]),)
+        parsed.append(record)
+    return Records(*parsed), warnings

@@ -1,0 +1,1 @@
+"""Protocol codecs: push decoders with their caps, and reply formatting."""

@@ -1,0 +1,104 @@
+"""Running the policy handler's steps against the stores, synchronously.
+
+DESCRIPTION
+    PolicyService is what a synchronous transport (spawn.py) and
+    greylistctl call: answer() takes one request and the connection's
+    Session through the handler (handlers/policy.py), runs the plan on
+    the store (stores/base.py run_plan), logs the answer once, writes a
+    client-table entry when the handler asks for one, and returns the
+    action. after_reply() runs a cleanup step (stores/cleanup.py) once
+    the reply is sent, so cleanup never delays an answer.
+
+    A store failure is answered with greylist_failure_action (DUNNO by
+    default: fail open), so a broken database never turns into a wall of
+    4xx replies; the store is retried every few seconds (lmdbenv.py).
+
+DIAGNOSTICS
+    The handler's log line per decision; its warnings (a record that
+    does not parse), once each; a warning for store failures, at most
+    one per warning_interval_s.
+"""
+
+import time
+from typing import Callable
+
+from greylist.core.message import Session
+from greylist.handlers.policy import Answer, PolicyHandler
+from greylist.log import Log
+from greylist.stores.base import Store, StoreError, run_plan
+from greylist.stores.cleanup import Cleaner
+from greylist.whitelist import Whitelists
+
+STORE_WARNING_INTERVAL_S = 60.0
+
+
+class PolicyService:
+    """One program's policy handler, stores, whitelists, log and clock."""
+
+    def __init__(self, handler: PolicyHandler, store: Store, table: Store | None,
+                 whitelists: Whitelists, log: Log, clock: Callable[[], float] = time.time,
+                 cleaner: Cleaner | None = None,
+                 warning_interval_s: float = STORE_WARNING_INTERVAL_S) -> None:
+        self.handler = handler
+        self.cfg = handler.cfg
+        self.store = store
+        self.table = table
+        self.whitelists = whitelists
+        self.log = log
+        self.clock = clock
+        self.cleaner = cleaner
+        self.warning_interval_s = warning_interval_s
+        self._warned_at: float | None = None
+
+    def open_store(self) -> None:
+        """Open the store now, so that a broken database is reported at start."""
+        try:
+            self.store.open()
+        except StoreError as exc:
+            self.store_failed(exc)
+
+    def answer(self, attrs: dict[str, str], session: Session) -> str:
+        """Return the action for one request; raise ProtocolError if malformed."""
+        now = int(self.clock())
+        step = self.handler.prepare(attrs, session, now, self.whitelists.exemptions(now))
+        if not isinstance(step, Answer):
+            try:
+                outcome = run_plan(self.store, step.plan.keys, step.plan.change)
+            except StoreError as exc:
+                self.store_failed(exc)
+                outcome = None
+            step = self.handler.complete(step, outcome, session)
+        return self.finish(step)
+
+    def finish(self, answer: Answer) -> str:
+        """Log an answer, write its client-table entry; return its action."""
+        for warning in answer.warnings:
+            self.log.warning(warning)
+        if answer.table_write is not None and self.table is not None:
+            try:
+                self.table.put(*answer.table_write)
+            except StoreError as exc:
+                self.store_failed(exc)
+        if answer.debug:
+            self.log.debug(1, answer.line)
+        else:
+            self.log.info(answer.line)
+        return answer.action
+
+    def after_reply(self) -> None:
+        """Work that waits until a reply is sent: a cleanup step."""
+        if self.cleaner is not None:
+            self.cleaner.step()
+
+    def close(self) -> None:
+        """Release files at the end of the connection."""
+        if self.cleaner is not None:
+            self.cleaner.close()
+
+    def store_failed(self, exc: StoreError) -> None:
+        """Warn about a store failure, at most once per interval."""
+        now = time.monotonic()
+        if self._warned_at is None or now - self._warned_at >= self.warning_interval_s:
+            self._warned_at = now
+            self.log.warning("%s; answering %s (greylist_failure_action) until the "
+                             "database works again" % (exc, self.cfg.failure_action))

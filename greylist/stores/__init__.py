@@ -1,0 +1,1 @@
+"""Stores behind one interface (base.py): the Postfix-compatible LMDB tables."""

@@ -1,0 +1,128 @@
+"""The store interface that every store implements, and running a plan.
+
+DESCRIPTION
+    A store maps keys to values (bytes, without Postfix's trailing NUL).
+    Every store implements five operations, and passes the one contract
+    test suite (tests/test_store_contract.py):
+
+    get_many(keys)          the values of keys (None for an absent key
+                            and for a None key) in one consistent read.
+    update_many(keys, change)
+                            atomic read-change-write: change(old values)
+                            returns (new values, result); a new value of
+                            None means no write. The change is committed
+                            durably before the result is returned.
+                            change must be pure and fast: a store may run
+                            it more than once (LMDB never does; a store
+                            with optimistic transactions retries).
+    scan(after, limit)      up to limit (key, value) pairs after the
+                            cursor after (None: from the start); the last
+                            key returned is the next cursor. A full scan
+                            sees every key that exists throughout it.
+    delete_if(keys, doomed) delete the keys for which doomed(key, value)
+                            holds, judged inside the write, so a record
+                            changed since the caller looked is judged
+                            anew; returns how many were deleted.
+    info()                  a dict with at least "entries".
+
+    StoreBase adds get, put, delete and items on top of these, and
+    run_plan() runs a handler's plan the way every transport does: read
+    and change on a snapshot, and only when that would write, the
+    atomic update, so the common path never takes a write lock.
+
+DIAGNOSTICS
+    StoreError, with a message for the administrator, for anything that
+    keeps a store from answering; callers answer greylist_failure_action.
+"""
+
+from typing import Callable, Iterator, Protocol, TypeVar
+
+T = TypeVar("T")
+Values = list[bytes | None]
+Change = Callable[[Values], tuple[Values, T]]
+
+
+class StoreError(Exception):
+    """The store cannot be opened or an operation failed."""
+
+
+class Store(Protocol):
+    """The operations of the module description."""
+
+    name: str
+
+    def get_many(self, keys: list[bytes | None]) -> Values: ...
+
+    def update_many(self, keys: list[bytes | None], change: Change) -> T: ...
+
+    def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]: ...
+
+    def delete_if(self, keys: list[bytes],
+                  doomed: Callable[[bytes, bytes | None], bool]) -> int: ...
+
+    def info(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+class StoreBase:
+    """Conveniences over the five operations, for every store."""
+
+    # Whether the last attempt to use the store failed (a store that
+    # retries later says so, and cleanup waits for it).
+    failing = False
+
+    def open(self) -> None:
+        """Make the store usable now; raise StoreError if it is not."""
+
+    def close(self) -> None:
+        """Release the store's resources."""
+
+    def get(self, key: bytes) -> bytes | None:
+        """Return the value of key, or None."""
+        return self.get_many([key])[0]
+
+    def update(self, key: bytes, change: Callable[[bytes | None], tuple[bytes | None, T]]) -> T:
+        """Read, change and write one key atomically (see update_many)."""
+        def change_one(olds: Values) -> tuple[Values, T]:
+            new, result = change(olds[0])
+            return [new], result
+        return self.update_many([key], change_one)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        """Store value under key."""
+        self.update(key, lambda old: (value, None))
+
+    def delete(self, key: bytes) -> bool:
+        """Delete key; return whether it existed."""
+        return self.delete_if([key], lambda k, v: v is not None) > 0
+
+    def items(self, batch: int = 100) -> Iterator[tuple[bytes, bytes]]:
+        """Yield all (key, value) pairs, one scan call per batch."""
+        after = None
+        while True:
+            chunk = self.scan(after, batch)
+            yield from chunk
+            if len(chunk) < batch:
+                return
+            after = chunk[-1][0]
+
+
+def writes(keys: list[bytes | None], news: Values) -> bool:
+    """Whether new values would write anything."""
+    return any(k is not None and v is not None for k, v in zip(keys, news))
+
+
+def run_plan(store: Store, keys: list[bytes | None], change: Change) -> T:
+    """Run change on a snapshot; if it would write, run it again atomically.
+
+    Returns the result of the change that counted: the snapshot's when
+    nothing is written, else the atomic update's (its warnings are the
+    ones to log). Raises StoreError.
+    """
+    news, result = change(store.get_many(keys))
+    if not writes(keys, news):
+        return result
+    # Decide again under the write lock: another process may have written
+    # these records since the snapshot.
+    return store.update_many(keys, change)

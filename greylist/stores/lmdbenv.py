@@ -1,0 +1,206 @@
+"""The lifecycle of one LMDB environment under Postfix's locking protocol.
+
+DESCRIPTION
+    An Environment is the open file of one Postfix lmdb table: LMDB's
+    own locking off, data format v1 as written by LMDB 0.9 (Postfix
+    links liblmdb 0.9), and a dedicated lock descriptor that stays open
+    as long as the environment (closing any descriptor of the file would
+    drop the process's fcntl locks). run() runs one transaction body
+    under a mutex (POSIX locks do not exclude threads) and a whole-file
+    fcntl lock, shared or exclusive (lock.py); no transaction or lock
+    outlives one call.
+
+    The map size starts at max(map_size, file size + 10240) as in
+    Postfix's slmdb_open(). On MapFull the body is run again with the map
+    doubled; on MapResized (another process grew the file) the larger
+    size is adopted and the body run again.
+
+    It opens lazily and reopens after a failure, at most once per
+    reopen_delay_s, so a repaired file is picked up without a restart.
+    It checks that the open file is still the one at its path, and
+    reopens the path if the file was deleted or replaced: just before
+    every write takes its lock, and before a read when
+    same_file_interval_s has passed since the last check. A read may
+    thus see a replaced file's contents for up to that long (Postfix
+    daemons use theirs until the client session ends). A file replaced
+    while a write waits for its lock still gets that write.
+
+DIAGNOSTICS
+    StoreError from the file checks (lmdbfile.py), and for any error
+    that LMDB or the operating system reports, described with the
+    recovery where the file is damaged.
+"""
+
+import os
+import threading
+import time
+from typing import Callable, TypeVar
+
+import lmdb
+
+from greylist.stores.base import StoreError
+from greylist.stores.lmdbfile import check_directory, check_format, data_file, describe
+from greylist.stores.lock import EXCLUSIVE, SHARED, lock, locked, unlock
+
+T = TypeVar("T")
+
+# Postfix's DEF_LMDB_MAP_SIZE and SLMDB_FUDGE (mail_params.h, slmdb.c).
+MAP_SIZE = 16 * 1024 * 1024
+MAP_FUDGE = 10240
+# Retries per call after MapFull/MapResized (Postfix allows one per call;
+# a resize and a doubling may both be needed).
+RETRY_LIMIT = 4
+REOPEN_DELAY_S = 10.0
+# Most often a read looks whether the file at the path was replaced.
+SAME_FILE_INTERVAL_S = 1.0
+
+# py-lmdb 3 bundles LMDB 0.9 and 1.0 and picks 1.0 for new files when
+# LMDB_DEFAULT_LIB_VERSION=1 is set: name the 0.9 engine explicitly.
+_ENGINE = {"lib_version": 0} if int(lmdb.__version__.split(".")[0]) >= 3 else {}
+
+
+class Environment:
+    """One Postfix lmdb table's open file, opened on first use."""
+
+    def __init__(self, name: str, readonly: bool = False,
+                 warn: Callable[[str], None] | None = None,
+                 reopen_delay_s: float = REOPEN_DELAY_S, map_size: int = MAP_SIZE,
+                 same_file_interval_s: float = SAME_FILE_INTERVAL_S) -> None:
+        self.name = name
+        self.path = data_file(name)
+        self.readonly = readonly
+        self.reopen_delay_s = reopen_delay_s
+        self.map_size = map_size
+        self.same_file_interval_s = same_file_interval_s
+        self._warn = warn
+        self._env: lmdb.Environment | None = None
+        self.fd = -1
+        self._mutex = threading.Lock()
+        self._failed_at = 0.0
+        self._file_id = (0, 0)
+        self._checked_at = 0.0
+
+    def open(self) -> None:
+        """Open the table now; raise StoreError if that fails."""
+        with self._mutex:
+            self._open()
+
+    def close(self) -> None:
+        """Close the environment and the lock descriptor."""
+        with self._mutex:
+            self._close()
+
+    @property
+    def failing(self) -> bool:
+        """Whether the last attempt to use the table failed."""
+        return self._env is None and self._failed_at != 0.0
+
+    def run(self, mode: int, body: Callable[[lmdb.Environment], T]) -> T:
+        """Run body(env) under the mutex and a whole-file lock, with retries.
+
+        mode is SHARED for a read transaction and EXCLUSIVE for a write.
+        """
+        with self._mutex:
+            env = self._open(mode)
+            try:
+                lock(self.fd, mode)
+                try:
+                    for _ in range(RETRY_LIMIT):
+                        try:
+                            return body(env)
+                        except lmdb.MapFullError:
+                            env.set_mapsize(env.info()["map_size"] * 2)
+                        except lmdb.MapResizedError:
+                            env.set_mapsize(0)
+                    raise lmdb.Error("map size retry limit reached")
+                finally:
+                    unlock(self.fd)
+            except (lmdb.Error, OSError) as exc:
+                raise self._fail(exc) from None
+
+    def _open(self, mode: int = EXCLUSIVE) -> lmdb.Environment:
+        if self._env is not None:
+            if mode == SHARED and time.monotonic() < self._checked_at + self.same_file_interval_s:
+                return self._env
+            if self._same_file():
+                self._checked_at = time.monotonic()
+                return self._env
+            # Deleted or replaced: Postfix daemons restart then (dict.c);
+            # we reopen, so writes never go to a file nobody reads.
+            self._close()
+            if self._warn is not None:
+                self._warn("%s was deleted or replaced; using the file now at that path"
+                           % self.path)
+        if self._failed_at and time.monotonic() - self._failed_at < self.reopen_delay_s:
+            raise StoreError("%s: unavailable after an earlier error; retrying in "
+                             "at most %d s" % (self.path, self.reopen_delay_s))
+        try:
+            env, fd = self._open_files()
+        except StoreError:
+            self._failed_at = time.monotonic()
+            raise
+        self._env, self.fd, self._failed_at = env, fd, 0.0
+        st = os.fstat(fd)
+        self._file_id = (st.st_ino, st.st_dev)
+        self._checked_at = time.monotonic()
+        return env
+
+    def _open_files(self) -> tuple[lmdb.Environment, int]:
+        check_directory(self.path)
+        existed = check_format(self.path)
+        if self.readonly and not existed:
+            raise StoreError("%s: no such database" % self.path)
+        size = os.stat(self.path).st_size if existed else 0
+        try:
+            env = lmdb.open(self.path, map_size=max(self.map_size, size + MAP_FUDGE),
+                            subdir=False, lock=False, readonly=self.readonly,
+                            create=not self.readonly, mode=0o644, max_dbs=0,
+                            **_ENGINE)
+        except lmdb.Error as exc:
+            raise StoreError(describe(self.path, exc)) from None
+        # Open the lock descriptor after lmdb.open(), which opens and closes
+        # the file itself, and keep it as long as the environment.
+        try:
+            fd = os.open(self.path, (os.O_RDONLY if self.readonly else os.O_RDWR)
+                         | os.O_CLOEXEC)
+        except OSError as exc:
+            env.close()
+            raise StoreError("cannot open %s: %s" % (self.path, exc.strerror)) from None
+        if not existed:
+            # Postfix creates tables 0644 whatever the umask (slmdb.c).
+            os.fchmod(fd, 0o644)
+        elif size:
+            # Read the first and last leaf under a shared lock, so that a
+            # damaged tree is reported at open, with its recovery.
+            try:
+                with locked(fd, SHARED), env.begin() as txn:
+                    cursor = txn.cursor()
+                    cursor.first()
+                    cursor.last()
+            except lmdb.Error as exc:
+                env.close()
+                os.close(fd)
+                raise StoreError(describe(self.path, exc)) from None
+        return env, fd
+
+    def _same_file(self) -> bool:
+        """Whether the open file is still the one at self.path."""
+        # One stat(2) per call, compared with the identity taken at open: a
+        # deleted file fails it, a replaced one has another inode.
+        try:
+            now = os.stat(self.path)
+        except OSError:
+            return False
+        return (now.st_ino, now.st_dev) == self._file_id
+
+    def _close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            os.close(self.fd)
+            self._env, self.fd = None, -1
+
+    def _fail(self, exc: Exception) -> StoreError:
+        """Close after an error (no lock is held then) and describe it."""
+        self._close()
+        self._failed_at = time.monotonic()
+        return StoreError(describe(self.path, exc))

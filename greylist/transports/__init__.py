@@ -1,0 +1,1 @@
+"""Transports: how requests reach a handler (spawn(8) stdin/stdout)."""

@@ -1,0 +1,84 @@
+"""The spawn(8) transport: one connection on stdin and stdout, synchronous.
+
+DESCRIPTION
+    Reader takes requests from a blocking binary stream through a push
+    decoder (protocols/policy.py): one read(2) of up to READ_SIZE bytes
+    serves all the requests it holds. serve() reads requests so, has the
+    service
+    answer each with the Session of this one connection, writes each
+    reply flushed, and returns at end of input. It serves any number of
+    requests; after each reply the service takes its after-reply step
+    (a cleanup step), so that work never delays an answer.
+
+DIAGNOSTICS
+    A protocol violation is logged as a warning; serve() then returns 1
+    without a reply, and the caller exits (SMTPD_POLICY_README). With
+    -vv each request and reply is logged.
+"""
+
+from typing import BinaryIO
+
+from greylist.core.message import Session
+from greylist.protocols.policy import READ_SIZE, Decoder, ProtocolError, format_reply
+from greylist.service import PolicyService
+
+
+class Reader:
+    """Requests from one blocking binary stream with read1() (a
+    BufferedReader such as sys.stdin.buffer, or a BytesIO)."""
+
+    def __init__(self, stream: BinaryIO, decoder: Decoder | None = None) -> None:
+        self._read1 = stream.read1
+        self.decoder = decoder or Decoder()
+
+    def read(self) -> dict[str, str] | None:
+        """Return the next request, or None at end of input between
+        requests. Raises ProtocolError on malformed input."""
+        decoder = self.decoder
+        while True:
+            attrs = decoder.next()
+            if attrs is not None:
+                return attrs
+            data = self._read1(READ_SIZE)
+            if not data:
+                decoder.eof()
+                return None
+            decoder.feed(data)
+
+
+def serve(instream: BinaryIO, outstream: BinaryIO, service: PolicyService,
+          session: Session | None = None) -> int:
+    """Answer requests until end of input; return the process exit status.
+
+    instream must have read1() (sys.stdin.buffer, or a BytesIO). The
+    connection's session is new unless one is given (tests that replay a
+    connection in parts). Returns
+    0 at end of input, 1 after a protocol violation (logged, no reply
+    sent).
+    """
+    log = service.log
+    reader = Reader(instream)
+    session = session or Session()
+    while True:
+        try:
+            attrs = reader.read()
+            if attrs is None:
+                log.debug(1, "end of input, exiting")
+                service.close()
+                return 0
+            trace = log.verbose >= 2
+            if trace:
+                log.debug(2, "request: %s" % " ".join("%s=%s" % item for item in attrs.items()))
+            reply = format_reply(service.answer(attrs, session))
+            if trace:
+                log.debug(2, "reply: %s" % reply.decode("utf-8", "replace").strip())
+        except ProtocolError as exc:
+            log.warning("%s; disconnecting without a reply" % exc)
+            return 1
+        try:
+            outstream.write(reply)
+            outstream.flush()
+        except BrokenPipeError:
+            log.debug(1, "client went away before the reply")
+            return 0
+        service.after_reply()

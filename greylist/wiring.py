@@ -1,0 +1,105 @@
+"""Building the parts a program uses from its settings, in one place.
+
+DESCRIPTION
+    Every program (greylist, greylistctl; greylistd later) builds its
+    stores, whitelists and handler here, so that which store, which
+    keys (plain or privacy-hashed), which client table and which
+    cleanup state a setting selects is decided once:
+
+    database()      the database as stored (for cleanup and dump), and
+                    as handlers use it (privacy.HashedKeys when
+                    greylist_privacy = yes).
+    client_table()  the client table, or None (none, or privacy mode).
+    policy_service()  the SMTPD policy handler with its stores,
+                    whitelists, log, clock and cleaner (service.py).
+
+    Tuning holds the tunables of the stores and of cleanup that tests
+    and benchmarks change; programs use the defaults.
+"""
+
+import os
+import time
+from typing import Callable, NamedTuple
+
+from greylist.config import Config, resolve
+from greylist.handlers.policy import PolicyHandler
+from greylist.log import Log
+from greylist.service import STORE_WARNING_INTERVAL_S, PolicyService
+from greylist.stores.base import Store
+from greylist.stores.cleanup import BATCH, BUDGET_S, DELETE_BATCH, Cleaner
+from greylist.stores.lmdb import LmdbStore
+from greylist.stores.lmdbenv import MAP_SIZE, REOPEN_DELAY_S, SAME_FILE_INTERVAL_S
+from greylist.whitelist import CHECK_INTERVAL_S, Whitelists
+
+
+class Tuning(NamedTuple):
+    """Tunables; the defaults are the programs' (see each module)."""
+
+    reopen_delay_s: float = REOPEN_DELAY_S
+    map_size: int = MAP_SIZE
+    same_file_interval_s: float = SAME_FILE_INTERVAL_S
+    cleanup_batch: int = BATCH
+    delete_batch: int = DELETE_BATCH
+    cleanup_budget_s: float = BUDGET_S
+    whitelist_check_s: float = CHECK_INTERVAL_S
+    warning_interval_s: float = STORE_WARNING_INTERVAL_S
+
+    def store_options(self) -> dict:
+        return {"reopen_delay_s": self.reopen_delay_s, "map_size": self.map_size,
+                "same_file_interval_s": self.same_file_interval_s}
+
+
+DEFAULT = Tuning()
+
+
+def host_name() -> str:
+    """The host name for the X-Greylist header."""
+    return os.uname().nodename
+
+
+def database(cfg: Config, log: Log | None = None, readonly: bool = False,
+             tuning: Tuning = DEFAULT) -> tuple[LmdbStore, Store]:
+    """Return the database as stored, and as keyed by handlers."""
+    cfg = resolve(cfg)
+    raw = LmdbStore(cfg.database, readonly=readonly,
+                    warn=None if log is None else log.warning, **tuning.store_options())
+    if not cfg.privacy:
+        return raw, raw
+    from greylist.stores.privacy import HashedKeys
+    return raw, HashedKeys(raw, cfg.secret_file)
+
+
+def client_table(cfg: Config, log: Log | None = None, readonly: bool = False,
+                 tuning: Tuning = DEFAULT) -> LmdbStore | None:
+    """Return the client table, or None when there is none."""
+    cfg = resolve(cfg)
+    if not cfg.client_table:
+        return None
+    return LmdbStore(cfg.client_table, readonly=readonly,
+                     warn=None if log is None else log.warning, **tuning.store_options())
+
+
+def policy_service(cfg: Config, log: Log, clock: Callable[[], float] = time.time,
+                   tuning: Tuning = DEFAULT, cleanup: bool = True,
+                   store: Store | None = None) -> PolicyService:
+    """Return the SMTPD policy service of a program.
+
+    store replaces the database as stored (tests and benchmarks give
+    their own); privacy keys still apply over it.
+    """
+    cfg = resolve(cfg)
+    if store is None:
+        raw, keyed = database(cfg, log, tuning=tuning)
+    else:
+        raw = keyed = store
+        if cfg.privacy:
+            from greylist.stores.privacy import HashedKeys
+            keyed = HashedKeys(store, cfg.secret_file)
+    table = client_table(cfg, log, tuning=tuning)
+    cleaner = None
+    if cleanup:
+        cleaner = Cleaner(raw, table, cfg, log, clock, batch=tuning.cleanup_batch,
+                          delete_batch=tuning.delete_batch, budget_s=tuning.cleanup_budget_s)
+    return PolicyService(PolicyHandler(cfg, host_name()), keyed, table,
+                         Whitelists(cfg, log.warning, tuning.whitelist_check_s), log, clock,
+                         cleaner, tuning.warning_interval_s)
