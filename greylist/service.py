@@ -63,7 +63,7 @@ class PolicyService:
         step = self.handler.prepare(attrs, session, now, self.whitelists.exemptions(now))
         if not isinstance(step, Answer):
             try:
-                outcome = run_plan(self.store, step.plan.keys, step.plan.change)
+                outcome = run_plan(self.store, step.keys, step.change)
             except StoreError as exc:
                 self.store_failed(exc)
                 outcome = None

@@ -84,7 +84,8 @@ class Whitelists:
                        List(cfg.whitelist_recipients, "address", warn,
                             inline=cfg.exempt_recipients),
                        List(cfg.whitelist_senders, "address", warn))
-        self._base = Exemptions(trusted, delimiter=cfg.sender_delimiter)
+        self._trusted = trusted
+        self._delimiter = cfg.sender_delimiter
         self._exemptions = self._build()
         self._refreshed_at = 0.0  # The lists loaded just now, at time 0.
 
@@ -100,4 +101,4 @@ class Whitelists:
 
     def _build(self) -> Exemptions:
         clients, recipients, senders = (each.current() for each in self._lists)
-        return self._base._replace(clients=clients, recipients=recipients, senders=senders)
+        return Exemptions(self._trusted, clients, recipients, senders, self._delimiter)

@@ -38,7 +38,7 @@ from greylist.core import record as records
 from greylist.core.decide import expired
 from greylist.core.message import Session
 from greylist.core.triple import (BadAddress, client_address, client_group, client_key,
-                                  normalise_sender, registered_domain, sender_key,
+                                  keys, normalise_sender, registered_domain, sender_key,
                                   table_key, triple_from_request)
 from greylist.handlers.policy import PolicyHandler
 from greylist.log import Log
@@ -255,17 +255,17 @@ def _show(store: Store, cfg: Config, log: Log, args: dict,
         except BadAddress as exc:
             print("greylistctl: %s" % exc)
             return 2
-        plan = handler.plan(triple, now, False)
-        outcome = plan.change(store.get_many(plan.keys))[1]
+        found = keys(triple)
+        outcome = handler.change(found, now, False)(store.get_many(found))[1]
     else:
-        triple, plan = pending.triple, pending.plan
+        triple, found = pending.triple, pending.keys
     print("client group: %s" % triple.client)
     print("sender: %s" % triple.sender)
     print("recipient: %s" % triple.recipient)
     for warning in outcome.warnings:
         print("warning: %s" % warning)
     for label, k, record in zip(("triple", "sender entry", "client entry"),
-                                plan.keys, outcome.records):
+                                found, outcome.records):
         if k is None:
             print("%s: none (clients without an address have no client entry)" % label)
             continue

@@ -43,7 +43,7 @@ import functools
 from typing import NamedTuple
 
 from greylist.config import Config
-from greylist.core.record import CLIENT, MANUAL, PASSED, PENDING, SENDER, Record
+from greylist.core.record import CLIENT, MANUAL, PASSED, PENDING, SENDER, Record, new
 
 DUNNO = "DUNNO"
 
@@ -138,17 +138,19 @@ def decide(records: Records, now: int, cfg: Config,
     client = _live(records.client, CLIENT_STATES, now, cfg)
     if whitelisted_client(client, cfg):
         manual = client.state == MANUAL
-        return Decision(DUNNO, MANUAL_CLIENT if manual else AWL_CLIENT,
-                        now - client.first_seen, Records(client=_refreshed(client, now, cfg)),
-                        not manual)
+        return new(Decision, (DUNNO, MANUAL_CLIENT if manual else AWL_CLIENT,
+                              now - client.first_seen,
+                              new(Records, (None, None, _refreshed(client, now, cfg))),
+                              not manual))
     if sender is not None and (cfg.sender_awl or sender.state == MANUAL):
         manual = sender.state == MANUAL
-        return Decision(DUNNO, MANUAL_SENDER if manual else AWL_SENDER,
-                        now - sender.first_seen, Records(sender=_refreshed(sender, now, cfg)),
-                        not manual)
+        return new(Decision, (DUNNO, MANUAL_SENDER if manual else AWL_SENDER,
+                              now - sender.first_seen,
+                              new(Records, (None, _refreshed(sender, now, cfg), None)),
+                              not manual))
     if triple is not None and triple.state == PASSED:
-        return Decision(DUNNO, KNOWN, now - triple.first_seen,
-                        Records(triple=_refreshed(triple, now, cfg)), True)
+        return new(Decision, (DUNNO, KNOWN, now - triple.first_seen,
+                              new(Records, (_refreshed(triple, now, cfg), None, None)), True))
     age = 0 if triple is None else now - triple.first_seen
     if triple is not None and age >= cfg.delay_s:
         return _pass(DELAY_PASSED, triple, client, now, cfg)
@@ -167,9 +169,17 @@ def decide(records: Records, now: int, cfg: Config,
 def _live(record: Record | None, kinds: tuple[str, ...], now: int,
           cfg: Config) -> Record | None:
     """The record, unless absent, of a kind its slot does not hold, or expired."""
-    if record is None or record.state not in kinds or expired(record, now, cfg):
+    # expired(), inline: this runs three times per request.
+    if record is None:
         return None
-    return record
+    state = record.state
+    if state not in kinds:
+        return None
+    if state == PENDING:
+        return None if now - record.first_seen > cfg.retry_window_s else record
+    if state == MANUAL:
+        return record
+    return None if now - record.last_seen > cfg.max_age_s else record
 
 
 def _pass(reason: str, triple: Record | None, client: Record | None, now: int,

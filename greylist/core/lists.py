@@ -35,7 +35,7 @@ DIAGNOSTICS
 """
 
 import re
-from typing import Callable, NamedTuple
+from typing import Callable
 
 from greylist.core.triple import UNKNOWN_CLIENT, strip_extension
 
@@ -169,14 +169,23 @@ def empty(entries: Entries) -> bool:
                 or entries.locals or entries.addresses)
 
 
-class Exemptions(NamedTuple):
-    """The static exemptions in force; None where a list is empty."""
+class Exemptions:
+    """The static exemptions in force; None where a list is empty.
 
-    trusted: tuple = ()
-    clients: Entries | None = None
-    recipients: Entries | None = None
-    senders: Entries | None = None
-    delimiter: str = "+"
+    A class with slots, not a named tuple: reason() reads five of its
+    attributes per request, and slots are read faster.
+    """
+
+    __slots__ = ("trusted", "clients", "recipients", "senders", "delimiter")
+
+    def __init__(self, trusted: tuple = (), clients: Entries | None = None,
+                 recipients: Entries | None = None, senders: Entries | None = None,
+                 delimiter: str = "+") -> None:
+        self.trusted = trusted
+        self.clients = clients
+        self.recipients = recipients
+        self.senders = senders
+        self.delimiter = delimiter
 
     def reason(self, attrs: dict[str, str], address: str) -> str | None:
         """Return why a request (canonical client address) is exempt, or None."""

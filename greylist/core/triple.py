@@ -50,6 +50,7 @@ import re
 from typing import NamedTuple
 
 from greylist.config import Config
+from greylist.core.record import new
 
 # LMDB's compile-time maximum key size (mdb_env_get_maxkeysize) less the NUL.
 MAX_KEY_BYTES = 510
@@ -67,6 +68,10 @@ _ESCAPE = re.compile("[%/#\\s\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udcff]")
 _SRS = re.compile(r"srs[01][=+-].*=([^=]+)=([^=@]+)@[^@]+", re.IGNORECASE)
 # BATV (draft-levine-smtp-batv): prvs=TAG=local, and Microsoft's msprvs1=.
 _BATV = re.compile(r"(?:prvs|msprvs1)=[0-9a-z]+=(.+)", re.IGNORECASE)
+# A dotted quad as inet_ntop(3) prints it: decimal octets without
+# leading zeros.
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_CANONICAL_IPV4 = re.compile(_OCTET + "(?:[.]" + _OCTET + "){3}")
 _DIGITS = re.compile(r"(?<![^.+=_-])[0-9]+(?![^.+=_-])")
 
 
@@ -92,7 +97,7 @@ def client_address(value: str | None) -> str:
     # Fast path: a canonical dotted quad (four decimal octets without
     # leading zeros) is returned as it is; anything else takes the full
     # parse below.
-    if _canonical_ipv4(value):
+    if _CANONICAL_IPV4.fullmatch(value) is not None:
         return value
     # ipaddress accepts an IPv6 zone ("%eth0"); Postfix strips it, so a
     # zone is malformed input (and would carry any bytes into the key).
@@ -109,13 +114,6 @@ def client_address(value: str | None) -> str:
     if addr.version == 6 and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     return str(addr)
-
-
-def _canonical_ipv4(value: str) -> bool:
-    parts = value.split(".")
-    return len(parts) == 4 and value.isascii() and all(
-        part.isdigit() and len(part) <= 3 and (part[0] != "0" or part == "0")
-        and int(part) < 256 for part in parts)
 
 
 def client_group(address: str, client_name: str | None, cfg: Config) -> str:
@@ -166,12 +164,14 @@ def normalise_sender(sender: str | None, cfg: Config) -> str:
     local, at, domain = address.rpartition("@")
     if not at:
         return address
-    match = _SRS.fullmatch(address)
-    if match is not None:
-        domain, local = match.group(1), match.group(2)
-    match = _BATV.fullmatch(local)
-    if match is not None:
-        local = match.group(1)
+    # SRS and BATV forms both have "=" in the local part.
+    if "=" in local:
+        match = _SRS.fullmatch(address)
+        if match is not None:
+            domain, local = match.group(1), match.group(2)
+        match = _BATV.fullmatch(local)
+        if match is not None:
+            local = match.group(1)
     if cfg.sender_delimiter:
         local = strip_extension(local, cfg.sender_delimiter)
     local = _DIGITS.sub("#", local)
@@ -181,6 +181,10 @@ def normalise_sender(sender: str | None, cfg: Config) -> str:
 def strip_extension(local: str, delimiters: str) -> str:
     """Return local cut at the first delimiter character that is not its
     first character (Postfix's recipient_delimiter rule)."""
+    if len(delimiters) == 1:
+        # The common case (recipient_delimiter = +), without the loop.
+        at = local.find(delimiters)
+        return local[:at] if at > 0 else local
     cut = len(local)
     for delimiter in delimiters:
         at = local.find(delimiter)
@@ -197,9 +201,9 @@ def triple_from_request(attrs: dict[str, str], cfg: Config,
     """
     if address is None:
         address = client_address(attrs.get("client_address"))
-    return Triple(client_group(address, attrs.get("client_name"), cfg),
-                  normalise_sender(attrs.get("sender"), cfg),
-                  attrs["recipient"].casefold())
+    return new(Triple, (client_group(address, attrs.get("client_name"), cfg),
+                        normalise_sender(attrs.get("sender"), cfg),
+                        attrs["recipient"].casefold()))
 
 
 class Keys(NamedTuple):
@@ -220,9 +224,9 @@ def keys(triple: Triple) -> Keys:
     """Return the keys of the triple, of its (client group, sender)
     auto-whitelist record and of its client-group record."""
     client_sender = triple.client + "/" + _escape(triple.sender.casefold())
-    return Keys(_bounded(client_sender + "/" + _escape(triple.recipient.casefold())),
-                _bounded(client_sender),
-                None if triple.client == UNKNOWN_CLIENT else _bounded(triple.client))
+    return new(Keys, (_bounded(client_sender + "/" + _escape(triple.recipient.casefold())),
+                      _bounded(client_sender),
+                      None if triple.client == UNKNOWN_CLIENT else _bounded(triple.client)))
 
 
 def sender_key(client: str, sender: str) -> bytes:

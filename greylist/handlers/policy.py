@@ -7,8 +7,8 @@ DESCRIPTION
 
     prepare()   checks the request (request type, client_address), runs
                 precheck() (core/evaluate.py). A request it can answer
-                alone gets an Answer; any other gets a Pending, whose
-                Plan names the three records of the triple (triple,
+                alone gets an Answer; any other gets a Pending, a plan
+                that names the three records of the triple (triple,
                 sender entry, client entry; keys in plaintext) and a
                 pure change function.
     complete()  renders the Outcome of the plan (or a store failure)
@@ -40,32 +40,22 @@ DIAGNOSTICS
     that screen() answers.
 """
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 from greylist.config import Config
-from greylist.core import record as records
-from greylist.core.decide import (DATABASE_FAILURE, Decision, Records, decide,
+from greylist.core.decide import (DATABASE_FAILURE, NO_RECORDS, Decision, Records, decide,
                                   whitelisted_client)
+from greylist.core.record import decode, encode, new
 from greylist.core.evaluate import precheck, render
 from greylist.core.lists import Exemptions
 from greylist.core.message import Session
 from greylist.core.triple import BadAddress, Triple, keys, table_key, triple_from_request
 from greylist.protocols.policy import ProtocolError
+from greylist.stores.base import NO_WRITES
 
 REQUEST = "smtpd_access_policy"
 
 Values = list[bytes | None]
-
-
-class Plan(NamedTuple):
-    """Records to read, and a pure change: values -> (new values, result).
-
-    A new value of None means no write; a None key is never read or
-    written.
-    """
-
-    keys: list[bytes | None]
-    change: Callable[[Values], tuple[Values, object]]
 
 
 class Outcome(NamedTuple):
@@ -88,13 +78,16 @@ class Answer(NamedTuple):
 
 
 class Pending(NamedTuple):
-    """A request waiting for its plan's outcome."""
+    """A request waiting for its plan's outcome. The plan: the records to
+    read (keys) and a pure change, values -> (new values, Outcome); a new
+    value of None means no write, a None key is never read or written."""
 
     attrs: dict[str, str]
     address: str
     triple: Triple
     now: int
-    plan: Plan
+    keys: Sequence[bytes | None]
+    change: Callable[[Values], tuple[Values, Outcome]]
 
 
 class PolicyHandler:
@@ -117,25 +110,31 @@ class PolicyHandler:
         if address is None:
             return Answer(decision.action, decision, "action=%s reason=%s"
                           % (decision.action, decision.reason), debug=True)
-        session.begin(attrs.get("instance"))
+        instance = attrs.get("instance")
+        if instance != session.instance:
+            session.begin(instance)
         if decision is not None:
-            return Answer(decision.action, decision, self._line(decision.action, decision,
-                                                                attrs, address))
+            return Answer(decision.action, decision, _line(decision.action, decision,
+                                                           attrs, address))
         triple = triple_from_request(attrs, self.cfg, address)
-        return Pending(attrs, address, triple, now,
-                       self.plan(triple, now, session.message_accepted))
+        found = keys(triple)
+        return new(Pending, (attrs, address, triple, now, found, self.change(
+            found, now, session.instance is not None and session.accepted)))
 
-    def plan(self, triple: Triple, now: int, accepted: bool) -> Plan:
-        """The plan that decides a triple at now."""
+    def change(self, found: Sequence[bytes | None], now: int, accepted: bool
+               ) -> Callable[[Values], tuple[Values, Outcome]]:
+        """The pure change that decides the triple of keys found at now."""
         cfg = self.cfg
-        found = list(keys(triple))
 
         def change(values: Values) -> tuple[Values, Outcome]:
             parsed, warnings = parse_records(values, found)
             decision = decide(parsed, now, cfg, accepted)
-            news = [None if r is None else records.encode(r) for r in decision.writes]
-            return news, Outcome(decision, warnings, parsed)
-        return Plan(found, change)
+            writes = decision.writes
+            if writes == NO_RECORDS:
+                return NO_WRITES, new(Outcome, (decision, warnings, parsed))
+            return ([None if r is None else encode(r) for r in writes],
+                    new(Outcome, (decision, warnings, parsed)))
+        return change
 
     def complete(self, pending: Pending, outcome: Outcome | None,
                  session: Session) -> Answer:
@@ -151,8 +150,11 @@ class PolicyHandler:
         if self.cfg.client_table and client is not None \
                 and whitelisted_client(client, self.cfg):
             table = (table_key(address, pending.triple.client), b"%d" % pending.now)
-        return Answer(action, decision, self._line(action, decision, attrs, address),
-                      warnings=outcome.warnings, table_write=table)
+        return new(Answer, (action, decision,
+                            "action=%s reason=%s age=%d client=%s sender=%s rcpt=%s"
+                            % (action.split(None, 1)[0], decision.reason, decision.age,
+                               address, attrs.get("sender") or "<>", attrs["recipient"]),
+                            False, outcome.warnings, table))
 
     def explain(self, attrs: dict[str, str], session: Session, now: int,
                 exemptions: Exemptions, read: Callable[[list[bytes | None]], Values]
@@ -162,25 +164,27 @@ class PolicyHandler:
         step = self.prepare(attrs, session, now, exemptions)
         if isinstance(step, Answer):
             return step, None, None
-        _, outcome = step.plan.change(read(step.plan.keys))
+        _, outcome = step.change(read(step.keys))
         return self.complete(step, outcome, session), step, outcome
 
-    @staticmethod
-    def _line(action: str, decision: Decision, attrs: dict[str, str], address: str) -> str:
-        return ("action=%s reason=%s age=%d client=%s sender=%s rcpt=%s"
-                % (action.split(None, 1)[0], decision.reason, decision.age, address,
-                   attrs.get("sender") or "<>", attrs["recipient"]))
 
 
-def parse_records(values: Values, found: list[bytes | None]) -> tuple[Records, tuple[str, ...]]:
+def _line(action: str, decision: Decision, attrs: dict[str, str], address: str) -> str:
+    """The log line of a decision (complete() builds the same inline)."""
+    return ("action=%s reason=%s age=%d client=%s sender=%s rcpt=%s"
+            % (action.split(None, 1)[0], decision.reason, decision.age, address,
+               attrs.get("sender") or "<>", attrs["recipient"]))
+
+
+def parse_records(values: Values, found: Sequence[bytes | None]
+                  ) -> tuple[Records, tuple[str, ...]]:
     """The records stored as values (keys found), and a warning for each
     value that does not parse (treated as absent)."""
-    parsed = []
-    warnings = ()
-    for value, k in zip(values, found):
-        record = None if value is None else records.decode(value)
-        if value is not None and record is None:
-            warnings += ("ignoring malformed record for %s: %s"
-                         % (k.decode("utf-8", "replace"), repr(value)[:100]),)
-        parsed.append(record)
-    return Records(*parsed), warnings
+    triple, sender, client = [None if value is None else decode(value) for value in values]
+    if (triple is None and values[0] is not None or sender is None and values[1] is not None
+            or client is None and values[2] is not None):
+        return Records(triple, sender, client), tuple(
+            "ignoring malformed record for %s: %s"
+            % (k.decode("utf-8", "replace"), repr(value)[:100])
+            for value, k in zip(values, found) if value is not None and decode(value) is None)
+    return Records(triple, sender, client), ()

@@ -42,6 +42,11 @@ Values = list[bytes | None]
 Change = Callable[[Values], tuple[Values, T]]
 
 
+# What a change returns when it writes nothing, so that run_plan() need
+# not look at each value (the common, read-only path).
+NO_WRITES: Values = [None, None, None]
+
+
 class StoreError(Exception):
     """The store cannot be opened or an operation failed."""
 
@@ -110,7 +115,10 @@ class StoreBase:
 
 def writes(keys: list[bytes | None], news: Values) -> bool:
     """Whether new values would write anything."""
-    return any(k is not None and v is not None for k, v in zip(keys, news))
+    for k, v in zip(keys, news):
+        if k is not None and v is not None:
+            return True
+    return False
 
 
 def run_plan(store: Store, keys: list[bytes | None], change: Change) -> T:
@@ -121,7 +129,7 @@ def run_plan(store: Store, keys: list[bytes | None], change: Change) -> T:
     ones to log). Raises StoreError.
     """
     news, result = change(store.get_many(keys))
-    if not writes(keys, news):
+    if news is NO_WRITES or not writes(keys, news):
         return result
     # Decide again under the write lock: another process may have written
     # these records since the snapshot.

@@ -57,12 +57,19 @@ def serve(instream: BinaryIO, outstream: BinaryIO, service: PolicyService,
     sent).
     """
     log = service.log
-    reader = Reader(instream)
+    read1 = instream.read1
+    decoder = Decoder()
     session = session or Session()
     while True:
         try:
-            attrs = reader.read()
+            # Reader.read(), inline: one call less per request.
+            attrs = decoder.next()
             if attrs is None:
+                data = read1(READ_SIZE)
+                if data:
+                    decoder.feed(data)
+                    continue
+                decoder.eof()
                 log.debug(1, "end of input, exiting")
                 service.close()
                 return 0
