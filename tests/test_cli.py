@@ -137,3 +137,20 @@ def test_running_as_root_is_refused_without_greylist_allow_root(home):
     assert (status, out, err) == (1, b"", b"")
     assert "fatal: refusing to run as root" in log
     assert not (home / "db.lmdb").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["-c", "/etc/greylist/greylist.cf"], ["--config", "/x.cf"], ["-v", "-c", "f"],
+    ["-vv", "-c", "f"], ["-v", "-vvv", "--config", "f"], ["-c", "-v"], ["-c", ""],
+    ["-vx", "-c", "f"], ["-c", "f", "-v"], ["-d", "/db", "-c", "f"], ["--delay", "5s"], [],
+])
+def test_the_spawn_form_is_read_as_docopt_reads_it(argv):
+    from docopt import DocoptExit, docopt
+    from greylist.cli.greylist import USAGE, parse_args
+    try:
+        expected = docopt(USAGE, argv=argv)
+    except DocoptExit:
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        return
+    assert parse_args(argv) == expected

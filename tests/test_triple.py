@@ -271,3 +271,13 @@ def test_client_address_raises_only_bad_address(value):
     except BadAddress:
         return
     assert client_address(client) == client
+
+
+def test_the_escape_fast_path_never_skips_a_character_that_needs_escaping():
+    # _plain() spares most fields the regular expression; it may send a
+    # field to the slow path needlessly, never the other way round.
+    import re
+    from greylist.core.triple import _ESCAPE, _plain
+    unsafe = [hex(c) for c in range(0x110000)
+              if _plain(chr(c)) and re.search(_ESCAPE, chr(c)) is not None]
+    assert unsafe == []

@@ -6,6 +6,10 @@ DESCRIPTION
     policy requests on stdin and stdout, as spawn(8) connects them,
     until end of input (transports/spawn.py). It imports only what that
     path needs: under spawn(8) every smtpd connection starts a process.
+    docopt defines the command line; the one form that master.cf uses,
+    "[-v...] -c FILE", is read without loading it (parse_args), which
+    saves a sixth of a spawned process's CPU time, and a test checks
+    that the result is docopt's own for that form.
 
 DIAGNOSTICS
     Usage and settings errors are logged as fatal and exit with status
@@ -17,8 +21,6 @@ DIAGNOSTICS
 
 import os
 import sys
-
-from docopt import DocoptExit, docopt
 
 from greylist import __version__
 from greylist.config import ConfigError, load, parse_setting
@@ -53,11 +55,7 @@ def main(argv: list[str] | None = None, tuning: Tuning = DEFAULT) -> int:
     """
     if not os.isatty(2):
         _silence_stderr()
-    try:
-        args = docopt(USAGE, argv=argv, version=__version__)
-    except DocoptExit as exc:
-        Log().fatal("usage: %s" % str(exc).replace("\n", " "))
-        raise SystemExit(2) from None
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load(args["--config"], _overrides(args))
     except ConfigError as exc:
@@ -80,6 +78,28 @@ def main(argv: list[str] | None = None, tuning: Tuning = DEFAULT) -> int:
         return 1
     finally:
         log.close()
+
+
+def parse_args(argv: list[str]) -> dict:
+    """Return docopt's parse of argv; exit 2 after a usage error.
+
+    "[-v...] -c FILE" (each -v word of v's only, FILE not starting with
+    "-") gets the dict docopt returns for it, built here: docopt and its
+    regular expressions cost about 6 ms per process.
+    """
+    if len(argv) >= 2 and argv[-2] in ("-c", "--config") and argv[-1][:1] not in ("-", ""):
+        flags = argv[:-2]
+        if all(len(flag) >= 2 and flag[0] == "-" and flag[1:] == "v" * (len(flag) - 1)
+               for flag in flags):
+            return {"--config": argv[-1], "--database": None, "--delay": None,
+                    "--help": False, "--verbose": sum(len(flag) - 1 for flag in flags),
+                    "--version": False}
+    from docopt import DocoptExit, docopt
+    try:
+        return docopt(USAGE, argv=argv, version=__version__)
+    except DocoptExit as exc:
+        Log().fatal("usage: %s" % str(exc).replace("\n", " "))
+        raise SystemExit(2) from None
 
 
 def _overrides(args: dict) -> dict[str, object]:

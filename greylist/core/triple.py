@@ -62,17 +62,20 @@ UNKNOWN_CLIENT = "unknown"
 # Characters escaped in key fields: the escape itself, the separator, the
 # mark of a shortened key, white space and controls (Unicode's too), and
 # surrogates that stand for bytes that are not UTF-8.
-_ESCAPE = re.compile("[%/#\\s\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udcff]")
+# Compiled on first use (re caches it): most fields need no escape, which
+# _plain() tells without a regular expression.
+_ESCAPE = "[%/#\\s\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udcff]"
 # SRS (libsrs2 and postsrsd): SRS0=HASH=TT=domain=local@forwarder and
 # SRS1=HASH=forwarder==HASH=TT=domain=local@..., the original last.
-_SRS = re.compile(r"srs[01][=+-].*=([^=]+)=([^=@]+)@[^@]+", re.IGNORECASE)
+_SRS = r"srs[01][=+-].*=([^=]+)=([^=@]+)@[^@]+"
 # BATV (draft-levine-smtp-batv): prvs=TAG=local, and Microsoft's msprvs1=.
-_BATV = re.compile(r"(?:prvs|msprvs1)=[0-9a-z]+=(.+)", re.IGNORECASE)
+_BATV = r"(?:prvs|msprvs1)=[0-9a-z]+=(.+)"
 # A dotted quad as inet_ntop(3) prints it: decimal octets without
 # leading zeros.
 _OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _CANONICAL_IPV4 = re.compile(_OCTET + "(?:[.]" + _OCTET + "){3}")
-_DIGITS = re.compile(r"(?<![^.+=_-])[0-9]+(?![^.+=_-])")
+_DIGITS = r"(?<![^.+=_-])[0-9]+(?![^.+=_-])"
+_DIGIT_SET = frozenset("0123456789")
 
 
 class BadAddress(ValueError):
@@ -165,16 +168,19 @@ def normalise_sender(sender: str | None, cfg: Config) -> str:
     if not at:
         return address
     # SRS and BATV forms both have "=" in the local part.
+    # re caches the compiled patterns: compiled on first use, as most
+    # processes under spawn(8) never see such a sender.
     if "=" in local:
-        match = _SRS.fullmatch(address)
+        match = re.fullmatch(_SRS, address, re.IGNORECASE)
         if match is not None:
             domain, local = match.group(1), match.group(2)
-        match = _BATV.fullmatch(local)
+        match = re.fullmatch(_BATV, local, re.IGNORECASE)
         if match is not None:
             local = match.group(1)
     if cfg.sender_delimiter:
         local = strip_extension(local, cfg.sender_delimiter)
-    local = _DIGITS.sub("#", local)
+    if not _DIGIT_SET.isdisjoint(local):
+        local = re.sub(_DIGITS, "#", local)
     return local + "@" + domain
 
 
@@ -266,9 +272,20 @@ def escape(field: str) -> str:
 
 
 def _escape(field: str) -> str:
-    if _ESCAPE.search(field) is None:
+    if _plain(field):
         return field
-    return _ESCAPE.sub(_percent, field)
+    return re.sub(_ESCAPE, _percent, field)
+
+
+def _plain(field: str) -> bool:
+    """Whether field has none of the characters _ESCAPE names.
+
+    A printable string (str.isprintable) has no control, surrogate or
+    separator character but the ASCII space, and every white space
+    character but the space is a control or a separator.
+    """
+    return (field.isprintable() and " " not in field and "%" not in field
+            and "/" not in field and "#" not in field)
 
 
 def _percent(match: re.Match) -> str:

@@ -25,8 +25,9 @@ DESCRIPTION
                             anew; returns how many were deleted.
     info()                  a dict with at least "entries".
 
-    StoreBase adds get, put, delete and items on top of these, and
-    run_plan() runs a handler's plan the way every transport does: read
+    Store is the interface: a store subclasses it, implements the five
+    operations, and inherits get, put, delete and items, which Store
+    builds on them. run_plan() runs a handler's plan the way every transport does: read
     and change on a snapshot, and only when that would write, the
     atomic update, so the common path never takes a write lock.
 
@@ -35,7 +36,7 @@ DIAGNOSTICS
     keeps a store from answering; callers answer greylist_failure_action.
 """
 
-from typing import Callable, Iterator, Protocol, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 Values = list[bytes | None]
@@ -51,31 +52,37 @@ class StoreError(Exception):
     """The store cannot be opened or an operation failed."""
 
 
-class Store(Protocol):
-    """The operations of the module description."""
+class Store:
+    """The five operations of the module description, and conveniences
+    built on them. (A plain base class rather than a typing.Protocol:
+    creating a Protocol costs start-up time under spawn(8).)"""
 
-    name: str
-
-    def get_many(self, keys: list[bytes | None]) -> Values: ...
-
-    def update_many(self, keys: list[bytes | None], change: Change) -> T: ...
-
-    def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]: ...
-
-    def delete_if(self, keys: list[bytes],
-                  doomed: Callable[[bytes, bytes | None], bool]) -> int: ...
-
-    def info(self) -> dict[str, int]: ...
-
-    def close(self) -> None: ...
-
-
-class StoreBase:
-    """Conveniences over the five operations, for every store."""
+    name = "store"
 
     # Whether the last attempt to use the store failed (a store that
     # retries later says so, and cleanup waits for it).
     failing = False
+
+    def get_many(self, keys: list[bytes | None]) -> Values:
+        """The values of keys, in one consistent read."""
+        raise NotImplementedError
+
+    def update_many(self, keys: list[bytes | None], change: Change) -> T:
+        """Atomic read-change-write, durable before it returns."""
+        raise NotImplementedError
+
+    def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        """Up to limit (key, value) pairs after the cursor after."""
+        raise NotImplementedError
+
+    def delete_if(self, keys: list[bytes],
+                  doomed: Callable[[bytes, bytes | None], bool]) -> int:
+        """Delete the keys for which doomed(key, value) holds in the write."""
+        raise NotImplementedError
+
+    def info(self) -> dict[str, int]:
+        """Facts about the store: at least "entries"."""
+        raise NotImplementedError
 
     def open(self) -> None:
         """Make the store usable now; raise StoreError if it is not."""

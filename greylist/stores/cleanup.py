@@ -40,8 +40,7 @@ DIAGNOSTICS
 
 import os
 import time
-from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from greylist.config import Config
 from greylist.core import record as records
@@ -66,8 +65,7 @@ BUSY_RETRY_S = 1
 FAILURE_RETRY_S = 60
 
 
-@dataclass(frozen=True)
-class State:
+class State(NamedTuple):
     """The shared cleanup state; position None means no pass in progress."""
 
     last_completed: int = 0
@@ -189,24 +187,24 @@ class Cleaner:
             except StoreError as exc:
                 # Deletes committed before the failure are counted now: the
                 # next walk of this batch no longer sees them.
-                state = replace(state, dropped=state.dropped + deleted)
+                state = state._replace(dropped=state.dropped + deleted)
                 self.log.warning("cleanup stopped: %s" % exc)
                 self.log.info("cleanup: partial retained=%d dropped=%d"
                               % (state.retained, state.dropped))
                 # Keep the position; try again later, not at every request.
                 self._next_check = now + FAILURE_RETRY_S
                 return state
-            state = replace(state, retained=state.retained + len(items) - deleted,
+            state = state._replace(retained=state.retained + len(items) - deleted,
                             dropped=state.dropped + deleted,
                             position=(table, items[-1][0] if items else after))
             if len(items) < self.batch:
                 if table + 1 < len(self.stores):
-                    state = replace(state, position=(table + 1, b""))
+                    state = state._replace(position=(table + 1, b""))
                 else:
                     self.log.info("cleanup: full retained=%d dropped=%d"
                                   % (state.retained, state.dropped))
                     self._next_check = now + self.cfg.cleanup_interval_s
-                    return replace(state, last_completed=now, position=None)
+                    return state._replace(last_completed=now, position=None)
             if time.monotonic() >= deadline:
                 return state
 

@@ -23,14 +23,14 @@ from typing import Callable, TypeVar
 
 import lmdb
 
-from greylist.stores.base import StoreBase
+from greylist.stores.base import Store
 from greylist.stores.lmdbenv import Environment
 from greylist.stores.lock import EXCLUSIVE, SHARED
 
 T = TypeVar("T")
 
 
-class LmdbStore(StoreBase):
+class LmdbStore(Store):
     """One Postfix lmdb table, opened on first use, safe across processes.
 
     The keyword arguments tune the Environment (lmdbenv.py).

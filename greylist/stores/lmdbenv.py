@@ -31,8 +31,8 @@ DIAGNOSTICS
     recovery where the file is damaged.
 """
 
+import _thread
 import os
-import threading
 import time
 from typing import Callable, TypeVar
 
@@ -75,7 +75,8 @@ class Environment:
         self._warn = warn
         self._env: lmdb.Environment | None = None
         self.fd = -1
-        self._mutex = threading.Lock()
+        # _thread, the documented low-level API: threading costs start-up time.
+        self._mutex = _thread.allocate_lock()
         self._failed_at = 0.0
         self._file_id = (0, 0)
         self._checked_at = 0.0

@@ -8,22 +8,22 @@ DESCRIPTION
     real data.
 """
 
+import _thread
 import bisect
-import threading
 from typing import Callable, TypeVar
 
-from greylist.stores.base import Change, StoreBase, Values
+from greylist.stores.base import Change, Store, Values
 
 T = TypeVar("T")
 
 
-class MemoryStore(StoreBase):
+class MemoryStore(Store):
     """A store in a dict."""
 
     def __init__(self, name: str = "memory") -> None:
         self.name = name
         self.data: dict[bytes, bytes] = {}
-        self._mutex = threading.Lock()
+        self._mutex = _thread.allocate_lock()
 
     def get_many(self, keys: list[bytes | None]) -> Values:
         with self._mutex:

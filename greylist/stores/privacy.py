@@ -32,7 +32,7 @@ import secrets
 import stat
 from typing import Callable, TypeVar
 
-from greylist.stores.base import Change, StoreBase, StoreError, Values
+from greylist.stores.base import Change, Store, StoreError, Values
 
 T = TypeVar("T")
 
@@ -77,7 +77,7 @@ def hashed(secret: bytes, key: bytes) -> bytes:
     return hmac.new(secret, key, hashlib.sha256).hexdigest().encode("ascii")
 
 
-class HashedKeys(StoreBase):
+class HashedKeys(Store):
     """A store whose keys are hashed with the secret in a file."""
 
     def __init__(self, store, secret_file: str) -> None:
