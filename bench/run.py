@@ -7,7 +7,8 @@ Usage:
 
 See bench/README.md. --all runs the four comparisons of issue 5 (repeat,
 mixed and new with one process, repeat with four), the durability audit,
-and, with --scale 1M,10M, the scale runs. Every peer runs in the same
+the start-up comparison (bench/startup.py, also --startup) and, with
+--scale 1M,10M, the scale runs. Every peer runs in the same
 invocation on a fresh database; a missing peer is reported as not
 available. Exit status 0 unless the harness itself failed (a missed
 target is reported, not an error); --check makes a wrong answer or a
@@ -31,6 +32,7 @@ sys.path.insert(0, HERE)
 
 import driver  # noqa: E402
 import peers  # noqa: E402
+import startup  # noqa: E402
 import storage  # noqa: E402
 import streams  # noqa: E402
 
@@ -483,6 +485,9 @@ def print_table(report: dict, stream) -> None:
                      "  errors: " + "; ".join(d["errors"]) if d.get("errors") else ""))
     if report.get("storage"):
         w("\n" + storage.describe(report["storage"]))
+    if report.get("startup"):
+        w("\n")
+        startup.print_report(report["startup"], stream)
     if report.get("scale"):
         import scale as scale_mod
         scale_mod.print_scale(report["scale"], stream)
@@ -541,6 +546,10 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     p.add_argument("--durability", action="store_true",
                    help="strace audit: is each new triple synced before its reply")
     p.add_argument("--durability-requests", type=int, default=300)
+    p.add_argument("--startup", action="store_true",
+                   help="one request per process: start-up CPU and RSS (bench/startup.py)")
+    p.add_argument("--startup-runs", type=int, default=40,
+                   help="runs of each program and kind for --startup")
     p.add_argument("--scale", default="",
                    help="comma-separated database sizes, e.g. 1M,10M (10k is the baseline)")
     p.add_argument("--scale-lookups", type=int, default=20000,
@@ -575,6 +584,7 @@ def main(argv: list | None = None) -> int:
     if args.all:
         combos = list(ALL_RUNS)
         args.durability = True
+        args.startup = True
     else:
         combos = [(s, int(k)) for s in args.scenario.split(",") if s
                   for k in args.processes.split(",") if k]
@@ -610,6 +620,10 @@ def main(argv: list | None = None) -> int:
         if args.durability:
             report["durability"] = durability(progs, args, top)
             report["storage"] = storage.measure(args.python, args.ours_path, top)
+        if args.startup:
+            report["startup"] = startup.measure(args.python, args.ours_path, top,
+                                                runs=args.startup_runs, seed=args.seed,
+                                                limit_s=args.limit, out=out)
         if args.scale:
             import scale
             report["scale"] = scale.run_scale(args, top, out)

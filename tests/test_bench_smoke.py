@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "bench", "run.py")
 
@@ -80,3 +82,62 @@ def test_storage_floor_measures_commits_and_flushes(tmp_path):
     assert floor["commit_ceiling_per_s"] == round(1e6 / floor["commit_p50_us"])
     assert "durable commit into 200 keys" in storage.describe(floor)
     assert os.listdir(tmp_path) == []  # Its work directory is removed.
+
+
+def test_bench_startup_runs_one_request_per_process(tmp_path):
+    # bench/startup.py with two runs of each: greylist, the DUNNO responder
+    # and the floor always; greylist.pl where it is installed.
+    report_path, work = tmp_path / "startup.json", tmp_path / "work"
+    work.mkdir()
+    argv = [sys.executable, os.path.join(ROOT, "bench", "startup.py"), "--runs", "2",
+            "--python", sys.executable, "--ours-path", ROOT, "--tmpdir", str(work),
+            "--timeout", "5", "--limit", "30", "--json", str(report_path), "--check"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "greylist CPU <= 1.3x greylist.pl CPU" in done.stdout
+
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    assert report["rounds"] == 2
+    # The checkout's greylist, through PYTHONPATH, was the one measured.
+    assert report["python"]["greylist"] == os.path.join(ROOT, "greylist")
+    rows = {(r["kind"], r["program"]): r for r in report["rows"]}
+    assert set(rows) == {(k, p) for k in ("known", "new")
+                         for p in ("greylist", "greylist.pl", "dunno", "floor")}
+    for (kind, program), row in rows.items():
+        if program == "greylist.pl" and not row["available"]:
+            continue  # No postfix-doc or DB_File: reported, never made up.
+        assert row["available"] and row["runs"] == row["ok"] == 2, row
+        assert row["failures"] == 0, row
+        assert 0 < row["cpu_ms_median"] <= row["cpu_ms_p90"], row
+        assert row["wall_ms_median"] > 0, row
+        assert 0 < row["rss_mb_median"] <= row["rss_mb_max"], row
+    assert rows["known", "greylist"]["reply"] == "action=DUNNO"
+    assert rows["new", "greylist"]["reply"].startswith("action=DEFER_IF_PERMIT ")
+    assert rows["known", "dunno"]["reply"] == "action=DUNNO"
+    assert rows["known", "floor"]["reply"] == ""
+    ratios = {r["kind"]: r for r in report["ratios"]}
+    assert set(ratios) == {"known", "new"}
+    assert all(r["cpu_x_floor"] > 0 and r["greylist_rss_mb_max"] > 0
+               for r in ratios.values())
+    assert len(report["targets"]) == 3  # CPU for each kind, peak RSS.
+    assert all(t["met"] in (True, False, None) for t in report["targets"])
+    assert os.listdir(work) == []  # Work directories removed.
+
+
+def test_hotpath_stages_name_functions_that_exist():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import hotpath
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    resolved = dict(hotpath.resolve_stages())
+    assert set(resolved) == {stage for stage, _ in hotpath.STAGES}
+    assert all(resolved.values())
+    # A stage whose function is gone is an error, not a silent 0.
+    saved = hotpath.STAGES
+    hotpath.STAGES = (("parse", ("greylist.transports.spawn:Reader.gone",)),)
+    try:
+        with pytest.raises(LookupError, match="Reader.gone"):
+            hotpath.resolve_stages()
+    finally:
+        hotpath.STAGES = saved
