@@ -173,3 +173,14 @@ def test_cleanup_creates_a_missing_database_and_client_table(site, postmap):
         listed = subprocess.run([postmap, "-s", "lmdb:%s/%s" % (site, name)],
                                 capture_output=True, text=True, timeout=10)
         assert (listed.returncode, listed.stdout) == (0, "")
+
+
+@pytest.mark.parametrize("setting", ["greylist_client_table = none", "greylist_privacy = yes"])
+def test_dump_table_without_a_client_table_says_so(site, setting):
+    # 0.3.1 printed ".lmdb: no such database" for greylist_client_table = none.
+    with open(site / "gl.cf", "a") as handle:
+        handle.write(setting + "\n")
+    status, out = ctl(site, "dump", "--table")
+    assert status == 1
+    assert out == ("greylistctl: no client table (greylist_client_table = none, "
+                   "or greylist_privacy = yes)\n")

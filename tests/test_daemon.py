@@ -134,6 +134,8 @@ def test_malformed_record_is_logged_and_treated_as_absent(policy):
     assert run(policy, RCPT) == (0, DEFER_300)
     assert policy.log.lines[0].startswith("warning: ignoring malformed record for "
                                           "192.0.2/alice@example.org/bob@example.net")
+    # Read twice (snapshot, then under the write lock), warned about once.
+    assert sum(line.startswith("warning:") for line in policy.log.lines) == 1
     assert policy.store.get(b"192.0.2/alice@example.org/bob@example.net") == \
         b"1:1700000000:1700000000:1:pending"
 

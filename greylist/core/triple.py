@@ -62,7 +62,7 @@ UNKNOWN_CLIENT = "unknown"
 # Characters escaped in key fields: the escape itself, the separator, the
 # mark of a shortened key, white space and controls (Unicode's too), and
 # surrogates that stand for bytes that are not UTF-8.
-# Compiled on first use (re caches it): most fields need no escape, which
+# Compiled on first use (_regex): most fields need no escape, which
 # _plain() tells without a regular expression.
 _ESCAPE = "[%/#\\s\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udcff]"
 # SRS (libsrs2 and postsrsd): SRS0=HASH=TT=domain=local@forwarder and
@@ -74,8 +74,14 @@ _BATV = r"(?:prvs|msprvs1)=[0-9a-z]+=(.+)"
 # leading zeros.
 _OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _CANONICAL_IPV4 = re.compile(_OCTET + "(?:[.]" + _OCTET + "){3}")
-_DIGITS = r"(?<![^.+=_-])[0-9]+(?![^.+=_-])"
-_DIGIT_SET = frozenset("0123456789")
+_DIGITS = re.compile(r"(?<![^.+=_-])[0-9]+(?![^.+=_-])")
+
+
+@functools.cache
+def _regex(pattern: str, flags: int = 0) -> re.Pattern:
+    """The compiled pattern, compiled on first use: compiling all of them
+    at import costs start-up time under spawn(8)."""
+    return re.compile(pattern, flags)
 
 
 class BadAddress(ValueError):
@@ -168,19 +174,18 @@ def normalise_sender(sender: str | None, cfg: Config) -> str:
     if not at:
         return address
     # SRS and BATV forms both have "=" in the local part.
-    # re caches the compiled patterns: compiled on first use, as most
-    # processes under spawn(8) never see such a sender.
+    # Compiled on first use: most processes under spawn(8) never see
+    # such a sender.
     if "=" in local:
-        match = re.fullmatch(_SRS, address, re.IGNORECASE)
+        match = _regex(_SRS, re.IGNORECASE).fullmatch(address)
         if match is not None:
             domain, local = match.group(1), match.group(2)
-        match = re.fullmatch(_BATV, local, re.IGNORECASE)
+        match = _regex(_BATV, re.IGNORECASE).fullmatch(local)
         if match is not None:
             local = match.group(1)
     if cfg.sender_delimiter:
         local = strip_extension(local, cfg.sender_delimiter)
-    if not _DIGIT_SET.isdisjoint(local):
-        local = re.sub(_DIGITS, "#", local)
+    local = _DIGITS.sub("#", local)
     return local + "@" + domain
 
 
@@ -272,13 +277,16 @@ def escape(field: str) -> str:
 
 
 def _escape(field: str) -> str:
-    if _plain(field):
+    # _plain(), inline: this runs twice per request.
+    if (field.isprintable() and " " not in field and "%" not in field
+            and "/" not in field and "#" not in field):
         return field
-    return re.sub(_ESCAPE, _percent, field)
+    return _regex(_ESCAPE).sub(_percent, field)
 
 
 def _plain(field: str) -> bool:
-    """Whether field has none of the characters _ESCAPE names.
+    """Whether field has none of the characters _ESCAPE names (_escape()
+    has the same test inline).
 
     A printable string (str.isprintable) has no control, surrogate or
     separator character but the ASCII space, and every white space
