@@ -32,11 +32,12 @@ class MemoryStore(Store):
     def update_many(self, keys: list[bytes | None], change: Change) -> T:
         with self._mutex:
             news, result = change([None if k is None else self.data.get(k) for k in keys])
-            for k, v in zip(keys, news):
-                if k is not None and v is not None:
-                    if not v:
-                        raise ValueError("empty value for %r" % k)
-                    self.data[k] = v
+            writes = [(k, v) for k, v in zip(keys, news) if k is not None and v is not None]
+            # All or nothing, as a transaction: check every value first.
+            for k, v in writes:
+                if not v:
+                    raise ValueError("empty value for %r" % k)
+            self.data.update(writes)
             return result
 
     def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:

@@ -44,16 +44,31 @@ class SecretError(Exception):
 
 
 def load_secret(path: str) -> bytes:
-    """Return the secret in path, creating it (mode 0600) if it is missing."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise SecretError("cannot create %s: %s" % (path, exc.strerror)) from None
-    else:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(SECRET_BYTES) + "\n")
+    """Return the secret in path, creating it (mode 0600) if it is missing.
+
+    A new secret is written to a temporary file and linked into place,
+    so that a concurrent first use (another thread or process) never
+    reads a file that exists but holds no secret yet; of two that race,
+    the first link wins and both use its secret.
+    """
+    if not os.path.lexists(path):
+        temporary = "%s.%s.new" % (path, secrets.token_hex(8))
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(secrets.token_hex(SECRET_BYTES) + "\n")
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                try:
+                    os.link(temporary, path)
+                except FileExistsError:
+                    pass  # Another first use won the race: its secret it is.
+            finally:
+                os.unlink(temporary)
+        except OSError as exc:
+            raise SecretError("cannot create %s: %s" % (path, exc.strerror)) from None
     try:
         with open(path, encoding="ascii") as handle:
             mode = os.fstat(handle.fileno()).st_mode
@@ -112,6 +127,10 @@ class HashedKeys(Store):
 
     def update_many(self, keys: list[bytes | None], change: Change) -> T:
         return self.store.update_many([self.hash(k) for k in keys], change)
+
+    def update_batch(self, ops: list) -> list[object]:
+        return self.store.update_batch([([self.hash(k) for k in keys], change)
+                                        for keys, change in ops])
 
     def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         # Stored keys are hashes already: the cursor is one of them.
