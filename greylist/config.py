@@ -70,6 +70,17 @@ class Config(NamedTuple):
     failure_action: str = "DUNNO"
     log: str = "syslog"
     allow_root: bool = False
+    # greylistd(8): listeners in Postfix's notation, and their details.
+    policy_listen: tuple[str, ...] = ()
+    metrics_listen: tuple[str, ...] = ()
+    socket_mode: int = 0o660
+    socket_group: str = ""
+    user: str = ""
+    # Longer than smtpd_policy_service_max_idle (300s): Postfix closes
+    # first, as it expects to.
+    idle_timeout_s: int = 600
+    max_connections: int = 1000
+    commit_batch: int = 256
     verbose: int = 0
     # Derived by resolve(), not a setting: the cleanup state file.
     cleanup_state: str = ""
@@ -202,6 +213,47 @@ def _parse_failure_action(name: str, value: str) -> str:
     return value
 
 
+def _parse_listeners(name: str, value: str) -> tuple[str, ...]:
+    listeners = _parse_list(name, value)
+    for listener in listeners:
+        parse_listener(name, listener)
+    return listeners
+
+
+def parse_listener(name: str, listener: str) -> tuple[str, object]:
+    """Return ("unix", PATH) or ("inet", (HOST, PORT)) for a listener in
+    Postfix's notation: unix:PATH (absolute), inet:HOST:PORT, inet:PORT
+    (loopback), inet:[IPV6]:PORT."""
+    kind, _, rest = listener.partition(":")
+    if kind == "unix" and rest.startswith("/") and len(rest) < 100:
+        return "unix", rest
+    if kind == "inet" and rest:
+        host, sep, port = rest.rpartition(":")
+        if not sep:
+            host, port = "127.0.0.1", rest
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if (re.fullmatch("[0-9]{1,5}", port) and 0 < int(port) < 65536
+                and re.fullmatch("[A-Za-z0-9.:_-]{1,253}", host)):
+            return "inet", (host, int(port))
+    raise ConfigError("%s: %r is not unix:/PATH (under 100 bytes), inet:HOST:PORT "
+                      "or inet:[IPV6]:PORT" % (name, listener))
+
+
+def _parse_mode(name: str, value: str) -> int:
+    if not re.fullmatch("0?[0-7]{3}", value.strip()) or int(value, 8) & 0o7007:
+        raise ConfigError("%s: expected an octal mode like 0660 with no bits for "
+                          "others, not %r" % (name, value))
+    return int(value, 8)
+
+
+def _parse_name(name: str, value: str) -> str:
+    value = value.strip()
+    if value and not re.fullmatch("[a-z_][a-z0-9_.-]{0,31}", value):
+        raise ConfigError("%s: %r is not a user or group name" % (name, value))
+    return value
+
+
 def _parse_log(name: str, value: str) -> str:
     value = value.strip()
     if value in ("syslog", "postlog") or value.startswith("/") \
@@ -238,6 +290,14 @@ SETTINGS = {
     "greylist_failure_action": ("failure_action", _parse_failure_action),
     "greylist_log": ("log", _parse_log),
     "greylist_allow_root": ("allow_root", _parse_bool),
+    "greylist_policy_listen": ("policy_listen", _parse_listeners),
+    "greylist_metrics_listen": ("metrics_listen", _parse_listeners),
+    "greylist_socket_mode": ("socket_mode", _parse_mode),
+    "greylist_socket_group": ("socket_group", _parse_name),
+    "greylist_user": ("user", _parse_name),
+    "greylist_idle_timeout": ("idle_timeout_s", _parse_time),
+    "greylist_max_connections": ("max_connections", _parse_count),
+    "greylist_commit_batch": ("commit_batch", _parse_count),
 }
 assert {f for f, _ in SETTINGS.values()} == set(Config._fields) - {
     "verbose", "cleanup_state", "resolved"}

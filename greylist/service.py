@@ -71,19 +71,23 @@ class PolicyService:
         return self.finish(step)
 
     def finish(self, answer: Answer) -> str:
-        """Log an answer, write its client-table entry; return its action."""
-        for warning in answer.warnings:
-            self.log.warning(warning)
+        """Write an answer's client-table entry, log it; return its action."""
         if answer.table_write is not None and self.table is not None:
             try:
                 self.table.put(*answer.table_write)
             except StoreError as exc:
                 self.store_failed(exc)
+        self.record(answer)
+        return answer.action
+
+    def record(self, answer: Answer) -> None:
+        """Log an answer: its warnings, then its line."""
+        for warning in answer.warnings:
+            self.log.warning(warning)
         if answer.debug:
             self.log.debug(1, answer.line)
         else:
             self.log.info(answer.line)
-        return answer.action
 
     def after_reply(self) -> None:
         """Work that waits until a reply is sent: a cleanup step."""

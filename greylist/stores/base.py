@@ -25,6 +25,13 @@ DESCRIPTION
                             anew; returns how many were deleted.
     info()                  a dict with at least "entries".
 
+    A store may also apply many updates at once: update_batch(ops) runs
+    each (keys, change) in order, as if each were one update_many, and
+    returns one result or exception per op; the LMDB store runs them in
+    one write transaction under one exclusive lock with one durable
+    commit (group commit, stores/commit.py). Store's own update_batch
+    runs them one by one.
+
     Store is the interface: a store subclasses it, implements the five
     operations, and inherits get, put, delete and items, which Store
     builds on them. run_plan() runs a handler's plan the way every transport does: read
@@ -83,6 +90,21 @@ class Store:
     def info(self) -> dict[str, int]:
         """Facts about the store: at least "entries"."""
         raise NotImplementedError
+
+    def update_batch(self, ops: list[tuple[list[bytes | None], Change]]
+                     ) -> list[object]:
+        """Run each (keys, change) as update_many would, in order; return
+        each op's result, or the exception it raised (a StoreError for
+        all of them when the store fails)."""
+        results: list[object] = []
+        for keys, change in ops:
+            try:
+                results.append(self.update_many(keys, change))
+            except StoreError:
+                raise
+            except Exception as exc:  # The op's own error, not the store's.
+                results.append(exc)
+        return results
 
     def open(self) -> None:
         """Make the store usable now; raise StoreError if it is not."""

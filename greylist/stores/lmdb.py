@@ -94,6 +94,51 @@ class LmdbStore(Store):
                 raise
         return self.env.run(EXCLUSIVE, body)
 
+    def update_batch(self, ops: list[tuple[list[bytes | None], Callable]]) -> list[object]:
+        """Run each (keys, change) in order in ONE write transaction under
+        one exclusive lock, with one durable commit; return each op's
+        result or the exception its change raised.
+
+        Each op reads its keys inside the transaction, so it sees the
+        writes of the ops before it: two ops on the same new triple
+        record one first-seen time. An op whose change raises writes
+        nothing. A failure of the store (the commit, the lock) raises
+        StoreError for the whole batch, and nothing is committed.
+        """
+        def body(env: lmdb.Environment) -> list[object]:
+            results: list[object] = []
+            txn = env.begin(write=True)
+            try:
+                dirty = False
+                for keys, change in ops:
+                    try:
+                        olds = [None if k is None else _strip_or_none(txn.get(k + b"\0"))
+                                for k in keys]
+                        news, result = change(olds)
+                        writes = [(k, v) for k, v in zip(keys, news)
+                                  if k is not None and v is not None]
+                        for k, v in writes:
+                            if not v:
+                                raise ValueError("empty value for %r" % k)
+                    except lmdb.Error:
+                        raise
+                    except Exception as exc:  # The op's own error.
+                        results.append(exc)
+                        continue
+                    for k, v in writes:
+                        txn.put(k + b"\0", v + b"\0")
+                        dirty = True
+                    results.append(result)
+                if dirty:
+                    txn.commit()
+                else:
+                    txn.abort()
+                return results
+            except BaseException:
+                txn.abort()
+                raise
+        return self.env.run(EXCLUSIVE, body)
+
     def put_many(self, items: list[tuple[bytes, bytes]]) -> None:
         """Store many pairs in one write transaction; exclusive lock.
 

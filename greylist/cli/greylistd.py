@@ -1,0 +1,311 @@
+"""greylistd: one event-driven server for greylist's services.
+
+DESCRIPTION
+    main() is the composition root of the daemon:
+
+    1. Load the settings (the same file as greylist's), set up the log.
+    2. Take the listening sockets: those systemd passes (socket
+       activation; a socket named "metrics" serves metrics, any other the
+       policy protocol), else bind greylist_policy_listen and
+       greylist_metrics_listen (transports/listener.py). A listener that
+       cannot be created is fatal.
+    3. Started as root: drop to greylist_user for good (supplementary
+       groups cleared, then the group, then the user) before any
+       database is opened; no request is ever served as root.
+    4. Build the policy service (wiring.py) and its store thread
+       (stores/commit.py), open the database, serve every connection
+       with its own session (transports/listener.py), run a cleanup
+       step every CLEANUP_TICK_S in the store thread, and tell systemd
+       READY=1 when NOTIFY_SOCKET is set.
+
+    It stays in the foreground and never forks. SIGHUP re-reads the
+    settings and the whitelist files without dropping connections; if
+    the new settings are invalid the old ones stay, and settings that
+    only a restart can change (listeners, database, user, privacy) are
+    named in a warning. SIGTERM and SIGINT stop accepting, let the
+    requests in flight finish and the pending commit complete (at most
+    DRAIN_S), and exit 0.
+
+DIAGNOSTICS
+    Fatal errors (settings, listeners, privileges) go to the log target
+    and to stderr, and exit 1; usage errors exit 2. A bug is logged by
+    an exception hook.
+"""
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+
+from docopt import DocoptExit, docopt
+
+from greylist import __version__
+from greylist.config import Config, ConfigError, load
+from greylist.log import Log
+from greylist.service import PolicyService
+from greylist.stores.commit import BATCH_S, Committer
+from greylist.transports import listener
+from greylist.whitelist import Whitelists
+from greylist.wiring import policy_service
+
+USAGE = """\
+greylist's services on sockets, for many connections at once.
+
+Usage:
+  greylistd [-v...] -c FILE
+  greylistd -h | --help
+  greylistd --version
+
+Options:
+  -c FILE, --config FILE  Read settings from FILE (main.cf syntax), as
+                          greylist and greylistctl do.
+  -v, --verbose           Log more; repeat for more detail.
+  -h, --help              Show this help.
+  --version               Show the version.
+"""
+
+# How long a stop waits for requests in flight and the pending commit.
+DRAIN_S = 10.0
+# How often a cleanup step is looked at (the step itself checks whether
+# a pass is due, as in the policy processes).
+CLEANUP_TICK_S = 1.0
+# Settings that a reload does not change: they need a restart.
+RESTART_ONLY = ("database", "policy_listen", "metrics_listen", "socket_mode",
+                "socket_group", "user", "privacy", "secret_file", "client_table")
+
+
+class Fatal(Exception):
+    """A fatal error: logged, written to stderr, exit 1."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the daemon until SIGTERM or SIGINT; return the exit status."""
+    try:
+        args = docopt(USAGE, argv=argv, version=__version__)
+    except DocoptExit as exc:
+        _fatal(Log("greylistd"), "usage: %s" % str(exc).replace("\n", " "))
+        return 2
+    try:
+        cfg = load(args["--config"], {"verbose": args["--verbose"]})
+    except ConfigError as exc:
+        _fatal(Log("greylistd"), str(exc))
+        return 1
+    log = Log("greylistd", cfg.log, cfg.verbose)
+    sys.excepthook = lambda kind, value, tb: _log_bug(log, kind, value, tb)
+    try:
+        return asyncio.run(Daemon(cfg, args["--config"], log).run())
+    except Fatal as exc:
+        _fatal(log, str(exc))
+        return 1
+    except KeyboardInterrupt:
+        return 1
+    finally:
+        log.close()
+
+
+class Daemon:
+    """One greylistd process."""
+
+    def __init__(self, cfg: Config, settings: str, log: Log) -> None:
+        self.cfg = cfg
+        self.settings = settings
+        self.log = log
+        self.stopping: asyncio.Event | None = None
+        self.notify_socket = None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        uid, gid = self._identity()
+        policy_socks, metrics_socks, listeners = self._sockets(uid, gid)
+        self.notify_socket = _notify_socket()
+        self._drop(uid, gid)
+        metrics = None
+        if metrics_socks:
+            from greylist.metrics import Metrics
+            metrics = Metrics()
+        service = policy_service(self.cfg, self.log)
+        committer = Committer(service.store, loop, batch_max=self.cfg.commit_batch,
+                              batch_s=BATCH_S,
+                              observe=None if metrics is None else metrics.commit)
+        committer.start()
+        await committer.call(service.open_store)
+        server = listener.PolicyServer(service, committer, self.cfg, self.log, metrics)
+        await server.start(policy_socks)
+        metric_servers = await metrics.serve(metrics_socks) if metrics is not None else []
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._reload(server, service))
+        tick = loop.create_task(self._cleanup(committer, server))
+        self.log.info("greylistd %s serving %s as uid %d"
+                      % (__version__, ", ".join(listeners), os.getuid()))
+        self._notify("READY=1\nSTATUS=serving")
+        await self.stopping.wait()
+        self._notify("STOPPING=1")
+        self.log.info("stopping: no new connections; finishing %d"
+                      % len(server.connections))
+        server.stop_accepting()
+        for metric_server in metric_servers:
+            metric_server.close()
+        tick.cancel()
+        await server.drain(DRAIN_S)
+        # The store thread finishes what is queued (the pending commit).
+        done = await loop.run_in_executor(None, committer.stop, DRAIN_S)
+        if not done:
+            self.log.warning("the store thread did not finish within %d s" % DRAIN_S)
+        await loop.run_in_executor(None, self._close, server.service)
+        self.log.info("stopped")
+        return 0
+
+    def _identity(self) -> tuple[int, int]:
+        """The uid and gid to serve as (-1: keep), checked before binding."""
+        cfg = self.cfg
+        gid = -1
+        if cfg.socket_group:
+            import grp
+            try:
+                gid = grp.getgrnam(cfg.socket_group).gr_gid
+            except KeyError:
+                raise Fatal("greylist_socket_group: no group %r" % cfg.socket_group) from None
+        if os.geteuid() != 0:
+            return -1, gid
+        if not cfg.user:
+            if cfg.allow_root:
+                return -1, gid
+            raise Fatal("started as root without greylist_user: set the unprivileged "
+                        "user to serve as (greylist_allow_root = yes for tests)")
+        import pwd
+        try:
+            entry = pwd.getpwnam(cfg.user)
+        except KeyError:
+            raise Fatal("greylist_user: no user %r" % cfg.user) from None
+        if entry.pw_uid == 0:
+            raise Fatal("greylist_user %r is root" % cfg.user)
+        self._primary_gid = entry.pw_gid
+        return entry.pw_uid, gid
+
+    def _sockets(self, uid: int, gid: int):
+        inherited = listener.inherited(os.environ)
+        if inherited:
+            policy = [sock for name, sock in inherited if name != "metrics"]
+            metrics = [sock for name, sock in inherited if name == "metrics"]
+            names = ["systemd:%s" % name for name, _ in inherited]
+            return policy, metrics, names
+        if not self.cfg.policy_listen:
+            raise Fatal("no listeners: set greylist_policy_listen (for example "
+                        "unix:/run/greylist/policy), or start greylistd from a "
+                        "systemd socket unit")
+        try:
+            policy = listener.bind(self.cfg.policy_listen, self.cfg.socket_mode, uid, gid)
+            metrics = listener.bind(self.cfg.metrics_listen, self.cfg.socket_mode, uid, gid)
+        except listener.ListenerError as exc:
+            raise Fatal("cannot listen: %s" % exc) from None
+        self._listeners = policy + metrics  # keeps their lock files open
+        return ([each.sock for each in policy], [each.sock for each in metrics],
+                [each.spec for each in policy + metrics])
+
+    def _drop(self, uid: int, gid: int) -> None:
+        """Drop root for good: groups, then gid, then uid (in that order:
+        a process that is no longer root cannot change its groups)."""
+        if uid == -1:
+            return
+        try:
+            os.setgroups([])
+            os.setgid(getattr(self, "_primary_gid", gid))
+            os.setuid(uid)
+        except OSError as exc:
+            raise Fatal("cannot drop privileges to %s: %s" % (self.cfg.user, exc.strerror)) from None
+        if os.getuid() == 0 or os.geteuid() == 0 or os.getgroups():
+            raise Fatal("privileges were not dropped")
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:
+            raise Fatal("could regain root after dropping privileges")
+
+    async def _cleanup(self, committer: Committer, server: listener.PolicyServer) -> None:
+        while True:
+            await asyncio.sleep(CLEANUP_TICK_S)
+            cleaner = server.service.cleaner
+            if cleaner is not None:
+                try:
+                    await committer.call(cleaner.step)
+                except Exception as exc:  # A step logs its own store errors.
+                    self.log.warning("cleanup step: %s" % exc)
+
+    def _reload(self, server: listener.PolicyServer, old: PolicyService) -> None:
+        try:
+            cfg = load(self.settings, {"verbose": self.cfg.verbose})
+        except ConfigError as exc:
+            self.log.warning("reload: %s; keeping the settings in force" % exc)
+            return
+        changed = [name for name in RESTART_ONLY if getattr(cfg, name) != getattr(self.cfg, name)]
+        if changed:
+            self.log.warning("reload: %s changed; that needs a restart, the old values stay"
+                             % ", ".join(changed))
+            cfg = cfg._replace(**{name: getattr(self.cfg, name) for name in changed})
+        current = server.service
+        if current.cleaner is not None:
+            current.cleaner.cfg = cfg
+        service = PolicyService(type(current.handler)(cfg, current.handler.host),
+                                current.store, current.table,
+                                Whitelists(cfg, self.log.warning), self.log, current.clock,
+                                current.cleaner, current.warning_interval_s)
+        server.reconfigure(service, cfg)
+        self.cfg = cfg
+        self.log.info("reload: settings and whitelists read again")
+
+    def _close(self, service: PolicyService) -> None:
+        service.close()
+        service.store.close()
+        if service.table is not None:
+            service.table.close()
+
+    def _notify(self, state: str) -> None:
+        if self.notify_socket is None:
+            return
+        try:
+            self.notify_socket.send(state.encode("ascii"))
+        except OSError as exc:
+            self.log.warning("sd_notify: %s" % exc.strerror)
+
+
+def _notify_socket() -> socket.socket | None:
+    """systemd's notification socket (sd_notify(3)), connected now, before
+    privileges are dropped; None when NOTIFY_SOCKET is not set."""
+    address = os.environ.pop("NOTIFY_SOCKET", "")
+    if not address:
+        return None
+    if address[0] == "@":
+        address = "\0" + address[1:]  # the abstract namespace
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(address)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def _fatal(log: Log, message: str) -> None:
+    """A fatal error: to the log target, and to stderr (a terminal, or the
+    journal of a systemd service)."""
+    log.fatal(message)
+    try:
+        sys.stderr.write("greylistd: fatal: %s\n" % message)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _log_bug(log: Log, kind, value, tb) -> None:
+    import traceback
+    log.fatal("internal error: %s: %s" % (kind.__name__, value))
+    for line in "".join(traceback.format_tb(tb)).splitlines():
+        log.fatal("  " + line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

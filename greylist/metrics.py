@@ -1,0 +1,112 @@
+"""greylistd's metrics in the Prometheus text format, on a loopback listener.
+
+DESCRIPTION
+    Metrics keeps prometheus_client collectors in a registry of its own:
+
+      greylist_requests_total{action,reason}   answers, by action word
+                                               and reason
+      greylist_request_seconds                 request latency (decode
+                                               to reply written)
+      greylist_commit_batch_size               plans per group commit
+      greylist_commit_seconds                  duration of a commit,
+                                               lock wait included
+      greylist_store_failures_total            answers that met a store
+                                               failure
+      greylist_connections                     open connections
+
+    serve() answers "GET /metrics" (any path) on the listeners of
+    greylist_metrics_listen, from the event loop: one short request per
+    connection, read with a cap and a timeout, then closed.
+
+DIAGNOSTICS
+    A request that is not a GET within MAX_REQUEST bytes and TIMEOUT_S
+    gets 400 and the connection closed.
+"""
+
+import asyncio
+import socket
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+MAX_REQUEST = 8192
+TIMEOUT_S = 5.0
+
+
+class Metrics:
+    """The collectors of one daemon."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._requests = Counter("greylist_requests", "Policy answers by action and reason",
+                                 ("action", "reason"), registry=self.registry)
+        self._latency = Histogram("greylist_request_seconds", "Policy request latency",
+                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05,
+                                           0.1, 0.25, 1.0), registry=self.registry)
+        self._batch = Histogram("greylist_commit_batch_size", "Plans per group commit",
+                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+                                registry=self.registry)
+        self._commit = Histogram("greylist_commit_seconds", "Group commit duration",
+                                 buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05,
+                                          0.1, 0.5), registry=self.registry)
+        self._failures = Counter("greylist_store_failures", "Answers that met a store failure",
+                                 registry=self.registry)
+        self._connections = Gauge("greylist_connections", "Open policy connections",
+                                  registry=self.registry)
+        self._children: dict[tuple[str, str], object] = {}
+
+    def answer(self, answer) -> None:
+        """Count one answer (handlers/policy.py Answer)."""
+        key = (answer.action.split(None, 1)[0], answer.decision.reason)
+        child = self._children.get(key)
+        if child is None:
+            # Reasons such as protocol_state=X are few; cap them anyway.
+            if len(self._children) >= 200:
+                key = (key[0], "other")
+            child = self._children.setdefault(key, self._requests.labels(*key))
+        child.inc()
+
+    def latency(self, seconds: float) -> None:
+        self._latency.observe(seconds)
+
+    def commit(self, size: int, seconds: float) -> None:
+        self._batch.observe(size)
+        self._commit.observe(seconds)
+
+    def store_failure(self) -> None:
+        self._failures.inc()
+
+    def connections(self, count: int) -> None:
+        self._connections.set(count)
+
+    def text(self) -> bytes:
+        """The metrics in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+    async def serve(self, sockets: list[socket.socket]) -> list[asyncio.AbstractServer]:
+        """Answer scrapes on these listening sockets."""
+        servers = []
+        for sock in sockets:
+            sock.setblocking(False)
+            servers.append(await asyncio.start_server(self._scrape, sock=sock))
+        return servers
+
+    async def _scrape(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT_S)
+            if len(head) > MAX_REQUEST or not head.startswith(b"GET "):
+                raise ValueError
+            body = self.text()
+            writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n" % (CONTENT_TYPE_LATEST.encode(), len(body))
+                         + body)
+        except (ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError):
+            writer.write(b"HTTP/1.0 400 Bad Request\r\nConnection: close\r\n\r\n")
+        except ConnectionError:
+            pass
+        try:
+            await asyncio.wait_for(writer.drain(), TIMEOUT_S)
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        writer.close()

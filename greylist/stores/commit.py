@@ -1,0 +1,180 @@
+"""Group commit: one store thread for a daemon's many connections.
+
+DESCRIPTION
+    A Committer owns the stores of a daemon (the database, the client
+    table): every read and every write of the process goes through its
+    one thread, because POSIX locks do not exclude the threads of one
+    process and a py-lmdb write transaction belongs to the thread that
+    began it. Connections (asyncio coroutines) hand it work and await
+    the result:
+
+    plan(keys, change)  a handler's plan (stores/base.py run_plan): the
+                        thread reads the keys in a snapshot and runs the
+                        pure change; if that writes nothing, the result
+                        is returned at once, without joining a commit.
+                        Otherwise the plan joins the batch.
+    write(store, key, value)  a plain write (a client-table entry).
+    call(function)      any other store work (a cleanup step), run in
+                        the thread between batches.
+
+    Each turn the thread takes everything queued: it answers the reads,
+    then applies the batch of plans that write, in arrival order, inside
+    one write transaction under one exclusive fcntl lock
+    (update_batch), commits durably once, and only then releases their
+    results. Each plan is decided again inside the transaction, on what
+    the plans before it wrote, so two connections racing on the same new
+    triple record one first-seen time. A batch is capped at batch_max
+    plans, and a turn stops taking plans after batch_s, because Postfix
+    readers of the same file wait while the exclusive lock is held.
+
+    A read may wait for a commit already in progress (one durable
+    commit, about 0.4 ms on this disk), never for a batch to fill.
+
+DIAGNOSTICS
+    A store failure is the StoreError of every plan in its batch; the
+    caller answers greylist_failure_action. stats() counts batches,
+    their sizes and durations, for the metrics.
+"""
+
+import asyncio
+import queue
+import threading
+import time
+from typing import Callable
+
+from greylist.stores.base import Store, StoreError, writes
+
+# How many plans one commit takes at most, and how long a turn goes on
+# taking them: the exclusive lock makes Postfix's readers wait.
+BATCH_MAX = 256
+BATCH_S = 0.010
+
+_PLAN, _WRITE, _CALL, _STOP = range(4)
+
+
+class Committer:
+    """The store thread of a daemon; see the module description."""
+
+    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop,
+                 batch_max: int = BATCH_MAX, batch_s: float = BATCH_S,
+                 observe: Callable[[int, float], None] | None = None) -> None:
+        self.store = store
+        self.loop = loop
+        self.batch_max = batch_max
+        self.batch_s = batch_s
+        self.observe = observe  # observe(batch size, seconds) after each commit
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="greylist-store", daemon=True)
+        self._started = False
+
+    def start(self) -> None:
+        """Start the store thread."""
+        self._started = True
+        self._thread.start()
+
+    def plan(self, keys: list[bytes | None], change: Callable) -> asyncio.Future:
+        """Run a handler's plan; the future's result is the change's result."""
+        return self._submit(_PLAN, (keys, change))
+
+    def write(self, store: Store, key: bytes, value: bytes) -> asyncio.Future:
+        """Store value under key in store (through this thread)."""
+        return self._submit(_WRITE, (store, key, value))
+
+    def call(self, function: Callable[[], object]) -> asyncio.Future:
+        """Run function() in the store thread; the future has its result."""
+        return self._submit(_CALL, function)
+
+    def stop(self, timeout_s: float) -> bool:
+        """Finish the work queued so far, then end the thread; return
+        whether it ended within timeout_s. Call from outside the loop's
+        callbacks (the thread resolves futures through the loop)."""
+        if not self._started:
+            return True
+        self._queue.put((_STOP, None, None))
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def _submit(self, kind: int, work) -> asyncio.Future:
+        future = self.loop.create_future()
+        self._queue.put((kind, work, future))
+        return future
+
+    # The store thread.
+
+    def _run(self) -> None:
+        while True:
+            items = [self._queue.get()]
+            deadline = time.monotonic() + self.batch_s
+            # Take what else is queued, up to the caps.
+            while len(items) < self.batch_max and time.monotonic() < deadline:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = False
+            batch = []
+            for kind, work, future in items:
+                if kind == _STOP:
+                    stop = True
+                elif kind == _PLAN:
+                    self._read(work, future, batch)
+                elif kind == _WRITE:
+                    self._settle(future, self._put, work)
+                else:
+                    self._settle(future, work)
+            if batch:
+                self._commit(batch)
+            if stop:
+                return
+
+    def _read(self, work, future, batch: list) -> None:
+        """Answer a plan from a snapshot, or add it to the batch."""
+        keys, change = work
+        try:
+            news, result = change(self.store.get_many(keys))
+        except BaseException as exc:
+            self._resolve(future, exc, failed=True)
+            return
+        if writes(keys, news):
+            batch.append((keys, change, future))
+        else:
+            self._resolve(future, result)
+
+    def _commit(self, batch: list) -> None:
+        began = time.monotonic()
+        try:
+            results = self.store.update_batch([(keys, change) for keys, change, _ in batch])
+        except StoreError as exc:
+            for _, _, future in batch:
+                self._resolve(future, exc, failed=True)
+            return
+        if self.observe is not None:
+            self.observe(len(batch), time.monotonic() - began)
+        # Released only now: no reply leaves before the commit of its plan.
+        for (_, _, future), result in zip(batch, results):
+            self._resolve(future, result, failed=isinstance(result, BaseException))
+
+    @staticmethod
+    def _put(store: Store, key: bytes, value: bytes) -> None:
+        store.put(key, value)
+
+    def _settle(self, future, function, args=()) -> None:
+        try:
+            result = function(*args)
+        except BaseException as exc:
+            self._resolve(future, exc, failed=True)
+        else:
+            self._resolve(future, result)
+
+    def _resolve(self, future: asyncio.Future, value, failed: bool = False) -> None:
+        def settle() -> None:
+            if future.done():
+                return  # The waiter was cancelled (its connection closed).
+            if failed:
+                future.set_exception(value)
+            else:
+                future.set_result(value)
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:
+            pass  # The loop is closed: nobody waits any more.

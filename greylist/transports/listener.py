@@ -1,0 +1,324 @@
+"""The socket transport of greylistd: listeners and one session per connection.
+
+DESCRIPTION
+    bind() creates the listening sockets of the settings, in Postfix's
+    notation (config.parse_listener): unix:PATH, with the configured
+    mode and group, and inet:HOST:PORT. Before it binds a unix socket
+    it takes a lock on PATH.lock and keeps it for the life of the
+    process: asyncio's create_unix_server, like bind(2) after unlink,
+    would silently take the socket of a live instance away from it.
+    inherited() takes the sockets that systemd passes (LISTEN_PID,
+    LISTEN_FDS, LISTEN_FDNAMES).
+
+    PolicyServer serves the SMTPD policy protocol on every connection
+    of its listeners, each with its own decoder and Session: message
+    state never leaks between connections. A request is decided with
+    the handler (handlers/policy.py); its plan runs in the store thread
+    (stores/commit.py), so that new triples of many connections share
+    one durable commit, and its reply is written only after that
+    commit. Requests of one connection are answered in order; a slow,
+    stalled or hostile client only holds its own coroutine. Idle
+    connections are closed after greylist_idle_timeout, a reply that
+    cannot be written within it closes the connection, and at
+    greylist_max_connections a new connection is closed at once.
+
+DIAGNOSTICS
+    A warning and the connection closed, without a reply, for a
+    protocol violation (SMTPD_POLICY_README); one warning when the
+    connection cap is reached, and an info line when there is room
+    again. The handler's log line per decision.
+"""
+
+import asyncio
+import errno
+import fcntl
+import os
+import socket
+import stat
+import time
+from typing import Callable
+
+from greylist.config import Config, parse_listener
+from greylist.core.message import Session
+from greylist.handlers.policy import Answer, PolicyHandler
+from greylist.log import Log
+from greylist.protocols.policy import READ_SIZE, Decoder, ProtocolError, format_reply
+from greylist.service import PolicyService
+from greylist.stores.base import StoreError
+from greylist.stores.commit import Committer
+
+# The listen(2) backlog: Postfix's smtpd processes connect at most once
+# each (default_process_limit 100); asyncio's default is 100 too.
+BACKLOG = 512
+
+
+class ListenerError(Exception):
+    """A listener cannot be created; fatal at start."""
+
+
+class Listener:
+    """One bound listening socket and where it came from."""
+
+    def __init__(self, spec: str, sock: socket.socket, lock_fd: int = -1) -> None:
+        self.spec = spec
+        self.sock = sock
+        self.lock_fd = lock_fd
+
+
+def bind(specs: tuple[str, ...], mode: int, uid: int, gid: int) -> list[Listener]:
+    """Bind the listeners of specs; unix sockets get mode, and uid:gid
+    (-1 keeps one). Raises ListenerError naming the listener."""
+    listeners = []
+    try:
+        for spec in specs:
+            kind, where = parse_listener("listener", spec)
+            if kind == "unix":
+                listeners.append(_bind_unix(spec, where, mode, uid, gid))
+            else:
+                listeners.append(_bind_inet(spec, *where))
+    except BaseException:
+        for listener in listeners:
+            listener.sock.close()
+        raise
+    return listeners
+
+
+def _bind_unix(spec: str, path: str, mode: int, uid: int, gid: int) -> Listener:
+    directory = os.path.dirname(path)
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise ListenerError("%s: directory %s: %s" % (spec, directory, exc.strerror)) from None
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise ListenerError("%s: refusing world-writable directory %s" % (spec, directory))
+    lock_path = path + ".lock"
+    try:
+        lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          0o600)
+    except OSError as exc:
+        raise ListenerError("%s: cannot open %s: %s" % (spec, lock_path, exc.strerror)) from None
+    try:
+        fcntl.lockf(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(lock_fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise ListenerError("%s: another greylistd serves this socket (%s is locked)"
+                                % (spec, lock_path)) from None
+        raise ListenerError("%s: cannot lock %s: %s" % (spec, lock_path, exc.strerror)) from None
+    try:
+        # A socket left by an instance that is gone: ours to replace. Any
+        # other kind of file is not.
+        try:
+            old = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(old.st_mode):
+                raise ListenerError("%s: %s exists and is not a socket" % (spec, path))
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # Bind with no access, then open it up: never wider than mode.
+            old_umask = os.umask(0o777)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old_umask)
+            if uid != -1 or gid != -1:
+                os.chown(path, uid, gid, follow_symlinks=False)
+                os.fchown(lock_fd, uid, gid)
+            os.chmod(path, mode, follow_symlinks=False)
+            sock.listen(BACKLOG)
+        except BaseException:
+            sock.close()
+            raise
+    except OSError as exc:
+        os.close(lock_fd)
+        raise ListenerError("%s: %s" % (spec, exc.strerror or exc)) from None
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    return Listener(spec, sock, lock_fd)
+
+
+def _bind_inet(spec: str, host: str, port: int) -> Listener:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+        except BaseException:
+            sock.close()
+            raise
+    except OSError as exc:
+        raise ListenerError("%s: %s" % (spec, exc.strerror or exc)) from None
+    return Listener(spec, sock)
+
+
+def inherited(environ: dict[str, str]) -> list[tuple[str, socket.socket]]:
+    """The sockets systemd passed to this process, as (name, socket);
+    empty unless LISTEN_PID is this process. The LISTEN_ variables are
+    removed, so that no child takes them for its own."""
+    try:
+        if int(environ.get("LISTEN_PID", "0")) != os.getpid():
+            return []
+        count = int(environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    names = environ.get("LISTEN_FDNAMES", "").split(":")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        environ.pop(name, None)
+    found = []
+    # SD_LISTEN_FDS_START is 3 (sd_listen_fds(3)).
+    for index, fd in enumerate(range(3, 3 + min(count, 64))):
+        sock = socket.socket(fileno=fd)
+        os.set_inheritable(fd, False)
+        found.append((names[index] if index < len(names) and names[index] else "policy",
+                      sock))
+    return found
+
+
+class PolicyServer:
+    """The SMTPD policy service on a daemon's connections."""
+
+    def __init__(self, service: PolicyService, committer: Committer, cfg: Config,
+                 log: Log, metrics=None, clock: Callable[[], float] = time.time) -> None:
+        self.service = service       # the handler, whitelists, log, store failures
+        self.committer = committer
+        self.cfg = cfg
+        self.log = log
+        self.metrics = metrics
+        self.clock = clock
+        self.connections: set[asyncio.Task] = set()
+        self._full = False
+        self._servers: list[asyncio.AbstractServer] = []
+
+    def reconfigure(self, service: PolicyService, cfg: Config) -> None:
+        """Use new settings (SIGHUP); connections keep their sessions."""
+        self.service, self.cfg = service, cfg
+
+    async def start(self, sockets: list[socket.socket]) -> None:
+        """Serve the policy protocol on these listening sockets."""
+        for sock in sockets:
+            sock.setblocking(False)
+            if sock.family == socket.AF_UNIX:
+                server = await asyncio.start_unix_server(self._accept, sock=sock,
+                                                         limit=READ_SIZE)
+            else:
+                server = await asyncio.start_server(self._accept, sock=sock, limit=READ_SIZE)
+            self._servers.append(server)
+
+    def stop_accepting(self) -> None:
+        """Close the listening sockets; connections go on."""
+        for server in self._servers:
+            server.close()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait up to timeout_s for the connections to finish the request
+        they are on, then close them all."""
+        deadline = time.monotonic() + timeout_s
+        while self.connections and time.monotonic() < deadline:
+            busy = [t for t in self.connections if getattr(t, "busy", False)]
+            if not busy:
+                break
+            await asyncio.sleep(0.01)
+        for task in list(self.connections):
+            task.cancel()
+        if self.connections:
+            await asyncio.wait(list(self.connections), timeout=max(0.1, deadline - time.monotonic()))
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if len(self.connections) >= self.cfg.max_connections:
+            if not self._full:
+                self._full = True
+                self.log.warning("connection limit reached (greylist_max_connections = %d); "
+                                 "closing new connections until one ends"
+                                 % self.cfg.max_connections)
+            writer.close()
+            return
+        self.connections.add(task)
+        if self.metrics is not None:
+            self.metrics.connections(len(self.connections))
+        try:
+            await self._serve(reader, writer, task)
+        finally:
+            self.connections.discard(task)
+            if self.metrics is not None:
+                self.metrics.connections(len(self.connections))
+            if self._full and len(self.connections) < self.cfg.max_connections:
+                self._full = False
+                self.log.info("connections below the limit again (%d open)"
+                              % len(self.connections))
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     task: asyncio.Task) -> None:
+        decoder = Decoder()
+        session = Session()
+        log = self.log
+        task.busy = False
+        try:
+            while True:
+                attrs = decoder.next()
+                if attrs is None:
+                    try:
+                        data = await asyncio.wait_for(reader.read(READ_SIZE),
+                                                      self.cfg.idle_timeout_s)
+                    except asyncio.TimeoutError:
+                        log.debug(1, "closing a connection idle for %d s"
+                                  % self.cfg.idle_timeout_s)
+                        return
+                    if not data:
+                        decoder.eof()
+                        return
+                    decoder.feed(data)
+                    continue
+                task.busy = True
+                began = time.monotonic()
+                action = await self._answer(attrs, session)
+                writer.write(format_reply(action))
+                try:
+                    await asyncio.wait_for(writer.drain(), self.cfg.idle_timeout_s)
+                except asyncio.TimeoutError:
+                    log.warning("closing a connection whose client reads no replies")
+                    return
+                task.busy = False
+                if self.metrics is not None:
+                    self.metrics.latency(time.monotonic() - began)
+        except ProtocolError as exc:
+            log.warning("%s; disconnecting without a reply" % exc)
+        except (ConnectionError, OSError):
+            log.debug(1, "client went away")
+
+    async def _answer(self, attrs: dict[str, str], session: Session) -> str:
+        """The action for one request, its plan run in the store thread."""
+        service = self.service
+        handler: PolicyHandler = service.handler
+        now = int(self.clock())
+        step = handler.prepare(attrs, session, now, service.whitelists.exemptions(now))
+        if not isinstance(step, Answer):
+            try:
+                outcome = await self.committer.plan(step.keys, step.change)
+            except StoreError as exc:
+                service.store_failed(exc)
+                if self.metrics is not None:
+                    self.metrics.store_failure()
+                outcome = None
+            step = handler.complete(step, outcome, session)
+        answer = step
+        if answer.table_write is not None and service.table is not None:
+            try:
+                await self.committer.write(service.table, *answer.table_write)
+            except StoreError as exc:
+                service.store_failed(exc)
+        service.record(answer)
+        if self.metrics is not None:
+            self.metrics.answer(answer)
+        return answer.action
