@@ -51,6 +51,10 @@ def shown(field: str, default) -> str:
             if default % size == 0:
                 return "%d%s" % (default // size, unit)
         return "%ds" % default
+    if field == "socket_mode":
+        return "0%o" % default
+    if default == "":
+        return "empty"
     if isinstance(default, bool):
         return "yes" if default else "no"
     if isinstance(default, tuple):
