@@ -120,6 +120,7 @@ class Daemon:
         uid, gid = self._identity()
         policy_socks, metrics_socks, listeners = self._sockets(uid, gid)
         self.notify_socket = _notify_socket()
+        _preload(self.cfg)
         self._drop(uid, gid)
         metrics = None
         if metrics_socks:
@@ -270,6 +271,18 @@ class Daemon:
             self.notify_socket.send(state.encode("ascii"))
         except OSError as exc:
             self.log.warning("sd_notify: %s" % exc.strerror)
+
+
+def _preload(cfg: Config) -> None:
+    """Import now what the spawn path imports on first use: after the
+    privilege drop the installation may not be readable (a Python under
+    /root, say)."""
+    import hashlib, hmac, ipaddress, secrets, string, traceback  # noqa: F401,E401
+    if cfg.client_match == "domain":
+        from greylist.core.triple import registered_domain
+        registered_domain("example.com")
+    if cfg.metrics_listen:
+        import greylist.metrics  # noqa: F401
 
 
 def _notify_socket() -> socket.socket | None:
