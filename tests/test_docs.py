@@ -8,6 +8,7 @@ import pytest
 from greylist import __version__
 from greylist.cli.greylist import USAGE
 from greylist.cli.greylistctl import USAGE as CTL_USAGE
+from greylist.cli.greylistd import USAGE as DAEMON_USAGE
 from greylist.config import SETTINGS, Config
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -19,18 +20,19 @@ def plain(roff: str) -> str:
     return re.sub(r"\\f[BIRP]", "", roff).replace("\\-", "-")
 
 
-PAGES = [(USAGE, MAN), (CTL_USAGE, (ROOT / "man" / "greylistctl.8").read_text())]
+PAGES = [(USAGE, MAN), (CTL_USAGE, (ROOT / "man" / "greylistctl.8").read_text()),
+         (DAEMON_USAGE, (ROOT / "man" / "greylistd.8").read_text())]
 
 
-@pytest.mark.parametrize("usage, page", PAGES, ids=["greylist", "greylistctl"])
+@pytest.mark.parametrize("usage, page", PAGES, ids=["greylist", "greylistctl", "greylistd"])
 def test_every_option_of_the_usage_is_in_the_man_page(usage, page):
     options = set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", usage))
-    assert options >= {"-c", "-d", "--config", "--database"}
+    assert options >= {"-c", "--config"}
     missing = [option for option in options if option not in plain(page)]
     assert missing == []
 
 
-@pytest.mark.parametrize("usage, page", PAGES, ids=["greylist", "greylistctl"])
+@pytest.mark.parametrize("usage, page", PAGES, ids=["greylist", "greylistctl", "greylistd"])
 def test_synopsis_is_the_usage(usage, page):
     lines = [line.strip() for line in usage.split("Usage:")[1].split("Options:")[0]
              .splitlines() if line.strip()]
@@ -74,7 +76,7 @@ def test_changes_starts_with_the_current_version():
                       re.MULTILINE)
     assert first is not None
     assert __version__.startswith(first.group(1))
-    for name in ("greylist.8", "greylistctl.8"):
+    for name in ("greylist.8", "greylistctl.8", "greylistd.8"):
         assert '"greylist %s"' % __version__ in (ROOT / "man" / name).read_text()
 
 
@@ -85,3 +87,39 @@ def test_master_cf_example_has_the_spawn_service_and_main_cf_lines():
     assert service is not None
     assert "policy_time_limit = 3600" in text
     assert "check_policy_service unix:private/policy" in text
+
+
+def test_systemd_units_match_the_daemon_and_the_main_cf_line():
+    socket_unit = (ROOT / "docs" / "systemd" / "greylist.socket").read_text()
+    service_unit = (ROOT / "docs" / "systemd" / "greylist.service").read_text()
+    listen = re.search(r"^ListenStream=(/\S+)$", socket_unit, re.MULTILINE).group(1)
+    # smtpd's name for it is relative to Postfix's queue directory.
+    assert listen.startswith("/var/spool/postfix/")
+    relative = listen[len("/var/spool/postfix/"):]
+    for text in (socket_unit, (ROOT / "README.md").read_text(),
+                 plain((ROOT / "man" / "greylistd.8").read_text())):
+        assert "check_policy_service { unix:%s, default_action=DUNNO }" % relative in text
+    # greylistd serves the policy protocol on any socket not named metrics.
+    assert "FileDescriptorName=policy" in socket_unit
+    assert re.search(r"^Type=notify$", service_unit, re.MULTILINE)
+    assert re.search(r"^ExecStart=/\S+/greylistd -c /\S+$", service_unit, re.MULTILINE)
+    assert re.search(r"^SocketGroup=postfix$", socket_unit, re.MULTILINE)
+
+
+def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from tests.conftest import require
+    analyze = shutil.which("systemd-analyze")
+    require(None if analyze else "systemd-analyze is not installed (Debian: systemd)")
+    daemon = pathlib.Path(sys.executable).parent / "greylistd"
+    require(None if daemon.exists() else "no greylistd console script beside %s" % sys.executable)
+    for name in ("greylist.socket", "greylist.service"):
+        text = (ROOT / "docs" / "systemd" / name).read_text()
+        # Where this test's installation is, instead of /opt/greylist.
+        (tmp_path / name).write_text(text.replace("/opt/greylist/bin/greylistd", str(daemon)))
+    done = subprocess.run([analyze, "verify", "--man=no", str(tmp_path / "greylist.socket"),
+                           str(tmp_path / "greylist.service")],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")
