@@ -116,6 +116,10 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        # asyncio's own reports (an exception nobody retrieved, say) go to
+        # the log, not to stderr through the logging module.
+        loop.set_exception_handler(lambda _, context: self.log.warning(
+            "asyncio: %s" % (context.get("exception") or context.get("message"))))
         self.stopping = asyncio.Event()
         uid, gid = self._identity()
         policy_socks, metrics_socks, listeners = self._sockets(uid, gid)

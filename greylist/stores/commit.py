@@ -144,9 +144,13 @@ class Committer:
         began = time.monotonic()
         try:
             results = self.store.update_batch([(keys, change) for keys, change, _ in batch])
-        except StoreError as exc:
+        except Exception as exc:
+            # A store failure, or a bug: the batch fails open, and the
+            # thread goes on (a dead store thread would hang every request).
+            failure = exc if isinstance(exc, StoreError) else StoreError(
+                "store thread: %s: %s" % (type(exc).__name__, exc))
             for _, _, future in batch:
-                self._resolve(future, exc, failed=True)
+                self._resolve(future, failure, failed=True)
             return
         if self.observe is not None:
             self.observe(len(batch), time.monotonic() - began)

@@ -296,6 +296,13 @@ class PolicyServer:
             log.warning("%s; disconnecting without a reply" % exc)
         except (ConnectionError, OSError):
             log.debug(1, "client went away")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A bug: this connection ends without a reply (smtpd then uses
+            # its default_action), the others go on.
+            log.warning("internal error on a connection: %s: %s; disconnecting"
+                        % (type(exc).__name__, exc))
 
     async def _answer(self, attrs: dict[str, str], session: Session) -> str:
         """The action for one request, its plan run in the store thread."""
