@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import require
 from tests.postfix_instance import PostfixInstance, install_runtime, postfix_available
+from tests.test_postfix import rcpt_reply
 
 pytestmark = pytest.mark.postfix
 
@@ -95,14 +96,6 @@ def _answers(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def rcpt_reply(result: subprocess.CompletedProcess) -> str:
-    lines = result.stdout.splitlines()
-    for index, line in enumerate(lines):
-        if line.startswith(" -> RCPT TO:"):
-            return lines[index + 1][4:] if index + 1 < len(lines) else ""
-    raise AssertionError("no RCPT TO in swaks output:\n" + result.stdout)
 
 
 def test_smtpd_gets_450_then_250_from_greylistd_and_the_mail_is_delivered(site):

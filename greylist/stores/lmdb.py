@@ -76,16 +76,11 @@ class LmdbStore(Store):
         def body(env: lmdb.Environment) -> T:
             txn = env.begin(write=True)
             try:
-                olds = [None if k is None else _strip_or_none(txn.get(k + b"\0"))
-                        for k in keys]
-                news, result = change(olds)
-                writes = [(k, v) for k, v in zip(keys, news) if k is not None and v is not None]
+                writes, result = _apply(txn, keys, change)
                 if not writes:
                     txn.abort()
                     return result
                 for k, v in writes:
-                    if not v:
-                        raise ValueError("empty value for %r" % k)
                     txn.put(k + b"\0", v + b"\0")
                 txn.commit()
                 return result
@@ -112,14 +107,7 @@ class LmdbStore(Store):
                 dirty = False
                 for keys, change in ops:
                     try:
-                        olds = [None if k is None else _strip_or_none(txn.get(k + b"\0"))
-                                for k in keys]
-                        news, result = change(olds)
-                        writes = [(k, v) for k, v in zip(keys, news)
-                                  if k is not None and v is not None]
-                        for k, v in writes:
-                            if not v:
-                                raise ValueError("empty value for %r" % k)
+                        writes, result = _apply(txn, keys, change)
                     except lmdb.Error:
                         raise
                     except Exception as exc:  # The op's own error.
@@ -205,6 +193,19 @@ class LmdbStore(Store):
             return {"entries": entries, "map_size": env.info()["map_size"],
                     "file_size": os.fstat(self.env.fd).st_size}
         return self.env.run(SHARED, body)
+
+
+def _apply(txn: lmdb.Transaction, keys: list[bytes | None], change: Callable
+           ) -> tuple[list[tuple[bytes, bytes]], object]:
+    """Read keys in txn, run change; return the writes it asks for (checked,
+    not yet put) and its result."""
+    olds = [None if k is None else _strip_or_none(txn.get(k + b"\0")) for k in keys]
+    news, result = change(olds)
+    writes = [(k, v) for k, v in zip(keys, news) if k is not None and v is not None]
+    for k, v in writes:
+        if not v:
+            raise ValueError("empty value for %r" % k)
+    return writes, result
 
 
 def _strip(raw: bytes) -> bytes:
