@@ -43,10 +43,12 @@ class Tuning(NamedTuple):
     cleanup_budget_s: float = BUDGET_S
     whitelist_check_s: float = CHECK_INTERVAL_S
     warning_interval_s: float = STORE_WARNING_INTERVAL_S
+    lock_timeout_s: float | None = None
 
     def store_options(self) -> dict:
         return {"reopen_delay_s": self.reopen_delay_s, "map_size": self.map_size,
-                "same_file_interval_s": self.same_file_interval_s}
+                "same_file_interval_s": self.same_file_interval_s,
+                "lock_timeout_s": self.lock_timeout_s}
 
 
 DEFAULT = Tuning()

@@ -322,3 +322,33 @@ def test_a_read_sees_the_file_at_the_path_after_the_check_interval(db, how, monk
     db.env.same_file_interval_s = 0.0
     assert db.get(b"old") is None
     assert db.get(b"new") == (None if how == "deleted" else b"2")
+
+
+def test_a_lock_held_by_another_process_bounds_greylistds_wait(tmp_path):
+    # A local user holding a lock on the file must not stall greylistd's
+    # one store thread: the wait is bounded, then each try is a single one.
+    os.chmod(tmp_path, 0o755)
+    store = LmdbStore(str(tmp_path / "g"), lock_timeout_s=0.3)
+    store.put(b"k", b"v")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'rb'); "
+         "fcntl.lockf(f, fcntl.LOCK_SH); print('held', flush=True); sys.stdin.read()",
+         str(tmp_path / "g.lmdb")], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        waits = []
+        for _ in range(3):
+            began = time.monotonic()
+            with pytest.raises(StoreError, match="locked by another process"):
+                store.put(b"k", b"w")
+            waits.append(time.monotonic() - began)
+        assert 0.25 < waits[0] < 2 and max(waits[1:]) < 0.1
+        assert store.get(b"k") == b"v"  # readers share the lock
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+        holder.stdout.close()
+    time.sleep(0.35)
+    store.put(b"k", b"x")
+    assert store.get(b"k") == b"x"
+    store.close()

@@ -47,7 +47,7 @@ from greylist.service import PolicyService
 from greylist.stores.commit import BATCH_S, Committer
 from greylist.transports import listener
 from greylist.whitelist import Whitelists
-from greylist.wiring import policy_service
+from greylist.wiring import Tuning, policy_service
 
 USAGE = """\
 greylist's services on sockets, for many connections at once.
@@ -70,6 +70,10 @@ DRAIN_S = 10.0
 # How often a cleanup step is looked at (the step itself checks whether
 # a pass is due, as in the policy processes).
 CLEANUP_TICK_S = 1.0
+# The longest greylistd waits for a database lock before it answers
+# without the database (greylist_failure_action): one store thread serves
+# every connection, and smtpd gives up after 100 s with 451.
+LOCK_TIMEOUT_S = 2.0
 # Settings that a reload does not change: they need a restart.
 RESTART_ONLY = ("database", "policy_listen", "metrics_listen", "socket_mode",
                 "socket_group", "user", "privacy", "secret_file", "client_table")
@@ -130,7 +134,7 @@ class Daemon:
         if metrics_socks:
             from greylist.metrics import Metrics
             metrics = Metrics()
-        service = policy_service(self.cfg, self.log)
+        service = policy_service(self.cfg, self.log, tuning=Tuning(lock_timeout_s=LOCK_TIMEOUT_S))
         committer = Committer(service.store, loop, batch_max=self.cfg.commit_batch,
                               batch_s=BATCH_S,
                               observe=None if metrics is None else metrics.commit)

@@ -40,7 +40,7 @@ import lmdb
 
 from greylist.stores.base import StoreError
 from greylist.stores.lmdbfile import check_directory, check_format, data_file, describe
-from greylist.stores.lock import EXCLUSIVE, SHARED, lock, locked, unlock
+from greylist.stores.lock import EXCLUSIVE, SHARED, LockBusy, lock, locked, unlock
 
 T = TypeVar("T")
 
@@ -65,13 +65,19 @@ class Environment:
     def __init__(self, name: str, readonly: bool = False,
                  warn: Callable[[str], None] | None = None,
                  reopen_delay_s: float = REOPEN_DELAY_S, map_size: int = MAP_SIZE,
-                 same_file_interval_s: float = SAME_FILE_INTERVAL_S) -> None:
+                 same_file_interval_s: float = SAME_FILE_INTERVAL_S,
+                 lock_timeout_s: float | None = None) -> None:
         self.name = name
         self.path = data_file(name)
         self.readonly = readonly
         self.reopen_delay_s = reopen_delay_s
         self.map_size = map_size
         self.same_file_interval_s = same_file_interval_s
+        # None: wait for the lock as long as it takes (the spawn program,
+        # which smtpd's own timeout bounds); greylistd bounds it, as one
+        # stuck lock would hold every connection.
+        self.lock_timeout_s = lock_timeout_s
+        self._busy_until = 0.0
         self._warn = warn
         self._env: lmdb.Environment | None = None
         self.fd = -1
@@ -104,7 +110,7 @@ class Environment:
         with self._mutex:
             env = self._open(mode)
             try:
-                lock(self.fd, mode)
+                self._lock(mode)
                 try:
                     for _ in range(RETRY_LIMIT):
                         try:
@@ -118,6 +124,22 @@ class Environment:
                     unlock(self.fd)
             except (lmdb.Error, OSError) as exc:
                 raise self._fail(exc) from None
+
+    def _lock(self, mode: int) -> None:
+        """Take the lock; with lock_timeout_s, within it. After a wait that
+        ran out, each try is a single one until lock_timeout_s has passed,
+        so that a lock held for long costs each request one fcntl call,
+        not a whole wait (greylistd's queue would add them up)."""
+        timeout = self.lock_timeout_s
+        if timeout is not None and time.monotonic() < self._busy_until:
+            timeout = 0.0
+        try:
+            lock(self.fd, mode, timeout_s=timeout)
+        except LockBusy:
+            self._busy_until = time.monotonic() + self.lock_timeout_s
+            raise StoreError("%s: locked by another process for more than %.1f s; "
+                             "answering without the database"
+                             % (self.path, self.lock_timeout_s)) from None
 
     def _open(self, mode: int = EXCLUSIVE) -> lmdb.Environment:
         if self._env is not None:

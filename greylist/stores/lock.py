@@ -15,6 +15,7 @@ BUGS
 
 import errno
 import fcntl
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -26,18 +27,45 @@ class LockBusy(Exception):
     """A non-blocking lock request found the file locked by another process."""
 
 
-def lock(fd: int, mode: int, wait: bool = True) -> None:
+# How often a bounded wait tries again: from 0.5 ms, doubling to 10 ms.
+_FIRST_TRY_S = 0.0005
+_LAST_TRY_S = 0.010
+
+
+def lock(fd: int, mode: int, wait: bool = True, timeout_s: float | None = None) -> None:
     """Lock the whole file for SHARED or EXCLUSIVE access.
 
-    With wait=False, raises LockBusy instead of waiting. EINTR is retried
-    by Python (PEP 475).
+    With wait=False, raises LockBusy instead of waiting. With timeout_s,
+    waits at most that long (non-blocking tries, 0.5 to 10 ms apart: no
+    fcntl call has a timeout), then raises LockBusy. EINTR is retried by
+    Python (PEP 475).
     """
+    if timeout_s is not None:
+        _lock_within(fd, mode, timeout_s)
+        return
     try:
         fcntl.lockf(fd, mode if wait else mode | fcntl.LOCK_NB)
     except OSError as exc:
         if not wait and exc.errno in (errno.EAGAIN, errno.EACCES):
             raise LockBusy() from None
         raise
+
+
+def _lock_within(fd: int, mode: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    pause = _FIRST_TRY_S
+    while True:
+        try:
+            fcntl.lockf(fd, mode | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise LockBusy()
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, _LAST_TRY_S)
 
 
 def unlock(fd: int) -> None:
