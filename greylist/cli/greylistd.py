@@ -122,8 +122,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         # asyncio's own reports (an exception nobody retrieved, say) go to
         # the log, not to stderr through the logging module.
-        loop.set_exception_handler(lambda _, context: self.log.warning(
-            "asyncio: %s" % (context.get("exception") or context.get("message"))))
+        loop.set_exception_handler(self._asyncio_report)
         self.stopping = asyncio.Event()
         uid, gid = self._identity()
         policy_socks, metrics_socks, listeners = self._sockets(uid, gid)
@@ -166,6 +165,13 @@ class Daemon:
         await loop.run_in_executor(None, self._close, server.service)
         self.log.info("stopped")
         return 0
+
+    def _asyncio_report(self, loop, context: dict) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, asyncio.CancelledError):
+            return
+        self.log.warning("asyncio: %s%s" % (context.get("message", ""),
+                                             "" if exc is None else ": %r" % exc))
 
     def _identity(self) -> tuple[int, int]:
         """The uid and gid to serve as (-1: keep), checked before binding."""
@@ -285,6 +291,7 @@ def _preload(cfg: Config) -> None:
     """Import now what the spawn path imports on first use: after the
     privilege drop the installation may not be readable (a Python under
     /root, say)."""
+    import concurrent.futures.thread  # noqa: F401  (run_in_executor at stop)
     import hashlib, hmac, ipaddress, secrets, string, traceback  # noqa: F401,E401
     if cfg.client_match == "domain":
         from greylist.core.triple import registered_domain

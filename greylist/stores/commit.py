@@ -66,6 +66,7 @@ class Committer:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="greylist-store", daemon=True)
         self._started = False
+        self._stopped = False
 
     def start(self) -> None:
         """Start the store thread."""
@@ -88,6 +89,7 @@ class Committer:
         """Finish the work queued so far, then end the thread; return
         whether it ended within timeout_s. Call from outside the loop's
         callbacks (the thread resolves futures through the loop)."""
+        self._stopped = True
         if not self._started:
             return True
         self._queue.put((_STOP, None, None))
@@ -96,6 +98,10 @@ class Committer:
 
     def _submit(self, kind: int, work) -> asyncio.Future:
         future = self.loop.create_future()
+        if self._stopped:
+            # Nobody would answer: fail at once (the caller fails open).
+            future.set_exception(StoreError("the store thread has stopped"))
+            return future
         self._queue.put((kind, work, future))
         return future
 

@@ -195,7 +195,9 @@ class PolicyServer:
         self.log = log
         self.metrics = metrics
         self.clock = clock
-        self.connections: set[asyncio.Task] = set()
+        # Each open connection's task and writer; stopping: no new request.
+        self.connections: dict[asyncio.Task, asyncio.StreamWriter] = {}
+        self.stopping = False
         self._full = False
         self._servers: list[asyncio.AbstractServer] = []
 
@@ -220,18 +222,21 @@ class PolicyServer:
             server.close()
 
     async def drain(self, timeout_s: float) -> None:
-        """Wait up to timeout_s for the connections to finish the request
-        they are on, then close them all."""
+        """Let each connection finish the request it is on, and take no
+        new one: idle connections are closed now, busy ones after their
+        reply; after timeout_s the rest are cut. No task is cancelled, so
+        no request is abandoned half-way."""
+        self.stopping = True
         deadline = time.monotonic() + timeout_s
+        for task, writer in list(self.connections.items()):
+            if not getattr(task, "busy", False):
+                writer.close()
         while self.connections and time.monotonic() < deadline:
-            busy = [t for t in self.connections if getattr(t, "busy", False)]
-            if not busy:
-                break
-            await asyncio.sleep(0.01)
-        for task in list(self.connections):
-            task.cancel()
+            await asyncio.wait(list(self.connections), timeout=deadline - time.monotonic())
+        for writer in list(self.connections.values()):
+            writer.transport.abort()
         if self.connections:
-            await asyncio.wait(list(self.connections), timeout=max(0.1, deadline - time.monotonic()))
+            await asyncio.wait(list(self.connections), timeout=1.0)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -243,13 +248,16 @@ class PolicyServer:
                                  % self.cfg.max_connections)
             writer.close()
             return
-        self.connections.add(task)
+        if self.stopping:
+            writer.close()
+            return
+        self.connections[task] = writer
         if self.metrics is not None:
             self.metrics.connections(len(self.connections))
         try:
             await self._serve(reader, writer, task)
         finally:
-            self.connections.discard(task)
+            self.connections.pop(task, None)
             if self.metrics is not None:
                 self.metrics.connections(len(self.connections))
             if self._full and len(self.connections) < self.cfg.max_connections:
@@ -276,7 +284,8 @@ class PolicyServer:
                                   % self.cfg.idle_timeout_s)
                         return
                     if not data:
-                        decoder.eof()
+                        if not self.stopping:
+                            decoder.eof()
                         return
                     decoder.feed(data)
                     continue
@@ -292,6 +301,8 @@ class PolicyServer:
                 task.busy = False
                 if self.metrics is not None:
                     self.metrics.latency(time.monotonic() - began)
+                if self.stopping:
+                    return
         except ProtocolError as exc:
             log.warning("%s; disconnecting without a reply" % exc)
         except (ConnectionError, OSError):

@@ -1,0 +1,761 @@
+"""greylistd as a process: reload, drain, privileges, socket activation, limits, metrics.
+
+Every test runs real greylistd processes (tests/daemon.py, or a small
+launcher here for socket activation and sd_notify) on loopback and unix
+sockets in a short directory under /tmp (unix socket names are capped
+at 100 bytes, and an unprivileged daemon must reach its directory).
+Every wait is bounded; only processes started here are stopped, by PID.
+"""
+
+import asyncio
+import grp
+import inspect
+import itertools
+import os
+import pathlib
+import pwd
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from tests import daemon as daemons
+from tests.conftest import require
+from tests.reliability import REPLY, request, triple, triple_request, warnings
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# greylistd's DRAIN_S, and what a stop may take beyond it.
+DRAIN_S = 10.0
+STOP_MARGIN_S = 3.0
+IO_S = 10.0
+BAD_LOG = ("Traceback", "internal error", "fatal:")
+DEFER_NEW = "DEFER_IF_PERMIT"
+
+
+@pytest.fixture
+def site():
+    """A directory for one test's daemons, reachable by every user."""
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="gld-", dir="/tmp"))
+    os.chmod(directory, 0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+# Helpers: bounded waits and one policy exchange on an open connection.
+
+def wait_for(predicate, timeout: float = IO_S, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def read_reply(sock: socket.socket, timeout: float = IO_S) -> bytes:
+    """Bytes until the end of one reply (an empty line) or until the peer
+    closes; b"" when it closed (or reset) before sending anything."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no reply within %s s (got %r)" % (timeout, data))
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def exchange(sock: socket.socket, data: bytes, timeout: float = IO_S) -> str:
+    """Send one request, return the reply's action; asserts a well-formed reply."""
+    sock.sendall(data)
+    reply = read_reply(sock, timeout)
+    match = REPLY.fullmatch(reply)
+    assert match, "malformed reply %r" % reply
+    return match.group(1).decode()
+
+
+def closed_without_reply(sock: socket.socket, timeout: float = IO_S) -> float:
+    """Wait until the peer closes; assert nothing came; return the wait."""
+    began = time.monotonic()
+    reply = read_reply(sock, timeout)
+    assert reply == b"", "expected no reply, got %r" % reply
+    return time.monotonic() - began
+
+
+def log_lines(daemon, text: str) -> list[str]:
+    return [line for line in daemon.log().splitlines() if text in line]
+
+
+def assert_clean(daemon) -> None:
+    """Nothing on stdout/stderr, no traceback or fatal line in the log."""
+    assert daemon.output() == ""
+    bad = [line for line in daemon.log().splitlines() if any(b in line for b in BAD_LOG)]
+    assert bad == []
+
+
+def http(port: int, data: bytes, timeout: float = IO_S) -> tuple[str, bytes]:
+    """One HTTP exchange on 127.0.0.1:port: (status line, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0].decode(), body
+
+
+def metric(body: bytes, name: str) -> float | None:
+    match = re.search(r"^%s (\S+)$" % re.escape(name), body.decode(), re.M)
+    return None if match is None else float(match.group(1))
+
+
+def scrape(port: int) -> bytes:
+    status, body = http(port, b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+    assert status == "HTTP/1.0 200 OK", status
+    return body
+
+
+def run_once(settings_path: pathlib.Path, timeout: float = 30) -> subprocess.CompletedProcess:
+    """greylistd in the foreground, for starts that must fail."""
+    return subprocess.run(daemons.command(settings_path), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout,
+                          env=daemons.environment())
+
+
+# 1. SIGHUP.
+
+def test_sighup_reloads_settings_and_whitelists_without_dropping_connections(site):
+    whitelist = site / "clients"
+    whitelist.write_text("# none yet\n")
+    base = "greylist_delay = 1h\ngreylist_whitelist_clients = %s\n" % whitelist
+    with daemons.start(site, base + "greylist_defer_text = first text\n") as daemon:
+        settings = daemon.settings_path.read_text()
+        before = daemon.connect()
+        assert exchange(before, triple_request(1)) == "DEFER_IF_PERMIT first text"
+        assert exchange(before, triple_request(2, "w")).startswith(DEFER_NEW)
+
+        # A valid change: the text, and an edited whitelist file.
+        whitelist.write_text("198.51.100.0/24\n")
+        daemon.settings_path.write_text(settings.replace("first text", "second text"))
+        os.kill(daemon.pid, signal.SIGHUP)
+        assert wait_for(lambda: log_lines(daemon, "reload: settings and whitelists read again"))
+        assert exchange(before, triple_request(3)) == "DEFER_IF_PERMIT second text"
+        white = request("198.51.100.9", "a@example.org", "b@example.net")
+        assert exchange(before, white) == "DUNNO"
+        assert "reason=whitelist-client" in log_lines(daemon, "client=198.51.100.9")[0]
+
+        # An invalid file: the old settings stay, the daemon goes on.
+        daemon.settings_path.write_text(settings.replace("first text", "bad text")
+                                        + "greylist_bogus = 1\n")
+        os.kill(daemon.pid, signal.SIGHUP)
+        assert wait_for(lambda: log_lines(daemon, "greylist_bogus"))
+        warned = log_lines(daemon, "greylist_bogus")
+        assert len(warned) == 1 and ": warning: reload: " in warned[0]
+        assert "unknown setting 'greylist_bogus'" in warned[0]
+        assert "keeping the settings in force" in warned[0]
+        assert exchange(before, triple_request(5)) == "DEFER_IF_PERMIT second text"
+        with daemon.connect() as fresh:
+            assert exchange(fresh, triple_request(6)) == "DEFER_IF_PERMIT second text"
+
+        # A restart-only change is named; the rest of the file applies.
+        other = site / "other"
+        daemon.settings_path.write_text(
+            settings.replace("first text", "third text")
+            + "greylist_policy_listen = unix:%s\n" % other)
+        os.kill(daemon.pid, signal.SIGHUP)
+        assert wait_for(lambda: len(log_lines(daemon, "reload: settings and whitelists "
+                                                      "read again")) == 2)
+        restart = log_lines(daemon, "needs a restart")
+        assert len(restart) == 1 and ": warning: reload: policy_listen changed" in restart[0]
+        assert exchange(before, triple_request(7)) == "DEFER_IF_PERMIT third text"
+        assert not other.exists()
+        with daemon.connect() as fresh:  # still on the old socket
+            assert exchange(fresh, triple_request(8)) == "DEFER_IF_PERMIT third text"
+        before.close()
+        assert daemon.alive()
+        assert daemon.stop() == 0
+        assert_clean(daemon)
+
+
+# 2. SIGTERM with requests in flight.
+
+class Sender(threading.Thread):
+    """One connection sending new triples, one at a time (as smtpd does),
+    until the daemon closes it; replies are kept with the time they came.
+    Once hold is set it sends nothing more and waits for the close."""
+
+    def __init__(self, daemon, numbers, lock, stop_at: float) -> None:
+        super().__init__(daemon=True)
+        self.sock = daemon.connect()
+        self.numbers, self.lock, self.stop_at = numbers, lock, stop_at
+        self.replies: list[tuple[float, int, bytes]] = []
+        self.hold = threading.Event()
+        self.ended = None
+
+    def run(self) -> None:
+        try:
+            for _ in range(50000):
+                if time.monotonic() > self.stop_at:
+                    self.ended = "deadline"
+                    return
+                if self.hold.is_set():
+                    left = read_reply(self.sock, timeout=max(0.1, self.stop_at
+                                                              - time.monotonic()))
+                    self.ended = "closed" if left == b"" else "unasked reply %r" % left
+                    return
+                with self.lock:
+                    n = next(self.numbers)
+                try:
+                    self.sock.sendall(triple_request(n, "d"))
+                    reply = read_reply(self.sock, timeout=DRAIN_S + STOP_MARGIN_S)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.ended = "closed"
+                    return
+                if not reply:
+                    self.ended = "closed"
+                    return
+                self.replies.append((time.monotonic(), n, reply))
+            self.ended = "count"
+        except Exception as exc:  # reported by the test
+            self.ended = "error: %r" % exc
+        finally:
+            self.sock.close()
+
+
+def senders_under_load(daemon, count: int, replies: int) -> list[Sender]:
+    """count Senders, started, once they have had replies between them."""
+    numbers, lock = itertools.count(1), threading.Lock()
+    senders = [Sender(daemon, numbers, lock, time.monotonic() + 30) for _ in range(count)]
+    for sender in senders:
+        sender.start()
+    assert wait_for(lambda: sum(len(s.replies) for s in senders) >= replies)
+    return senders
+
+
+def dump_keys(settings_path: pathlib.Path) -> list[str]:
+    done = subprocess.run([sys.executable, "-m", "greylist.cli.greylistctl", "-c",
+                           str(settings_path), "dump"], capture_output=True, text=True,
+                          timeout=30, env=daemons.environment())
+    assert (done.returncode, done.stderr) == (0, ""), (done.returncode, done.stderr)
+    return [line.partition("\t")[0] for line in done.stdout.splitlines()]
+
+
+def test_sigterm_drains_requests_in_flight_and_keeps_every_answered_triple(site):
+    with daemons.start(site, "greylist_delay = 1h\n") as daemon:
+        senders = senders_under_load(daemon, 8, 300)
+        began = time.monotonic()
+        os.kill(daemon.pid, signal.SIGTERM)
+        # Requests go on crossing the signal for a while, then the clients
+        # only wait: clients that never pause are the next test.
+        time.sleep(0.3)
+        for sender in senders:
+            sender.hold.set()
+        try:
+            status = daemon.proc.wait(timeout=DRAIN_S + STOP_MARGIN_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail("greylistd did not exit within %s s of SIGTERM"
+                        % (DRAIN_S + STOP_MARGIN_S))
+        took = time.monotonic() - began
+        for sender in senders:
+            sender.join(timeout=IO_S)
+        assert status == 0
+        assert took < DRAIN_S + STOP_MARGIN_S
+        assert [s.ended for s in senders] == ["closed"] * len(senders)
+        replies = [item for s in senders for item in s.replies]
+        assert any(at > began for at, _, _ in replies)  # requests were in flight
+        bad = [reply for _, _, reply in replies if not REPLY.fullmatch(reply)]
+        assert bad == []
+        deferred = [n for _, n, reply in replies
+                    if reply.startswith(b"action=" + DEFER_NEW.encode())]
+        assert len(deferred) == len(replies)
+        log = daemon.log()
+        stopping = log.find("]: stopping: no new connections")
+        assert 0 <= stopping < log.find("]: stopped\n")
+        assert_clean(daemon)
+    # The database opens, and every triple that got its DEFER is in it.
+    stored = {key.rpartition("/")[2] for key in dump_keys(daemon.settings_path)}
+    missing = [n for n in deferred if triple(n, "d")[2] not in stored]
+    assert missing == []
+
+
+def test_after_sigterm_a_connection_gets_only_its_request_in_flight(site):
+    with daemons.start(site, "greylist_delay = 1h\n") as daemon:
+        senders = senders_under_load(daemon, 16, 300)
+        try:
+            began = time.monotonic()
+            os.kill(daemon.pid, signal.SIGTERM)
+            wait_for(lambda: not any(s.is_alive() for s in senders), timeout=3)
+            alive = sum(s.is_alive() for s in senders)
+            after = [sum(1 for at, _, _ in s.replies if at > began) for s in senders]
+            try:
+                exited = daemon.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                exited = None
+        finally:
+            daemon.stop(signal.SIGKILL)  # ours; its stop is measured above
+            for sender in senders:
+                sender.join(timeout=IO_S)
+        assert alive == 0, "%d connections still served 3 s after SIGTERM" % alive
+        # The request in flight, and one that crossed the signal.
+        assert max(after) <= 3, "replies after SIGTERM per connection: %r" % after
+        assert exited == 0
+
+
+# Python 3.11 and 3.12 asyncio report a cancelled client_connected_cb task
+# as an exception (StreamReaderProtocol's done-callback calls
+# task.exception()); 3.13 checks task.cancelled() first.
+ASYNCIO_REPORTS_CANCELLED = "task.cancelled()" not in inspect.getsource(
+    asyncio.streams.StreamReaderProtocol.connection_made)
+
+
+def test_a_stop_with_idle_connections_open_logs_no_warning(site):
+    with daemons.start(site) as daemon:
+        idle = [daemon.connect() for _ in range(3)]
+        for n, sock in enumerate(idle):
+            assert exchange(sock, triple_request(n)).startswith(DEFER_NEW)
+        assert daemon.stop() == 0
+        for sock in idle:
+            closed_without_reply(sock, timeout=5)
+            sock.close()
+        assert log_lines(daemon, "]: stopped")
+        assert warnings(daemon.log()) == []
+        assert_clean(daemon)
+
+
+# 3. Privileges.
+
+def nobody_and_nogroup() -> tuple[pwd.struct_passwd, grp.struct_group]:
+    try:
+        return pwd.getpwnam("nobody"), grp.getgrnam("nogroup")
+    except KeyError:
+        require("needs the user nobody and the group nogroup")
+
+
+def readable_by_others(path: str) -> bool:
+    """Whether a user that is neither owner nor in the group can read
+    path (every directory above it searchable)."""
+    path = os.path.realpath(path)
+    if not os.stat(path).st_mode & stat.S_IROTH:
+        return False
+    parent = os.path.dirname(path)
+    while True:
+        if not os.stat(parent).st_mode & stat.S_IXOTH:
+            return False
+        if parent == "/":
+            return True
+        parent = os.path.dirname(parent)
+
+
+def proc_ids(pid: int) -> dict[str, list[int]]:
+    ids = {}
+    with open("/proc/%d/status" % pid) as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("Uid", "Gid", "Groups"):
+                ids[name] = [int(word) for word in value.split()]
+    return ids
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
+def test_started_as_root_it_serves_as_greylist_user_only(site):
+    nobody, nogroup = nobody_and_nogroup()
+    os.chown(site, nobody.pw_uid, nobody.pw_gid)
+    extra = "greylist_socket_group = nogroup\ngreylist_socket_mode = 0660\n"
+    with daemons.start(site, extra, user="nobody") as daemon:
+        ids = proc_ids(daemon.pid)
+        assert len(ids["Uid"]) == 4 and all(uid == nobody.pw_uid for uid in ids["Uid"])
+        assert len(ids["Gid"]) == 4 and all(gid == nobody.pw_gid for gid in ids["Gid"])
+        assert ids["Groups"] == []
+        st = os.lstat(daemon.policy_path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o660
+        assert st.st_gid == nogroup.gr_gid
+        assert daemon.ask(triple_request(1)).startswith(b"action=" + DEFER_NEW.encode())
+        assert "as uid %d" % nobody.pw_uid in log_lines(daemon, " serving ")[0]
+        files = {p.name: p.stat().st_uid for p in site.iterdir() if p.name.startswith("db")}
+        assert "db.lmdb" in files
+        assert set(files.values()) == {nobody.pw_uid}, files
+        assert daemon.output() == ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
+def test_an_unprivileged_daemon_stops_cleanly(site):
+    nobody, _ = nobody_and_nogroup()
+    os.chown(site, nobody.pw_uid, nobody.pw_gid)
+    with daemons.start(site, user="nobody") as daemon:
+        assert daemon.ask(triple_request(1)).startswith(b"action=" + DEFER_NEW.encode())
+        assert daemon.stop() == 0
+        assert log_lines(daemon, "]: stopped")
+        assert_clean(daemon)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_started_as_root_without_greylist_user_is_fatal(site):
+    settings = site / "root.cf"
+    settings.write_text("greylist_database = %s/db\ngreylist_log = %s/log\n"
+                        "greylist_policy_listen = unix:%s/policy\n" % (site, site, site))
+    done = run_once(settings)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.startswith("greylistd: fatal: started as root without greylist_user")
+    log = (site / "log").read_text()
+    assert "]: fatal: started as root without greylist_user" in log
+    assert not (site / "policy").exists() and not (site / "db.lmdb").exists()
+
+
+# 4. Socket activation and sd_notify.
+
+# Puts the sockets given as argv[1] and argv[2] on fds 3 and 4, sets
+# LISTEN_PID to its own pid (kept by exec), and execs argv[3:].
+ACTIVATE = """\
+import fcntl, os, sys
+fds = [int(sys.argv[1]), int(sys.argv[2])]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in fds]
+for target, fd in zip((3, 4), high):
+    os.dup2(fd, target)
+for fd in set(fds + high) - {3, 4}:
+    os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[3], sys.argv[3:])
+"""
+
+
+class Launched:
+    """greylistd started here, not by tests/daemon.py."""
+
+    def __init__(self, site: pathlib.Path, settings: str, env: dict[str, str],
+                 fds: tuple[int, ...] = ()) -> None:
+        self.site = site
+        self.log_path = site / "log"
+        self.settings_path = site / "activated.cf"
+        self.settings_path.write_text(settings)
+        os.chmod(self.settings_path, 0o644)
+        argv = daemons.command(self.settings_path)
+        if fds:
+            argv = [sys.executable, "-c", ACTIVATE, *map(str, fds), *argv]
+        self.output_path = site / "activated.out"
+        with open(self.output_path, "wb") as output:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output,
+                                         stderr=subprocess.STDOUT, pass_fds=fds,
+                                         env=dict(daemons.environment(), **env))
+        self.pid = self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def output(self) -> str:
+        return self.output_path.read_text(errors="replace")
+
+    def wait_serving(self) -> str:
+        ok = wait_for(lambda: " serving " in self.log() or self.proc.poll() is not None)
+        line = [line for line in self.log().splitlines() if " serving " in line]
+        assert ok and line, "not serving: %s %s" % (self.log(), self.output())
+        return line[0]
+
+    def stop(self, timeout: float = DRAIN_S + STOP_MARGIN_S) -> int:
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        return self.proc.returncode
+
+
+def base_settings(site: pathlib.Path) -> str:
+    text = "greylist_database = %s/db\ngreylist_log = %s/log\ngreylist_delay = 1h\n" % (
+        site, site)
+    return text + ("greylist_allow_root = yes\n" if os.geteuid() == 0 else "")
+
+
+def test_socket_activation_serves_the_inherited_sockets(site):
+    path = str(site / "activated")
+    policy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    policy.bind(path)
+    policy.listen(16)
+    metrics = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    metrics.bind(("127.0.0.1", 0))
+    metrics.listen(16)
+    port = metrics.getsockname()[1]
+    env = {"LISTEN_FDS": "2", "LISTEN_FDNAMES": "policy:metrics"}
+    try:
+        launched = Launched(site, base_settings(site), env,
+                            fds=(policy.fileno(), metrics.fileno()))
+    finally:
+        policy.close()
+        metrics.close()
+    try:
+        assert "serving systemd:policy, systemd:metrics as uid" in launched.wait_serving()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(IO_S)
+            sock.connect(path)
+            assert exchange(sock, triple_request(1)) == \
+                "DEFER_IF_PERMIT Greylisted, please try again in 3600 seconds"
+        body = scrape(port)
+        assert metric(body, 'greylist_requests_total{action="DEFER_IF_PERMIT",'
+                            'reason="new"}') == 1.0
+        # The daemon did not bind a socket of its own.
+        assert sorted(p.name for p in site.iterdir() if p.name.endswith(".lock")) == []
+        assert launched.stop() == 0
+        assert launched.output() == ""
+        assert "]: stopped" in launched.log()
+    finally:
+        launched.stop()
+
+
+def test_sd_notify_ready_after_start_and_stopping_at_sigterm(site):
+    path = str(site / "notify")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(path)
+    notify.settimeout(IO_S)
+    settings = base_settings(site) + "greylist_policy_listen = unix:%s/policy\n" % site
+    launched = Launched(site, settings, {"NOTIFY_SOCKET": path})
+    try:
+        ready = notify.recv(4096).decode()
+        assert "READY=1" in ready.split("\n")
+        # READY comes once everything is in place: the log says serving.
+        assert " serving " in launched.log()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(IO_S)
+            sock.connect(str(site / "policy"))
+            assert exchange(sock, triple_request(1)).startswith(DEFER_NEW)
+        os.kill(launched.pid, signal.SIGTERM)
+        stopping = notify.recv(4096).decode()
+        assert "STOPPING=1" in stopping.split("\n")
+        assert launched.stop() == 0
+        assert launched.output() == ""
+    finally:
+        launched.stop()
+        notify.close()
+
+
+# 5. Double start and listeners that cannot be created.
+
+def test_a_second_instance_on_the_same_socket_is_refused_and_the_first_serves_on(site):
+    with daemons.start(site) as first:
+        with first.connect() as held:
+            assert exchange(held, triple_request(1)).startswith(DEFER_NEW)
+            done = run_once(first.settings_path)
+            assert done.returncode == 1
+            assert done.stdout == ""
+            assert "another greylistd serves this socket" in done.stderr
+            assert done.stderr.startswith("greylistd: fatal: cannot listen: unix:%s"
+                                          % first.policy_path)
+            fatal = log_lines(first, "fatal:")
+            assert len(fatal) == 1 and "another greylistd serves this socket" in fatal[0]
+            assert "%s.lock" % first.policy_path in fatal[0]
+            # The first still has its socket and its connections.
+            assert exchange(held, triple_request(2)).startswith(DEFER_NEW)
+        assert first.ask(triple_request(3)).startswith(b"action=" + DEFER_NEW.encode())
+        assert first.alive()
+        assert first.stop() == 0
+
+
+@pytest.mark.parametrize("kind", ["missing-directory", "port-in-use"])
+def test_a_listener_that_cannot_be_created_is_fatal(site, kind):
+    busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if kind == "missing-directory":
+            spec = "unix:/nonexistent-dir/x"
+            expected = "directory /nonexistent-dir: No such file or directory"
+        else:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen(1)
+            spec = "inet:127.0.0.1:%d" % busy.getsockname()[1]
+            expected = "Address already in use"
+        settings = daemons.write_settings(site, daemons.free_port(),
+                                          "greylist_policy_listen = %s\n" % spec)
+        done = run_once(settings)
+    finally:
+        busy.close()
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr == "greylistd: fatal: cannot listen: %s: %s\n" % (spec, expected)
+    log = (site / "log").read_text()
+    assert "]: fatal: cannot listen: %s: %s\n" % (spec, expected) in log
+    assert not (site / "db.lmdb").exists()
+
+
+# 6. Idle timeout and the connection cap.
+
+def test_an_idle_connection_is_closed_after_the_idle_timeout(site):
+    with daemons.start(site, "greylist_idle_timeout = 1s\n") as daemon:
+        silent = daemon.connect()
+        used = daemon.connect()
+        began = time.monotonic()
+        assert exchange(used, triple_request(1)).startswith(DEFER_NEW)
+        closed_without_reply(silent, timeout=5)
+        closed_without_reply(used, timeout=5)
+        took = time.monotonic() - began
+        assert 0.8 <= took <= 3.5, took
+        silent.close()
+        used.close()
+        with daemon.connect() as fresh:  # new connections are served
+            assert exchange(fresh, triple_request(2)).startswith(DEFER_NEW)
+        assert daemon.stop() == 0
+        assert_clean(daemon)
+
+
+def test_connections_beyond_the_cap_are_closed_with_one_warning(site):
+    port = daemons.free_port()
+    extra = ("greylist_max_connections = 3\n"
+             "greylist_metrics_listen = inet:127.0.0.1:%d\n" % port)
+    with daemons.start(site, extra) as daemon:
+        # The start's readiness probe has gone: no connection is open.
+        assert wait_for(lambda: metric(scrape(port), "greylist_connections") == 0.0)
+        served = [daemon.connect() for _ in range(3)]
+        for n, sock in enumerate(served):
+            assert exchange(sock, triple_request(n)).startswith(DEFER_NEW)
+        for _ in range(5):
+            with daemon.connect() as extra_sock:
+                assert closed_without_reply(extra_sock, timeout=5) < 1.0
+        limit = log_lines(daemon, "connection limit reached")
+        assert len(limit) == 1 and ": warning: " in limit[0]
+        assert "greylist_max_connections = 3" in limit[0]
+        # The ones within the cap were not disturbed.
+        for n, sock in enumerate(served):
+            assert exchange(sock, triple_request(10 + n)).startswith(DEFER_NEW)
+        served.pop().close()
+        assert wait_for(lambda: log_lines(daemon, "connections below the limit again"))
+        with daemon.connect() as again:
+            assert exchange(again, triple_request(20)).startswith(DEFER_NEW)
+        assert len(log_lines(daemon, "connection limit reached")) == 1
+        for sock in served:
+            sock.close()
+        assert daemon.stop() == 0
+        assert_clean(daemon)
+
+
+# 7. Bad input on one connection.
+
+BAD_INPUTS = {
+    "no-equals": b"request=smtpd_access_policy\nthis line has no equals sign\n\n",
+    "nul": b"request=smtpd_access_policy\nsender=a\0b@example.org\n\n",
+    "long-line": b"request=smtpd_access_policy\nsender=" + b"x" * 9000 + b"\n\n",
+    "endless-line": b"sender=" + b"y" * 70000,
+    "http": b"GET / HTTP/1.0\nHost: example.org\n\n",
+    # CRLF lines never make the empty line that ends a request: only the
+    # end of input shows the request unfinished.
+    "http-crlf-eof": b"GET / HTTP/1.1\r\nHost: example.org\r\n\r\n",
+    "tls": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)) + b"\n\n",
+    "premature-eof": b"request=smtpd_access_policy\nsender=a@example.org\n",
+}
+
+
+def test_bad_input_closes_only_its_own_connection(site):
+    with daemons.start(site) as daemon:
+        others = [daemon.connect() for _ in range(2)]
+        for n, sock in enumerate(others):
+            assert exchange(sock, triple_request(n)).startswith(DEFER_NEW)
+        for count, (name, data) in enumerate(BAD_INPUTS.items(), 1):
+            with daemon.connect() as bad:
+                try:
+                    bad.sendall(data)
+                    if name.endswith("eof"):
+                        bad.shutdown(socket.SHUT_WR)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # closed while we still sent: fine
+                closed_without_reply(bad, timeout=5)
+            assert wait_for(lambda: len(log_lines(daemon, "disconnecting without a reply"))
+                            == count), (name, daemon.log())
+            assert ": warning: " in log_lines(daemon, "disconnecting without a reply")[-1]
+            for n, sock in enumerate(others):
+                assert exchange(sock, triple_request(100 * count + n)).startswith(DEFER_NEW)
+        # A valid request dripped byte by byte is served, and holds up nobody.
+        drip = triple_request(999)
+        with daemon.connect() as slow:
+            began = time.monotonic()
+            for index in range(len(drip)):
+                slow.sendall(drip[index:index + 1])
+                if index == len(drip) // 2:
+                    assert exchange(others[0], triple_request(1000)).startswith(DEFER_NEW)
+                time.sleep(0.002)
+                assert time.monotonic() - began < 10
+            assert REPLY.fullmatch(read_reply(slow)).group(1).startswith(DEFER_NEW.encode())
+        for n, sock in enumerate(others):
+            assert exchange(sock, triple_request(2000 + n)).startswith(DEFER_NEW)
+            sock.close()
+        assert len(log_lines(daemon, "disconnecting without a reply")) == len(BAD_INPUTS)
+        text = daemon.log()
+        for expected in ("malformed line", "NUL byte", "line longer than 8192 bytes",
+                         "premature end of input"):
+            assert expected in text
+        assert daemon.stop() == 0
+        assert_clean(daemon)
+
+
+# 8. Metrics.
+
+def test_metrics_count_requests_commits_and_connections(site):
+    port = daemons.free_port()
+    with daemons.start(site, "greylist_metrics_listen = inet:127.0.0.1:%d\n" % port) as daemon:
+        assert wait_for(lambda: metric(scrape(port), "greylist_connections") == 0.0)
+        with daemon.connect() as held:
+            for n in range(5):
+                assert exchange(held, triple_request(n)).startswith(DEFER_NEW)
+            status, body = http(port, b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            assert status == "HTTP/1.0 200 OK"
+            assert b"# TYPE greylist_requests_total counter" in body
+            assert metric(body, 'greylist_requests_total{action="DEFER_IF_PERMIT",'
+                                'reason="new"}') == 5.0
+            assert metric(body, "greylist_commit_batch_size_count") >= 1
+            assert metric(body, "greylist_commit_batch_size_sum") == 5.0
+            assert metric(body, "greylist_request_seconds_count") == 5.0
+            assert metric(body, "greylist_connections") == 1.0
+            assert metric(body, "greylist_store_failures_total") == 0.0
+        assert wait_for(lambda: metric(scrape(port), "greylist_connections") == 0.0)
+        for data in (b"POST /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n",
+                     b"HELLO\r\n\r\n"):
+            status, _ = http(port, data)
+            assert status == "HTTP/1.0 400 Bad Request"
+        assert daemon.stop() == 0
+        assert_clean(daemon)
+
+
+# 9. A store that fails: fail open.
+
+def test_a_refused_database_directory_fails_open_with_one_warning(site):
+    shared = site / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    port = daemons.free_port()
+    extra = ("greylist_database = %s/db\ngreylist_metrics_listen = inet:127.0.0.1:%d\n"
+             % (shared, port))
+    with daemons.start(site, extra) as daemon:
+        with daemon.connect() as held:
+            for n in range(5):
+                assert exchange(held, triple_request(n)) == "DUNNO"
+        for n in range(5, 8):
+            assert daemon.ask(triple_request(n)) == b"action=DUNNO\n\n"
+        found = warnings(daemon.log())
+        assert len(found) == 1, found
+        assert "world-writable" in found[0] and "greylist_failure_action" in found[0]
+        assert metric(scrape(port), "greylist_store_failures_total") == 8.0
+        assert daemon.alive()
+        assert daemon.stop() == 0
+        assert_clean(daemon)
+    assert list(shared.iterdir()) == []
