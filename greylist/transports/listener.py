@@ -210,10 +210,12 @@ class PolicyServer:
         for sock in sockets:
             sock.setblocking(False)
             if sock.family == socket.AF_UNIX:
+                # backlog again: asyncio listens anew, with 100 by default.
                 server = await asyncio.start_unix_server(self._accept, sock=sock,
-                                                         limit=READ_SIZE)
+                                                         limit=READ_SIZE, backlog=BACKLOG)
             else:
-                server = await asyncio.start_server(self._accept, sock=sock, limit=READ_SIZE)
+                server = await asyncio.start_server(self._accept, sock=sock, limit=READ_SIZE,
+                                                    backlog=BACKLOG)
             self._servers.append(server)
 
     def stop_accepting(self) -> None:
