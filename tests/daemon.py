@@ -121,16 +121,7 @@ class Daemon:
         with self.connect(timeout=timeout) as sock:
             sock.sendall(data)
             sock.shutdown(socket.SHUT_WR)
-            chunks = []
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            else:
-                raise TimeoutError("greylistd did not close the connection in %s s" % timeout)
-            return b"".join(chunks)
+            return receive_all(sock, timeout)
 
     def stop(self, signal: int = signals.SIGTERM, timeout: float = 10) -> int:
         """Send signal to this process; SIGKILL it if it has not exited
@@ -235,3 +226,15 @@ def _wait_ready(daemon: Daemon, start_s: float, served: int) -> None:
         return
     raise DaemonError("greylistd did not accept on %s within %s s\noutput: %s\nlog: %s"
                       % (daemon.policy_path, start_s, daemon.output(), daemon.log()))
+
+
+def receive_all(sock: socket.socket, timeout: float = IO_TIMEOUT_S) -> bytes:
+    """All that comes on sock until the peer closes it (at most timeout s)."""
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+    raise TimeoutError("the connection was not closed in %s s" % timeout)

@@ -113,14 +113,8 @@ def http(port: int, data: bytes, timeout: float = IO_S) -> tuple[str, bytes]:
     """One HTTP exchange on 127.0.0.1:port: (status line, body)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(data)
-        chunks = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+        reply = daemons.receive_all(sock, timeout)
+    head, _, body = reply.partition(b"\r\n\r\n")
     return head.split(b"\r\n")[0].decode(), body
 
 
