@@ -10,6 +10,13 @@ DESCRIPTION
                  (as spawn(8) runs it), one settings file per run with
                  greylist_delay, greylist_log = a file (no syslog) and,
                  as root, greylist_allow_root = yes.
+      greylistd  the daemon (issue 11): ONE greylistd process, run as its
+                 console script from setup.cfg with the tested source on
+                 PYTHONPATH, on a unix socket in the work directory, K
+                 connections; the settings file of ours plus
+                 greylist_policy_listen and greylist_metrics_listen (a
+                 free loopback port), scraped by scrape() for the group
+                 commit histogram. Stopped with SIGTERM to its PID.
       dunno      bench/dunno.py, K processes on pipes: reads a request,
                  answers DUNNO; the harness's own ceiling.
       greylist.pl  Postfix's examples/smtpd-policy/greylist.pl from
@@ -37,6 +44,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -122,6 +130,10 @@ class Program:
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)
 
+    def scrape(self) -> dict | None:
+        """The program's own counters (greylistd's metrics), or None."""
+        return None
+
 
 def _wait(proc: subprocess.Popen, timeout: float) -> int:
     try:
@@ -165,6 +177,167 @@ class Ours(Program):
     def env(self) -> dict:
         path = os.environ.get("PYTHONPATH")
         return dict(os.environ, PYTHONPATH=self.source + (":" + path if path else ""))
+
+
+class Daemon(Ours):
+    """greylistd: one process, K connections to its unix socket."""
+
+    name = "greylistd"
+    pipes = False
+
+    def __init__(self, python: str, source: str, verbose: int = 0,
+                 commit_batch: int | None = None, database: str | None = None) -> None:
+        super().__init__(python, source, verbose)
+        self.commit_batch = commit_batch
+        self.existing_database = database   # serve this database (scale runs)
+        self.socket_dir = ""
+
+    def available(self) -> tuple:
+        ok, why = super().available()
+        if not ok:
+            return ok, why
+        if find_console_script(self.python, self.source, "greylistd") is None:
+            return False, "no greylistd console script in %s/setup.cfg" % self.source
+        if run_text([self.python, "-c", "import prometheus_client"]) != "":
+            return False, "prometheus_client not importable by %s" % self.python
+        return True, ""
+
+    def prepare(self, workdir: str, delay_s: int) -> None:
+        super().prepare(workdir, delay_s)
+        if self.existing_database:
+            self.database = self.existing_database
+        self.socket_path = os.path.join(workdir, "policy.sock")
+        if len(self.socket_path) >= 100:   # greylist_policy_listen's limit
+            self.socket_dir = tempfile.mkdtemp(prefix="gld-", dir="/tmp")
+            os.chmod(self.socket_dir, 0o755)
+            self.socket_path = os.path.join(self.socket_dir, "policy.sock")
+        self.metrics_port = free_port()
+        with open(self.settings, "w", encoding="utf-8") as handle:
+            handle.write("greylist_database = %s\n" % self.database)
+            handle.write("greylist_delay = %ds\n" % delay_s)
+            handle.write("greylist_log = %s\n" % os.path.join(workdir, "greylist.log"))
+            if os.geteuid() == 0:
+                handle.write("greylist_allow_root = yes\n")
+            handle.write("greylist_policy_listen = unix:%s\n" % self.socket_path)
+            handle.write("greylist_metrics_listen = inet:127.0.0.1:%d\n" % self.metrics_port)
+            if self.commit_batch:
+                handle.write("greylist_commit_batch = %d\n" % self.commit_batch)
+
+    def argv(self) -> list:
+        return find_console_script(self.python, self.source, "greylistd") + \
+            ["-c", self.settings] + ["-v"] * self.verbose
+
+    def start(self, workdir: str, k: int, delay_s: int) -> list:
+        self.workdir = workdir
+        self.prepare(workdir, delay_s)
+        log = open(os.path.join(workdir, "stderr"), "ab")
+        proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=log, env=self.env(), cwd=workdir)
+        self.procs = [proc]
+        _wait_for_socket(self.socket_path, proc, 20, self.name)
+        # The policy socket accepts (in the kernel) as soon as it is bound,
+        # before the database is open; the metrics listener is served only
+        # after the database is open and the policy server started.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                http_get("127.0.0.1", self.metrics_port, "/metrics", timeout=20)
+                break
+            except OSError as exc:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("greylistd did not serve its metrics: %s" % exc)
+                time.sleep(0.05)
+        self.endpoints = [("unix", self.socket_path)] * k
+        return self.endpoints
+
+    def stop(self, timeout: float = 10) -> list:
+        codes = []
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+            codes.append(_wait(proc, timeout))
+        self.procs = []
+        self._remove_socket_dir()
+        return codes
+
+    def kill(self) -> None:
+        super().kill()
+        for proc in self.procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                return  # Still there: leave its socket alone.
+        self._remove_socket_dir()
+
+    def _remove_socket_dir(self) -> None:
+        if self.socket_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+            self.socket_dir = ""
+
+    def scrape(self) -> dict | None:
+        """greylistd's group-commit metrics: {"batch": hist, "seconds": hist}."""
+        if not self.procs or self.procs[0].poll() is not None:
+            return None
+        try:
+            text = http_get("127.0.0.1", self.metrics_port, "/metrics")
+        except OSError:
+            return None
+        return {"batch": parse_histogram(text, "greylist_commit_batch_size"),
+                "seconds": parse_histogram(text, "greylist_commit_seconds"),
+                "requests": parse_counter(text, "greylist_requests_total")}
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (free when asked; the daemon binds it next)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_get(host: str, port: int, path: str, timeout: float = 5) -> str:
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(b"GET %s HTTP/1.0\r\nHost: %s\r\n\r\n" % (path.encode(), host.encode()))
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.0 200") and not head.startswith(b"HTTP/1.1 200"):
+        raise OSError("metrics: %r" % head[:80])
+    return body.decode("utf-8", "replace")
+
+
+def parse_histogram(text: str, name: str) -> dict:
+    """{"count", "sum", "buckets": {le: cumulative count}} of a Prometheus histogram."""
+    out: dict = {"count": 0.0, "sum": 0.0, "buckets": {}}
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out["buckets"][le] = float(line.rsplit(None, 1)[1])
+        elif line.startswith(name + "_count "):
+            out["count"] = float(line.split()[1])
+        elif line.startswith(name + "_sum "):
+            out["sum"] = float(line.split()[1])
+    return out
+
+
+def parse_counter(text: str, name: str) -> float:
+    """The sum of a counter over all its labels."""
+    return sum(float(line.rsplit(None, 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def histogram_delta(before: dict | None, after: dict | None) -> dict | None:
+    """after - before of parse_histogram() results (a phase's own observations)."""
+    if not after:
+        return None
+    before = before or {"count": 0.0, "sum": 0.0, "buckets": {}}
+    return {"count": after["count"] - before["count"],
+            "sum": after["sum"] - before["sum"],
+            "buckets": {le: v - before["buckets"].get(le, 0.0)
+                        for le, v in after["buckets"].items()}}
 
 
 class Dunno(Program):
@@ -304,11 +477,12 @@ def _group_name(gid: int) -> str:
     return grp.getgrgid(gid).gr_name
 
 
-def _wait_for_socket(path: str, proc: subprocess.Popen, limit_s: float) -> None:
+def _wait_for_socket(path: str, proc: subprocess.Popen, limit_s: float,
+                     name: str = "postgrey") -> None:
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError("postgrey exited with status %s" % proc.returncode)
+            raise RuntimeError("%s exited with status %s" % (name, proc.returncode))
         if os.path.exists(path):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -319,7 +493,7 @@ def _wait_for_socket(path: str, proc: subprocess.Popen, limit_s: float) -> None:
             finally:
                 probe.close()
         time.sleep(0.05)
-    raise RuntimeError("postgrey did not open %s within %ds" % (path, limit_s))
+    raise RuntimeError("%s did not open %s within %ds" % (name, path, limit_s))
 
 
 def describe_source(path: str) -> str:
@@ -358,18 +532,27 @@ def find_greylistctl(python: str, source: str) -> list | None:
     Prefers the console script declared in source's setup.cfg, run with
     the benchmark's python and source, over one on PATH.
     """
+    found = find_console_script(python, source, "greylistctl")
+    if found is None:
+        found = shutil.which("greylistctl")
+        return [found] if found else None
+    return found
+
+
+def find_console_script(python: str, source: str, script: str) -> list | None:
+    """The argv prefix that runs source's console script as its wrapper
+    would (setup.cfg: script = module:function), with python; or None."""
     try:
         with open(os.path.join(source, "setup.cfg"), encoding="utf-8") as handle:
             for line in handle:
                 name, _, target = line.partition("=")
-                if name.strip() == "greylistctl" and ":" in target:
+                if name.strip() == script and ":" in target:
                     module, func = target.strip().split(":", 1)
                     return [python, "-c", "import sys; from %s import %s as m; "
-                            "sys.argv[0] = 'greylistctl'; sys.exit(m())" % (module, func)]
+                            "sys.argv[0] = %r; sys.exit(m())" % (module, func, script)]
     except OSError:
         pass
-    found = shutil.which("greylistctl")
-    return [found] if found else None
+    return None
 
 
 def python_default() -> str:

@@ -8,7 +8,12 @@ Usage:
 See bench/README.md. --all runs the four comparisons of issue 5 (repeat,
 mixed and new with one process, repeat with four), the durability audit,
 the start-up comparison (bench/startup.py, also --startup) and, with
---scale 1M,10M, the scale runs. Every peer runs in the same
+--scale 1M,10M, the scale runs. --daemon runs the comparison of issue 11:
+greylistd (one daemon, K connections) against postgrey and the DUNNO
+responder, new, repeat and mixed with 1, 4, 16 and 64 connections, the
+durability audit of greylistd with 16 connections, the storage floor and
+the RSS of one greylistd on 1M triples with 200 connections
+(bench/daemon_rss.py, also --daemon-rss). Every peer runs in the same
 invocation on a fresh database; a missing peer is reported as not
 available. Exit status 0 unless the harness itself failed (a missed
 target is reported, not an error); --check makes a wrong answer or a
@@ -19,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -30,6 +36,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import daemon_rss  # noqa: E402
 import driver  # noqa: E402
 import peers  # noqa: E402
 import startup  # noqa: E402
@@ -39,6 +46,12 @@ import streams  # noqa: E402
 NS = 1_000_000_000
 ALL_RUNS = (("repeat", 1), ("mixed", 1), ("new", 1), ("repeat", 4))
 PROGRAMS = ("greylist", "dunno", "greylist.pl", "postgrey")
+KNOWN_PROGRAMS = PROGRAMS + ("greylistd",)
+DAEMON_PROGRAMS = ("greylistd", "dunno", "postgrey")
+DAEMON_SCENARIOS = ("new", "repeat", "mixed")
+DAEMON_CONNECTIONS = (1, 4, 16, 64)
+# The programs whose answers --check judges, and whose rates are compared.
+OURS = ("greylist", "greylistd")
 
 
 # Running one program on one plan.
@@ -60,7 +73,8 @@ def run_program(prog: peers.Program, plan: streams.Plan, delay_s: int,
     try:
         endpoints = prog.start(workdir, plan.processes, delay_s)
         if strace:
-            tracers = _attach_strace(prog.pids(), workdir)
+            tracers = _attach_strace(prog.pids(), workdir, daemon=not prog.pipes
+                                     and isinstance(prog, peers.Daemon))
         phases = []
         started = time.monotonic()
         if any(plan.warm_a):
@@ -72,11 +86,21 @@ def run_program(prog: peers.Program, plan: streams.Plan, delay_s: int,
             if any(plan.warm_b):
                 phases.append(("warm-b", _phase(prog, endpoints, plan.warm_b, limit_s)))
         before = {pid: peers.read_proc(pid) for pid in prog.pids()}
+        counters0 = prog.scrape()
         timed = _phase(prog, endpoints, plan.timed, limit_s)
         after = {pid: peers.read_proc(pid) for pid in prog.pids()}
+        counters1 = prog.scrape()
         phases.append(("timed", timed))
+        if counters1 is not None:
+            # greylistd's group commits during the timed phase.
+            row["commit_batch"] = peers.histogram_delta(
+                (counters0 or {}).get("batch"), counters1["batch"])
+            row["commit_seconds"] = peers.histogram_delta(
+                (counters0 or {}).get("seconds"), counters1["seconds"])
         if tracers:
             row["durability"] = _stop_strace(tracers)
+            if row.get("commit_batch") is not None:
+                row["durability"]["commits_metrics"] = int(row["commit_batch"]["count"])
         codes = prog.stop()
         row["exit_codes"] = codes
         row.update(_summarise(plan, phases, delay_s))
@@ -230,20 +254,44 @@ def oracle(events: list, delay_s: int) -> dict:
 
 # Durability audit: strace the servers during a "new" run.
 
-def _attach_strace(pids: list, workdir: str) -> list:
+SYNC_CALLS = ("fsync", "fdatasync", "msync", "sync_file_range")
+
+
+def _attach_strace(pids: list, workdir: str, daemon: bool = False) -> list:
+    """Trace each pid (-f: all its threads). daemon: also the reads of
+    requests and the database's pwrite64 calls, for _audit_daemon()."""
     if shutil.which("strace") is None:
         return []
+    calls = "fsync,fdatasync,msync,sync_file_range,write,writev,sendto,sendmsg"
+    if daemon:
+        calls += ",pwrite64,read,recvfrom"
     tracers = []
     for pid in pids:
         out = os.path.join(workdir, "strace.%d" % pid)
         tracers.append(subprocess.Popen(
             ["strace", "-f", "-tt", "-qq", "-o", out, "-p", str(pid), "-e",
-             "trace=fsync,fdatasync,msync,sync_file_range,write,writev,sendto,sendmsg",
-             "-e", "signal=none", "-s", "512"],
+             "trace=" + calls, "-e", "signal=none", "-s", "512"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         tracers[-1].output = out
+        tracers[-1].daemon = daemon
+        # What each descriptor is (the database's were opened at start).
+        tracers[-1].fds = _fd_targets(pid)
+        tracers[-1].pid_traced = pid
     time.sleep(1.0)  # Attaching is asynchronous.
     return tracers
+
+
+def _fd_targets(pid: int) -> dict:
+    out = {}
+    try:
+        for name in os.listdir("/proc/%d/fd" % pid):
+            try:
+                out[int(name)] = os.readlink("/proc/%d/fd/%s" % (pid, name))
+            except (OSError, ValueError):
+                pass
+    except OSError:
+        pass
+    return out
 
 
 def _stop_strace(tracers: list) -> dict:
@@ -256,6 +304,13 @@ def _stop_strace(tracers: list) -> dict:
         except subprocess.TimeoutExpired:
             tracer.kill()
             tracer.wait(5)
+        if getattr(tracer, "daemon", False):
+            tracer.fds = {**_fd_targets(tracer.pid_traced), **tracer.fds}
+            try:
+                with open(tracer.output, encoding="utf-8", errors="replace") as handle:
+                    return _audit_daemon(handle, tracer.fds)
+            except OSError as exc:
+                return {"error": str(exc)}
         pending: dict = {}
         try:
             with open(tracer.output, encoding="utf-8", errors="replace") as handle:
@@ -280,15 +335,111 @@ def _stop_strace(tracers: list) -> dict:
             "sync_calls": syncs}
 
 
+def _audit_daemon(lines, fds: dict) -> dict:
+    """Check, for one multi-threaded daemon, that each deferring reply
+    leaves after a durable commit that began after its request was read.
+
+    strace -f writes one event per line in the order they happened; a
+    call that another thread interrupts is split into "<unfinished ...>"
+    and "<... resumed>". Per connection descriptor, the end of the last
+    read of a request (recvfrom/read returning data) is remembered. A
+    commit is a sync call on the database file (fds: descriptor -> path,
+    taken when the trace began) and the first pwrite64 to the database
+    after it, LMDB's meta page (written through its O_DSYNC descriptor):
+    the commit has ended when that write has. A deferring reply (a
+    write of "action=DEFER...\\n\\n" to a connection) counts as
+    durable if some commit began after its request's read and ended
+    before the reply's write began.
+    """
+    database = {fd for fd, path in fds.items() if path.endswith(".lmdb")}
+    unfinished: dict = {}     # thread -> (call, fd, text of the first part)
+    last_read: dict = {}      # connection fd -> event position
+    commits: list = []        # [sync start, sync end, meta write end]
+    other_syncs: dict = {}
+    res = {"defer_replies_traced": 0, "preceded_by_sync": 0, "sync_calls": 0,
+           "database_syncs": 0, "meta_writes": 0, "replies_traced": 0}
+    metas = [False]
+
+    def begin(call, fd, text, pos):
+        if call in SYNC_CALLS:
+            res["sync_calls"] += 1
+            if fd in database:
+                res["database_syncs"] += 1
+                commits.append([pos, None, None])
+            else:
+                path = fds.get(fd, "fd %s" % fd)
+                other_syncs[path] = other_syncs.get(path, 0) + 1
+        elif call in ("sendto", "write", "writev", "sendmsg") and fd not in database \
+                and '"action=' in text and '\\n\\n"' in text:
+            res["replies_traced"] += 1
+            if '"action=DEFER' in text or '"action=defer' in text:
+                res["defer_replies_traced"] += 1
+                read = last_read.get(fd, -1)
+                for start, _, meta in commits:
+                    if start > read and meta is not None and meta < pos:
+                        res["preceded_by_sync"] += 1
+                        break
+
+    def end(call, fd, result, pos):
+        if call in ("recvfrom", "read") and fd not in database and result > 0:
+            last_read[fd] = pos
+        elif call in SYNC_CALLS and fd in database and commits:
+            commits[-1][1] = pos
+        elif call == "pwrite64" and fd in database and result > 0 and commits \
+                and commits[-1][1] is not None and commits[-1][2] is None:
+            commits[-1][2] = pos
+            res["meta_writes"] += 1
+            metas[0] = True
+
+    for pos, line in enumerate(lines):
+        parts = line.split(None, 2)
+        if len(parts) < 3:
+            continue
+        thread, text = parts[0], parts[2].rstrip("\n")
+        if text.startswith("<... "):
+            started = unfinished.pop(thread, None)
+            if started is not None:
+                end(started[0], started[1], _result(text), pos)
+            continue
+        call = text.split("(", 1)[0]
+        try:
+            fd = int(text[len(call) + 1:].split(",", 1)[0].split(None, 1)[0].rstrip(")"))
+        except (ValueError, IndexError):
+            fd = None
+        begin(call, fd, text, pos)
+        if text.endswith("<unfinished ...>"):
+            unfinished[thread] = (call, fd)
+        else:
+            end(call, fd, _result(text), pos)
+    if not metas[0]:
+        res["note"] = "no meta page write seen after a sync: check the audit"
+    res["commits_traced"] = len(commits)
+    if other_syncs:
+        res["other_syncs"] = other_syncs
+    return res
+
+
+_RESULT = re.compile(r"\)\s+=\s+(-?[0-9]+)")
+
+
+def _result(text: str) -> int:
+    """The return value of a traced call ("... ) = N"), -1 if none."""
+    found = _RESULT.findall(text)
+    return int(found[-1]) if found else -1
+
+
 def durability(progs: list, args, top: str) -> list:
-    """Run a small 'new' stream under strace for each program."""
-    plan = streams.build_plan("new", args.durability_requests, args.seed, 1)
+    """Run a small 'new' stream under strace for each program: 1 process,
+    greylistd with --durability-connections connections."""
     rows = []
     for prog in progs:
         if prog.name == "dunno":
             continue
+        k = args.durability_connections if isinstance(prog, peers.Daemon) else 1
+        plan = streams.build_plan("new", args.durability_requests, args.seed, k)
         row = run_program(prog, plan, args.delay, top, args.limit, strace=True)
-        rows.append({"program": prog.name, "available": row.get("available"),
+        rows.append({"program": prog.name, "processes": k,
+                     "available": row.get("available"),
                      "reason": row.get("reason", ""), "requests": row["requests"],
                      "defers": row.get("defers", 0), **row.get("durability", {}),
                      "errors": row.get("errors", [])})
@@ -332,9 +483,10 @@ def ratios(rows: list) -> list:
     out = []
     keyed = {(r["scenario"], r["processes"], r["program"]): r for r in rows}
     for (scenario, k, program), r in keyed.items():
-        if program != "greylist" or not r.get("rate"):
+        if program not in OURS or not r.get("rate"):
             continue
-        entry = {"scenario": scenario, "processes": k, "greylist_rate": r["rate"]}
+        entry = {"scenario": scenario, "processes": k, "program": program,
+                 "greylist_rate": r["rate"]}
         for peer in ("postgrey", "greylist.pl", "dunno"):
             p = keyed.get((scenario, k, peer))
             entry[peer] = round(r["rate"] / p["rate"], 2) if p and p.get("rate") else None
@@ -343,7 +495,103 @@ def ratios(rows: list) -> list:
 
 
 def targets(rows: list, scale: dict | None, dur: list | None,
-            floor: dict | None = None) -> list:
+            floor: dict | None = None, rss: dict | None = None) -> list:
+    """The targets of issue 5 (when greylist ran) and issue 11 (greylistd)."""
+    out = []
+    if any(r["program"] == "greylist" for r in rows) or scale:
+        out += [dict(t, issue=5) for t in spawn_targets(rows, scale, dur, floor)]
+    if any(r["program"] == "greylistd" for r in rows) or rss:
+        out += [dict(t, issue=11) for t in daemon_targets(rows, dur, floor, rss)]
+    return out
+
+
+def daemon_targets(rows: list, dur: list | None, floor: dict | None,
+                   rss: dict | None, k: int = 16) -> list:
+    """Issue 11: greylistd against postgrey with k connections, and its RSS."""
+    keyed = {(r["scenario"], r["processes"], r["program"]): r for r in rows}
+    out = []
+
+    def get(s, p, field):
+        r = keyed.get((s, k, p))
+        return r.get(field) if r else None
+
+    def add(name, value, goal, met, note=""):
+        out.append({"target": name, "measured": value, "goal": goal,
+                    "met": met, "note": note})
+
+    def bound(s):
+        """What two cores and the disk allow, as multiples of postgrey."""
+        theirs = get(s, "postgrey", "rate")
+        server = get(s, "greylistd", "server_cpu_us_per_req")
+        harness = get(s, "greylistd", "harness_cpu_us_per_req")
+        notes = []
+        if server and harness and theirs:
+            cap = 2e6 / (server + harness)
+            notes.append("2-core bound: greylistd %.0f us + drivers %.0f us of CPU a "
+                         "request, at most %.0f/s = %.2f x postgrey; one interpreter "
+                         "(GIL) at %.0f us a request: at most %.0f/s = %.2f x postgrey"
+                         % (server, harness, cap, cap / theirs, server, 1e6 / server,
+                            1e6 / server / theirs))
+        batch = get(s, "greylistd", "commit_batch")
+        if batch and batch.get("count") and floor and floor.get("commit_p50_us"):
+            mean = batch["sum"] / batch["count"]
+            secs = get(s, "greylistd", "commit_seconds") or {}
+            commit_us = (secs["sum"] / secs["count"] * 1e6 if secs.get("count")
+                         else floor["commit_p50_us"])
+            notes.append("group commit: %d commits of %.1f plans on average, "
+                         "%.0f us each (storage floor %.0f us)"
+                         % (batch["count"], mean, commit_us, floor["commit_p50_us"]))
+        return "; ".join(notes)
+
+    def ratio(name, s, goal):
+        a, b = get(s, "greylistd", "rate"), get(s, "postgrey", "rate")
+        r = a / b if a and b else None
+        add(name, None if r is None else "%.2f (%.0f vs %.0f req/s)" % (r, a, b),
+            ">= %s" % goal, None if r is None else r >= goal, bound(s))
+
+    ratio("new, %d connections: greylistd x postgrey" % k, "new", 5)
+    d = next((x for x in dur or [] if x["program"] == "greylistd"), None)
+    if d is not None:
+        traced = d.get("defer_replies_traced")
+        add("new, %d connections: each triple durable before its reply"
+            % d.get("processes", k),
+            "%d/%d (%d database syncs, %d commits, %d defers)"
+            % (d.get("preceded_by_sync", 0), traced or 0, d.get("database_syncs", 0),
+               d.get("commits_traced", 0), d.get("defers", 0))
+            if traced else None, "all",
+            None if not traced else d["preceded_by_sync"] == traced == d["defers"],
+            "strace -f of the daemon: a sync of the database file and LMDB's meta "
+            "page write, begun after the request was read, ended before the reply")
+    ratio("repeat, %d connections: greylistd x postgrey" % k, "repeat", 10)
+    for s in ("mixed", "new", "repeat"):
+        ours, theirs = get(s, "greylistd", "p99_ms"), get(s, "postgrey", "p50_ms")
+        add("%s, %d connections: greylistd p99 < postgrey p50 (ms)" % (s, k),
+            None if ours is None or theirs is None else "%s < %s" % (ours, theirs),
+            "p99 < p50", None if ours is None or theirs is None else ours < theirs)
+    wrong = [r for r in rows if r["program"] == "greylistd" and r.get("rate")]
+    add("greylistd: wrong answers and malformed replies, all runs",
+        sum((r.get("wrong") or 0) + r.get("malformed", 0) for r in wrong) if wrong else None,
+        "0", None if not wrong else all(not r.get("wrong") and not r.get("malformed")
+                                        for r in wrong))
+    if rss:
+        if rss.get("vmhwm_kb"):
+            add("RSS of one greylistd, %s triples, %d connections (MB): VmHWM"
+                % (daemon_rss.size_name(rss["triples"]), rss["connections"]),
+                "%.1f (VmRSS %.1f, anonymous %.1f, file %.1f)"
+                % (rss["vmhwm_kb"] / 1024, rss["vmrss_kb"] / 1024,
+                   rss["rss_anon_kb"] / 1024, rss["rss_file_kb"] / 1024),
+                "<= 40", rss["vmhwm_kb"] <= 40 * 1024 and not rss.get("errors"),
+                "file: pages of the mapped database that lookups touched (shared page "
+                "cache); %d requests, %d wrong, %d malformed"
+                % (rss.get("requests", 0), rss.get("wrong", 0), rss.get("malformed", 0)))
+        else:
+            add("RSS of one greylistd (MB)", None, "<= 40", None,
+                "; ".join(rss.get("errors", [])) or rss.get("reason", ""))
+    return out
+
+
+def spawn_targets(rows: list, scale: dict | None, dur: list | None,
+                  floor: dict | None = None) -> list:
     keyed = {(r["scenario"], r["processes"], r["program"]): r for r in rows}
 
     def get(s, k, p, field):
@@ -430,8 +678,8 @@ def print_table(report: dict, stream) -> None:
     w("greylist benchmark  %s\n" % m["date"])
     w("machine: %s CPUs, %s, %s RAM, Linux %s\n" % (m["nproc"], m["cpu"], m["memory"],
                                                     m["kernel"]))
-    for key in ("greylist", "candidate", "python", "lmdb", "postgrey", "greylist.pl",
-                "dunno"):
+    for key in ("greylist", "greylistd", "candidate", "python", "lmdb", "postgrey",
+                "greylist.pl", "dunno"):
         if key in v:
             w("  %-12s %s\n" % (key, v[key]))
     w("command: %s\n" % report["command"])
@@ -464,19 +712,38 @@ def print_table(report: dict, stream) -> None:
       "that an exact-triple greylister must defer (coarser keys, auto-whitelists).\n")
     if report.get("ratios"):
         w("\ngreylist's rate as a multiple of each peer's (same scenario, same K):\n")
-        w("%-7s %2s %9s %10s %12s %8s\n" % ("scenario", "K", "req/s", "x postgrey",
-                                           "x greylist.pl", "x dunno"))
+        w("%-7s %2s %-10s %9s %10s %12s %8s\n" % ("scenario", "K", "program", "req/s",
+                                                 "x postgrey", "x greylist.pl", "x dunno"))
         for r in report["ratios"]:
             f = lambda x: "n/a" if x is None else "%.2f" % x  # noqa: E731
-            w("%-7s %2d %9.0f %10s %12s %8s\n" % (r["scenario"], r["processes"],
-                                                  r["greylist_rate"], f(r["postgrey"]),
-                                                  f(r["greylist.pl"]), f(r["dunno"])))
+            w("%-7s %2d %-10s %9.0f %10s %12s %8s\n"
+              % (r["scenario"], r["processes"], r.get("program", "greylist"),
+                 r["greylist_rate"], f(r["postgrey"]), f(r["greylist.pl"]), f(r["dunno"])))
+    commits = [r for r in report["runs"] if r.get("commit_batch")]
+    if commits:
+        w("\ngroup commit (greylistd's metrics, timed phase): commits, plans per commit\n"
+          "(mean), commit duration (mean, ms), and the batch size histogram\n"
+          "(commits with at most N plans, not cumulative):\n")
+        for r in commits:
+            w("  %-7s %2d  %s\n" % (r["scenario"], r["processes"],
+                                    describe_batches(r["commit_batch"], r.get("commit_seconds"))))
     if report.get("durability"):
         w("\ndurability audit (strace, 'new' stream, 1 process): deferring replies\n"
-          "preceded by an fsync/fdatasync/msync since the previous reply:\n")
+          "preceded by an fsync/fdatasync/msync since the previous reply; greylistd\n"
+          "(K connections): preceded by a commit (database sync and meta page\n"
+          "write) begun after the request was read:\n")
         for d in report["durability"]:
             if not d.get("available", True):
                 w("  %-12s not available: %s\n" % (d["program"], d.get("reason")))
+            elif "database_syncs" in d:
+                w("  %-12s K=%d %d/%d (%d sync calls, %d of the database, %d commits "
+                  "traced, %s by the metrics, for %d defers)%s%s\n"
+                  % (d["program"], d["processes"], d.get("preceded_by_sync", 0),
+                     d.get("defer_replies_traced", 0), d.get("sync_calls", 0),
+                     d.get("database_syncs", 0), d.get("commits_traced", 0),
+                     d.get("commits_metrics", "?"), d.get("defers", 0),
+                     "  " + d["note"] if d.get("note") else "",
+                     "  errors: " + "; ".join(d["errors"]) if d.get("errors") else ""))
             else:
                 w("  %-12s %d/%d (%d sync calls for %d defers)%s\n"
                   % (d["program"], d.get("preceded_by_sync", 0),
@@ -491,12 +758,38 @@ def print_table(report: dict, stream) -> None:
     if report.get("scale"):
         import scale as scale_mod
         scale_mod.print_scale(report["scale"], stream)
-    if report.get("targets"):
-        w("\ntargets (issue 5):\n")
+    if report.get("daemon_rss"):
+        w("\n" + daemon_rss.describe(report["daemon_rss"]))
+    issues = []
+    for t in report.get("targets", []):
+        if t.get("issue", 5) not in issues:
+            issues.append(t.get("issue", 5))
+    for issue in issues:
+        w("\ntargets (issue %d%s):\n" % (issue, ", greylistd" if issue == 11 else ""))
         for t in report["targets"]:
+            if t.get("issue", 5) != issue:
+                continue
             met = {True: "MET", False: "MISSED", None: "n/a"}[t["met"]]
             w("  %-6s %-58s %s (goal %s)%s\n" % (met, t["target"], t["measured"], t["goal"],
                                                 ("  " + t["note"]) if t.get("note") else ""))
+
+
+def describe_batches(batch: dict, seconds: dict | None) -> str:
+    """One line: commits, mean plans per commit, mean duration, histogram."""
+    count = batch.get("count", 0)
+    if not count:
+        return "no commits"
+    mean_ms = (seconds["sum"] / seconds["count"] * 1000
+               if seconds and seconds.get("count") else None)
+    buckets, previous, parts = batch.get("buckets", {}), 0.0, []
+    for le in sorted(buckets, key=lambda x: float("inf") if x == "+Inf" else float(x)):
+        n = buckets[le] - previous
+        previous = buckets[le]
+        if n:
+            parts.append("<=%s: %d" % (le.replace(".0", "") if le != "+Inf" else "inf", n))
+    return "%6d commits, %6.2f plans/commit, %s ms/commit  [%s]" % (
+        count, batch["sum"] / count, "?" if mean_ms is None else "%.3f" % mean_ms,
+        ", ".join(parts))
 
 
 def _dash(value) -> str:
@@ -514,8 +807,12 @@ def make_programs(names: list, args) -> list:
             out.append(peers.GreylistPl())
         elif name == "postgrey":
             out.append(peers.Postgrey(whitelists=not args.postgrey_no_whitelists))
+        elif name == "greylistd":
+            out.append(peers.Daemon(args.python, args.ours_path,
+                                    commit_batch=args.commit_batch))
         else:
-            raise SystemExit("unknown program %r (known: %s)" % (name, ", ".join(PROGRAMS)))
+            raise SystemExit("unknown program %r (known: %s)"
+                             % (name, ", ".join(KNOWN_PROGRAMS)))
     if args.candidate:
         cand = peers.Ours(args.python, os.path.abspath(args.candidate))
         cand.name = "candidate"
@@ -528,6 +825,11 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     p.add_argument("--all", action="store_true",
                    help="run the issue-5 comparison: repeat/mixed/new with 1 process, "
                         "repeat with 4, and the durability audit")
+    p.add_argument("--daemon", action="store_true",
+                   help="run the issue-11 comparison: greylistd, postgrey and the DUNNO "
+                        "responder (unless --programs), new/repeat/mixed with 1, 4, 16 "
+                        "and 64 connections (unless --scenario/--processes), the "
+                        "durability audit, the storage floor and --daemon-rss 1M")
     p.add_argument("--scenario", default="repeat",
                    help="comma-separated scenarios: new, repeat, mixed (default repeat)")
     p.add_argument("--processes", default="1",
@@ -539,13 +841,25 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--delay", type=int, default=2,
                    help="greylist delay in seconds for all programs (default 2)")
-    p.add_argument("--programs", default=",".join(PROGRAMS),
-                   help="comma-separated: " + ", ".join(PROGRAMS))
+    p.add_argument("--programs", default=None,
+                   help="comma-separated: " + ", ".join(KNOWN_PROGRAMS) + " (default: "
+                        + ",".join(PROGRAMS) + "; with --daemon " + ",".join(DAEMON_PROGRAMS)
+                        + ")")
+    p.add_argument("--commit-batch", type=int, default=None,
+                   help="greylist_commit_batch for greylistd (default: its own, 256)")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat each run; report the run with the median rate")
     p.add_argument("--durability", action="store_true",
                    help="strace audit: is each new triple synced before its reply")
     p.add_argument("--durability-requests", type=int, default=300)
+    p.add_argument("--durability-connections", type=int, default=16,
+                   help="connections to greylistd in the durability audit (default 16)")
+    p.add_argument("--daemon-rss", default="", metavar="SIZE",
+                   help="RSS of one greylistd on a database of SIZE triples (e.g. 1M) "
+                        "with --daemon-rss-connections open (bench/daemon_rss.py)")
+    p.add_argument("--daemon-rss-connections", type=int, default=200)
+    p.add_argument("--daemon-rss-rounds", type=int, default=10,
+                   help="requests per connection in the RSS run (one in flight on each)")
     p.add_argument("--startup", action="store_true",
                    help="one request per process: start-up CPU and RSS (bench/startup.py)")
     p.add_argument("--startup-runs", type=int, default=40,
@@ -579,12 +893,23 @@ def parse_args(argv: list | None) -> argparse.Namespace:
 def main(argv: list | None = None) -> int:
     args = parse_args(argv)
     args.ours_path = os.path.abspath(args.ours_path)
+    given = argv if argv is not None else sys.argv[1:]
+    if args.programs is None:
+        args.programs = ",".join(DAEMON_PROGRAMS if args.daemon else PROGRAMS)
     names = [n for n in args.programs.split(",") if n]
     progs = make_programs(names, args)
     if args.all:
         combos = list(ALL_RUNS)
         args.durability = True
         args.startup = True
+    elif args.daemon:
+        scenarios = (args.scenario.split(",") if "--scenario" in given
+                     else DAEMON_SCENARIOS)
+        ks = ([int(k) for k in args.processes.split(",") if k] if "--processes" in given
+              else DAEMON_CONNECTIONS)
+        combos = [(s, k) for s in scenarios if s for k in ks]
+        args.durability = True
+        args.daemon_rss = args.daemon_rss or "1M"
     else:
         combos = [(s, int(k)) for s in args.scenario.split(",") if s
                   for k in args.processes.split(",") if k]
@@ -627,9 +952,12 @@ def main(argv: list | None = None) -> int:
         if args.scale:
             import scale
             report["scale"] = scale.run_scale(args, top, out)
+        if args.daemon_rss:
+            report["daemon_rss"] = daemon_rss.measure(args, top, out)
         report["ratios"] = ratios(report["runs"])
         report["targets"] = targets(report["runs"], report.get("scale"),
-                                    report.get("durability"), report.get("storage"))
+                                    report.get("durability"), report.get("storage"),
+                                    report.get("daemon_rss"))
     finally:
         shutil.rmtree(top, ignore_errors=True)
     out.write("\n")
@@ -642,9 +970,16 @@ def main(argv: list | None = None) -> int:
             with open(args.json, "w", encoding="utf-8") as handle:
                 handle.write(text + "\n")
     if args.check:
-        bad = [r for r in report["runs"] if r["program"] == "greylist"
+        bad = [r for r in report["runs"] if r["program"] in OURS
                and (not r.get("rate") or r.get("malformed") or r.get("wrong")
-                    or r.get("errors"))]
+                    or r.get("errors") or any(r.get("exit_codes") or []))]
+        bad += [d for d in report.get("durability") or [] if d["program"] in OURS
+                and (d.get("errors") or ("defer_replies_traced" in d and not
+                                         d["preceded_by_sync"] == d["defer_replies_traced"]
+                                         == d["defers"]))]
+        rss = report.get("daemon_rss")
+        if rss and (rss.get("errors") or rss.get("wrong") or rss.get("malformed")):
+            bad.append(rss)
         if bad:
             return 1
     return 0

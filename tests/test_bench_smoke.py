@@ -141,3 +141,107 @@ def test_hotpath_stages_name_functions_that_exist():
             hotpath.resolve_stages()
     finally:
         hotpath.STAGES = saved
+
+
+def test_bench_daemon_run_reports_group_commits_durability_and_rss(tmp_path):
+    # greylistd (one daemon, K connections on a unix socket) and the DUNNO
+    # responder, the durability audit under strace (where installed) and
+    # the RSS run on a small database with 20 open connections.
+    report_path = tmp_path / "daemon.json"
+    argv = [sys.executable, RUN, "--programs", "greylistd,dunno", "--scenario", "new,mixed",
+            "--processes", "4", "--requests", "60", "--warm", "12", "--delay", "1",
+            "--seed", "7", "--python", sys.executable, "--ours-path", ROOT,
+            "--tmpdir", str(tmp_path), "--limit", "30", "--durability",
+            "--durability-requests", "40", "--durability-connections", "4",
+            "--daemon-rss", "2000", "--daemon-rss-connections", "20",
+            "--daemon-rss-rounds", "5", "--json", str(report_path), "--check"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "targets (issue 11, greylistd)" in done.stdout
+    assert "group commit (greylistd's metrics" in done.stdout
+
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    runs = {(r["scenario"], r["program"]): r for r in report["runs"]}
+    assert set(runs) == {(s, p) for s in ("new", "mixed") for p in ("greylistd", "dunno")}
+    for (scenario, program), run in runs.items():
+        missing = [f for f in RUN_FIELDS if f not in run]
+        assert not missing, (run, missing)
+        assert run["available"] and not run.get("errors"), run
+        assert run["processes"] == 4 and run["requests"] == run["replies"] > 0, run
+        assert run["malformed"] == 0 and run["other"] == 0, run
+        assert 0 < run["p50_ms"] <= run["p99_ms"] <= run["max_ms"], run
+        if program == "dunno":
+            assert "commit_batch" not in run
+            continue
+        assert run["wrong"] == 0 and run["exit_codes"] == [0], run
+        batch = run["commit_batch"]
+        # Every plan that writes is in exactly one commit of the timed phase;
+        # each commit holds 1 to K plans (one request in flight per connection).
+        assert 1 <= batch["count"] <= batch["sum"] <= 4 * batch["count"], batch
+        assert batch["buckets"]["+Inf"] == batch["count"], batch
+        assert batch["buckets"]["4.0"] == batch["count"], batch
+        assert run["commit_seconds"]["count"] == batch["count"], run
+        if scenario == "new":
+            assert batch["sum"] == run["defers"] == run["replies"], run
+        else:
+            assert run["defers"] > 0 and run["passes"] > 0, run
+    ratios = {(r["scenario"], r["program"]): r for r in report["ratios"]}
+    assert set(ratios) == {("new", "greylistd"), ("mixed", "greylistd")}
+    assert all(r["dunno"] > 0 and r["postgrey"] is None for r in ratios.values())
+
+    import shutil
+    dur = {d["program"]: d for d in report["durability"]}
+    assert set(dur) == {"greylistd"} and dur["greylistd"]["processes"] == 4
+    d = dur["greylistd"]
+    assert d["requests"] == d["defers"] == 40 and not d["errors"], d
+    if shutil.which("strace"):
+        assert d["defer_replies_traced"] == d["preceded_by_sync"] == 40, d
+        assert 1 <= d["commits_traced"] == d["database_syncs"] == d["meta_writes"] <= 40, d
+        assert d["commits_metrics"] == d["commits_traced"], d
+
+    rss = report["daemon_rss"]
+    assert rss["triples"] == rss["entries"] == 2000 and rss["connections"] == 20, rss
+    assert not rss.get("errors") and rss["exit_codes"] == [0], rss
+    assert rss["requests"] == 100 and rss["wrong"] == 0 and rss["malformed"] == 0, rss
+    assert rss["passes"] == 80 and rss["defers"] == 20, rss
+    assert rss["connections_gauge"] == 20 and rss["commit_batch"]["sum"] == 20, rss
+    assert 0 < rss["rss_anon_kb"] <= rss["vmrss_kb"] <= rss["vmhwm_kb"], rss
+
+    targets = [t for t in report["targets"] if t["issue"] == 11]
+    names = [t["target"] for t in targets]
+    assert "new, 16 connections: greylistd x postgrey" in names, names
+    assert any(n.startswith("RSS of one greylistd, 2k triples, 20 connections")
+               for n in names), names
+    assert all(t["met"] in (True, False, None) for t in targets)
+    wrong = next(t for t in targets if t["target"].startswith("greylistd: wrong answers"))
+    assert wrong["met"] is True and wrong["measured"] == 0
+    assert os.listdir(tmp_path) == ["daemon.json"]  # Work directories removed.
+
+
+def test_bench_daemon_durability_audit_finds_a_reply_before_its_commit():
+    # The audit of greylistd's trace must be able to fail: a reply written
+    # before the commit's meta page write ended is not durable.
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import run as bench_run
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    fds = {9: "/w/greylist.lmdb", 11: "/w/greylist.lmdb", 13: "/w/greylist.log"}
+    reply = 'sendto(15, "action=DEFER_IF_PERMIT Greylisted\\n\\n", 34, 0, NULL, 0) = 34\n'
+    head = ['1 t recvfrom(15, "request=smtpd_access_policy\\n\\n", 262144, 0, NULL, NULL) = 29\n',
+            '2 t pwrite64(9, "\\2\\0", 4096, 8192) = 4096\n',
+            '2 t fdatasync(9)      = 0\n']
+    good = head + ['2 t pwrite64(11, "\\0\\0", 120, 4128 <unfinished ...>\n',
+                   '1 t write(13, "Dec  1 x: action=DEFER_IF_PERMIT reason=new\\n", 44) = 44\n',
+                   '2 t <... pwrite64 resumed>) = 120\n', '1 t ' + reply]
+    early = head + ['2 t pwrite64(11, "\\0\\0", 120, 4128 <unfinished ...>\n', '1 t ' + reply,
+                    '2 t <... pwrite64 resumed>) = 120\n']
+    stale = ['2 t fdatasync(9)      = 0\n', '2 t pwrite64(11, "\\0", 120, 4128) = 120\n',
+             head[0], '1 t ' + reply]
+    ok = bench_run._audit_daemon(good, fds)
+    assert ok["defer_replies_traced"] == ok["preceded_by_sync"] == 1, ok
+    assert ok["database_syncs"] == ok["meta_writes"] == ok["commits_traced"] == 1, ok
+    assert ok["replies_traced"] == 1  # The log line is not a reply.
+    for lines in (early, stale):
+        bad = bench_run._audit_daemon(lines, fds)
+        assert bad["defer_replies_traced"] == 1 and bad["preceded_by_sync"] == 0, bad
