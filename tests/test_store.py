@@ -352,3 +352,29 @@ def test_a_lock_held_by_another_process_bounds_greylistds_wait(tmp_path):
     store.put(b"k", b"x")
     assert store.get(b"k") == b"x"
     store.close()
+
+
+def test_a_read_that_must_not_wait_gives_way_to_a_lock_or_a_transaction(tmp_path):
+    # greylistd's event loop reads known records itself only when nothing
+    # is in the way; else the store thread does (stores/commit.py).
+    os.chmod(tmp_path, 0o755)
+    store = LmdbStore(str(tmp_path / "g"))
+    store.put(b"k", b"v")
+    assert store.get_many_nowait([b"k", None]) == [b"v", None]
+    with store.env._mutex:  # another thread of this process in a transaction
+        assert store.get_many_nowait([b"k"]) is None
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'r+b'); "
+         "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+         str(tmp_path / "g.lmdb")], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        began = time.monotonic()
+        assert store.get_many_nowait([b"k"]) is None
+        assert time.monotonic() - began < 0.5
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+        holder.stdout.close()
+    assert store.get_many_nowait([b"k"]) == [b"v"]
+    store.close()

@@ -27,8 +27,11 @@ DESCRIPTION
     plans, and a turn stops taking plans after batch_s, because Postfix
     readers of the same file wait while the exclusive lock is held.
 
-    A read may wait for a commit already in progress (one durable
-    commit, about 0.4 ms on this disk), never for a batch to fill.
+    A plan that writes nothing is answered at once in the event loop's
+    thread, under the store's mutex taken without waiting, when nothing
+    is in the way; otherwise the store thread answers it from a snapshot,
+    after the commit in progress (about 0.4 ms on this disk), never after
+    a batch fills.
 
 DIAGNOSTICS
     A store failure is the StoreError of every plan in its batch; the
@@ -49,7 +52,7 @@ from greylist.stores.base import Store, StoreError, writes
 BATCH_MAX = 256
 BATCH_S = 0.010
 
-_PLAN, _WRITE, _CALL, _STOP = range(4)
+_PLAN, _WRITING, _WRITE, _CALL, _STOP = range(5)
 
 
 class Committer:
@@ -74,7 +77,33 @@ class Committer:
         self._thread.start()
 
     def plan(self, keys: list[bytes | None], change: Callable) -> asyncio.Future:
-        """Run a handler's plan; the future's result is the change's result."""
+        """Run a handler's plan; the future's result is the change's result.
+
+        A plan that writes nothing is answered in the caller's thread when
+        the store can read without waiting (no transaction of the store
+        thread in progress, no exclusive lock of another process): the
+        common path of known triples costs no trip to the store thread.
+        """
+        if not self._stopped:
+            try:
+                values = self.store.get_many_nowait(keys)
+            except StoreError as exc:
+                values = None
+                failure = exc
+            else:
+                failure = None
+            if failure is not None:
+                future = self.loop.create_future()
+                future.set_exception(failure)
+                return future
+            if values is not None:
+                news, result = change(values)
+                if not writes(keys, news):
+                    future = self.loop.create_future()
+                    future.set_result(result)
+                    return future
+                # It writes: straight into the next batch, no second snapshot.
+                return self._submit(_WRITING, (keys, change))
         return self._submit(_PLAN, (keys, change))
 
     def write(self, store: Store, key: bytes, value: bytes) -> asyncio.Future:
@@ -124,6 +153,8 @@ class Committer:
                     stop = True
                 elif kind == _PLAN:
                     self._read(work, future, batch)
+                elif kind == _WRITING:
+                    batch.append((work[0], work[1], future))
                 elif kind == _WRITE:
                     self._settle(future, self._put, work)
                 else:
@@ -160,9 +191,22 @@ class Committer:
             return
         if self.observe is not None:
             self.observe(len(batch), time.monotonic() - began)
-        # Released only now: no reply leaves before the commit of its plan.
-        for (_, _, future), result in zip(batch, results):
-            self._resolve(future, result, failed=isinstance(result, BaseException))
+        # Released only now: no reply leaves before the commit of its plan;
+        # all of them in one wake-up of the event loop.
+        settled = [(future, result) for (_, _, future), result in zip(batch, results)]
+
+        def settle_all() -> None:
+            for future, result in settled:
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        try:
+            self.loop.call_soon_threadsafe(settle_all)
+        except RuntimeError:
+            pass  # The loop is closed: nobody waits any more.
 
     @staticmethod
     def _put(store: Store, key: bytes, value: bytes) -> None:

@@ -64,6 +64,15 @@ class LmdbStore(Store):
                         for k in keys]
         return self.env.run(SHARED, body)
 
+    def get_many_nowait(self, keys: list[bytes | None]) -> list[bytes | None] | None:
+        """get_many() if it needs no wait, else None (lmdbenv try_read)."""
+        def body(env: lmdb.Environment) -> list[bytes | None]:
+            with env.begin() as txn:
+                return [None if k is None else _strip_or_none(txn.get(k + b"\0"))
+                        for k in keys]
+        done, values = self.env.try_read(body)
+        return values if done else None
+
     def update_many(self, keys: list[bytes | None],
                     change: Callable[[list[bytes | None]],
                                      tuple[list[bytes | None], T]]) -> T:

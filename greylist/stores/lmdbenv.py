@@ -125,6 +125,34 @@ class Environment:
             except (lmdb.Error, OSError) as exc:
                 raise self._fail(exc) from None
 
+    def try_read(self, body: Callable[[lmdb.Environment], T]) -> tuple[bool, T | None]:
+        """Run a read body now if nobody is in the way: (True, result), or
+        (False, None) when another thread of this process is in a
+        transaction or another process holds an exclusive lock. Never
+        waits (greylistd's event loop reads known records so)."""
+        if not self._mutex.acquire(blocking=False):
+            return False, None
+        try:
+            env = self._open(SHARED)
+            try:
+                try:
+                    lock(self.fd, SHARED, wait=False)
+                except LockBusy:
+                    return False, None
+                try:
+                    for _ in range(RETRY_LIMIT):
+                        try:
+                            return True, body(env)
+                        except lmdb.MapResizedError:
+                            env.set_mapsize(0)
+                    raise lmdb.Error("map size retry limit reached")
+                finally:
+                    unlock(self.fd)
+            except (lmdb.Error, OSError) as exc:
+                raise self._fail(exc) from None
+        finally:
+            self._mutex.release()
+
     def _lock(self, mode: int) -> None:
         """Take the lock; with lock_timeout_s, within it. After a wait that
         ran out, each try is a single one until lock_timeout_s has passed,

@@ -279,9 +279,10 @@ class PolicyServer:
                 attrs = decoder.next()
                 if attrs is None:
                     try:
-                        data = await asyncio.wait_for(reader.read(READ_SIZE),
-                                                      self.cfg.idle_timeout_s)
-                    except asyncio.TimeoutError:
+                        # asyncio.timeout, not wait_for: no task per read.
+                        async with asyncio.timeout(self.cfg.idle_timeout_s):
+                            data = await reader.read(READ_SIZE)
+                    except TimeoutError:
                         log.debug(1, "closing a connection idle for %d s"
                                   % self.cfg.idle_timeout_s)
                         return
@@ -295,11 +296,14 @@ class PolicyServer:
                 began = time.monotonic()
                 action = await self._answer(attrs, session)
                 writer.write(format_reply(action))
-                try:
-                    await asyncio.wait_for(writer.drain(), self.cfg.idle_timeout_s)
-                except asyncio.TimeoutError:
-                    log.warning("closing a connection whose client reads no replies")
-                    return
+                # A reply the socket took at once needs no drain.
+                if writer.transport.get_write_buffer_size():
+                    try:
+                        async with asyncio.timeout(self.cfg.idle_timeout_s):
+                            await writer.drain()
+                    except TimeoutError:
+                        log.warning("closing a connection whose client reads no replies")
+                        return
                 task.busy = False
                 if self.metrics is not None:
                     self.metrics.latency(time.monotonic() - began)
