@@ -251,11 +251,7 @@ class Daemon(Ours):
         return self.endpoints
 
     def stop(self, timeout: float = 10) -> list:
-        codes = []
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-            codes.append(_wait(proc, timeout))
+        codes = _terminate(self.procs, timeout)
         self.procs = []
         self._remove_socket_dir()
         return codes
@@ -463,13 +459,19 @@ class Postgrey(Program):
         return self.endpoints
 
     def stop(self, timeout: float = 10) -> list:
-        codes = []
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-            codes.append(_wait(proc, timeout))
+        codes = _terminate(self.procs, timeout)
         self.procs = []
         return codes
+
+
+def _terminate(procs: list, timeout: float) -> list:
+    """SIGTERM each daemon we started (by its PID) and wait; the exit codes."""
+    codes = []
+    for proc in procs:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+        codes.append(_wait(proc, timeout))
+    return codes
 
 
 def _group_name(gid: int) -> str:

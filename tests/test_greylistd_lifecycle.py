@@ -753,3 +753,20 @@ def test_a_refused_database_directory_fails_open_with_one_warning(site):
         assert daemon.stop() == 0
         assert_clean(daemon)
     assert list(shared.iterdir()) == []
+
+
+def test_a_fatal_error_is_not_written_to_a_client_socket_on_stderr(site):
+    # As spawn(8) would connect it: one socket on descriptors 0, 1 and 2.
+    cf = pathlib.Path(site) / "bad.cf"
+    cf.write_text("greylist_database = %s/db\ngreylist_log = %s/bad.log\n"
+                  "greylist_allow_root = yes\n"
+                  "greylist_policy_listen = unix:/nonexistent-dir/policy\n" % (site, site))
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        done = subprocess.run([sys.executable, "-m", "greylist.cli.greylistd", "-c", str(cf)],
+                              stdin=theirs, stdout=theirs, stderr=theirs, timeout=30,
+                              env=daemons.environment())
+        theirs.close()
+        ours.settimeout(5)
+        assert (done.returncode, ours.recv(4096)) == (1, b"")
+    assert "fatal: cannot listen" in (pathlib.Path(site) / "bad.log").read_text()

@@ -1,5 +1,6 @@
 """The LMDB store against real LMDB, real postmap and concurrent processes."""
 
+import contextlib
 import fcntl
 import os
 import subprocess
@@ -324,18 +325,29 @@ def test_a_read_sees_the_file_at_the_path_after_the_check_interval(db, how, monk
     assert db.get(b"new") == (None if how == "deleted" else b"2")
 
 
+@contextlib.contextmanager
+def lock_held_by_another_process(path, mode):
+    """A process holding fcntl.MODE on path until the block ends."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'r+b'); "
+         "fcntl.lockf(f, fcntl.%s); print('held', flush=True); sys.stdin.read()" % mode,
+         str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+        holder.stdout.close()
+
+
 def test_a_lock_held_by_another_process_bounds_greylistds_wait(tmp_path):
     # A local user holding a lock on the file must not stall greylistd's
     # one store thread: the wait is bounded, then each try is a single one.
     os.chmod(tmp_path, 0o755)
     store = LmdbStore(str(tmp_path / "g"), lock_timeout_s=0.3)
     store.put(b"k", b"v")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'rb'); "
-         "fcntl.lockf(f, fcntl.LOCK_SH); print('held', flush=True); sys.stdin.read()",
-         str(tmp_path / "g.lmdb")], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert holder.stdout.readline() == b"held\n"
+    with lock_held_by_another_process(tmp_path / "g.lmdb", "LOCK_SH"):
         waits = []
         for _ in range(3):
             began = time.monotonic()
@@ -344,10 +356,6 @@ def test_a_lock_held_by_another_process_bounds_greylistds_wait(tmp_path):
             waits.append(time.monotonic() - began)
         assert 0.25 < waits[0] < 2 and max(waits[1:]) < 0.1
         assert store.get(b"k") == b"v"  # readers share the lock
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=10)
-        holder.stdout.close()
     time.sleep(0.35)
     store.put(b"k", b"x")
     assert store.get(b"k") == b"x"
@@ -363,18 +371,9 @@ def test_a_read_that_must_not_wait_gives_way_to_a_lock_or_a_transaction(tmp_path
     assert store.get_many_nowait([b"k", None]) == [b"v", None]
     with store.env._mutex:  # another thread of this process in a transaction
         assert store.get_many_nowait([b"k"]) is None
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'r+b'); "
-         "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
-         str(tmp_path / "g.lmdb")], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert holder.stdout.readline() == b"held\n"
+    with lock_held_by_another_process(tmp_path / "g.lmdb", "LOCK_EX"):
         began = time.monotonic()
         assert store.get_many_nowait([b"k"]) is None
         assert time.monotonic() - began < 0.5
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=10)
-        holder.stdout.close()
     assert store.get_many_nowait([b"k"]) == [b"v"]
     store.close()

@@ -319,13 +319,26 @@ def _notify_socket() -> socket.socket | None:
 
 def _fatal(log: Log, message: str) -> None:
     """A fatal error: to the log target, and to stderr (a terminal, or the
-    journal of a systemd service)."""
+    journal of a systemd service) unless stderr is a client's socket."""
     log.fatal(message)
+    if _stderr_is_a_client():
+        return
     try:
-        sys.stderr.write("greylistd: fatal: %s\n" % message)
-        sys.stderr.flush()
-    except (OSError, ValueError):
+        os.write(2, ("greylistd: fatal: %s\n" % message).encode("utf-8", "backslashreplace"))
+    except OSError:
         pass
+
+
+def _stderr_is_a_client() -> bool:
+    """Whether descriptor 2 is the socket on descriptor 0, as spawn(8) would
+    connect them (greylistd is no spawn program, but a master.cf line could
+    start it so): bytes there would reach Postfix as a policy reply."""
+    try:
+        err, into = os.fstat(2), os.fstat(0)
+    except OSError:
+        return True
+    import stat
+    return stat.S_ISSOCK(err.st_mode) and (err.st_dev, err.st_ino) == (into.st_dev, into.st_ino)
 
 
 def _log_bug(log: Log, kind, value, tb) -> None:

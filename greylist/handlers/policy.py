@@ -150,10 +150,7 @@ class PolicyHandler:
         if self.cfg.client_table and client is not None \
                 and whitelisted_client(client, self.cfg):
             table = (table_key(address, pending.triple.client), b"%d" % pending.now)
-        return new(Answer, (action, decision,
-                            "action=%s reason=%s age=%d client=%s sender=%s rcpt=%s"
-                            % (action.split(None, 1)[0], decision.reason, decision.age,
-                               address, attrs.get("sender") or "<>", attrs["recipient"]),
+        return new(Answer, (action, decision, _line(action, decision, attrs, address),
                             False, outcome.warnings, table))
 
     def explain(self, attrs: dict[str, str], session: Session, now: int,
@@ -168,9 +165,8 @@ class PolicyHandler:
         return self.complete(step, outcome, session), step, outcome
 
 
-
 def _line(action: str, decision: Decision, attrs: dict[str, str], address: str) -> str:
-    """The log line of a decision (complete() builds the same inline)."""
+    """The log line of a decision."""
     return ("action=%s reason=%s age=%d client=%s sender=%s rcpt=%s"
             % (action.split(None, 1)[0], decision.reason, decision.age, address,
                attrs.get("sender") or "<>", attrs["recipient"]))

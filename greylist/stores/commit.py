@@ -156,7 +156,8 @@ class Committer:
                 elif kind == _WRITING:
                     batch.append((work[0], work[1], future))
                 elif kind == _WRITE:
-                    self._settle(future, self._put, work)
+                    store, key, value = work
+                    self._settle(future, store.put, (key, value))
                 else:
                     self._settle(future, work)
             if batch:
@@ -193,24 +194,8 @@ class Committer:
             self.observe(len(batch), time.monotonic() - began)
         # Released only now: no reply leaves before the commit of its plan;
         # all of them in one wake-up of the event loop.
-        settled = [(future, result) for (_, _, future), result in zip(batch, results)]
-
-        def settle_all() -> None:
-            for future, result in settled:
-                if future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
-        try:
-            self.loop.call_soon_threadsafe(settle_all)
-        except RuntimeError:
-            pass  # The loop is closed: nobody waits any more.
-
-    @staticmethod
-    def _put(store: Store, key: bytes, value: bytes) -> None:
-        store.put(key, value)
+        self._release([(future, result, isinstance(result, BaseException))
+                       for (_, _, future), result in zip(batch, results)])
 
     def _settle(self, future, function, args=()) -> None:
         try:
@@ -221,13 +206,19 @@ class Committer:
             self._resolve(future, result)
 
     def _resolve(self, future: asyncio.Future, value, failed: bool = False) -> None:
+        self._release([(future, value, failed)])
+
+    def _release(self, outcomes: list[tuple[asyncio.Future, object, bool]]) -> None:
+        """Set (future, value, failed) outcomes from the event loop's thread,
+        in one callback."""
         def settle() -> None:
-            if future.done():
-                return  # The waiter was cancelled (its connection closed).
-            if failed:
-                future.set_exception(value)
-            else:
-                future.set_result(value)
+            for future, value, failed in outcomes:
+                if future.done():
+                    continue  # The waiter was cancelled (its connection closed).
+                if failed:
+                    future.set_exception(value)
+                else:
+                    future.set_result(value)
         try:
             self.loop.call_soon_threadsafe(settle)
         except RuntimeError:

@@ -112,14 +112,7 @@ class Environment:
             try:
                 self._lock(mode)
                 try:
-                    for _ in range(RETRY_LIMIT):
-                        try:
-                            return body(env)
-                        except lmdb.MapFullError:
-                            env.set_mapsize(env.info()["map_size"] * 2)
-                        except lmdb.MapResizedError:
-                            env.set_mapsize(0)
-                    raise lmdb.Error("map size retry limit reached")
+                    return _retrying(env, body)
                 finally:
                     unlock(self.fd)
             except (lmdb.Error, OSError) as exc:
@@ -140,12 +133,7 @@ class Environment:
                 except LockBusy:
                     return False, None
                 try:
-                    for _ in range(RETRY_LIMIT):
-                        try:
-                            return True, body(env)
-                        except lmdb.MapResizedError:
-                            env.set_mapsize(0)
-                    raise lmdb.Error("map size retry limit reached")
+                    return True, _retrying(env, body)
                 finally:
                     unlock(self.fd)
             except (lmdb.Error, OSError) as exc:
@@ -255,3 +243,16 @@ class Environment:
         self._close()
         self._failed_at = time.monotonic()
         return StoreError(describe(self.path, exc))
+
+
+def _retrying(env: lmdb.Environment, body: Callable[[lmdb.Environment], T]) -> T:
+    """body(env), again with the map doubled after MapFull or adopted
+    after MapResized (another process grew the file)."""
+    for _ in range(RETRY_LIMIT):
+        try:
+            return body(env)
+        except lmdb.MapFullError:
+            env.set_mapsize(env.info()["map_size"] * 2)
+        except lmdb.MapResizedError:
+            env.set_mapsize(0)
+    raise lmdb.Error("map size retry limit reached")
