@@ -81,6 +81,21 @@ class Config(NamedTuple):
     idle_timeout_s: int = 600
     max_connections: int = 1000
     commit_batch: int = 256
+    # Correspondents (greylist-socketmap(8), greylist --outbound): "" until
+    # resolve(): then the address table's name, or "" for none.
+    correspondent_table: str = ""
+    # Replies come mostly within days (one in ten within 30 minutes), but
+    # threads resume after holidays and monthly cycles: 60 days, refreshed
+    # at half-life by each new message, so active correspondents never
+    # expire (greylist(8), CORRESPONDENTS).
+    correspondent_lifetime_s: int = 60 * 86400
+    correspondent_check: bool = True
+    local_domains: tuple[str, ...] = ()
+    socketmap_sender_name: str = "sender"
+    socketmap_recipient_name: str = "rcpt"
+    outbound_require_sasl: bool = True
+    socketmap_listen: tuple[str, ...] = ()
+    outbound_listen: tuple[str, ...] = ()
     verbose: int = 0
     # Derived by resolve(), not a setting: the cleanup state file.
     cleanup_state: str = ""
@@ -254,6 +269,23 @@ def _parse_name(name: str, value: str) -> str:
     return value
 
 
+def _parse_domains(name: str, value: str) -> tuple[str, ...]:
+    domains = tuple(word.casefold().strip(".") for word in _parse_list(name, value))
+    for domain in domains:
+        if not re.fullmatch(r"[^\s@/]{1,253}", domain):
+            raise ConfigError("%s: %r is not a domain name" % (name, domain))
+    return domains
+
+
+def _parse_map_name(name: str, value: str) -> str:
+    value = value.strip()
+    # Postfix takes the name after the last ":" of socketmap:...:NAME.
+    if not re.fullmatch("[A-Za-z0-9_.-]{1,64}", value):
+        raise ConfigError("%s: %r is not a socketmap name (letters, digits, "
+                          "\"_\", \".\", \"-\")" % (name, value))
+    return value
+
+
 def _parse_log(name: str, value: str) -> str:
     value = value.strip()
     if value in ("syslog", "postlog") or value.startswith("/") \
@@ -298,6 +330,15 @@ SETTINGS = {
     "greylist_idle_timeout": ("idle_timeout_s", _parse_time),
     "greylist_max_connections": ("max_connections", _parse_count),
     "greylist_commit_batch": ("commit_batch", _parse_count),
+    "greylist_correspondent_table": ("correspondent_table", _parse_table),
+    "greylist_correspondent_lifetime": ("correspondent_lifetime_s", _parse_time),
+    "greylist_correspondent_check": ("correspondent_check", _parse_bool),
+    "greylist_local_domains": ("local_domains", _parse_domains),
+    "greylist_socketmap_sender_name": ("socketmap_sender_name", _parse_map_name),
+    "greylist_socketmap_recipient_name": ("socketmap_recipient_name", _parse_map_name),
+    "greylist_outbound_require_sasl": ("outbound_require_sasl", _parse_bool),
+    "greylist_socketmap_listen": ("socketmap_listen", _parse_listeners),
+    "greylist_outbound_listen": ("outbound_listen", _parse_listeners),
 }
 assert {f for f, _ in SETTINGS.values()} == set(Config._fields) - {
     "verbose", "cleanup_state", "resolved"}
@@ -355,6 +396,7 @@ def load(path: str | None, overrides: dict[str, object]) -> Config:
 
 
 CLIENT_TABLE_SUFFIX = "-clients"
+CORRESPONDENT_TABLE_SUFFIX = "-correspondents"
 SECRET_SUFFIX = ".secret"
 CLEANUP_SUFFIX = ".cleanup"
 
@@ -364,7 +406,8 @@ def resolve(cfg: Config) -> Config:
 
     client_table: the setting, or the database's name plus "-clients";
     "" for none (greylist_client_table = none, and always in privacy
-    mode, as the table names clients in plaintext). secret_file: the
+    mode, as the table names clients in plaintext). correspondent_table
+    likewise, with "-correspondents". secret_file: the
     setting, or the database's name plus ".secret". cleanup_state: the
     database's name plus ".cleanup". The log file is made absolute.
     Idempotent.
@@ -375,10 +418,13 @@ def resolve(cfg: Config) -> Config:
     table = cfg.client_table or database + CLIENT_TABLE_SUFFIX
     if table == "none" or cfg.privacy:
         table = ""
+    learned = cfg.correspondent_table or database + CORRESPONDENT_TABLE_SUFFIX
+    if learned == "none" or cfg.privacy:
+        learned = ""
     log = cfg.log
     if not log.startswith("postlog") and log != "syslog":
         log = os.path.abspath(log)
-    return cfg._replace(client_table=table,
+    return cfg._replace(client_table=table, correspondent_table=learned,
                         secret_file=cfg.secret_file or database + SECRET_SUFFIX,
                         cleanup_state=cfg.database + CLEANUP_SUFFIX,
                         log=log, resolved=True)

@@ -10,8 +10,11 @@ DESCRIPTION
                     as handlers use it (privacy.HashedKeys when
                     greylist_privacy = yes).
     client_table()  the client table, or None (none, or privacy mode).
+    correspondent_table()  the correspondent table, or None.
     policy_service()  the SMTPD policy handler with its stores,
                     whitelists, log, clock and cleaner (service.py).
+    socketmap_service(), outbound_service()  the correspondent learners
+                    (handlers/learn.py) with their stores.
 
     Tuning holds the tunables of the stores and of cleanup that tests
     and benchmarks change; programs use the defaults.
@@ -81,6 +84,61 @@ def client_table(cfg: Config, log: Log | None = None, readonly: bool = False,
                      warn=None if log is None else log.warning, **tuning.store_options())
 
 
+def correspondent_table(cfg: Config, log: Log | None = None, readonly: bool = False,
+                        tuning: Tuning = DEFAULT) -> LmdbStore | None:
+    """Return the correspondent table, or None when there is none."""
+    cfg = resolve(cfg)
+    if not cfg.correspondent_table:
+        return None
+    return LmdbStore(cfg.correspondent_table, readonly=readonly,
+                     warn=None if log is None else log.warning, **tuning.store_options())
+
+
+def _cleaner(cfg: Config, log: Log, clock, tuning: Tuning, raw: Store, table,
+             learned) -> Cleaner:
+    return Cleaner(raw, table, cfg, log, clock, batch=tuning.cleanup_batch,
+                   delete_batch=tuning.delete_batch, budget_s=tuning.cleanup_budget_s,
+                   correspondents=learned)
+
+
+def _learner(kind, cfg: Config, log: Log, clock, tuning: Tuning, cleanup: bool,
+             store: Store | None):
+    cfg = resolve(cfg)
+    if store is None:
+        raw, keyed = database(cfg, log, tuning=tuning)
+    else:
+        raw = keyed = store
+        if cfg.privacy:
+            from greylist.stores.privacy import HashedKeys
+            keyed = HashedKeys(store, cfg.secret_file)
+    learned = correspondent_table(cfg, log, tuning=tuning)
+    cleaner = None
+    if cleanup:
+        cleaner = _cleaner(cfg, log, clock, tuning, raw, client_table(cfg, log, tuning=tuning),
+                           learned)
+    from greylist.handlers import learn
+    from greylist import service
+    if kind == "socketmap":
+        return service.SocketmapService(learn.SocketmapHandler(cfg), keyed, learned, log,
+                                        clock, cleaner, tuning.warning_interval_s)
+    return service.OutboundService(learn.OutboundHandler(cfg), keyed, learned, log, clock,
+                                   cleaner, tuning.warning_interval_s)
+
+
+def socketmap_service(cfg: Config, log: Log, clock: Callable[[], float] = time.time,
+                      tuning: Tuning = DEFAULT, cleanup: bool = True,
+                      store: Store | None = None):
+    """Return the socketmap learner of greylist-socketmap (service.py)."""
+    return _learner("socketmap", cfg, log, clock, tuning, cleanup, store)
+
+
+def outbound_service(cfg: Config, log: Log, clock: Callable[[], float] = time.time,
+                     tuning: Tuning = DEFAULT, cleanup: bool = True,
+                     store: Store | None = None):
+    """Return the outbound policy learner of greylist --outbound."""
+    return _learner("outbound", cfg, log, clock, tuning, cleanup, store)
+
+
 def policy_service(cfg: Config, log: Log, clock: Callable[[], float] = time.time,
                    tuning: Tuning = DEFAULT, cleanup: bool = True,
                    store: Store | None = None) -> PolicyService:
@@ -100,8 +158,8 @@ def policy_service(cfg: Config, log: Log, clock: Callable[[], float] = time.time
     table = client_table(cfg, log, tuning=tuning)
     cleaner = None
     if cleanup:
-        cleaner = Cleaner(raw, table, cfg, log, clock, batch=tuning.cleanup_batch,
-                          delete_batch=tuning.delete_batch, budget_s=tuning.cleanup_budget_s)
+        cleaner = _cleaner(cfg, log, clock, tuning, raw, table,
+                           correspondent_table(cfg, log, tuning=tuning))
     return PolicyService(PolicyHandler(cfg, host_name()), keyed, table,
                          Whitelists(cfg, log.warning, tuning.whitelist_check_s), log, clock,
                          cleaner, tuning.warning_interval_s)

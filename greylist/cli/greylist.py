@@ -32,7 +32,7 @@ USAGE = """\
 Greylisting policy server for Postfix, run by spawn(8).
 
 Usage:
-  greylist [-v...] [-c FILE] [-d PATH] [--delay TIME]
+  greylist [-v...] [--outbound] [-c FILE] [-d PATH] [--delay TIME]
   greylist -h | --help
   greylist --version
 
@@ -42,6 +42,8 @@ Options:
                             (greylist_database).
   --delay TIME              Greylisting delay, with unit s, m, h, d or w
                             (greylist_delay).
+  --outbound                Serve the submission smtpd: learn the
+                            correspondents of local users; always DUNNO.
   -v, --verbose             Log more; repeat for more detail.
   -h, --help                Show this help.
   --version                 Show the version.
@@ -69,7 +71,11 @@ def main(argv: list[str] | None = None, tuning: Tuning = DEFAULT) -> int:
                   "of its spawn(8) service (greylist_allow_root = yes for tests)")
         return 1
     sys.excepthook = lambda kind, value, tb: _log_bug(log, kind, value, tb)
-    service = policy_service(cfg, log, tuning=tuning)
+    if args["--outbound"]:
+        from greylist.wiring import outbound_service
+        service = outbound_service(cfg, log, tuning=tuning)
+    else:
+        service = policy_service(cfg, log, tuning=tuning)
     service.open_store()
     log.debug(1, "database %s, greylist_delay %ds" % (cfg.database, cfg.delay_s))
     try:
@@ -83,17 +89,20 @@ def main(argv: list[str] | None = None, tuning: Tuning = DEFAULT) -> int:
 def parse_args(argv: list[str]) -> dict:
     """Return docopt's parse of argv; exit 2 after a usage error.
 
-    "[-v...] -c FILE" (each -v word of v's only, FILE not starting with
-    "-") gets the dict docopt returns for it, built here: docopt and its
-    regular expressions cost about 6 ms per process.
+    "[-v...] [--outbound] -c FILE" (each -v word of v's only, FILE not
+    starting with "-") gets the dict docopt returns for it, built here:
+    docopt and its regular expressions cost about 6 ms per process.
     """
     if len(argv) >= 2 and argv[-2] in ("-c", "--config") and argv[-1][:1] not in ("-", ""):
         flags = argv[:-2]
+        outbound = flags[-1:] == ["--outbound"]
+        if outbound:
+            flags = flags[:-1]
         if all(len(flag) >= 2 and flag[0] == "-" and flag[1:] == "v" * (len(flag) - 1)
                for flag in flags):
             return {"--config": argv[-1], "--database": None, "--delay": None,
                     "--help": False, "--verbose": sum(len(flag) - 1 for flag in flags),
-                    "--version": False}
+                    "--version": False, "--outbound": outbound}
     from docopt import DocoptExit, docopt
     try:
         return docopt(USAGE, argv=argv, version=__version__)

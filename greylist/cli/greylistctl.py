@@ -264,10 +264,12 @@ def _show(store: Store, cfg: Config, log: Log, args: dict,
     print("recipient: %s" % triple.recipient)
     for warning in outcome.warnings:
         print("warning: %s" % warning)
-    for label, k, record in zip(("triple", "sender entry", "client entry"),
-                                found, outcome.records):
+    for label, k, record in zip(("triple", "sender entry", "client entry",
+                                 "correspondent pair"), found, outcome.records):
         if k is None:
-            print("%s: none (clients without an address have no client entry)" % label)
+            print("%s: none (%s)" % (label, "clients without an address have no client "
+                                     "entry" if label == "client entry" else
+                                     "greylist_correspondent_check = no, or the null sender"))
             continue
         shown = "absent" if record is None else _describe(record, now, cfg)
         print("%s: %s\n  %s" % (label, _shown_key(store, k), shown))

@@ -13,6 +13,8 @@ DESCRIPTION
     is of the wrong kind for its place (reasons are the constants below):
         client whitelisted      DUNNO awl-client (manual-client)
         sender entry            DUNNO awl-sender (manual-sender)
+        correspondent pair      DUNNO correspondent (the recipient wrote
+                                to the sender: correspondents.py)
         triple passed           DUNNO known
         message accepted        DUNNO message (another recipient of this
                                 message, same instance, was accepted)
@@ -29,7 +31,9 @@ DESCRIPTION
     triples, sender and client entries (positive entries) expire
     greylist_max_age after they were last seen, and are refreshed on use
     once that is more than half of greylist_max_age ago, so that the
-    common path rarely writes. Manual entries never expire. The age is
+    common path rarely writes. Manual entries never expire; correspondent
+    pairs expire greylist_correspondent_lifetime after they were last
+    learned (only learning refreshes them, never an inbound message). The age is
     now - first_seen: a clock that
     steps back makes it smaller, so a triple never passes early.
 
@@ -43,7 +47,8 @@ import functools
 from typing import NamedTuple
 
 from greylist.config import Config
-from greylist.core.record import CLIENT, MANUAL, PASSED, PENDING, SENDER, Record, new
+from greylist.core.record import (CLIENT, CORRESPONDENT, MANUAL, PASSED, PENDING, SENDER,
+                                  Record, new)
 
 DUNNO = "DUNNO"
 
@@ -53,6 +58,7 @@ MANUAL_CLIENT = "manual-client"
 AWL_SENDER = "awl-sender"
 MANUAL_SENDER = "manual-sender"
 KNOWN = "known"
+CORRESPONDENT_PAIR = "correspondent"
 DELAY_PASSED = "delay-passed"
 MESSAGE = "message"
 NEW = "new"
@@ -62,9 +68,11 @@ NULL_SENDER = "null sender"
 NO_RECIPIENT = "no recipient"
 PROTOCOL_STATE = "protocol_state="   # followed by the state
 DATABASE_FAILURE = "database-failure"
-# Reasons that show the client retries like a real MTA: they let the rest
-# of the same message through (postgrey #93).
-PROVING = frozenset((AWL_CLIENT, AWL_SENDER, KNOWN, DELAY_PASSED, MESSAGE))
+# Reasons that let the rest of the same message through (postgrey #93):
+# the client retries like a real MTA, or the sender is a correspondent of
+# a recipient of the message.
+PROVING = frozenset((AWL_CLIENT, AWL_SENDER, KNOWN, DELAY_PASSED, MESSAGE,
+                     CORRESPONDENT_PAIR))
 # At most one pass an hour counts toward the client auto-whitelist.
 CLIENT_COUNT_INTERVAL_S = 3600
 
@@ -74,7 +82,8 @@ CLIENT_COUNT_INTERVAL_S = 3600
 TRIPLE_STATES = (PENDING, PASSED)
 SENDER_STATES = (SENDER, MANUAL)
 CLIENT_STATES = (CLIENT, MANUAL)
-SLOT_STATES = (TRIPLE_STATES, SENDER_STATES, CLIENT_STATES)
+PAIR_STATES = (CORRESPONDENT,)
+SLOT_STATES = (TRIPLE_STATES, SENDER_STATES, CLIENT_STATES, PAIR_STATES)
 
 
 class Records(NamedTuple):
@@ -83,6 +92,7 @@ class Records(NamedTuple):
     triple: Record | None = None
     sender: Record | None = None
     client: Record | None = None
+    pair: Record | None = None
 
 
 NO_RECORDS = Records()
@@ -109,6 +119,8 @@ def expired(record: Record, now: int, cfg: Config) -> bool:
         return now - record.first_seen > cfg.retry_window_s
     if record.state == MANUAL:
         return False
+    if record.state == CORRESPONDENT:
+        return now - record.last_seen > cfg.correspondent_lifetime_s
     return now - record.last_seen > cfg.max_age_s
 
 
@@ -140,17 +152,22 @@ def decide(records: Records, now: int, cfg: Config,
         manual = client.state == MANUAL
         return new(Decision, (DUNNO, MANUAL_CLIENT if manual else AWL_CLIENT,
                               now - client.first_seen,
-                              new(Records, (None, None, _refreshed(client, now, cfg))),
+                              new(Records, (None, None, _refreshed(client, now, cfg), None)),
                               not manual))
     if sender is not None and (cfg.sender_awl or sender.state == MANUAL):
         manual = sender.state == MANUAL
         return new(Decision, (DUNNO, MANUAL_SENDER if manual else AWL_SENDER,
                               now - sender.first_seen,
-                              new(Records, (None, _refreshed(sender, now, cfg), None)),
+                              new(Records, (None, _refreshed(sender, now, cfg), None, None)),
                               not manual))
+    if records.pair is not None and _live(records.pair, PAIR_STATES, now, cfg) is not None:
+        # No writes: only learning refreshes a pair, so a forged sender
+        # never keeps one alive.
+        return new(Decision, (DUNNO, CORRESPONDENT_PAIR, now - records.pair.first_seen,
+                              NO_RECORDS, True))
     if triple is not None and triple.state == PASSED:
-        return new(Decision, (DUNNO, KNOWN, now - triple.first_seen,
-                              new(Records, (_refreshed(triple, now, cfg), None, None)), True))
+        return new(Decision, (DUNNO, KNOWN, now - triple.first_seen, new(
+            Records, (_refreshed(triple, now, cfg), None, None, None)), True))
     age = 0 if triple is None else now - triple.first_seen
     if triple is not None and age >= cfg.delay_s:
         return _pass(DELAY_PASSED, triple, client, now, cfg)
@@ -179,6 +196,8 @@ def _live(record: Record | None, kinds: tuple[str, ...], now: int,
         return None if now - record.first_seen > cfg.retry_window_s else record
     if state == MANUAL:
         return record
+    if state == CORRESPONDENT:
+        return None if now - record.last_seen > cfg.correspondent_lifetime_s else record
     return None if now - record.last_seen > cfg.max_age_s else record
 
 

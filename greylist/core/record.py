@@ -16,6 +16,11 @@ DESCRIPTION
                 greylist_client_awl_passes
     manual      a client-group or (client group, sender) entry made with
                 greylistctl whitelist add; it never expires
+    correspondent
+                a (local address, correspondent) pair learned from mail
+                a local user sent (greylist-socketmap(8), greylist
+                --outbound); COUNT is the number of times it was learned
+                or refreshed
 
     The state makes every record's lifetime readable from its value
     alone, also when privacy mode hides the keys. The text is never
@@ -38,7 +43,8 @@ PASSED = "passed"
 SENDER = "sender"
 CLIENT = "client"
 MANUAL = "manual"
-STATES = (PENDING, PASSED, SENDER, CLIENT, MANUAL)
+CORRESPONDENT = "correspondent"
+STATES = (PENDING, PASSED, SENDER, CLIENT, MANUAL, CORRESPONDENT)
 _STATES = {state.encode("ascii"): state for state in STATES}
 
 

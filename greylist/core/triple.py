@@ -218,12 +218,15 @@ def triple_from_request(attrs: dict[str, str], cfg: Config,
 
 
 class Keys(NamedTuple):
-    """The plaintext keys of a triple's three records; client is None for
-    clients without an address, which never get a client entry."""
+    """The plaintext keys of a triple's records; client is None for
+    clients without an address, which never get a client entry; pair is
+    the (recipient, sender) correspondent key, or None when it is not
+    looked up."""
 
     triple: bytes
     sender: bytes
     client: bytes | None
+    pair: bytes | None = None
 
 
 def key(triple: Triple) -> bytes:
@@ -231,13 +234,26 @@ def key(triple: Triple) -> bytes:
     return keys(triple).triple
 
 
-def keys(triple: Triple) -> Keys:
+def keys(triple: Triple, pair: bytes | None = None) -> Keys:
     """Return the keys of the triple, of its (client group, sender)
-    auto-whitelist record and of its client-group record."""
+    auto-whitelist record and of its client-group record, with pair as
+    the correspondent key (pair_key())."""
     client_sender = triple.client + "/" + _escape(triple.sender.casefold())
     return new(Keys, (_bounded(client_sender + "/" + _escape(triple.recipient.casefold())),
                       _bounded(client_sender),
-                      None if triple.client == UNKNOWN_CLIENT else _bounded(triple.client)))
+                      None if triple.client == UNKNOWN_CLIENT else _bounded(triple.client),
+                      pair))
+
+
+# Correspondent keys start with a character that no client group has
+# (groups are addresses, prefixes, registered domains or "unknown").
+PAIR_MARK = "@"
+
+
+def pair_key(local: str, correspondent: str) -> bytes:
+    """Return the key of a (local address, correspondent) pair, both as
+    normalise_sender() returns them."""
+    return _bounded(PAIR_MARK + _escape(local) + "/" + _escape(correspondent))
 
 
 def sender_key(client: str, sender: str) -> bytes:

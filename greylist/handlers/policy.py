@@ -49,7 +49,8 @@ from greylist.core.record import decode, encode, new
 from greylist.core.evaluate import precheck, render
 from greylist.core.lists import Exemptions
 from greylist.core.message import Session
-from greylist.core.triple import BadAddress, Triple, keys, table_key, triple_from_request
+from greylist.core.triple import (NULL_SENDER, BadAddress, Triple, keys, normalise_sender,
+                                  pair_key, table_key, triple_from_request)
 from greylist.protocols.policy import ProtocolError
 from greylist.stores.base import NO_WRITES
 
@@ -117,9 +118,15 @@ class PolicyHandler:
             return Answer(decision.action, decision, _line(decision.action, decision,
                                                            attrs, address))
         triple = triple_from_request(attrs, self.cfg, address)
-        found = keys(triple)
+        found = keys(triple, self._pair(triple))
         return new(Pending, (attrs, address, triple, now, found, self.change(
             found, now, session.instance is not None and session.accepted)))
+
+    def _pair(self, triple: Triple) -> bytes | None:
+        """The correspondent key of an inbound triple: (recipient, sender)."""
+        if not self.cfg.correspondent_check or triple.sender == NULL_SENDER:
+            return None
+        return pair_key(normalise_sender(triple.recipient, self.cfg), triple.sender)
 
     def change(self, found: Sequence[bytes | None], now: int, accepted: bool
                ) -> Callable[[Values], tuple[Values, Outcome]]:
@@ -176,11 +183,13 @@ def parse_records(values: Values, found: Sequence[bytes | None]
                   ) -> tuple[Records, tuple[str, ...]]:
     """The records stored as values (keys found), and a warning for each
     value that does not parse (treated as absent)."""
-    triple, sender, client = [None if value is None else decode(value) for value in values]
+    triple, sender, client, pair = [None if value is None else decode(value)
+                                    for value in values]
     if (triple is None and values[0] is not None or sender is None and values[1] is not None
-            or client is None and values[2] is not None):
-        return Records(triple, sender, client), tuple(
+            or client is None and values[2] is not None
+            or pair is None and values[3] is not None):
+        return new(Records, (triple, sender, client, pair)), tuple(
             "ignoring malformed record for %s: %s"
             % (k.decode("utf-8", "replace"), repr(value)[:100])
             for value, k in zip(values, found) if value is not None and decode(value) is None)
-    return Records(triple, sender, client), ()
+    return new(Records, (triple, sender, client, pair)), ()

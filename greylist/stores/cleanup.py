@@ -1,10 +1,12 @@
 """Incremental removal of expired records, in the manner of verify(8).
 
 DESCRIPTION
-    A cleanup pass walks the greylist database, and then the client
-    table, and removes what expired() says has expired (decide.py), and
-    records that do not parse; the client table loses entries whose time
-    stamp is more than greylist_max_age old. A pass starts when the last
+    A cleanup pass walks the greylist database, then the client table and
+    the correspondent table, and removes what expired() says has expired
+    (decide.py), and records that do not parse; the client table loses
+    entries whose time stamp is more than greylist_max_age old, the
+    correspondent table those more than greylist_correspondent_lifetime
+    old. A pass starts when the last
     full pass completed greylist_cleanup_interval ago.
 
     The pass is shared by all processes. Its position, counts and the
@@ -52,6 +54,7 @@ from greylist.stores.lock import EXCLUSIVE, LockBusy, lock, unlock
 # The tables of a pass, in the order walked (State.position names one).
 DATABASE = 0
 CLIENT_TABLE = 1
+CORRESPONDENT_TABLE = 2
 BATCH = 64
 MANUAL_BATCH = 1024
 # At most this many deletes per write transaction: the exclusive lock,
@@ -78,7 +81,7 @@ class State(NamedTuple):
 def parse_state(text: str) -> State | None:
     """Return the state written by format_state(), or None if it does not parse."""
     fields = text.split()
-    if len(fields) != 7 or fields[0] != "1" or fields[2] not in ("-", "0", "1"):
+    if len(fields) != 7 or fields[0] != "1" or fields[2] not in ("-", "0", "1", "2"):
         return None
     try:
         last, retained, dropped, started = (int(fields[i]) for i in (1, 4, 5, 6))
@@ -101,11 +104,18 @@ class Cleaner:
 
     def __init__(self, store: Store, table: Store | None, cfg: Config,
                  log, clock: Callable[[], float] = time.time, batch: int = BATCH,
-                 delete_batch: int = DELETE_BATCH, budget_s: float = BUDGET_S) -> None:
-        """store is the database and table the client table (or None), both
-        as stored (not through privacy.HashedKeys); cfg.cleanup_state names
-        the state file."""
-        self.stores = [store] + ([table] if table is not None else [])
+                 delete_batch: int = DELETE_BATCH, budget_s: float = BUDGET_S,
+                 correspondents: Store | None = None) -> None:
+        """store is the database, table the client table and correspondents
+        the correspondent table (each None if there is none), as stored
+        (not through privacy.HashedKeys); cfg.cleanup_state names the
+        state file."""
+        # Table number (State.position) -> store, in the order walked.
+        self.stores = {DATABASE: store}
+        if table is not None:
+            self.stores[CLIENT_TABLE] = table
+        if correspondents is not None:
+            self.stores[CORRESPONDENT_TABLE] = correspondents
         self.batch = batch
         self.delete_batch = delete_batch
         self.budget_s = budget_s
@@ -173,6 +183,12 @@ class Cleaner:
         deadline = time.monotonic() + budget_s
         while True:
             table, after = state.position
+            if table not in self.stores:
+                # A table this process does not have (settings changed).
+                state = state._replace(position=self._after(table))
+                if state.position is None:
+                    return self._completed(state, now)
+                continue
             deleted = 0
             try:
                 items = self.stores[table].scan(after or None, self.batch)
@@ -198,28 +214,37 @@ class Cleaner:
                             dropped=state.dropped + deleted,
                             position=(table, items[-1][0] if items else after))
             if len(items) < self.batch:
-                if table + 1 < len(self.stores):
-                    state = state._replace(position=(table + 1, b""))
-                else:
-                    self.log.info("cleanup: full retained=%d dropped=%d"
-                                  % (state.retained, state.dropped))
-                    self._next_check = now + self.cfg.cleanup_interval_s
-                    return state._replace(last_completed=now, position=None)
+                state = state._replace(position=self._after(table))
+                if state.position is None:
+                    return self._completed(state, now)
             if time.monotonic() >= deadline:
                 return state
+
+    def _after(self, table: int) -> tuple[int, bytes] | None:
+        """The start of the next table after table, None after the last."""
+        later = [number for number in self.stores if number > table]
+        return (later[0], b"") if later else None
+
+    def _completed(self, state: State, now: int) -> State:
+        self.log.info("cleanup: full retained=%d dropped=%d"
+                      % (state.retained, state.dropped))
+        self._next_check = now + self.cfg.cleanup_interval_s
+        return state._replace(last_completed=now, position=None)
 
     def _doomed(self, table: int, value: bytes, now: int) -> bool:
         if table == DATABASE:
             # expired() keeps manual entries for ever.
             record = records.decode(value)
             return record is None or expired(record, now, self.cfg)
-        # Client table: numeric time stamps; anything else is left alone.
-        return value.isdigit() and now - int(value) > self.cfg.max_age_s
+        # The tables: numeric time stamps; anything else is left alone.
+        lifetime = (self.cfg.max_age_s if table == CLIENT_TABLE
+                    else self.cfg.correspondent_lifetime_s)
+        return value.isdigit() and now - int(value) > lifetime
 
     def count(self, now: int) -> tuple[int, int]:
         """Walk everything without deleting; return (retained, dropped)."""
         retained = dropped = 0
-        for table, store in enumerate(self.stores):
+        for table, store in self.stores.items():
             for _, value in store.items(self.batch):
                 if self._doomed(table, value, now):
                     dropped += 1

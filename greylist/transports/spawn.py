@@ -19,7 +19,7 @@ DIAGNOSTICS
 from typing import BinaryIO
 
 from greylist.core.message import Session
-from greylist.protocols.policy import READ_SIZE, Decoder, ProtocolError, format_reply
+from greylist.protocols.policy import READ_SIZE, Decoder, ProtocolError
 from greylist.service import PolicyService
 
 
@@ -50,16 +50,19 @@ def serve(instream: BinaryIO, outstream: BinaryIO, service: PolicyService,
           session: Session | None = None) -> int:
     """Answer requests until end of input; return the process exit status.
 
-    instream must have read1() (sys.stdin.buffer, or a BytesIO). The
-    connection's session is new unless one is given (tests that replay a
-    connection in parts). Returns
-    0 at end of input, 1 after a protocol violation (logged, no reply
-    sent).
+    service is any service of service.py: its Decoder class decodes the
+    protocol, new_session() makes the connection's session and
+    reply(request, session) answers, framed. instream must have read1()
+    (sys.stdin.buffer, or a BytesIO). The connection's session is new
+    unless one is given (tests that replay a connection in parts).
+    Returns 0 at end of input, 1 after a protocol violation (logged, no
+    reply sent).
     """
     log = service.log
     read1 = instream.read1
-    decoder = Decoder()
-    session = session or Session()
+    decoder = service.Decoder()
+    reply_to = service.reply
+    session = session or service.new_session()
     while True:
         try:
             # Reader.read(), inline: one call less per request.
@@ -75,8 +78,8 @@ def serve(instream: BinaryIO, outstream: BinaryIO, service: PolicyService,
                 return 0
             trace = log.verbose >= 2
             if trace:
-                log.debug(2, "request: %s" % " ".join("%s=%s" % item for item in attrs.items()))
-            reply = format_reply(service.answer(attrs, session))
+                log.debug(2, "request: %s" % _shown(attrs))
+            reply = reply_to(attrs, session)
             if trace:
                 log.debug(2, "reply: %s" % reply.decode("utf-8", "replace").strip())
         except ProtocolError as exc:
@@ -89,3 +92,9 @@ def serve(instream: BinaryIO, outstream: BinaryIO, service: PolicyService,
             log.debug(1, "client went away before the reply")
             return 0
         service.after_reply()
+
+
+def _shown(request) -> str:
+    if isinstance(request, dict):
+        return " ".join("%s=%s" % item for item in request.items())
+    return " ".join(request)

@@ -1,0 +1,58 @@
+"""Command line of greylist-socketmap, the correspondent learner under spawn(8).
+
+DESCRIPTION
+    main() loads the settings, sets up logging, builds the socketmap
+    learner (wiring.py, handlers/learn.py) and answers socketmap lookups
+    on stdin and stdout, as spawn(8) connects them, until end of input
+    (transports/spawn.py). Every well-formed lookup is answered
+    "NOTFOUND ", also when the database is broken: cleanup defers a
+    message whose bcc-map lookup fails. The command line is greylist's
+    ("[-v...] -c FILE" read without docopt).
+
+DIAGNOSTICS
+    As greylist(8): usage and settings errors are logged as fatal and
+    exit 2 and 1, and so is running as root; a framing error is logged
+    and closes the connection (exit 1) without a reply.
+"""
+
+import os
+import sys
+
+from greylist.cli.greylist import _log_bug, _overrides, _silence_stderr, parse_args
+from greylist.config import ConfigError, load
+from greylist.log import Log
+from greylist.transports.spawn import serve
+from greylist.wiring import DEFAULT, Tuning, socketmap_service
+
+
+def main(argv: list[str] | None = None, tuning: Tuning = DEFAULT) -> int:
+    """Run the socketmap learner; return the exit status."""
+    if not os.isatty(2):
+        _silence_stderr()
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.get("--outbound"):
+        Log().fatal("usage: greylist-socketmap [-v...] [-c FILE] [-d PATH]")
+        return 2
+    try:
+        cfg = load(args["--config"], _overrides(args))
+    except ConfigError as exc:
+        Log("greylist-socketmap").fatal(str(exc))
+        return 1
+    log = Log("greylist-socketmap", cfg.log, cfg.verbose)
+    if os.geteuid() == 0 and not cfg.allow_root:
+        log.fatal("refusing to run as root: run greylist-socketmap as the unprivileged "
+                  "user of its spawn(8) service (greylist_allow_root = yes for tests)")
+        return 1
+    sys.excepthook = lambda kind, value, tb: _log_bug(log, kind, value, tb)
+    service = socketmap_service(cfg, log, tuning=tuning)
+    service.open_store()
+    try:
+        return serve(sys.stdin.buffer, sys.stdout.buffer, service)
+    except KeyboardInterrupt:
+        return 1
+    finally:
+        log.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The correspondent learners: the socketmap lookups of a cleanup service,
+and the SMTPD policy requests of the submission smtpd.
+
+DESCRIPTION
+    Both turn what a local user sends into plans (core/correspondents.py):
+    for each correspondent, its time stamp in the correspondent table and
+    its (local sender, correspondent) pair in the database, each written
+    only when absent or past half its lifetime. Neither ever touches a
+    store or a stream: the transport runs the plans (service.py under
+    spawn(8), transports/listener.py in greylistd), and neither can defer
+    or reject mail.
+
+    SocketmapHandler answers every well-formed lookup "NOTFOUND ", the
+    answer that changes nothing in Postfix. On the connection of one
+    cleanup process the sender of a message is looked up first (map
+    greylist_socketmap_sender_name), then each envelope recipient (map
+    greylist_socketmap_recipient_name), once per message
+    (postfix-interop.md 8.1). So the session remembers the last sender,
+    and each recipient is learned as a correspondent and paired with it.
+    A sender is forgotten SENDER_TTL_S after it was looked up: a message
+    with the null sender (a read receipt, say) has no sender lookup, and
+    its recipients must not be paired with the sender of a message long
+    before it. Other map names get "NOTFOUND " and one warning per name.
+
+    OutboundHandler serves the policy service of the submission smtpd
+    (check_policy_service { unix:private/greylist-out,
+    default_action=DUNNO }), answering DUNNO to everything. It collects
+    the recipients of a message at RCPT and learns them at
+    END-OF-MESSAGE, where Postfix sends recipient_count (and an empty
+    recipient when a message has several): the collected recipients are
+    learned only when their number is recipient_count, so a recipient
+    that a later restriction rejected is never learned, and a message
+    rejected after RCPT, which never reaches END-OF-MESSAGE, teaches
+    nothing. Unless greylist_outbound_require_sasl = no, only mail with
+    a sasl_username is learned. The local sender is the envelope sender.
+
+DIAGNOSTICS
+    ProtocolError for a policy request that is not smtpd_access_policy.
+    Info lines for what is learned ("learn: correspondent=... new"),
+    debug lines (-v) for what is not learned and why.
+"""
+
+from typing import Callable, NamedTuple
+
+from greylist.config import Config
+from greylist.core import correspondents
+from greylist.protocols.policy import ProtocolError
+
+REQUEST = "smtpd_access_policy"
+# How long a sender lookup is paired with the recipient lookups after it:
+# cleanup looks up a message's recipients as smtpd passes them on, within
+# one SMTP session (Postfix's smtpd_timeout is 300 s).
+SENDER_TTL_S = 300
+TABLE = "table"
+DATABASE = "database"
+
+
+class Plan(NamedTuple):
+    """One learned entry to write if needed: which store (TABLE or
+    DATABASE), the key, the change (a list of one value in, a list of one
+    new value and "new", "refreshed" or None out), and what to log."""
+
+    store: str
+    key: bytes
+    change: Callable
+    what: str
+
+
+class SocketmapSession:
+    """The state of one socketmap connection: the last sender looked up."""
+
+    __slots__ = ("sender", "sender_at")
+
+    def __init__(self) -> None:
+        self.sender: str | None = None
+        self.sender_at = 0
+
+
+class OutboundSession:
+    """The message in progress on one submission smtpd connection."""
+
+    __slots__ = ("instance", "recipients")
+
+    def __init__(self) -> None:
+        self.instance: str | None = None
+        self.recipients: list[str] = []
+
+
+def plans(sender: str | None, correspondent: str, now: int, cfg: Config) -> list[Plan]:
+    """The plans that learn correspondent (already screened) for sender."""
+    found = []
+    if cfg.correspondent_table:
+        found.append(Plan(TABLE, correspondents.table_key(correspondent, cfg),
+                          correspondents.stamp_change(now, cfg),
+                          "correspondent=%s" % correspondent))
+    # The local sender may be in a local domain (it usually is), but it
+    # must be a plausible address and no automatic sender.
+    if sender is not None and correspondents.screen(sender, cfg) in (
+            None, correspondents.LOCAL_DOMAIN):
+        found.append(Plan(DATABASE, correspondents.pair(sender, correspondent, cfg),
+                          correspondents.pair_change(now, cfg),
+                          "pair sender=%s correspondent=%s" % (sender, correspondent)))
+    return found
+
+
+class SocketmapHandler:
+    """Socketmap lookups of a cleanup service, learned (see DESCRIPTION)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.warned: set[str] = set()
+
+    def lookup(self, name: str, key: str, session: SocketmapSession, now: int
+               ) -> tuple[list[Plan], str | None]:
+        """Return the plans of one lookup and a line to log (debug), or a
+        warning as ("warning: ..."). The reply is always NOTFOUND."""
+        cfg = self.cfg
+        if name == cfg.socketmap_sender_name:
+            session.sender, session.sender_at = key, now
+            return [], "sender %s" % _shown(key)
+        if name == cfg.socketmap_recipient_name:
+            reason = correspondents.screen(key, cfg)
+            if reason is not None:
+                return [], "not learning %s: %s" % (_shown(key), reason)
+            sender = session.sender
+            if sender is not None and not 0 <= now - session.sender_at <= SENDER_TTL_S:
+                sender = session.sender = None
+            return plans(sender, key, now, cfg), None
+        if name not in self.warned and len(self.warned) < 100:
+            self.warned.add(name)
+            return [], ("warning: socketmap lookup in unknown map %s (expected %s or %s); "
+                        "answering NOTFOUND" % (_shown(name), cfg.socketmap_sender_name,
+                                                cfg.socketmap_recipient_name))
+        return [], None
+
+
+class OutboundHandler:
+    """Policy requests of the submission smtpd, learned (see DESCRIPTION)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def request(self, attrs: dict[str, str], session: OutboundSession, now: int
+                ) -> tuple[list[Plan], str | None]:
+        """Return the plans of one request and a debug line; the action is
+        always DUNNO. Raises ProtocolError for a request that is not
+        smtpd_access_policy."""
+        if attrs.get("request") != REQUEST:
+            raise ProtocolError("unknown request type: %s" % repr(attrs.get("request"))[:100])
+        state = attrs.get("protocol_state", "").upper()
+        instance = attrs.get("instance")
+        if instance != session.instance:
+            session.instance, session.recipients = instance, []
+        if self.cfg.outbound_require_sasl and not attrs.get("sasl_username"):
+            return [], None
+        if state == "RCPT":
+            recipient = attrs.get("recipient")
+            if recipient and len(session.recipients) < 10000:
+                session.recipients.append(recipient)
+            return [], None
+        if state != "END-OF-MESSAGE":
+            return [], None
+        recipients, session.recipients = session.recipients, []
+        count = attrs.get("recipient_count", "")
+        sender = attrs.get("sender") or None
+        if not count.isdigit() or int(count) != len(recipients):
+            return [], ("not learning message %s: %d recipients seen at RCPT, "
+                        "recipient_count=%s" % (_shown(instance or ""), len(recipients),
+                                                _shown(count)))
+        found: list[Plan] = []
+        skipped = []
+        for recipient in dict.fromkeys(recipients):
+            reason = correspondents.screen(recipient, self.cfg)
+            if reason is None:
+                found.extend(plans(sender, recipient, now, self.cfg))
+            else:
+                skipped.append("%s (%s)" % (_shown(recipient), reason))
+        return found, ("not learning %s" % ", ".join(skipped)) if skipped else None
+
+
+def _shown(text: str) -> str:
+    """text for a log line: at most 100 characters, controls escaped."""
+    shown = text if text.isprintable() else repr(text)[1:-1]
+    return shown[:100]

@@ -1,0 +1,108 @@
+"""The socketmap protocol of socketmap_table(5): a push netstring decoder.
+
+DESCRIPTION
+    Postfix's socketmap client sends one request and waits for one reply,
+    each one netstring: "LEN:DATA," where LEN is the decimal length of
+    DATA (src/util/netstring.c: digits only, no sign, no white space).
+    A request's DATA is "NAME KEY": the map name, one space, the lookup
+    key, in its original case (postfix-interop.md section 4).
+
+    Decoder is a push decoder like protocols/policy.py's: feed() takes
+    bytes as they arrive, next() returns the next complete request as
+    (name, key) (str, decoded as UTF-8 with surrogateescape), and eof()
+    says whether the input ended between requests. The length is checked
+    as soon as its digits are read, so an oversized request is refused
+    before its data arrives, and nothing more than MAX_REQUEST_BYTES plus
+    one read is ever buffered.
+
+    format_reply() frames a reply: "NOTFOUND " (with the space), or
+    "OK DATA".
+
+DIAGNOSTICS
+    ProtocolError (the policy protocol's) for a framing error: a length
+    that is not digits, too many digits, a length over MAX_REQUEST_BYTES,
+    a missing ",", data without "NAME KEY" form, and input that ends
+    inside a request. The transport logs it and closes the connection
+    without a reply; Postfix's client retries once on a new connection
+    (dict_sockmap.c).
+"""
+
+from greylist.protocols.policy import ProtocolError
+
+# The 3.12 client's socketmap_max_query_size default (10000) for the key,
+# plus room for the map name and the space.
+MAX_KEY_BYTES = 10000
+MAX_REQUEST_BYTES = MAX_KEY_BYTES + 100
+# Digits of the largest length accepted.
+_MAX_DIGITS = len(str(MAX_REQUEST_BYTES))
+READ_SIZE = 16384
+
+NOTFOUND = b"9:NOTFOUND ,"
+
+
+class Decoder:
+    """Socketmap requests from bytes pushed in any pieces."""
+
+    __slots__ = ("_buffer", "_start")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._start = 0
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes read from the connection."""
+        if self._start:
+            self._buffer = self._buffer[self._start:] + data
+            self._start = 0
+        else:
+            self._buffer += data
+
+    def next(self) -> tuple[str, str] | None:
+        """Return the next complete request as (name, key), or None if
+        more input is needed. Raises ProtocolError (see DIAGNOSTICS)."""
+        buffer, start = self._buffer, self._start
+        colon = buffer.find(b":", start, start + _MAX_DIGITS + 1)
+        if colon < 0:
+            pending = buffer[start:start + _MAX_DIGITS + 1]
+            if not pending.isdigit() and pending:
+                raise ProtocolError("socketmap: bad netstring length %s"
+                                    % repr(pending[:20])[:100])
+            if len(pending) > _MAX_DIGITS:
+                raise ProtocolError("socketmap: netstring length over %d bytes"
+                                    % MAX_REQUEST_BYTES)
+            return None
+        digits = buffer[start:colon]
+        if not digits.isdigit() or not digits.isascii():
+            raise ProtocolError("socketmap: bad netstring length %s" % repr(digits[:20])[:100])
+        length = int(digits)
+        if length > MAX_REQUEST_BYTES:
+            raise ProtocolError("socketmap: request of %d bytes, over the %d-byte limit"
+                                % (length, MAX_REQUEST_BYTES))
+        end = colon + 1 + length
+        if len(buffer) <= end:
+            return None
+        if buffer[end:end + 1] != b",":
+            raise ProtocolError("socketmap: netstring without its terminating comma")
+        data = buffer[colon + 1:end]
+        self._start = end + 1
+        if self._start == len(buffer):
+            self._buffer, self._start = b"", 0
+        name, space, key = data.partition(b" ")
+        if not space or not name:
+            raise ProtocolError("socketmap: request is not \"NAME KEY\": %s"
+                                % repr(data[:60])[:100])
+        return (name.decode("utf-8", "surrogateescape"),
+                key.decode("utf-8", "surrogateescape"))
+
+    def eof(self) -> None:
+        """The input ended: raise ProtocolError if inside a request."""
+        if len(self._buffer) > self._start:
+            raise ProtocolError("socketmap: connection closed inside a request")
+
+
+def format_reply(status: str, data: str = "") -> bytes:
+    """Return a reply netstring: "NOTFOUND " or "OK DATA"."""
+    if status == "NOTFOUND":
+        return NOTFOUND
+    body = ("%s %s" % (status, data)).encode("utf-8", "surrogateescape")
+    return b"%d:%s," % (len(body), body)
