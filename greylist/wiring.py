@@ -94,15 +94,20 @@ def correspondent_table(cfg: Config, log: Log | None = None, readonly: bool = Fa
                      warn=None if log is None else log.warning, **tuning.store_options())
 
 
-def _cleaner(cfg: Config, log: Log, clock, tuning: Tuning, raw: Store, table,
-             learned) -> Cleaner:
-    return Cleaner(raw, table, cfg, log, clock, batch=tuning.cleanup_batch,
-                   delete_batch=tuning.delete_batch, budget_s=tuning.cleanup_budget_s,
-                   correspondents=learned)
+class Stores(NamedTuple):
+    """The stores of a program: the database as stored and as keyed by
+    handlers, the client table and the correspondent table (None: none)."""
+
+    raw: Store
+    keyed: Store
+    clients: Store | None
+    correspondents: Store | None
 
 
-def _learner(kind, cfg: Config, log: Log, clock, tuning: Tuning, cleanup: bool,
-             store: Store | None):
+def stores(cfg: Config, log: Log | None = None, tuning: Tuning = DEFAULT,
+           store: Store | None = None) -> Stores:
+    """Return the stores of the settings; store replaces the database as
+    stored (tests and benchmarks give their own; privacy keys still apply)."""
     cfg = resolve(cfg)
     if store is None:
         raw, keyed = database(cfg, log, tuning=tuning)
@@ -111,55 +116,60 @@ def _learner(kind, cfg: Config, log: Log, clock, tuning: Tuning, cleanup: bool,
         if cfg.privacy:
             from greylist.stores.privacy import HashedKeys
             keyed = HashedKeys(store, cfg.secret_file)
-    learned = correspondent_table(cfg, log, tuning=tuning)
-    cleaner = None
-    if cleanup:
-        cleaner = _cleaner(cfg, log, clock, tuning, raw, client_table(cfg, log, tuning=tuning),
-                           learned)
+    return Stores(raw, keyed, client_table(cfg, log, tuning=tuning),
+                  correspondent_table(cfg, log, tuning=tuning))
+
+
+def _cleaner(cfg: Config, log: Log, clock, tuning: Tuning, found: Stores) -> Cleaner:
+    return Cleaner(found.raw, found.clients, cfg, log, clock, batch=tuning.cleanup_batch,
+                   delete_batch=tuning.delete_batch, budget_s=tuning.cleanup_budget_s,
+                   correspondents=found.correspondents)
+
+
+def _learner(kind, cfg: Config, log: Log, clock, tuning: Tuning, cleanup: bool,
+             store: Store | None, found: Stores | None):
+    cfg = resolve(cfg)
+    found = found or stores(cfg, log, tuning, store)
+    cleaner = _cleaner(cfg, log, clock, tuning, found) if cleanup else None
     from greylist.handlers import learn
     from greylist import service
     if kind == "socketmap":
-        return service.SocketmapService(learn.SocketmapHandler(cfg), keyed, learned, log,
-                                        clock, cleaner, tuning.warning_interval_s)
-    return service.OutboundService(learn.OutboundHandler(cfg), keyed, learned, log, clock,
-                                   cleaner, tuning.warning_interval_s)
+        return service.SocketmapService(learn.SocketmapHandler(cfg), found.keyed,
+                                        found.correspondents, log, clock, cleaner,
+                                        tuning.warning_interval_s)
+    return service.OutboundService(learn.OutboundHandler(cfg), found.keyed,
+                                   found.correspondents, log, clock, cleaner,
+                                   tuning.warning_interval_s)
 
 
 def socketmap_service(cfg: Config, log: Log, clock: Callable[[], float] = time.time,
                       tuning: Tuning = DEFAULT, cleanup: bool = True,
-                      store: Store | None = None):
-    """Return the socketmap learner of greylist-socketmap (service.py)."""
-    return _learner("socketmap", cfg, log, clock, tuning, cleanup, store)
+                      store: Store | None = None, found: Stores | None = None):
+    """Return the socketmap learner of greylist-socketmap (service.py);
+    found: the stores to use (greylistd shares its own)."""
+    return _learner("socketmap", cfg, log, clock, tuning, cleanup, store, found)
 
 
 def outbound_service(cfg: Config, log: Log, clock: Callable[[], float] = time.time,
                      tuning: Tuning = DEFAULT, cleanup: bool = True,
-                     store: Store | None = None):
+                     store: Store | None = None, found: Stores | None = None):
     """Return the outbound policy learner of greylist --outbound."""
-    return _learner("outbound", cfg, log, clock, tuning, cleanup, store)
+    return _learner("outbound", cfg, log, clock, tuning, cleanup, store, found)
 
 
 def policy_service(cfg: Config, log: Log, clock: Callable[[], float] = time.time,
                    tuning: Tuning = DEFAULT, cleanup: bool = True,
-                   store: Store | None = None) -> PolicyService:
+                   store: Store | None = None, found: Stores | None = None) -> PolicyService:
     """Return the SMTPD policy service of a program.
 
     store replaces the database as stored (tests and benchmarks give
-    their own); privacy keys still apply over it.
+    their own); privacy keys still apply over it. found: the stores to
+    use (greylistd shares its own between services).
     """
     cfg = resolve(cfg)
-    if store is None:
-        raw, keyed = database(cfg, log, tuning=tuning)
-    else:
-        raw = keyed = store
-        if cfg.privacy:
-            from greylist.stores.privacy import HashedKeys
-            keyed = HashedKeys(store, cfg.secret_file)
-    table = client_table(cfg, log, tuning=tuning)
-    cleaner = None
-    if cleanup:
-        cleaner = _cleaner(cfg, log, clock, tuning, raw, table,
-                           correspondent_table(cfg, log, tuning=tuning))
+    found = found or stores(cfg, log, tuning, store)
+    keyed, table = found.keyed, found.clients
+    cleaner = _cleaner(cfg, log, clock, tuning, found) if cleanup else None
     return PolicyService(PolicyHandler(cfg, host_name()), keyed, table,
                          Whitelists(cfg, log.warning, tuning.whitelist_check_s), log, clock,
                          cleaner, tuning.warning_interval_s)

@@ -13,7 +13,9 @@ DESCRIPTION
                 own evaluation (handlers/policy.py explain()), with the
                 same whitelists and reply text, on the records as they
                 are; nothing is written.
-    dump        key<TAB>value lines, like postmap -s.
+    dump        key<TAB>value lines, like postmap -s: the database, the
+                client table (--table) or the correspondent table
+                (--correspondents).
     whitelist   Add or remove a manual client or (client, sender) entry.
 
     Started as root, greylistctl switches to the owner of the database
@@ -46,7 +48,7 @@ from greylist.protocols.policy import ProtocolError
 from greylist.stores.base import Store, StoreError
 from greylist.stores.cleanup import MANUAL_BATCH, Cleaner
 from greylist.whitelist import Whitelists
-from greylist.wiring import client_table, database, host_name
+from greylist.wiring import client_table, correspondent_table, database, host_name
 
 USAGE = """\
 Manage a greylist database.
@@ -55,7 +57,7 @@ Usage:
   greylistctl [options] cleanup [--dry-run]
   greylistctl [options] stats
   greylistctl [options] show CLIENT SENDER RECIPIENT [--client-name NAME]
-  greylistctl [options] dump [--table]
+  greylistctl [options] dump [--table | --correspondents]
   greylistctl [options] whitelist (add | remove) CLIENT [SENDER]
   greylistctl -h | --help
   greylistctl --version
@@ -66,6 +68,7 @@ Options:
   --dry-run                 Count what cleanup would drop; change nothing.
   --client-name NAME        The client's verified name (for domain matching).
   --table                   Dump the client table instead of the database.
+  --correspondents          Dump the correspondent table instead.
   -h, --help                Show this help.
   --version                 Show the version.
 """
@@ -104,6 +107,15 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
         if args["show"]:
             return _show(keyed, cfg, log, args, clock)
         if args["dump"]:
+            if args["--correspondents"]:
+                table = _learned(cfg, readonly=True)
+                if table is None:
+                    print("greylistctl: no correspondent table (greylist_correspondent_table"
+                          " = none, or greylist_privacy = yes)" if not cfg.correspondent_table
+                          else "greylistctl: %s.lmdb: no such database"
+                          % cfg.correspondent_table)
+                    return 1
+                return _dump(table)
             if not args["--table"]:
                 return _dump(store)
             table = _table(cfg, writable=False, readonly=True)
@@ -148,11 +160,20 @@ def _table(cfg: Config, writable: bool, readonly: bool = False) -> Store | None:
     return client_table(cfg, readonly=readonly)
 
 
+def _learned(cfg: Config, writable: bool = False, readonly: bool = False) -> Store | None:
+    """The correspondent table, as _table() returns the client table."""
+    if not cfg.correspondent_table or not (
+            writable or os.path.exists(cfg.correspondent_table + ".lmdb")):
+        return None
+    return correspondent_table(cfg, readonly=readonly)
+
+
 def _cleanup(store: Store, cfg: Config, log: Log, dry_run: bool) -> int:
-    # A real run creates a missing database and client table: smtpd needs
-    # the table to exist before check_client_access names it.
+    # A real run creates a missing database and tables: smtpd needs a
+    # table to exist before check_client_access names it.
     table = _table(cfg, writable=not dry_run)
-    cleaner = Cleaner(store, table, cfg, log, batch=MANUAL_BATCH)
+    learned = _learned(cfg, writable=not dry_run)
+    cleaner = Cleaner(store, table, cfg, log, batch=MANUAL_BATCH, correspondents=learned)
     if dry_run:
         retained, dropped = cleaner.count(int(time.time()))
         print("cleanup: dry run retained=%d dropped=%d (nothing changed)"
@@ -223,10 +244,11 @@ def _stats(store: Store, cfg: Config) -> int:
     for label, found in (("oldest first seen", oldest), ("newest last seen", newest)):
         if found is not None:
             print("%s: %s %s" % (label, _when(found[0]), found[1].decode("utf-8", "replace")))
-    table = _table(cfg, writable=False)
-    if table is not None:
-        print("client table: %s, %d entries" % (table.path, table.info()["entries"]))
-        table.close()
+    for label, table in (("client table", _table(cfg, writable=False)),
+                         ("correspondent table", _learned(cfg))):
+        if table is not None:
+            print("%s: %s, %d entries" % (label, table.path, table.info()["entries"]))
+            table.close()
     return 0
 
 

@@ -5,8 +5,10 @@ DESCRIPTION
 
     1. Load the settings (the same file as greylist's), set up the log.
     2. Take the listening sockets: those systemd passes (socket
-       activation; a socket named "metrics" serves metrics, any other the
-       policy protocol), else bind greylist_policy_listen and
+       activation; a socket named "metrics" serves metrics, "socketmap"
+       the socketmap learner, "outbound" the outbound policy learner,
+       any other the policy protocol), else bind greylist_policy_listen,
+       greylist_socketmap_listen, greylist_outbound_listen and
        greylist_metrics_listen (transports/listener.py). A listener that
        cannot be created is fatal.
     3. Started as root: drop to greylist_user for good (supplementary
@@ -47,6 +49,7 @@ from greylist.service import PolicyService
 from greylist.stores.commit import BATCH_S, Committer
 from greylist.transports import listener
 from greylist.whitelist import Whitelists
+from greylist import wiring
 from greylist.wiring import Tuning, policy_service
 
 USAGE = """\
@@ -75,8 +78,12 @@ CLEANUP_TICK_S = 1.0
 # every connection, and smtpd gives up after 100 s with 451.
 LOCK_TIMEOUT_S = 2.0
 # Settings that a reload does not change: they need a restart.
-RESTART_ONLY = ("database", "policy_listen", "metrics_listen", "socket_mode",
-                "socket_group", "user", "privacy", "secret_file", "client_table")
+RESTART_ONLY = ("database", "policy_listen", "metrics_listen", "socketmap_listen",
+                "outbound_listen", "socket_mode", "socket_group", "user", "privacy",
+                "secret_file", "client_table", "correspondent_table")
+# Service names of listeners (LISTEN_FDNAMES), and their settings.
+SERVICES = (("policy", "policy_listen"), ("socketmap", "socketmap_listen"),
+            ("outbound", "outbound_listen"), ("metrics", "metrics_listen"))
 
 
 class Fatal(Exception):
@@ -117,6 +124,7 @@ class Daemon:
         self.log = log
         self.stopping: asyncio.Event | None = None
         self.notify_socket = None
+        self.servers: list = []
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -125,23 +133,40 @@ class Daemon:
         loop.set_exception_handler(self._asyncio_report)
         self.stopping = asyncio.Event()
         uid, gid = self._identity()
-        policy_socks, metrics_socks, listeners = self._sockets(uid, gid)
+        socks, listeners = self._sockets(uid, gid)
         self.notify_socket = _notify_socket()
         _preload(self.cfg)
         self._drop(uid, gid)
         metrics = None
-        if metrics_socks:
+        if socks["metrics"]:
             from greylist.metrics import Metrics
             metrics = Metrics()
-        service = policy_service(self.cfg, self.log, tuning=Tuning(lock_timeout_s=LOCK_TIMEOUT_S))
+        tuning = Tuning(lock_timeout_s=LOCK_TIMEOUT_S)
+        self.stores = found = wiring.stores(self.cfg, self.log, tuning)
+        service = policy_service(self.cfg, self.log, tuning=tuning, found=found)
         committer = Committer(service.store, loop, batch_max=self.cfg.commit_batch,
                               batch_s=BATCH_S,
                               observe=None if metrics is None else metrics.commit)
         committer.start()
         await committer.call(service.open_store)
-        server = listener.PolicyServer(service, committer, self.cfg, self.log, metrics)
-        await server.start(policy_socks)
-        metric_servers = await metrics.serve(metrics_socks) if metrics is not None else []
+        if found.correspondents is not None:
+            await committer.call(lambda: _open_quietly(found.correspondents))
+        # One connection table for all services: greylist_max_connections
+        # caps them together.
+        connections: dict = {}
+        server = listener.PolicyServer(service, committer, self.cfg, self.log, metrics,
+                                       connections=connections)
+        await server.start(socks["policy"])
+        self.servers = [server]
+        for name, build in (("socketmap", wiring.socketmap_service),
+                            ("outbound", wiring.outbound_service)):
+            if socks[name]:
+                learner = listener.LearnServer(
+                    build(self.cfg, self.log, tuning=tuning, cleanup=False, found=found),
+                    committer, self.cfg, self.log, metrics, connections=connections)
+                await learner.start(socks[name])
+                self.servers.append(learner)
+        metric_servers = await metrics.serve(socks["metrics"]) if metrics is not None else []
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._reload(server, service))
@@ -153,7 +178,9 @@ class Daemon:
         self._notify("STOPPING=1")
         self.log.info("stopping: no new connections; finishing %d"
                       % len(server.connections))
-        server.stop_accepting()
+        for each in self.servers:
+            each.stop_accepting()
+            each.stopping = True
         for metric_server in metric_servers:
             metric_server.close()
         tick.cancel()
@@ -162,7 +189,7 @@ class Daemon:
         done = await loop.run_in_executor(None, committer.stop, DRAIN_S)
         if not done:
             self.log.warning("the store thread did not finish within %d s" % DRAIN_S)
-        await loop.run_in_executor(None, self._close, server.service)
+        await loop.run_in_executor(None, self._close, server.service, found)
         self.log.info("stopped")
         return 0
 
@@ -200,25 +227,32 @@ class Daemon:
         self._primary_gid = entry.pw_gid
         return entry.pw_uid, gid
 
-    def _sockets(self, uid: int, gid: int):
+    def _sockets(self, uid: int, gid: int) -> tuple[dict[str, list], list[str]]:
+        """The listening sockets of each service (SERVICES), and their names."""
+        socks: dict[str, list] = {name: [] for name, _ in SERVICES}
         inherited = listener.inherited(os.environ)
         if inherited:
-            policy = [sock for name, sock in inherited if name != "metrics"]
-            metrics = [sock for name, sock in inherited if name == "metrics"]
-            names = ["systemd:%s" % name for name, _ in inherited]
-            return policy, metrics, names
-        if not self.cfg.policy_listen:
+            for name, sock in inherited:
+                socks[name if name in socks else "policy"].append(sock)
+            return socks, ["systemd:%s" % name for name, _ in inherited]
+        if not any(getattr(self.cfg, setting) for name, setting in SERVICES
+                   if name != "metrics"):
             raise Fatal("no listeners: set greylist_policy_listen (for example "
-                        "unix:/run/greylist/policy), or start greylistd from a "
-                        "systemd socket unit")
+                        "unix:/run/greylist/policy), greylist_socketmap_listen or "
+                        "greylist_outbound_listen, or start greylistd from a systemd "
+                        "socket unit")
+        self._listeners = []  # keeps their lock files open
         try:
-            policy = listener.bind(self.cfg.policy_listen, self.cfg.socket_mode, uid, gid)
-            metrics = listener.bind(self.cfg.metrics_listen, self.cfg.socket_mode, uid, gid)
+            for name, setting in SERVICES:
+                bound = listener.bind(getattr(self.cfg, setting), self.cfg.socket_mode,
+                                      uid, gid)
+                self._listeners.extend(bound)
+                socks[name] = [each.sock for each in bound]
         except listener.ListenerError as exc:
+            for each in self._listeners:
+                each.sock.close()
             raise Fatal("cannot listen: %s" % exc) from None
-        self._listeners = policy + metrics  # keeps their lock files open
-        return ([each.sock for each in policy], [each.sock for each in metrics],
-                [each.spec for each in policy + metrics])
+        return socks, [each.spec for each in self._listeners]
 
     def _drop(self, uid: int, gid: int) -> None:
         """Drop root for good: groups, then gid, then uid (in that order:
@@ -269,14 +303,20 @@ class Daemon:
                                 Whitelists(cfg, self.log.warning), self.log, current.clock,
                                 current.cleaner, current.warning_interval_s)
         server.reconfigure(service, cfg)
+        for learner in self.servers[1:]:
+            learned = learner.service
+            learned.handler = type(learned.handler)(cfg)
+            learned.cfg = cfg
+            learner.reconfigure(learned, cfg)
         self.cfg = cfg
         self.log.info("reload: settings and whitelists read again")
 
-    def _close(self, service: PolicyService) -> None:
+    def _close(self, service: PolicyService, found) -> None:
         service.close()
         service.store.close()
-        if service.table is not None:
-            service.table.close()
+        for table in (found.clients, found.correspondents):
+            if table is not None:
+                table.close()
 
     def _notify(self, state: str) -> None:
         if self.notify_socket is None:
@@ -285,6 +325,16 @@ class Daemon:
             self.notify_socket.send(state.encode("ascii"))
         except OSError as exc:
             self.log.warning("sd_notify: %s" % exc.strerror)
+
+
+def _open_quietly(store) -> None:
+    """Open a table now (created if missing, for Postfix's lookups); a
+    failure is logged when the table is used."""
+    from greylist.stores.base import StoreError
+    try:
+        store.open()
+    except StoreError:
+        pass
 
 
 def _preload(cfg: Config) -> None:

@@ -8,20 +8,22 @@ DESCRIPTION
     began it. Connections (asyncio coroutines) hand it work and await
     the result:
 
-    plan(keys, change)  a handler's plan (stores/base.py run_plan): the
+    plan(keys, change, store)  a handler's plan (stores/base.py
+                        run_plan) on the database or another store of the
+                        daemon (a learner's correspondent table): the
                         thread reads the keys in a snapshot and runs the
                         pure change; if that writes nothing, the result
                         is returned at once, without joining a commit.
-                        Otherwise the plan joins the batch.
+                        Otherwise the plan joins the batch of its store.
     write(store, key, value)  a plain write (a client-table entry).
     call(function)      any other store work (a cleanup step), run in
                         the thread between batches.
 
     Each turn the thread takes everything queued: it answers the reads,
     then applies the batch of plans that write, in arrival order, inside
-    one write transaction under one exclusive fcntl lock
-    (update_batch), commits durably once, and only then releases their
-    results. Each plan is decided again inside the transaction, on what
+    one write transaction per store under one exclusive fcntl lock
+    (update_batch), commits durably once per store, and only then
+    releases their results. Each plan is decided again inside the transaction, on what
     the plans before it wrote, so two connections racing on the same new
     triple record one first-seen time. A batch is capped at batch_max
     plans, and a turn stops taking plans after batch_s, because Postfix
@@ -76,17 +78,20 @@ class Committer:
         self._started = True
         self._thread.start()
 
-    def plan(self, keys: list[bytes | None], change: Callable) -> asyncio.Future:
-        """Run a handler's plan; the future's result is the change's result.
+    def plan(self, keys: list[bytes | None], change: Callable,
+             store: Store | None = None) -> asyncio.Future:
+        """Run a handler's plan on store (default: the database); the
+        future's result is the change's result.
 
         A plan that writes nothing is answered in the caller's thread when
         the store can read without waiting (no transaction of the store
         thread in progress, no exclusive lock of another process): the
         common path of known triples costs no trip to the store thread.
         """
+        store = store or self.store
         if not self._stopped:
             try:
-                values = self.store.get_many_nowait(keys)
+                values = store.get_many_nowait(keys)
             except StoreError as exc:
                 values = None
                 failure = exc
@@ -103,8 +108,8 @@ class Committer:
                     future.set_result(result)
                     return future
                 # It writes: straight into the next batch, no second snapshot.
-                return self._submit(_WRITING, (keys, change))
-        return self._submit(_PLAN, (keys, change))
+                return self._submit(_WRITING, (keys, change, store))
+        return self._submit(_PLAN, (keys, change, store))
 
     def write(self, store: Store, key: bytes, value: bytes) -> asyncio.Future:
         """Store value under key in store (through this thread)."""
@@ -147,41 +152,44 @@ class Committer:
                 except queue.Empty:
                     break
             stop = False
-            batch = []
+            # Store -> its batch, the database's first.
+            batches: dict[int, tuple[Store, list]] = {id(self.store): (self.store, [])}
             for kind, work, future in items:
                 if kind == _STOP:
                     stop = True
                 elif kind == _PLAN:
-                    self._read(work, future, batch)
+                    self._read(work, future, batches)
                 elif kind == _WRITING:
-                    batch.append((work[0], work[1], future))
+                    batches.setdefault(id(work[2]), (work[2], []))[1].append(
+                        (work[0], work[1], future))
                 elif kind == _WRITE:
                     store, key, value = work
                     self._settle(future, store.put, (key, value))
                 else:
                     self._settle(future, work)
-            if batch:
-                self._commit(batch)
+            for store, batch in batches.values():
+                if batch:
+                    self._commit(store, batch)
             if stop:
                 return
 
-    def _read(self, work, future, batch: list) -> None:
-        """Answer a plan from a snapshot, or add it to the batch."""
-        keys, change = work
+    def _read(self, work, future, batches: dict) -> None:
+        """Answer a plan from a snapshot, or add it to its store's batch."""
+        keys, change, store = work
         try:
-            news, result = change(self.store.get_many(keys))
+            news, result = change(store.get_many(keys))
         except BaseException as exc:
             self._resolve(future, exc, failed=True)
             return
         if writes(keys, news):
-            batch.append((keys, change, future))
+            batches.setdefault(id(store), (store, []))[1].append((keys, change, future))
         else:
             self._resolve(future, result)
 
-    def _commit(self, batch: list) -> None:
+    def _commit(self, store: Store, batch: list) -> None:
         began = time.monotonic()
         try:
-            results = self.store.update_batch([(keys, change) for keys, change, _ in batch])
+            results = store.update_batch([(keys, change) for keys, change, _ in batch])
         except Exception as exc:
             # A store failure, or a bug: the batch fails open, and the
             # thread goes on (a dead store thread would hang every request).

@@ -10,9 +10,12 @@ DESCRIPTION
     inherited() takes the sockets that systemd passes (LISTEN_PID,
     LISTEN_FDS, LISTEN_FDNAMES).
 
-    PolicyServer serves the SMTPD policy protocol on every connection
-    of its listeners, each with its own decoder and Session: message
-    state never leaks between connections. A request is decided with
+    Server serves one service (service.py) on every connection of its
+    listeners, each connection with its own decoder and session: message
+    state never leaks between connections. PolicyServer serves the SMTPD
+    policy protocol; LearnServer the correspondent learners (the
+    socketmap of a cleanup service, the outbound policy of the
+    submission smtpd), whose plans also run in the store thread. A request is decided with
     the handler (handlers/policy.py); its plan runs in the store thread
     (stores/commit.py), so that new triples of many connections share
     one durable commit, and its reply is written only after that
@@ -42,11 +45,12 @@ from greylist.config import Config, parse_listener
 from greylist.core.message import Session
 from greylist.handlers.policy import Answer, PolicyHandler
 from greylist.log import Log
-from greylist.protocols.policy import READ_SIZE, Decoder, ProtocolError, format_reply
-from greylist.service import PolicyService
+from greylist.protocols.policy import READ_SIZE, ProtocolError, format_reply
+from greylist.protocols.socketmap import NOTFOUND
 from greylist.stores.base import StoreError
 from greylist.stores.commit import Committer
 
+DUNNO_REPLY = format_reply("DUNNO")
 # The listen(2) backlog: Postfix's smtpd processes connect at most once
 # each (default_process_limit 100); asyncio's default is 100 too.
 BACKLOG = 512
@@ -184,29 +188,40 @@ def inherited(environ: dict[str, str]) -> list[tuple[str, socket.socket]]:
     return found
 
 
-class PolicyServer:
-    """The SMTPD policy service on a daemon's connections."""
+class Server:
+    """One service on a daemon's connections: each connection gets the
+    service's decoder and session, and answer() answers each request
+    (subclasses)."""
 
-    def __init__(self, service: PolicyService, committer: Committer, cfg: Config,
-                 log: Log, metrics=None, clock: Callable[[], float] = time.time) -> None:
-        self.service = service       # the handler, whitelists, log, store failures
+    def __init__(self, service, committer: Committer, cfg: Config,
+                 log: Log, metrics=None, clock: Callable[[], float] = time.time,
+                 connections: dict | None = None) -> None:
+        self.service = service       # the handler, stores, log, store failures
         self.committer = committer
         self.cfg = cfg
         self.log = log
         self.metrics = metrics
         self.clock = clock
         # Each open connection's task and writer; stopping: no new request.
-        self.connections: dict[asyncio.Task, asyncio.StreamWriter] = {}
+        # (Shared between the servers of a daemon: one cap for all.)
+        self.connections: dict[asyncio.Task, asyncio.StreamWriter] = (
+            {} if connections is None else connections)
         self.stopping = False
         self._full = False
         self._servers: list[asyncio.AbstractServer] = []
 
-    def reconfigure(self, service: PolicyService, cfg: Config) -> None:
+    read_size = READ_SIZE
+
+    async def answer(self, request, session) -> bytes:
+        """The framed reply to one request; raises ProtocolError."""
+        raise NotImplementedError
+
+    def reconfigure(self, service, cfg: Config) -> None:
         """Use new settings (SIGHUP); connections keep their sessions."""
         self.service, self.cfg = service, cfg
 
     async def start(self, sockets: list[socket.socket]) -> None:
-        """Serve the policy protocol on these listening sockets."""
+        """Serve the protocol on these listening sockets."""
         for sock in sockets:
             sock.setblocking(False)
             if sock.family == socket.AF_UNIX:
@@ -270,8 +285,8 @@ class PolicyServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      task: asyncio.Task) -> None:
-        decoder = Decoder()
-        session = Session()
+        decoder = self.service.Decoder()
+        session = self.service.new_session()
         log = self.log
         task.busy = False
         try:
@@ -281,7 +296,7 @@ class PolicyServer:
                     try:
                         # asyncio.timeout, not wait_for: no task per read.
                         async with asyncio.timeout(self.cfg.idle_timeout_s):
-                            data = await reader.read(READ_SIZE)
+                            data = await reader.read(self.read_size)
                     except TimeoutError:
                         log.debug(1, "closing a connection idle for %d s"
                                   % self.cfg.idle_timeout_s)
@@ -294,8 +309,7 @@ class PolicyServer:
                     continue
                 task.busy = True
                 began = time.monotonic()
-                action = await self._answer(attrs, session)
-                writer.write(format_reply(action))
+                writer.write(await self.answer(attrs, session))
                 # A reply the socket took at once needs no drain.
                 if writer.transport.get_write_buffer_size():
                     try:
@@ -321,8 +335,11 @@ class PolicyServer:
             log.warning("internal error on a connection: %s: %s; disconnecting"
                         % (type(exc).__name__, exc))
 
-    async def _answer(self, attrs: dict[str, str], session: Session) -> str:
-        """The action for one request, its plan run in the store thread."""
+class PolicyServer(Server):
+    """The SMTPD policy service on a daemon's connections."""
+
+    async def answer(self, attrs: dict[str, str], session: Session) -> bytes:
+        """The reply to one request, its plan run in the store thread."""
         service = self.service
         handler: PolicyHandler = service.handler
         now = int(self.clock())
@@ -345,4 +362,37 @@ class PolicyServer:
         service.record(answer)
         if self.metrics is not None:
             self.metrics.answer(answer)
-        return answer.action
+        return format_reply(answer.action)
+
+
+class LearnServer(Server):
+    """A correspondent learner (service.SocketmapService or
+    OutboundService) on a daemon's connections: its plans run in the
+    store thread, so that the writes of many connections share commits,
+    and the reply (always the same one) follows them."""
+
+    read_size = 16384
+
+    async def answer(self, request, session) -> bytes:
+        service = self.service
+        now = int(self.clock())
+        if isinstance(request, tuple):
+            found, line = service.handler.lookup(request[0], request[1], session, now)
+            reply = NOTFOUND
+        else:
+            found, line = service.handler.request(request, session, now)
+            reply = DUNNO_REPLY
+        service.note(line)
+        for plan in found:
+            store = service.target(plan)
+            if store is None:
+                continue
+            try:
+                result = await self.committer.plan([plan.key], plan.change, store)
+            except StoreError as exc:
+                service.store_failed(exc)
+                if self.metrics is not None:
+                    self.metrics.store_failure()
+                continue
+            service.learned(plan, result)
+        return reply
