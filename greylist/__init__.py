@@ -1,3 +1,3 @@
 """Greylisting policy server for Postfix with Postfix-compatible LMDB state."""
 
-__version__ = "0.4"
+__version__ = "0.5"

@@ -9,6 +9,7 @@ from greylist import __version__
 from greylist.cli.greylist import USAGE
 from greylist.cli.greylistctl import USAGE as CTL_USAGE
 from greylist.cli.greylistd import USAGE as DAEMON_USAGE
+from greylist.cli.socketmap import USAGE as SOCKETMAP_USAGE
 from greylist.config import SETTINGS, Config
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -21,10 +22,12 @@ def plain(roff: str) -> str:
 
 
 PAGES = [(USAGE, MAN), (CTL_USAGE, (ROOT / "man" / "greylistctl.8").read_text()),
-         (DAEMON_USAGE, (ROOT / "man" / "greylistd.8").read_text())]
+         (DAEMON_USAGE, (ROOT / "man" / "greylistd.8").read_text()),
+         (SOCKETMAP_USAGE, (ROOT / "man" / "greylist-socketmap.8").read_text())]
+IDS = ["greylist", "greylistctl", "greylistd", "greylist-socketmap"]
 
 
-@pytest.mark.parametrize("usage, page", PAGES, ids=["greylist", "greylistctl", "greylistd"])
+@pytest.mark.parametrize("usage, page", PAGES, ids=IDS)
 def test_every_option_of_the_usage_is_in_the_man_page(usage, page):
     options = set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", usage))
     assert options >= {"-c", "--config"}
@@ -32,7 +35,7 @@ def test_every_option_of_the_usage_is_in_the_man_page(usage, page):
     assert missing == []
 
 
-@pytest.mark.parametrize("usage, page", PAGES, ids=["greylist", "greylistctl", "greylistd"])
+@pytest.mark.parametrize("usage, page", PAGES, ids=IDS)
 def test_synopsis_is_the_usage(usage, page):
     lines = [line.strip() for line in usage.split("Usage:")[1].split("Options:")[0]
              .splitlines() if line.strip()]
@@ -48,6 +51,8 @@ def shown(field: str, default) -> str:
         return "the database name plus .secret"
     if field == "client_table":
         return "the database name plus -clients"
+    if field == "correspondent_table":
+        return "the database name plus -correspondents"
     if field.endswith("_s"):
         for unit, size in (("d", 86400), ("h", 3600)):
             if default % size == 0:
@@ -76,7 +81,7 @@ def test_changes_starts_with_the_current_version():
                       re.MULTILINE)
     assert first is not None
     assert __version__.startswith(first.group(1))
-    for name in ("greylist.8", "greylistctl.8", "greylistd.8"):
+    for name in ("greylist.8", "greylistctl.8", "greylistd.8", "greylist-socketmap.8"):
         assert '"greylist %s"' % __version__ in (ROOT / "man" / name).read_text()
 
 

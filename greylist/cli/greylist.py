@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None, tuning: Tuning = DEFAULT) -> int:
         log.close()
 
 
-def parse_args(argv: list[str]) -> dict:
+def parse_args(argv: list[str], usage: str = USAGE) -> dict:
     """Return docopt's parse of argv; exit 2 after a usage error.
 
     "[-v...] [--outbound] -c FILE" (each -v word of v's only, FILE not
@@ -99,13 +99,13 @@ def parse_args(argv: list[str]) -> dict:
         if outbound:
             flags = flags[:-1]
         if all(len(flag) >= 2 and flag[0] == "-" and flag[1:] == "v" * (len(flag) - 1)
-               for flag in flags):
+               for flag in flags) and (not outbound or "--outbound" in usage):
             return {"--config": argv[-1], "--database": None, "--delay": None,
                     "--help": False, "--verbose": sum(len(flag) - 1 for flag in flags),
                     "--version": False, "--outbound": outbound}
     from docopt import DocoptExit, docopt
     try:
-        return docopt(USAGE, argv=argv, version=__version__)
+        return docopt(usage, argv=argv, version=__version__)
     except DocoptExit as exc:
         Log().fatal("usage: %s" % str(exc).replace("\n", " "))
         raise SystemExit(2) from None

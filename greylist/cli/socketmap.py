@@ -19,6 +19,23 @@ import os
 import sys
 
 from greylist.cli.greylist import _log_bug, _overrides, _silence_stderr, parse_args
+
+USAGE = """\
+Correspondent learner for Postfix: a socketmap server run by spawn(8).
+
+Usage:
+  greylist-socketmap [-v...] [-c FILE] [-d PATH]
+  greylist-socketmap -h | --help
+  greylist-socketmap --version
+
+Options:
+  -c FILE, --config FILE    Read settings from FILE (main.cf syntax), as
+                            greylist does.
+  -d PATH, --database PATH  Database lmdb:PATH (greylist_database).
+  -v, --verbose             Log more; repeat for more detail.
+  -h, --help                Show this help.
+  --version                 Show the version.
+"""
 from greylist.config import ConfigError, load
 from greylist.log import Log
 from greylist.transports.spawn import serve
@@ -29,10 +46,8 @@ def main(argv: list[str] | None = None, tuning: Tuning = DEFAULT) -> int:
     """Run the socketmap learner; return the exit status."""
     if not os.isatty(2):
         _silence_stderr()
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.get("--outbound"):
-        Log().fatal("usage: greylist-socketmap [-v...] [-c FILE] [-d PATH]")
-        return 2
+    args = parse_args(sys.argv[1:] if argv is None else argv, USAGE)
+    args.setdefault("--delay", None)
     try:
         cfg = load(args["--config"], _overrides(args))
     except ConfigError as exc:
