@@ -132,12 +132,12 @@ def _learner(kind, cfg: Config, log: Log, clock, tuning: Tuning, cleanup: bool,
     found = found or stores(cfg, log, tuning, store)
     cleaner = _cleaner(cfg, log, clock, tuning, found) if cleanup else None
     from greylist.handlers import learn
-    from greylist import service
+    from greylist import learning
     if kind == "socketmap":
-        return service.SocketmapService(learn.SocketmapHandler(cfg), found.keyed,
+        return learning.SocketmapService(learn.SocketmapHandler(cfg), found.keyed,
                                         found.correspondents, log, clock, cleaner,
                                         tuning.warning_interval_s)
-    return service.OutboundService(learn.OutboundHandler(cfg), found.keyed,
+    return learning.OutboundService(learn.OutboundHandler(cfg), found.keyed,
                                    found.correspondents, log, clock, cleaner,
                                    tuning.warning_interval_s)
 

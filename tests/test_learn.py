@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from greylist.config import Config, resolve
 from greylist.core import correspondents
@@ -69,8 +70,20 @@ def test_the_table_key_is_what_check_sender_access_finds():
 
 def test_a_reply_from_bob_finds_the_pair_learned_when_alice_x_wrote_to_bob_tag():
     assert correspondents.pair("Alice+x@Example.com", "Bob+Tag@Remote.TEST", CFG) \
-        == pair_key("alice@example.com", "bob@remote.test") \
+        == pair_key("alice@example.com", "bob@remote.test", "+") \
         == b"@alice@example.com/bob@remote.test"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=30), st.text(max_size=30), st.sampled_from(["", "+", "+-", "#", "-_"]))
+def test_the_inbound_pair_key_is_the_learned_pair_key(recipient, sender, delimiters):
+    from greylist.core.triple import Triple, keys
+    sender = "x@y" if sender in ("", "<>") else sender
+    triple = Triple("192.0.2", sender, recipient)
+    assert keys(triple, delimiters).pair == pair_key(
+        recipient.casefold(), sender.casefold(), delimiters)
+    assert keys(triple).pair is None
+    assert keys(Triple("192.0.2", "<>", recipient), delimiters).pair is None
 
 
 @pytest.mark.parametrize("old, result", [

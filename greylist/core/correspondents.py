@@ -12,10 +12,11 @@ DESCRIPTION
                     Postfix reads as OK (an all-numerical value).
     the pair        (local sender, correspondent) in the greylist
                     database, as a "correspondent" record (record.py)
-                    under pair_key() (triple.py), both normalised as
-                    greylist normalises senders: a reply from bob@ to
-                    alice@ finds the pair learned when alice+x@ wrote to
-                    bob+tag@. The inbound policy passes a message whose
+                    under pair_key() (triple.py): the local sender
+                    case-folded without its extension, the correspondent
+                    normalised as greylist normalises senders; so a reply
+                    from bob@ to alice@ finds the pair learned when
+                    alice+x@ wrote to bob+tag@. The inbound policy passes a message whose
                     (recipient, sender) pair is learned (decide.py,
                     reason "correspondent").
 
@@ -84,7 +85,8 @@ def table_key(address: str, cfg: Config) -> bytes:
 
 def pair(local_sender: str, correspondent: str, cfg: Config) -> bytes:
     """The database key of a (local sender, correspondent) pair."""
-    return pair_key(normalise_sender(local_sender, cfg), normalise_sender(correspondent, cfg))
+    return pair_key(local_sender.casefold(), normalise_sender(correspondent, cfg),
+                    cfg.sender_delimiter)
 
 
 def stamp_change(now: int, cfg: Config):

@@ -234,13 +234,29 @@ def key(triple: Triple) -> bytes:
     return keys(triple).triple
 
 
-def keys(triple: Triple, pair: bytes | None = None) -> Keys:
+def keys(triple: Triple, pair_delimiters: str | None = None) -> Keys:
     """Return the keys of the triple, of its (client group, sender)
-    auto-whitelist record and of its client-group record, with pair as
-    the correspondent key (pair_key())."""
-    client_sender = triple.client + "/" + _escape(triple.sender.casefold())
-    return new(Keys, (_bounded(client_sender + "/" + _escape(triple.recipient.casefold())),
-                      _bounded(client_sender),
+    auto-whitelist record and of its client-group record; unless
+    pair_delimiters is None, also of its (recipient, sender) correspondent
+    pair, as pair_key(recipient, sender, pair_delimiters) returns it (the
+    null sender has none)."""
+    sender = _escape(triple.sender.casefold())
+    recipient = triple.recipient.casefold()
+    escaped = _escape(recipient)
+    client_sender = triple.client + "/" + sender
+    pair = None
+    if pair_delimiters is not None and triple.sender != NULL_SENDER:
+        # pair_key(), inline: the escaped fields are at hand, and most
+        # recipients have no extension to remove.
+        if pair_delimiters and (pair_delimiters in recipient if len(pair_delimiters) == 1
+                                else any(d in recipient for d in pair_delimiters)):
+            user, at, domain = recipient.rpartition("@")
+            escaped_local = _escape(strip_extension(user, pair_delimiters) + "@" + domain
+                                    if at else recipient)
+        else:
+            escaped_local = escaped
+        pair = _bounded(PAIR_MARK + escaped_local + "/" + sender)
+    return new(Keys, (_bounded(client_sender + "/" + escaped), _bounded(client_sender),
                       None if triple.client == UNKNOWN_CLIENT else _bounded(triple.client),
                       pair))
 
@@ -250,9 +266,14 @@ def keys(triple: Triple, pair: bytes | None = None) -> Keys:
 PAIR_MARK = "@"
 
 
-def pair_key(local: str, correspondent: str) -> bytes:
-    """Return the key of a (local address, correspondent) pair, both as
-    normalise_sender() returns them."""
+def pair_key(local: str, correspondent: str, delimiters: str) -> bytes:
+    """Return the key of a (local address, correspondent) pair: local
+    case-folded (its extension is removed here), correspondent as
+    normalise_sender() returns it."""
+    if delimiters:
+        user, at, domain = local.rpartition("@")
+        if at:
+            local = strip_extension(user, delimiters) + "@" + domain
     return _bounded(PAIR_MARK + _escape(local) + "/" + _escape(correspondent))
 
 

@@ -49,8 +49,7 @@ from greylist.core.record import decode, encode, new
 from greylist.core.evaluate import precheck, render
 from greylist.core.lists import Exemptions
 from greylist.core.message import Session
-from greylist.core.triple import (NULL_SENDER, BadAddress, Triple, keys, normalise_sender,
-                                  pair_key, table_key, triple_from_request)
+from greylist.core.triple import BadAddress, Triple, keys, table_key, triple_from_request
 from greylist.protocols.policy import ProtocolError
 from greylist.stores.base import NO_WRITES
 
@@ -117,16 +116,12 @@ class PolicyHandler:
         if decision is not None:
             return Answer(decision.action, decision, _line(decision.action, decision,
                                                            attrs, address))
-        triple = triple_from_request(attrs, self.cfg, address)
-        found = keys(triple, self._pair(triple))
+        cfg = self.cfg
+        triple = triple_from_request(attrs, cfg, address)
+        # With the (recipient, sender) correspondent pair, unless turned off.
+        found = keys(triple, cfg.sender_delimiter if cfg.correspondent_check else None)
         return new(Pending, (attrs, address, triple, now, found, self.change(
             found, now, session.instance is not None and session.accepted)))
-
-    def _pair(self, triple: Triple) -> bytes | None:
-        """The correspondent key of an inbound triple: (recipient, sender)."""
-        if not self.cfg.correspondent_check or triple.sender == NULL_SENDER:
-            return None
-        return pair_key(normalise_sender(triple.recipient, self.cfg), triple.sender)
 
     def change(self, found: Sequence[bytes | None], now: int, accepted: bool
                ) -> Callable[[Values], tuple[Values, Outcome]]:

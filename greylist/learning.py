@@ -1,0 +1,145 @@
+"""Running the correspondent learners' plans against the stores, synchronously.
+
+DESCRIPTION
+    LearnService is what the spawn transport (transports/spawn.py) calls
+    for the learners of handlers/learn.py: SocketmapService for
+    greylist-socketmap, OutboundService for greylist --outbound. Each
+    reply() runs the handler, then the plans it returned (stores/base.py
+    run_plan: an entry that is fresh costs no write), logs what they
+    wrote, and returns the protocol's one answer: NOTFOUND, or DUNNO.
+
+    A store failure is logged, at most once per interval, and the answer
+    stays the same: a learner never makes Postfix wait or fail (fail
+    open). A module of its own, so that the policy program under
+    spawn(8) does not import it.
+
+DIAGNOSTICS
+    "learn: WHAT new" or "refreshed" for each entry written; the
+    handler's lines; a warning for store failures.
+"""
+
+import time
+from typing import Callable
+
+from greylist.handlers.learn import (TABLE, OutboundHandler, OutboundSession, Plan,
+                                     SocketmapHandler, SocketmapSession)
+from greylist.log import Log
+from greylist.protocols import policy, socketmap
+from greylist.service import STORE_WARNING_INTERVAL_S
+from greylist.stores.base import Store, StoreError, run_plan
+from greylist.stores.cleanup import Cleaner
+
+
+class LearnService:
+    """A correspondent learner's handler, stores, log and clock (see the
+    module description)."""
+
+    def __init__(self, cfg, database: Store | None, table: Store | None, log: Log,
+                 clock: Callable[[], float] = time.time, cleaner: Cleaner | None = None,
+                 warning_interval_s: float = STORE_WARNING_INTERVAL_S) -> None:
+        self.cfg = cfg
+        self.store = database
+        self.table = table
+        self.log = log
+        self.clock = clock
+        self.cleaner = cleaner
+        self.warning_interval_s = warning_interval_s
+        self._warned_at: float | None = None
+
+    def open_store(self) -> None:
+        """Open the stores now, so that a broken one is reported at start."""
+        for store in (self.store, self.table):
+            if store is not None:
+                try:
+                    store.open()
+                except StoreError as exc:
+                    self.store_failed(exc)
+
+    def target(self, plan: Plan) -> Store | None:
+        """The store a plan writes to (None: not kept here)."""
+        return self.table if plan.store == TABLE else self.store
+
+    def learn(self, found: list[Plan]) -> None:
+        """Run plans; log what they wrote."""
+        for plan in found:
+            store = self.target(plan)
+            if store is None:
+                continue
+            try:
+                result = run_plan(store, [plan.key], plan.change)
+            except StoreError as exc:
+                self.store_failed(exc)
+                continue
+            self.learned(plan, result)
+
+    def learned(self, plan: Plan, result: str | None) -> None:
+        """Log what a plan did ("new", "refreshed" or None: nothing)."""
+        if result is not None:
+            self.log.info("learn: %s %s" % (plan.what, result))
+        else:
+            self.log.debug(1, "learn: %s known" % plan.what)
+
+    def note(self, line: str | None) -> None:
+        """Log a handler's line: a warning, or a debug line."""
+        if line is None:
+            return
+        if line.startswith("warning: "):
+            self.log.warning(line[len("warning: "):])
+        else:
+            self.log.debug(1, line)
+
+    def after_reply(self) -> None:
+        """Work that waits until a reply is sent: a cleanup step."""
+        if self.cleaner is not None:
+            self.cleaner.step()
+
+    def close(self) -> None:
+        """Release files at the end of the connection."""
+        if self.cleaner is not None:
+            self.cleaner.close()
+
+    def store_failed(self, exc: StoreError) -> None:
+        """Warn about a store failure, at most once per interval."""
+        now = time.monotonic()
+        if self._warned_at is None or now - self._warned_at >= self.warning_interval_s:
+            self._warned_at = now
+            self.log.warning("%s; learning nothing until the database works again "
+                             "(mail is not affected)" % exc)
+
+
+class SocketmapService(LearnService):
+    """greylist-socketmap: lookups answered NOTFOUND, correspondents learned."""
+
+    Decoder = socketmap.Decoder
+    new_session = SocketmapSession
+
+    def __init__(self, handler: SocketmapHandler, *args, **kwargs) -> None:
+        super().__init__(handler.cfg, *args, **kwargs)
+        self.handler = handler
+
+    def reply(self, request: tuple[str, str], session: SocketmapSession) -> bytes:
+        """NOTFOUND, after the lookup's plans ran."""
+        found, line = self.handler.lookup(request[0], request[1], session, int(self.clock()))
+        self.note(line)
+        if found:
+            self.learn(found)
+        return socketmap.NOTFOUND
+
+
+class OutboundService(LearnService):
+    """greylist --outbound: DUNNO to everything, correspondents learned."""
+
+    Decoder = policy.Decoder
+    new_session = OutboundSession
+
+    def __init__(self, handler: OutboundHandler, *args, **kwargs) -> None:
+        super().__init__(handler.cfg, *args, **kwargs)
+        self.handler = handler
+
+    def reply(self, attrs: dict[str, str], session: OutboundSession) -> bytes:
+        """DUNNO, after the request's plans ran."""
+        found, line = self.handler.request(attrs, session, int(self.clock()))
+        self.note(line)
+        if found:
+            self.learn(found)
+        return policy.format_reply("DUNNO")
