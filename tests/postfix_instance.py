@@ -16,12 +16,15 @@ API
     None if we are root and postfix, postconf, postmap (with ``lmdb`` in
     ``postconf -m``) and swaks are usable; otherwise a reason (for pytest.skip).
 
-``PostfixInstance(root, policy_argv, policy_user="nobody", port=None, extra_main_cf=None)``
+``PostfixInstance(root, policy_argv, policy_user="nobody", port=None, extra_main_cf=None,
+extra_master_cf="")``
     ``policy_argv`` is the spawn(8) command: absolute argv[0], no whitespace in
     any element (master.cf splits on it), run without a shell, cwd = queue
     dir, as ``policy_user`` (neither root nor postfix: spawn refuses them).
     ``port`` defaults to a free port. ``extra_main_cf`` overrides/extends
-    ``main_cf()``.
+    ``main_cf()``. ``extra_master_cf`` is appended to master.cf as is
+    (more services: further smtpd listeners, spawn services, cleanups);
+    ``free_port()`` gives ports for extra listeners.
 
     ``start(timeout=20)``     write config, ``postfix -c DIR check`` and ``start``,
                               wait for the smtpd "220" banner.
@@ -29,9 +32,11 @@ API
                               has its cwd under root; idempotent; raises
                               RuntimeError if processes survive. Context manager:
                               ``__exit__`` always calls it.
-    ``swaks(sender, recipient, extra_args=(), timeout=30)`` -> CompletedProcess;
+    ``swaks(sender, recipient, extra_args=(), timeout=30, port=None)`` -> CompletedProcess;
                               ``.stdout`` holds swaks' stdout+stderr, ``.returncode``
-                              is swaks' status (0 = sent, 24 = no RCPT accepted).
+                              is swaks' status (0 = sent, 24 = no RCPT accepted);
+                              ``port`` (default ``self.port``) selects another
+                              listener of ``extra_master_cf``.
     ``wait_for_delivery(recipient_localpart, timeout=20)`` -> str: the oldest
                               delivered message to that recipient not returned
                               before (full address also accepted).
@@ -160,11 +165,16 @@ def _free_port() -> int:
     raise RuntimeError("no free port found")
 
 
+# For the listeners of extra_master_cf.
+free_port = _free_port
+
+
 class PostfixInstance:
     """A Postfix instance living entirely under ``root``; see the module docstring."""
 
     def __init__(self, root: pathlib.Path, policy_argv: list[str], policy_user: str = "nobody",
-                 port: int | None = None, extra_main_cf: dict[str, str] | None = None):
+                 port: int | None = None, extra_main_cf: dict[str, str] | None = None,
+                 extra_master_cf: str = ""):
         if not policy_argv or not os.path.isabs(policy_argv[0]):
             raise ValueError("policy_argv[0] must be an absolute path")
         if any(not a or any(c.isspace() for c in a) for a in policy_argv):
@@ -176,6 +186,7 @@ class PostfixInstance:
         self.policy_user = policy_user
         self.port = port if port is not None else _free_port()
         self.extra_main_cf = dict(extra_main_cf or {})
+        self.extra_master_cf = extra_master_cf
         self.config_dir = self.root / "etc"
         self.queue_dir = self.root / "queue"
         self.data_dir = self.root / "data"
@@ -234,8 +245,9 @@ class PostfixInstance:
         os.chown(self.mailbox_dir.parent, mbox.pw_uid, mbox.pw_gid)
         settings = self.main_cf() | self.extra_main_cf
         (self.config_dir / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
-        (self.config_dir / "master.cf").write_text(MASTER_CF.format(
-            listen=f"127.0.0.1:{self.port}", user=self.policy_user, argv=" ".join(self.policy_argv)))
+        master = MASTER_CF.format(listen=f"127.0.0.1:{self.port}", user=self.policy_user,
+                                  argv=" ".join(self.policy_argv))
+        (self.config_dir / "master.cf").write_text(master + self.extra_master_cf)
 
     def _postfix(self, *args: str, timeout: float = 60) -> tuple[int, str]:
         """Run ``postfix -c DIR *args`` on a pseudo-terminal; return (status, output)."""
@@ -332,9 +344,10 @@ class PostfixInstance:
         self.stop()
 
     def swaks(self, sender: str, recipient: str, extra_args: list[str] = (),
-              timeout: float = 30) -> subprocess.CompletedProcess:
+              timeout: float = 30, port: int | None = None) -> subprocess.CompletedProcess:
         """One SMTP transaction with swaks against 127.0.0.1:port (output in ``.stdout``)."""
-        cmd = [_tool("swaks") or "swaks", "--server", "127.0.0.1", "--port", str(self.port),
+        port = self.port if port is None else port
+        cmd = [_tool("swaks") or "swaks", "--server", "127.0.0.1", "--port", str(port),
                "--from", sender, "--to", recipient, "--helo", "client.example.org",
                "--timeout", str(max(1, int(timeout))), *extra_args]
         return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
