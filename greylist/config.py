@@ -93,6 +93,7 @@ class Config(NamedTuple):
     local_domains: tuple[str, ...] = ()
     socketmap_sender_name: str = "sender"
     socketmap_recipient_name: str = "rcpt"
+    socketmap_header_name: str = "header"
     outbound_require_sasl: bool = True
     socketmap_listen: tuple[str, ...] = ()
     outbound_listen: tuple[str, ...] = ()
@@ -336,6 +337,7 @@ SETTINGS = {
     "greylist_local_domains": ("local_domains", _parse_domains),
     "greylist_socketmap_sender_name": ("socketmap_sender_name", _parse_map_name),
     "greylist_socketmap_recipient_name": ("socketmap_recipient_name", _parse_map_name),
+    "greylist_socketmap_header_name": ("socketmap_header_name", _parse_map_name),
     "greylist_outbound_require_sasl": ("outbound_require_sasl", _parse_bool),
     "greylist_socketmap_listen": ("socketmap_listen", _parse_listeners),
     "greylist_outbound_listen": ("outbound_listen", _parse_listeners),

@@ -245,3 +245,55 @@ def test_bench_daemon_durability_audit_finds_a_reply_before_its_commit():
     for lines in (early, stale):
         bad = bench_run._audit_daemon(lines, fds)
         assert bad["defer_replies_traced"] == 1 and bad["preceded_by_sync"] == 0, bad
+
+
+def test_bench_socketmap_quick_run_checks_known_lookups_write_nothing(tmp_path):
+    # bench/socketmap.py --quick: greylist-socketmap (spawn form), greylistd
+    # with 1 and 16 connections, and the NOTFOUND responder in both forms.
+    report_path, work = tmp_path / "socketmap.json", tmp_path / "work"
+    work.mkdir()
+    argv = [sys.executable, os.path.join(ROOT, "bench", "socketmap.py"), "--quick",
+            "--python", sys.executable, "--ours-path", ROOT, "--tmpdir", str(work),
+            "--json", str(report_path), "--check"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "no-write check" in done.stdout
+
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    assert report["failures"] == []
+    rows = {(r["kind"], r["program"], r["connections"]): r for r in report["rows"]}
+    assert set(rows) == {(kind, p, k) for kind in ("known", "new") for p, k in (
+        ("greylist-socketmap", 1), ("notfound", 1), ("greylistd", 1), ("greylistd", 16),
+        ("notfound-asyncio", 1), ("notfound-asyncio", 16))}
+    for (kind, program, k), row in rows.items():
+        assert row["available"] and not row.get("errors"), row
+        assert row["replies"] == row["lookups"] == row["rcpt_lookups"] + k, row
+        assert row["malformed"] == 0 and row["rate"] > 0, row
+        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"], row
+        assert row["exit_codes"] == [0], row
+        if program.startswith("notfound"):
+            continue
+        if kind == "known":
+            assert row["no_write"] is True and row["prelearned_all"] is True, row
+            assert row["commits"] == {"database": 0, "table": 0}, row
+        else:
+            assert row["learned_all"] is True, row
+            assert row["entries_added"] == {"database": row["rcpt_lookups"],
+                                            "table": row["rcpt_lookups"]}, row
+            # Two durable writes each; one connection cannot share commits.
+            assert 0 < row["commits_per_lookup"] <= 2.0, row
+            if k == 1:
+                assert row["commits_per_lookup"] == 2.0, row
+    assert os.listdir(work) == []  # Work directories removed.
+
+    # The check can fail: a write during the known phase is reported.
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import socketmap
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    wrote = dict(rows["known", "greylistd", 16], no_write=False,
+                 commits={"database": 1, "table": 0})
+    assert socketmap.failures([wrote]) == [
+        "round 1 known greylistd K=16: the known phase wrote (commits "
+        "{'database': 1, 'table': 0})"]

@@ -140,6 +140,15 @@ def test_a_sender_is_forgotten_after_its_time():
     assert session.sender is None
 
 
+def test_the_first_header_lookup_ends_the_envelope():
+    handler, session = SocketmapHandler(CFG), SocketmapSession()
+    handler.lookup("sender", "alice@example.com", session, T)
+    assert handler.lookup("rcpt", "bob@remote.test", session, T)[0]
+    assert handler.lookup("header", "Subject: hello", session, T) == ([], None)
+    # A null-sender message next: its recipient is not alice's.
+    assert handler.lookup("rcpt", "dave@remote.test", session, T)[0] == []
+
+
 def test_local_and_automatic_recipients_are_not_learned_and_say_why():
     handler, session = SocketmapHandler(CFG), SocketmapSession()
     handler.lookup("sender", "alice@example.com", session, T)

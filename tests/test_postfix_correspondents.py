@@ -94,6 +94,7 @@ def mx():
 cleanup-out unix n - n - 0 cleanup
   -o recipient_bcc_maps=socketmap:unix:private/greylist-learn:rcpt
   -o sender_bcc_maps=socketmap:unix:private/greylist-learn:sender
+  -o header_checks=socketmap:unix:private/greylist-learn:header
 greylist-learn unix - n n - 0 spawn
   user={USER} argv={python} -m greylist.cli.socketmap -vv -c {learn}
 127.0.0.1:{ports['out']} inet n - n - - smtpd
@@ -283,11 +284,15 @@ def test_reply_to_mail_sent_through_the_submission_cleanup_passes_at_its_first_a
     text = wait_for_log(mx.learn_log, log_at, r"learn: pair sender=alice@example.test "
                         r"correspondent=bob\+tag@remote.test")
 
-    # What cleanup asked, in order, on one connection: the sender, then the recipient.
+    # What cleanup asked, in order, on one connection: the sender, then the
+    # recipient, then (header_checks) each header line.
+    text = wait_for_log(mx.learn_log, log_at, r"request: header Subject: to bob")
     lines = learner_lines(text)
     requests = [(pid, line) for pid, line in lines if line.startswith("request: ")]
-    assert [line for _, line in requests] == [
+    envelope = [line for _, line in requests if not line.startswith("request: header ")]
+    assert envelope == [
         "request: sender alice@example.test", "request: rcpt bob+tag@remote.test"], text
+    assert requests[2][1].startswith("request: header "), text
     assert len({pid for pid, _ in requests}) == 1
     # The table entry of bob@remote.test is "known" if the first test ran before.
     messages = [re.sub(r"(correspondent=\S+) known$", r"\1 new", line)
@@ -298,7 +303,7 @@ def test_reply_to_mail_sent_through_the_submission_cleanup_passes_at_its_first_a
         "learn: correspondent=bob+tag@remote.test new",
         "learn: pair sender=alice@example.test correspondent=bob+tag@remote.test new",
     ], text
-    assert text.count("reply: 9:NOTFOUND ,") == 2
+    assert text.count("reply: 9:NOTFOUND ,") == len(requests)
     assert_pair(pairs(mx), "alice@example.test", "bob@remote.test")
     assert table_stamp(mx, "bob@remote.test").isdigit()
 
@@ -340,9 +345,11 @@ def test_null_sender_message_is_not_paired_with_the_previous_senders_message(mx)
         sender nora@example.test    (message 1, MAIL FROM:<nora@...>)
         rcpt bob@remote.test        (message 1)
         rcpt dave@remote.test       (message 2, MAIL FROM:<>)
-    greylist-socketmap (commit 747175c) keeps the last sender for
-    SENDER_TTL_S = 300 s, so it learns "pair sender=nora@example.test
-    correspondent=dave@remote.test new". The sender is remembered per
+    greylist-socketmap (commit 747175c) kept the last sender for
+    SENDER_TTL_S = 300 s, so it learned "pair sender=nora@example.test
+    correspondent=dave@remote.test new". Fixed: the header_checks lookups
+    (map "header") that cleanup makes after each message's envelope
+    end it, and the learner forgets the sender at the first one. The sender is remembered per
     learner connection, that is per cleanup process, not per client or
     user: a null-sender message from anyone, right after nora's message,
     is paired with nora.
@@ -376,10 +383,15 @@ def test_null_sender_message_is_not_paired_with_the_previous_senders_message(mx)
     text = read_from(mx.learn_log, log_at)
     lines = learner_lines(text)
     requests = [(pid, line) for pid, line in lines if line.startswith("request: ")]
-    # The lookups of both messages, as observed: none for the null sender.
-    assert [line for _, line in requests] == [
+    # The lookups of both messages, as observed: none for the null sender;
+    # message 1's header lookups (header_checks) end its envelope.
+    envelope = [line for _, line in requests if not line.startswith("request: header ")]
+    assert envelope == [
         "request: sender nora@example.test", "request: rcpt bob@remote.test",
         "request: rcpt dave@remote.test"], text
+    order = [line for _, line in requests]
+    between = order[2:order.index("request: rcpt dave@remote.test")]
+    assert between and all(line.startswith("request: header ") for line in between), text
     # The precondition of the hazard: both messages on one learner connection.
     assert len({pid for pid, _ in requests}) == 1, text
 

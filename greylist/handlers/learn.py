@@ -17,10 +17,17 @@ DESCRIPTION
     greylist_socketmap_recipient_name), once per message
     (postfix-interop.md 8.1). So the session remembers the last sender,
     and each recipient is learned as a correspondent and paired with it.
-    A sender is forgotten SENDER_TTL_S after it was looked up: a message
-    with the null sender (a read receipt, say) has no sender lookup, and
-    its recipients must not be paired with the sender of a message long
-    before it. Other map names get "NOTFOUND " and one warning per name.
+
+    A message with the null sender (a read receipt, an auto-reply) has
+    no sender lookup, so its recipients would be paired with the sender
+    of the message before it on that cleanup process. The end of a
+    message's envelope is marked by header_checks lookups (map
+    greylist_socketmap_header_name), which cleanup makes for each header
+    line after the envelope: the first one forgets the sender. Without
+    that hook, a sender is forgotten SENDER_TTL_S after it was looked
+    up. Recipients that cleanup extracts from headers (sendmail -t) come
+    after the headers: they are learned, but not paired. Other map names
+    get "NOTFOUND " and one warning per name.
 
     OutboundHandler serves the policy service of the submission smtpd
     (check_policy_service { unix:private/greylist-out,
@@ -118,6 +125,10 @@ class SocketmapHandler:
         if name == cfg.socketmap_sender_name:
             session.sender, session.sender_at = key, now
             return [], "sender %s" % _shown(key)
+        if name == cfg.socketmap_header_name:
+            # The envelope has ended: what follows is another message's.
+            session.sender = None
+            return [], None
         if name == cfg.socketmap_recipient_name:
             reason = correspondents.screen(key, cfg)
             if reason is not None:
@@ -128,9 +139,10 @@ class SocketmapHandler:
             return plans(sender, key, now, cfg), None
         if name not in self.warned and len(self.warned) < 100:
             self.warned.add(name)
-            return [], ("warning: socketmap lookup in unknown map %s (expected %s or %s); "
-                        "answering NOTFOUND" % (_shown(name), cfg.socketmap_sender_name,
-                                                cfg.socketmap_recipient_name))
+            return [], ("warning: socketmap lookup in unknown map %s (expected %s, %s or "
+                        "%s); answering NOTFOUND"
+                        % (_shown(name), cfg.socketmap_sender_name,
+                           cfg.socketmap_recipient_name, cfg.socketmap_header_name))
         return [], None
 
 
