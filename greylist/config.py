@@ -95,6 +95,15 @@ class Config(NamedTuple):
     socketmap_recipient_name: str = "rcpt"
     socketmap_header_name: str = "header"
     outbound_require_sasl: bool = True
+    # The postscreen callout (greylist-postscreen(8)): "" until resolve().
+    postscreen_table: str = ""
+    # postscreen's own postscreen_greet_ttl: a day.
+    postscreen_ttl_s: int = 86400
+    postscreen_drop_networks: tuple[str, ...] = ()
+    postscreen_enforce_networks: tuple[str, ...] = ()
+    postscreen_service_name: str = ""
+    socketmap_postscreen_name: str = "postscreen"
+    postscreen_listen: tuple[str, ...] = ()
     socketmap_listen: tuple[str, ...] = ()
     outbound_listen: tuple[str, ...] = ()
     verbose: int = 0
@@ -287,6 +296,13 @@ def _parse_map_name(name: str, value: str) -> str:
     return value
 
 
+def _parse_service_name(name: str, value: str) -> str:
+    value = value.strip()
+    if value and not re.fullmatch("[A-Za-z0-9_.-]{1,64}", value):
+        raise ConfigError("%s: %r is not a master.cf service name" % (name, value))
+    return value
+
+
 def _parse_log(name: str, value: str) -> str:
     value = value.strip()
     if value in ("syslog", "postlog") or value.startswith("/") \
@@ -340,6 +356,13 @@ SETTINGS = {
     "greylist_socketmap_header_name": ("socketmap_header_name", _parse_map_name),
     "greylist_outbound_require_sasl": ("outbound_require_sasl", _parse_bool),
     "greylist_socketmap_listen": ("socketmap_listen", _parse_listeners),
+    "greylist_postscreen_table": ("postscreen_table", _parse_table),
+    "greylist_postscreen_ttl": ("postscreen_ttl_s", _parse_time),
+    "greylist_postscreen_drop_networks": ("postscreen_drop_networks", _parse_networks),
+    "greylist_postscreen_enforce_networks": ("postscreen_enforce_networks", _parse_networks),
+    "greylist_postscreen_service_name": ("postscreen_service_name", _parse_service_name),
+    "greylist_socketmap_postscreen_name": ("socketmap_postscreen_name", _parse_map_name),
+    "greylist_postscreen_listen": ("postscreen_listen", _parse_listeners),
     "greylist_outbound_listen": ("outbound_listen", _parse_listeners),
 }
 assert {f for f, _ in SETTINGS.values()} == set(Config._fields) - {
@@ -399,6 +422,7 @@ def load(path: str | None, overrides: dict[str, object]) -> Config:
 
 CLIENT_TABLE_SUFFIX = "-clients"
 CORRESPONDENT_TABLE_SUFFIX = "-correspondents"
+POSTSCREEN_TABLE_SUFFIX = "-postscreen"
 SECRET_SUFFIX = ".secret"
 CLEANUP_SUFFIX = ".cleanup"
 
@@ -409,7 +433,8 @@ def resolve(cfg: Config) -> Config:
     client_table: the setting, or the database's name plus "-clients";
     "" for none (greylist_client_table = none, and always in privacy
     mode, as the table names clients in plaintext). correspondent_table
-    likewise, with "-correspondents". secret_file: the
+    and postscreen_table likewise, with "-correspondents" and
+    "-postscreen". secret_file: the
     setting, or the database's name plus ".secret". cleanup_state: the
     database's name plus ".cleanup". The log file is made absolute.
     Idempotent.
@@ -423,10 +448,14 @@ def resolve(cfg: Config) -> Config:
     learned = cfg.correspondent_table or database + CORRESPONDENT_TABLE_SUFFIX
     if learned == "none" or cfg.privacy:
         learned = ""
+    screened = cfg.postscreen_table or database + POSTSCREEN_TABLE_SUFFIX
+    if screened == "none" or cfg.privacy:
+        screened = ""
     log = cfg.log
     if not log.startswith("postlog") and log != "syslog":
         log = os.path.abspath(log)
     return cfg._replace(client_table=table, correspondent_table=learned,
+                        postscreen_table=screened,
                         secret_file=cfg.secret_file or database + SECRET_SUFFIX,
                         cleanup_state=cfg.database + CLEANUP_SUFFIX,
                         log=log, resolved=True)

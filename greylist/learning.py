@@ -117,8 +117,19 @@ class SocketmapService(LearnService):
         super().__init__(handler.cfg, *args, **kwargs)
         self.handler = handler
 
+    # The callout service that answers the postscreen map (callout.py).
+    postscreen = None
+
     def reply(self, request: tuple[str, str], session: SocketmapSession) -> bytes:
-        """NOTFOUND, after the lookup's plans ran."""
+        """NOTFOUND, after the lookup's plans ran; for the postscreen map,
+        "OK permit" when the callout would pass the client."""
+        if self.postscreen is not None and request[0] == self.cfg.socketmap_postscreen_name:
+            from greylist.handlers.postscreen import socketmap_address
+            address = socketmap_address(request[1])
+            if address is None:
+                return socketmap.NOTFOUND
+            return socketmap.PERMIT if self.postscreen.verdict(address).action == "pass" \
+                else socketmap.NOTFOUND
         found, line = self.handler.lookup(request[0], request[1], session, int(self.clock()))
         self.note(line)
         if found:

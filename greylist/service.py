@@ -43,7 +43,8 @@ class PolicyService:
     def __init__(self, handler: PolicyHandler, store: Store, table: Store | None,
                  whitelists: Whitelists, log: Log, clock: Callable[[], float] = time.time,
                  cleaner: Cleaner | None = None,
-                 warning_interval_s: float = STORE_WARNING_INTERVAL_S) -> None:
+                 warning_interval_s: float = STORE_WARNING_INTERVAL_S,
+                 postscreen: Store | None = None) -> None:
         self.handler = handler
         self.cfg = handler.cfg
         self.store = store
@@ -53,6 +54,7 @@ class PolicyService:
         self.clock = clock
         self.cleaner = cleaner
         self.warning_interval_s = warning_interval_s
+        self.postscreen = postscreen   # the postscreen table, or None
         self._warned_at: float | None = None
 
     def open_store(self) -> None:
@@ -84,6 +86,11 @@ class PolicyService:
         if answer.table_write is not None and self.table is not None:
             try:
                 self.table.put(*answer.table_write)
+            except StoreError as exc:
+                self.store_failed(exc)
+        if answer.postscreen is not None and self.postscreen is not None:
+            try:
+                run_plan(self.postscreen, [answer.postscreen[0]], answer.postscreen[1])
             except StoreError as exc:
                 self.store_failed(exc)
         self.record(answer)

@@ -84,6 +84,16 @@ def client_table(cfg: Config, log: Log | None = None, readonly: bool = False,
                      warn=None if log is None else log.warning, **tuning.store_options())
 
 
+def postscreen_table(cfg: Config, log: Log | None = None, readonly: bool = False,
+                     tuning: Tuning = DEFAULT) -> LmdbStore | None:
+    """Return the postscreen table, or None when there is none."""
+    cfg = resolve(cfg)
+    if not cfg.postscreen_table:
+        return None
+    return LmdbStore(cfg.postscreen_table, readonly=readonly,
+                     warn=None if log is None else log.warning, **tuning.store_options())
+
+
 def correspondent_table(cfg: Config, log: Log | None = None, readonly: bool = False,
                         tuning: Tuning = DEFAULT) -> LmdbStore | None:
     """Return the correspondent table, or None when there is none."""
@@ -102,6 +112,7 @@ class Stores(NamedTuple):
     keyed: Store
     clients: Store | None
     correspondents: Store | None
+    postscreen: Store | None = None
 
 
 def stores(cfg: Config, log: Log | None = None, tuning: Tuning = DEFAULT,
@@ -117,13 +128,14 @@ def stores(cfg: Config, log: Log | None = None, tuning: Tuning = DEFAULT,
             from greylist.stores.privacy import HashedKeys
             keyed = HashedKeys(store, cfg.secret_file)
     return Stores(raw, keyed, client_table(cfg, log, tuning=tuning),
-                  correspondent_table(cfg, log, tuning=tuning))
+                  correspondent_table(cfg, log, tuning=tuning),
+                  postscreen_table(cfg, log, tuning=tuning))
 
 
 def _cleaner(cfg: Config, log: Log, clock, tuning: Tuning, found: Stores) -> Cleaner:
     return Cleaner(found.raw, found.clients, cfg, log, clock, batch=tuning.cleanup_batch,
                    delete_batch=tuning.delete_batch, budget_s=tuning.cleanup_budget_s,
-                   correspondents=found.correspondents)
+                   correspondents=found.correspondents, postscreen=found.postscreen)
 
 
 def _learner(kind, cfg: Config, log: Log, clock, tuning: Tuning, cleanup: bool,
@@ -134,9 +146,11 @@ def _learner(kind, cfg: Config, log: Log, clock, tuning: Tuning, cleanup: bool,
     from greylist.handlers import learn
     from greylist import learning
     if kind == "socketmap":
-        return learning.SocketmapService(learn.SocketmapHandler(cfg), found.keyed,
-                                        found.correspondents, log, clock, cleaner,
-                                        tuning.warning_interval_s)
+        service = learning.SocketmapService(learn.SocketmapHandler(cfg), found.keyed,
+                                            found.correspondents, log, clock, cleaner,
+                                            tuning.warning_interval_s)
+        service.postscreen = postscreen_service(cfg, log, clock, tuning, found=found)
+        return service
     return learning.OutboundService(learn.OutboundHandler(cfg), found.keyed,
                                    found.correspondents, log, clock, cleaner,
                                    tuning.warning_interval_s)
@@ -172,4 +186,17 @@ def policy_service(cfg: Config, log: Log, clock: Callable[[], float] = time.time
     cleaner = _cleaner(cfg, log, clock, tuning, found) if cleanup else None
     return PolicyService(PolicyHandler(cfg, host_name()), keyed, table,
                          Whitelists(cfg, log.warning, tuning.whitelist_check_s), log, clock,
-                         cleaner, tuning.warning_interval_s)
+                         cleaner, tuning.warning_interval_s, found.postscreen)
+
+
+def postscreen_service(cfg: Config, log: Log, clock: Callable[[], float] = time.time,
+                       tuning: Tuning = DEFAULT, store: Store | None = None,
+                       found: Stores | None = None):
+    """Return the postscreen callout of greylist-postscreen (callout.py)."""
+    cfg = resolve(cfg)
+    found = found or stores(cfg, log, tuning, store)
+    from greylist.callout import PostscreenService
+    from greylist.handlers.postscreen import PostscreenHandler
+    return PostscreenService(PostscreenHandler(cfg), found.keyed,
+                             Whitelists(cfg, log.warning, tuning.whitelist_check_s), log,
+                             clock, tuning.warning_interval_s)

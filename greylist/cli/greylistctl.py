@@ -17,6 +17,8 @@ DESCRIPTION
                 client table (--table) or the correspondent table
                 (--correspondents).
     whitelist   Add or remove a manual client or (client, sender) entry.
+    postscreen  What the postscreen callout answers for a client now,
+                and why, with the postscreen table's entry.
 
     Started as root, greylistctl switches to the owner of the database
     directory, so that the files it creates belong to the policy user.
@@ -48,7 +50,8 @@ from greylist.protocols.policy import ProtocolError
 from greylist.stores.base import Store, StoreError
 from greylist.stores.cleanup import MANUAL_BATCH, Cleaner
 from greylist.whitelist import Whitelists
-from greylist.wiring import client_table, correspondent_table, database, host_name
+from greylist.wiring import (client_table, correspondent_table, database, host_name,
+                             postscreen_table)
 
 USAGE = """\
 Manage a greylist database.
@@ -57,7 +60,8 @@ Usage:
   greylistctl [options] cleanup [--dry-run]
   greylistctl [options] stats
   greylistctl [options] show CLIENT SENDER RECIPIENT [--client-name NAME]
-  greylistctl [options] dump [--table | --correspondents]
+  greylistctl [options] dump [--table | --correspondents | --postscreen]
+  greylistctl [options] postscreen CLIENT
   greylistctl [options] whitelist (add | remove) CLIENT [SENDER]
   greylistctl -h | --help
   greylistctl --version
@@ -69,6 +73,7 @@ Options:
   --client-name NAME        The client's verified name (for domain matching).
   --table                   Dump the client table instead of the database.
   --correspondents          Dump the correspondent table instead.
+  --postscreen              Dump the postscreen table instead.
   -h, --help                Show this help.
   --version                 Show the version.
 """
@@ -106,7 +111,17 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
             return _stats(store, cfg)
         if args["show"]:
             return _show(keyed, cfg, log, args, clock)
+        if args["postscreen"]:
+            return _postscreen(keyed, cfg, log, args["CLIENT"])
         if args["dump"]:
+            if args["--postscreen"]:
+                table = _screened(cfg, readonly=True)
+                if table is None:
+                    print("greylistctl: no postscreen table (greylist_postscreen_table = "
+                          "none, or greylist_privacy = yes)" if not cfg.postscreen_table
+                          else "greylistctl: %s.lmdb: no such database" % cfg.postscreen_table)
+                    return 1
+                return _dump(table)
             if args["--correspondents"]:
                 table = _learned(cfg, readonly=True)
                 if table is None:
@@ -168,12 +183,55 @@ def _learned(cfg: Config, writable: bool = False, readonly: bool = False) -> Sto
     return correspondent_table(cfg, readonly=readonly)
 
 
+def _screened(cfg: Config, writable: bool = False, readonly: bool = False) -> Store | None:
+    """The postscreen table, as _table() returns the client table."""
+    if not cfg.postscreen_table or not (
+            writable or os.path.exists(cfg.postscreen_table + ".lmdb")):
+        return None
+    return postscreen_table(cfg, readonly=readonly)
+
+
+def _postscreen(store: Store, cfg: Config, log: Log, client: str) -> int:
+    from greylist.callout import PostscreenService
+    from greylist.handlers.postscreen import PostscreenHandler
+    from greylist.protocols.policy import ProtocolError
+    from greylist.protocols.postscreen import check
+    try:
+        address = check({"client_address": client, "server_address": "127.0.0.1",
+                         "client_port": "0", "server_port": "25"})
+    except ProtocolError:
+        print("greylistctl: %s is not an IP address" % client)
+        return 2
+    quiet = Log("greylistctl", "/dev/null")
+    service = PostscreenService(PostscreenHandler(cfg), store, Whitelists(cfg, log.warning),
+                                quiet)
+    verdict = service.verdict(address)
+    group = client_group(address, None, cfg)
+    value = store.get(client_key(group))
+    record = None if value is None else records.decode(value)
+    print("client group: %s" % group)
+    print("client entry: %s" % ("absent" if record is None else _describe(
+        record, int(time.time()), cfg)))
+    table = _screened(cfg, readonly=True)
+    if table is not None:
+        entry = table.get(address.encode("ascii"))
+        print("postscreen table: %s" % ("absent" if entry is None
+                                        else entry.decode("ascii", "replace")))
+        table.close()
+    print("callout answer: action=%s%s\nreason: %s" % (
+        verdict.action, "" if verdict.ttl is None else " ttl=%d" % verdict.ttl,
+        verdict.reason))
+    return 0
+
+
 def _cleanup(store: Store, cfg: Config, log: Log, dry_run: bool) -> int:
     # A real run creates a missing database and tables: smtpd needs a
     # table to exist before check_client_access names it.
     table = _table(cfg, writable=not dry_run)
     learned = _learned(cfg, writable=not dry_run)
-    cleaner = Cleaner(store, table, cfg, log, batch=MANUAL_BATCH, correspondents=learned)
+    screened = _screened(cfg, writable=not dry_run)
+    cleaner = Cleaner(store, table, cfg, log, batch=MANUAL_BATCH, correspondents=learned,
+                      postscreen=screened)
     if dry_run:
         retained, dropped = cleaner.count(int(time.time()))
         print("cleanup: dry run retained=%d dropped=%d (nothing changed)"
@@ -245,7 +303,8 @@ def _stats(store: Store, cfg: Config) -> int:
         if found is not None:
             print("%s: %s %s" % (label, _when(found[0]), found[1].decode("utf-8", "replace")))
     for label, table in (("client table", _table(cfg, writable=False)),
-                         ("correspondent table", _learned(cfg))):
+                         ("correspondent table", _learned(cfg)),
+                         ("postscreen table", _screened(cfg))):
         if table is not None:
             print("%s: %s, %d entries" % (label, table.path, table.info()["entries"]))
             table.close()
@@ -323,6 +382,7 @@ def _dump(store: Store) -> int:
 
 def _whitelist(store: Store, cfg: Config, log: Log, args: dict) -> int:
     client = args["CLIENT"]
+    address = None
     try:
         address = client_address(client)
         group = client_group(address, None, cfg)
@@ -345,21 +405,29 @@ def _whitelist(store: Store, cfg: Config, log: Log, args: dict) -> int:
     else:
         k, what = client_key(group), group
     table = None if sender else _table(cfg, writable=args["add"])
+    # The postscreen table lists addresses: an address given, no domain.
+    screened = None if sender or address is None else _screened(cfg, writable=args["add"])
     if args["add"]:
         now = int(time.time())
         store.put(k, records.encode(records.Record(now, now, 1, records.MANUAL)))
         if table is not None:
             table.put(table_name, b"%d" % now)
+        if screened is not None:
+            from greylist.core.tables import MANUAL_PERMIT
+            screened.put(address.encode("ascii"), MANUAL_PERMIT)
         log.info("whitelist: added %s" % what)
         print("added: %s" % what)
     else:
         existed = store.delete(k)
         if table is not None:
             table.delete(table_name)
+        if screened is not None:
+            screened.delete(address.encode("ascii"))
         log.info("whitelist: removed %s" % what)
         print(("removed: %s" if existed else "not listed: %s") % what)
-    if table is not None:
-        table.close()
+    for each in (table, screened):
+        if each is not None:
+            each.close()
     return 0
 
 

@@ -7,9 +7,10 @@ DESCRIPTION
     2. Take the listening sockets: those systemd passes (socket
        activation; a socket named "metrics" serves metrics, "socketmap"
        the socketmap learner, "outbound" the outbound policy learner,
-       any other the policy protocol), else bind greylist_policy_listen,
-       greylist_socketmap_listen, greylist_outbound_listen and
-       greylist_metrics_listen (transports/listener.py). A listener that
+       "postscreen" the postscreen callout, any other the policy
+       protocol), else bind greylist_policy_listen,
+       greylist_socketmap_listen, greylist_outbound_listen,
+       greylist_postscreen_listen and greylist_metrics_listen (transports/listener.py). A listener that
        cannot be created is fatal.
     3. Started as root: drop to greylist_user for good (supplementary
        groups cleared, then the group, then the user) before any
@@ -79,11 +80,13 @@ CLEANUP_TICK_S = 1.0
 LOCK_TIMEOUT_S = 2.0
 # Settings that a reload does not change: they need a restart.
 RESTART_ONLY = ("database", "policy_listen", "metrics_listen", "socketmap_listen",
-                "outbound_listen", "socket_mode", "socket_group", "user", "privacy",
-                "secret_file", "client_table", "correspondent_table")
+                "outbound_listen", "postscreen_listen", "socket_mode", "socket_group",
+                "user", "privacy", "secret_file", "client_table", "correspondent_table",
+                "postscreen_table")
 # Service names of listeners (LISTEN_FDNAMES), and their settings.
 SERVICES = (("policy", "policy_listen"), ("socketmap", "socketmap_listen"),
-            ("outbound", "outbound_listen"), ("metrics", "metrics_listen"))
+            ("outbound", "outbound_listen"), ("postscreen", "postscreen_listen"),
+            ("metrics", "metrics_listen"))
 
 
 class Fatal(Exception):
@@ -149,8 +152,9 @@ class Daemon:
                               observe=None if metrics is None else metrics.commit)
         committer.start()
         await committer.call(service.open_store)
-        if found.correspondents is not None:
-            await committer.call(lambda: _open_quietly(found.correspondents))
+        for table in (found.correspondents, found.postscreen):
+            if table is not None:
+                await committer.call(lambda table=table: _open_quietly(table))
         # One connection table for all services: greylist_max_connections
         # caps them together.
         connections: dict = {}
@@ -164,8 +168,15 @@ class Daemon:
                 learner = listener.LearnServer(
                     build(self.cfg, self.log, tuning=tuning, cleanup=False, found=found),
                     committer, self.cfg, self.log, metrics, connections=connections)
+                learner.postscreen = getattr(learner.service, "postscreen", None)
                 await learner.start(socks[name])
                 self.servers.append(learner)
+        if socks["postscreen"]:
+            callout = listener.PostscreenServer(
+                wiring.postscreen_service(self.cfg, self.log, tuning=tuning, found=found),
+                committer, self.cfg, self.log, metrics, connections=connections)
+            await callout.start(socks["postscreen"])
+            self.servers.append(callout)
         metric_servers = await metrics.serve(socks["metrics"]) if metrics is not None else []
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
@@ -238,9 +249,9 @@ class Daemon:
         if not any(getattr(self.cfg, setting) for name, setting in SERVICES
                    if name != "metrics"):
             raise Fatal("no listeners: set greylist_policy_listen (for example "
-                        "unix:/run/greylist/policy), greylist_socketmap_listen or "
-                        "greylist_outbound_listen, or start greylistd from a systemd "
-                        "socket unit")
+                        "unix:/run/greylist/policy), greylist_socketmap_listen, "
+                        "greylist_outbound_listen or greylist_postscreen_listen, or start "
+                        "greylistd from a systemd socket unit")
         self._listeners = []  # keeps their lock files open
         try:
             for name, setting in SERVICES:
@@ -303,18 +314,27 @@ class Daemon:
                                 Whitelists(cfg, self.log.warning), self.log, current.clock,
                                 current.cleaner, current.warning_interval_s)
         server.reconfigure(service, cfg)
-        for learner in self.servers[1:]:
-            learned = learner.service
-            learned.handler = type(learned.handler)(cfg)
-            learned.cfg = cfg
-            learner.reconfigure(learned, cfg)
+        for other in self.servers[1:]:
+            other.reconfigure(self._renewed(other.service, cfg), cfg)
+            if getattr(other, "postscreen", None) is not None:
+                other.postscreen = self._renewed(other.postscreen, cfg)
+                other.service.postscreen = other.postscreen
         self.cfg = cfg
         self.log.info("reload: settings and whitelists read again")
+
+    def _renewed(self, service, cfg: Config):
+        """A learner or callout service with new settings (SIGHUP): a new
+        handler and whitelists, the same stores."""
+        service.handler = type(service.handler)(cfg)
+        service.cfg = cfg
+        if hasattr(service, "whitelists"):
+            service.whitelists = Whitelists(cfg, self.log.warning)
+        return service
 
     def _close(self, service: PolicyService, found) -> None:
         service.close()
         service.store.close()
-        for table in (found.clients, found.correspondents):
+        for table in (found.clients, found.correspondents, found.postscreen):
             if table is not None:
                 table.close()
 

@@ -187,6 +187,21 @@ class Exemptions:
         self.senders = senders
         self.delimiter = delimiter
 
+    def client_reason(self, address: str) -> str | None:
+        """Why a client is exempt by its canonical address alone (trusted
+        networks, address and network entries of the client lists), or
+        None: for callers that know no client name (postscreen)."""
+        if address == UNKNOWN_CLIENT:
+            return None
+        if self.trusted:
+            import ipaddress
+            ip = ipaddress.ip_address(address)
+            if any(ip in network for network in self.trusted):
+                return TRUSTED
+        if self.clients is not None and match_client(self.clients, address, None):
+            return WHITELIST_CLIENT
+        return None
+
     def reason(self, attrs: dict[str, str], address: str) -> str | None:
         """Return why a request (canonical client address) is exempt, or None."""
         if attrs.get("sasl_username"):

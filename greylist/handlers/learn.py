@@ -137,6 +137,8 @@ class SocketmapHandler:
             if sender is not None and not 0 <= now - session.sender_at <= SENDER_TTL_S:
                 sender = session.sender = None
             return plans(sender, key, now, cfg), None
+        if name == cfg.socketmap_postscreen_name:
+            return [], None  # Answered by the postscreen callout (learning.py).
         if name not in self.warned and len(self.warned) < 100:
             self.warned.add(name)
             return [], ("warning: socketmap lookup in unknown map %s (expected %s, %s or "

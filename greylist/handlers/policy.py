@@ -27,7 +27,9 @@ DESCRIPTION
     A client that earns, or refreshes, its client auto-whitelisting is
     also written to the client table, a Postfix lmdb table with numeric
     time stamps as values, for check_client_access before
-    check_policy_service.
+    check_policy_service. The address of a proven client (one that
+    earns it, or passes as awl-client or manual-client) gets a plan for
+    the postscreen table (core/tables.py), for postscreen_access_list.
 
     explain() is greylistctl show: the same steps on a snapshot, with
     nothing written.
@@ -43,13 +45,14 @@ DIAGNOSTICS
 from typing import Callable, NamedTuple, Sequence
 
 from greylist.config import Config
-from greylist.core.decide import (DATABASE_FAILURE, NO_RECORDS, Decision, Records, decide,
-                                  whitelisted_client)
+from greylist.core.decide import (AWL_CLIENT, DATABASE_FAILURE, MANUAL_CLIENT, NO_RECORDS,
+                                  Decision, Records, decide, whitelisted_client)
 from greylist.core.record import decode, encode, new
 from greylist.core.evaluate import precheck, render
 from greylist.core.lists import Exemptions
 from greylist.core.message import Session
-from greylist.core.triple import BadAddress, Triple, keys, table_key, triple_from_request
+from greylist.core.triple import (UNKNOWN_CLIENT, BadAddress, Triple, keys, table_key,
+                                  triple_from_request)
 from greylist.protocols.policy import ProtocolError
 from greylist.stores.base import NO_WRITES
 
@@ -75,6 +78,8 @@ class Answer(NamedTuple):
     debug: bool = False            # log it only with -v
     warnings: tuple[str, ...] = ()
     table_write: tuple[bytes, bytes] | None = None
+    # A plan (key, change) for the postscreen table (core/tables.py).
+    postscreen: tuple[bytes, Callable] | None = None
 
 
 class Pending(NamedTuple):
@@ -147,13 +152,20 @@ class PolicyHandler:
         decision = outcome.decision
         attrs, address = pending.attrs, pending.address
         action = render(decision, attrs, address, session, pending.now, self.cfg, self.host)
+        cfg = self.cfg
         client = decision.writes.client
-        table = None
-        if self.cfg.client_table and client is not None \
-                and whitelisted_client(client, self.cfg):
+        table = screened = None
+        earned = client is not None and whitelisted_client(client, cfg)
+        if cfg.client_table and earned:
             table = (table_key(address, pending.triple.client), b"%d" % pending.now)
+        if cfg.postscreen_table and (earned or decision.reason in (AWL_CLIENT, MANUAL_CLIENT)) \
+                and address != UNKNOWN_CLIENT:
+            # A proven client: postscreen may let this address through.
+            from greylist.core.tables import permit_change
+            screened = (address.encode("ascii"), permit_change(
+                pending.now, decision.reason == MANUAL_CLIENT, cfg.max_age_s))
         return new(Answer, (action, decision, _line(action, decision, attrs, address),
-                            False, outcome.warnings, table))
+                            False, outcome.warnings, table, screened))
 
     def explain(self, attrs: dict[str, str], session: Session, now: int,
                 exemptions: Exemptions, read: Callable[[list[bytes | None]], Values]

@@ -38,6 +38,8 @@ _MAX_DIGITS = len(str(MAX_REQUEST_BYTES))
 READ_SIZE = 16384
 
 NOTFOUND = b"9:NOTFOUND ,"
+# The postscreen map's answer for a proven client (postscreen_access_list).
+PERMIT = b"9:OK permit,"
 
 
 class Decoder:

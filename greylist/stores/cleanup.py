@@ -6,7 +6,8 @@ DESCRIPTION
     (decide.py), and records that do not parse; the client table loses
     entries whose time stamp is more than greylist_max_age old, the
     correspondent table those more than greylist_correspondent_lifetime
-    old. A pass starts when the last
+    old, the postscreen table "permit STAMP" entries more than
+    greylist_max_age old (core/tables.py). A pass starts when the last
     full pass completed greylist_cleanup_interval ago.
 
     The pass is shared by all processes. Its position, counts and the
@@ -47,6 +48,7 @@ from typing import Callable, NamedTuple
 from greylist.config import Config
 from greylist.core import record as records
 from greylist.core.decide import expired
+from greylist.core.tables import permit_expired
 from greylist.stores.base import Store, StoreError
 from greylist.stores.lmdbfile import check_directory
 from greylist.stores.lock import EXCLUSIVE, LockBusy, lock, unlock
@@ -55,6 +57,7 @@ from greylist.stores.lock import EXCLUSIVE, LockBusy, lock, unlock
 DATABASE = 0
 CLIENT_TABLE = 1
 CORRESPONDENT_TABLE = 2
+POSTSCREEN_TABLE = 3
 BATCH = 64
 MANUAL_BATCH = 1024
 # At most this many deletes per write transaction: the exclusive lock,
@@ -81,7 +84,7 @@ class State(NamedTuple):
 def parse_state(text: str) -> State | None:
     """Return the state written by format_state(), or None if it does not parse."""
     fields = text.split()
-    if len(fields) != 7 or fields[0] != "1" or fields[2] not in ("-", "0", "1", "2"):
+    if len(fields) != 7 or fields[0] != "1" or fields[2] not in ("-", "0", "1", "2", "3"):
         return None
     try:
         last, retained, dropped, started = (int(fields[i]) for i in (1, 4, 5, 6))
@@ -105,7 +108,8 @@ class Cleaner:
     def __init__(self, store: Store, table: Store | None, cfg: Config,
                  log, clock: Callable[[], float] = time.time, batch: int = BATCH,
                  delete_batch: int = DELETE_BATCH, budget_s: float = BUDGET_S,
-                 correspondents: Store | None = None) -> None:
+                 correspondents: Store | None = None,
+                 postscreen: Store | None = None) -> None:
         """store is the database, table the client table and correspondents
         the correspondent table (each None if there is none), as stored
         (not through privacy.HashedKeys); cfg.cleanup_state names the
@@ -116,6 +120,8 @@ class Cleaner:
             self.stores[CLIENT_TABLE] = table
         if correspondents is not None:
             self.stores[CORRESPONDENT_TABLE] = correspondents
+        if postscreen is not None:
+            self.stores[POSTSCREEN_TABLE] = postscreen
         self.batch = batch
         self.delete_batch = delete_batch
         self.budget_s = budget_s
@@ -236,6 +242,8 @@ class Cleaner:
             # expired() keeps manual entries for ever.
             record = records.decode(value)
             return record is None or expired(record, now, self.cfg)
+        if table == POSTSCREEN_TABLE:
+            return permit_expired(value, now, self.cfg.max_age_s)
         # The tables: numeric time stamps; anything else is left alone.
         lifetime = (self.cfg.max_age_s if table == CLIENT_TABLE
                     else self.cfg.correspondent_lifetime_s)

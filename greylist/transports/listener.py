@@ -46,7 +46,8 @@ from greylist.core.message import Session
 from greylist.handlers.policy import Answer, PolicyHandler
 from greylist.log import Log
 from greylist.protocols.policy import READ_SIZE, ProtocolError, format_reply
-from greylist.protocols.socketmap import NOTFOUND
+from greylist.protocols.postscreen import check as check_postscreen
+from greylist.protocols.socketmap import NOTFOUND, PERMIT
 from greylist.stores.base import StoreError
 from greylist.stores.commit import Committer
 
@@ -359,10 +360,52 @@ class PolicyServer(Server):
                 await self.committer.write(service.table, *answer.table_write)
             except StoreError as exc:
                 service.store_failed(exc)
+        if answer.postscreen is not None and service.postscreen is not None:
+            key, change = answer.postscreen
+            try:
+                await self.committer.plan([key], change, service.postscreen)
+            except StoreError as exc:
+                service.store_failed(exc)
         service.record(answer)
         if self.metrics is not None:
             self.metrics.answer(answer)
         return format_reply(answer.action)
+
+
+class PostscreenServer(Server):
+    """The postscreen policy callout (callout.py) on a daemon's
+    connections. A verdict that needs the database waits for it at most
+    callout.BUDGET_S; a later one is "ignore" (postscreen's own tests
+    decide), and the read is left to finish on its own."""
+
+    async def answer(self, attrs: dict[str, str], session) -> bytes:
+        return self.service.format(await verdict(self.service, self.committer,
+                                                 check_postscreen(attrs), self.clock,
+                                                 self.metrics))
+
+
+async def verdict(service, committer: Committer, address: str, clock, metrics=None):
+    """The callout verdict for a client address, its read in the store thread
+    within the budget; logged."""
+    from greylist.callout import BUDGET_S
+    from greylist.handlers.postscreen import Lookup
+    now = int(clock())
+    step = service.handler.prepare(address, now, service.whitelists.exemptions(now))
+    if isinstance(step, Lookup):
+        try:
+            async with asyncio.timeout(BUDGET_S):
+                step = await committer.plan(step.keys, step.change)
+        except TimeoutError:
+            service.store_failed(StoreError("the database did not answer within %d ms"
+                                            % (1000 * BUDGET_S)))
+            step = service.handler.failed(address)
+        except StoreError as exc:
+            service.store_failed(exc)
+            if metrics is not None:
+                metrics.store_failure()
+            step = service.handler.failed(address)
+    service.log.info(step.line())
+    return step
 
 
 class LearnServer(Server):
@@ -373,10 +416,15 @@ class LearnServer(Server):
 
     read_size = 16384
 
+    # The callout service that answers the socketmap's postscreen map.
+    postscreen = None
+
     async def answer(self, request, session) -> bytes:
         service = self.service
         now = int(self.clock())
         if isinstance(request, tuple):
+            if self.postscreen is not None and request[0] == self.cfg.socketmap_postscreen_name:
+                return await self._screen(request[1])
             found, line = service.handler.lookup(request[0], request[1], session, now)
             reply = NOTFOUND
         else:
@@ -396,3 +444,15 @@ class LearnServer(Server):
                 continue
             service.learned(plan, result)
         return reply
+
+    async def _screen(self, key: str) -> bytes:
+        """A postscreen_access_list lookup: "OK permit" for a client the
+        callout would pass, else NOTFOUND."""
+        from greylist.handlers.postscreen import socketmap_address
+        address = socketmap_address(key)
+        if address is None:
+            return NOTFOUND
+        found = await verdict(self.postscreen, self.committer, address, self.clock,
+                              self.metrics)
+        return PERMIT if found.action == "pass" else NOTFOUND
+

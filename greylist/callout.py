@@ -1,0 +1,98 @@
+"""Running the postscreen callout handler against the database, synchronously.
+
+DESCRIPTION
+    PostscreenService is what the spawn transport (transports/spawn.py)
+    calls for greylist-postscreen, and what greylist's socketmap server
+    asks for its postscreen map: each request's client address is
+    checked (protocols/postscreen.py), the handler (handlers/postscreen.py)
+    answers, reading the client's group record in one short read
+    transaction when it must, and the verdict is logged and sent. The
+    database is opened with a lock budget of BUDGET_S: postscreen gives
+    up after postscreen_policy_timeout and uses its default action, so a
+    late answer is worse than "ignore", which is what a database that is
+    locked, broken or missing gets. A store failure is logged at most
+    once per interval.
+
+DIAGNOSTICS
+    One info line per verdict; ProtocolError for a malformed request; a
+    warning for store failures.
+"""
+
+import time
+from typing import Callable
+
+from greylist.handlers.postscreen import Lookup, PostscreenHandler, Verdict
+from greylist.log import Log
+from greylist.protocols import policy, postscreen
+from greylist.service import STORE_WARNING_INTERVAL_S
+from greylist.stores.base import Store, StoreError
+from greylist.whitelist import Whitelists
+
+# The longest a callout waits for a database lock before it answers
+# "ignore": well below any sensible postscreen_policy_timeout.
+BUDGET_S = 0.1
+
+
+class PostscreenService:
+    """greylist-postscreen's handler, database, whitelists, log and clock."""
+
+    Decoder = policy.Decoder
+
+    def __init__(self, handler: PostscreenHandler, store: Store, whitelists: Whitelists,
+                 log: Log, clock: Callable[[], float] = time.time,
+                 warning_interval_s: float = STORE_WARNING_INTERVAL_S) -> None:
+        self.handler = handler
+        self.cfg = handler.cfg
+        self.store = store
+        self.whitelists = whitelists
+        self.log = log
+        self.clock = clock
+        self.warning_interval_s = warning_interval_s
+        self._warned_at: float | None = None
+
+    @staticmethod
+    def new_session() -> None:
+        """Callout requests share no state."""
+        return None
+
+    def open_store(self) -> None:
+        """Open the database now, so that a broken one is reported at start."""
+        try:
+            self.store.open()
+        except StoreError as exc:
+            self.store_failed(exc)
+
+    def verdict(self, address: str) -> Verdict:
+        """The verdict for a canonical client address, logged."""
+        now = int(self.clock())
+        step = self.handler.prepare(address, now, self.whitelists.exemptions(now))
+        if isinstance(step, Lookup):
+            try:
+                _, step = step.change(self.store.get_many(step.keys))
+            except StoreError as exc:
+                self.store_failed(exc)
+                step = self.handler.failed(address)
+        self.log.info(step.line())
+        return step
+
+    def reply(self, attrs: dict[str, str], session=None) -> bytes:
+        """The reply to one callout request; raises ProtocolError."""
+        return self.format(self.verdict(postscreen.check(attrs)))
+
+    def format(self, verdict: Verdict) -> bytes:
+        """A verdict as a callout reply."""
+        return postscreen.format_reply(verdict.action, verdict.ttl,
+                                       self.cfg.postscreen_service_name)
+
+    def after_reply(self) -> None:
+        """Nothing waits for the reply."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def store_failed(self, exc: StoreError) -> None:
+        """Warn about a store failure, at most once per interval."""
+        now = time.monotonic()
+        if self._warned_at is None or now - self._warned_at >= self.warning_interval_s:
+            self._warned_at = now
+            self.log.warning("%s; answering ignore until the database works again" % exc)

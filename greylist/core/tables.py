@@ -1,0 +1,49 @@
+"""The values of the Postfix tables greylist exports for postscreen(8).
+
+DESCRIPTION
+    The postscreen table (greylist_postscreen_table) lists client
+    addresses that greylisting has proven, for postscreen_access_list,
+    which looks up the exact client address and reads the value as an
+    access list. A value is "permit STAMP" (a client that earned the
+    client auto-whitelist; STAMP is when it was last seen so) or "permit
+    manual" (greylistctl whitelist add): postscreen stops at "permit"
+    and never reads the second word, which cleanup uses for expiry.
+
+    permit_change() refreshes an entry only once past half of
+    greylist_max_age, so a proven client's requests rarely write.
+
+    This module is part of the pure core: no I/O, no clock, no logging.
+"""
+
+MANUAL_PERMIT = b"permit manual"
+
+
+def permit_change(now: int, manual: bool, max_age_s: int):
+    """The change of a postscreen table entry for a proven client; its
+    result is True when it writes."""
+    def change(values: list[bytes | None]) -> tuple[list[bytes | None], bool]:
+        old = values[0]
+        if manual:
+            return ([None], False) if old == MANUAL_PERMIT else ([MANUAL_PERMIT], True)
+        if old == MANUAL_PERMIT:
+            return [None], False
+        stamp = permit_stamp(old)
+        if stamp is not None and 0 <= now - stamp <= max_age_s // 2:
+            return [None], False
+        return [b"permit %d" % now], True
+    return change
+
+
+def permit_stamp(value: bytes | None) -> int | None:
+    """The time stamp of a "permit STAMP" value, else None."""
+    if value is None or not value.startswith(b"permit "):
+        return None
+    stamp = value[len(b"permit "):]
+    return int(stamp) if stamp.isdigit() and len(stamp) <= 19 else None
+
+
+def permit_expired(value: bytes, now: int, max_age_s: int) -> bool:
+    """Whether cleanup removes a postscreen table entry: a "permit STAMP"
+    more than max_age_s old. Manual and unknown values stay."""
+    stamp = permit_stamp(value)
+    return stamp is not None and now - stamp > max_age_s

@@ -1,0 +1,130 @@
+"""The postscreen policy callout handler: what greylisting knows about a client.
+
+DESCRIPTION
+    PostscreenHandler answers a callout request (protocols/postscreen.py)
+    conservatively, because "pass" lets a client skip postscreen's other
+    tests for the ttl:
+
+    drop, enforce   for clients in greylist_postscreen_drop_networks or
+                    greylist_postscreen_enforce_networks (reasons
+                    drop-network, enforce-network); no database needed.
+    pass            for clients that greylisting has proven: those in
+                    greylist_trusted_networks (trusted) or listed by
+                    address or network in greylist_whitelist_clients
+                    (whitelist-client), with ttl greylist_postscreen_ttl;
+                    and client groups with a manual entry (manual-client,
+                    the same ttl) or past greylist_client_awl_passes
+                    (awl-client, ttl no longer than the entry's remaining
+                    lifetime).
+    ignore          everything else (unproven), and whenever the database
+                    cannot answer within the budget (database-failure):
+                    postscreen's own tests decide.
+
+    The client group is the one greylist_client_match gives the address
+    without a client name: postscreen knows none, so with
+    greylist_client_match = domain only the prefix fallback groups are
+    found. prepare() answers at once where it can, or returns a Lookup
+    whose pure change() reads the group's client record and writes
+    nothing; decide() turns that record into the verdict.
+
+    This module never touches a store or a stream.
+
+DIAGNOSTICS
+    The transport logs each verdict as "action=A ttl=T reason=R
+    client=IP".
+"""
+
+import ipaddress
+from typing import Callable, NamedTuple
+
+from greylist.config import Config
+from greylist.core.decide import expired, whitelisted_client
+from greylist.core.lists import Exemptions
+from greylist.core.record import CLIENT, MANUAL, decode
+from greylist.core.triple import client_group, client_key
+
+DROP_NETWORK = "drop-network"
+ENFORCE_NETWORK = "enforce-network"
+MANUAL_CLIENT = "manual-client"
+AWL_CLIENT = "awl-client"
+UNPROVEN = "unproven"
+DATABASE_FAILURE = "database-failure"
+
+
+class Verdict(NamedTuple):
+    """A callout answer: action, ttl (pass only), reason, client address."""
+
+    action: str
+    ttl: int | None
+    reason: str
+    address: str
+
+    def line(self) -> str:
+        """The log line."""
+        return "action=%s%s reason=%s client=%s" % (
+            self.action, "" if self.ttl is None else " ttl=%d" % self.ttl,
+            self.reason, self.address)
+
+
+class Lookup(NamedTuple):
+    """A verdict that needs the client record: keys to read, and the pure
+    change (values -> ([None], Verdict)), which never writes."""
+
+    address: str
+    keys: list[bytes]
+    change: Callable
+
+
+class PostscreenHandler:
+    """Callout verdicts with the settings of one program."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.drop = [ipaddress.ip_network(n, strict=False)
+                     for n in cfg.postscreen_drop_networks]
+        self.enforce = [ipaddress.ip_network(n, strict=False)
+                        for n in cfg.postscreen_enforce_networks]
+
+    def prepare(self, address: str, now: int, exemptions: Exemptions) -> "Verdict | Lookup":
+        """The verdict for a canonical client address, or the Lookup it needs."""
+        if self.drop or self.enforce:
+            ip = ipaddress.ip_address(address)
+            if any(ip in network for network in self.drop):
+                return Verdict("drop", None, DROP_NETWORK, address)
+            if any(ip in network for network in self.enforce):
+                return Verdict("enforce", None, ENFORCE_NETWORK, address)
+        reason = exemptions.client_reason(address)
+        if reason is not None:
+            return Verdict("pass", self.cfg.postscreen_ttl_s, reason, address)
+        key = client_key(client_group(address, None, self.cfg))
+
+        def change(values: list[bytes | None]) -> tuple[list[bytes | None], Verdict]:
+            return [None], self.decide(address, values[0], now)
+        return Lookup(address, [key], change)
+
+    def decide(self, address: str, value: bytes | None, now: int) -> Verdict:
+        """The verdict for a client whose group's record is value."""
+        cfg = self.cfg
+        record = None if value is None else decode(value)
+        if (record is None or record.state not in (CLIENT, MANUAL)
+                or expired(record, now, cfg) or not whitelisted_client(record, cfg)):
+            return Verdict("ignore", None, UNPROVEN, address)
+        if record.state == MANUAL:
+            return Verdict("pass", cfg.postscreen_ttl_s, MANUAL_CLIENT, address)
+        left = cfg.max_age_s - max(now - record.last_seen, 0)
+        return Verdict("pass", min(cfg.postscreen_ttl_s, left), AWL_CLIENT, address)
+
+    def failed(self, address: str) -> Verdict:
+        """The verdict when the database cannot answer in time."""
+        return Verdict("ignore", None, DATABASE_FAILURE, address)
+
+
+def socketmap_address(key: str) -> str | None:
+    """The canonical client address of a postscreen map lookup key (the
+    client IP, as postscreen_access_list sends it), or None."""
+    from greylist.core.triple import UNKNOWN_CLIENT, BadAddress, client_address
+    try:
+        address = client_address(key)
+    except BadAddress:
+        return None
+    return None if address == UNKNOWN_CLIENT else address
