@@ -9,6 +9,7 @@ from greylist import __version__
 from greylist.cli.greylist import USAGE
 from greylist.cli.greylistctl import USAGE as CTL_USAGE
 from greylist.cli.greylistd import USAGE as DAEMON_USAGE
+from greylist.cli.postscreen import USAGE as POSTSCREEN_USAGE
 from greylist.cli.socketmap import USAGE as SOCKETMAP_USAGE
 from greylist.config import SETTINGS, Config
 
@@ -23,8 +24,9 @@ def plain(roff: str) -> str:
 
 PAGES = [(USAGE, MAN), (CTL_USAGE, (ROOT / "man" / "greylistctl.8").read_text()),
          (DAEMON_USAGE, (ROOT / "man" / "greylistd.8").read_text()),
-         (SOCKETMAP_USAGE, (ROOT / "man" / "greylist-socketmap.8").read_text())]
-IDS = ["greylist", "greylistctl", "greylistd", "greylist-socketmap"]
+         (SOCKETMAP_USAGE, (ROOT / "man" / "greylist-socketmap.8").read_text()),
+         (POSTSCREEN_USAGE, (ROOT / "man" / "greylist-postscreen.8").read_text())]
+IDS = ["greylist", "greylistctl", "greylistd", "greylist-socketmap", "greylist-postscreen"]
 
 
 @pytest.mark.parametrize("usage, page", PAGES, ids=IDS)
@@ -53,6 +55,8 @@ def shown(field: str, default) -> str:
         return "the database name plus -clients"
     if field == "correspondent_table":
         return "the database name plus -correspondents"
+    if field == "postscreen_table":
+        return "the database name plus -postscreen"
     if field.endswith("_s"):
         for unit, size in (("d", 86400), ("h", 3600)):
             if default % size == 0:
@@ -81,7 +85,8 @@ def test_changes_starts_with_the_current_version():
                       re.MULTILINE)
     assert first is not None
     assert __version__.startswith(first.group(1))
-    for name in ("greylist.8", "greylistctl.8", "greylistd.8", "greylist-socketmap.8"):
+    for name in ("greylist.8", "greylistctl.8", "greylistd.8", "greylist-socketmap.8",
+                 "greylist-postscreen.8"):
         assert '"greylist %s"' % __version__ in (ROOT / "man" / name).read_text()
 
 
