@@ -1,0 +1,110 @@
+"""The postscreen table: the policy service exports proven clients, cleanup
+expires them, greylistctl whitelist keeps manual ones."""
+
+import os
+
+import pytest
+
+from greylist.config import Config, resolve
+from greylist.core.tables import MANUAL_PERMIT, permit_change, permit_expired
+from greylist.stores.cleanup import Cleaner
+from greylist.stores.lmdb import LmdbStore
+from greylist.wiring import policy_service, stores
+from tests.conftest import Clock, Recorder
+
+T = 1_800_000_000
+MAX_AGE = 35 * 86400
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    return resolve(Config(database=str(tmp_path / "greylist"), delay_s=60,
+                          client_awl_passes=2, sender_awl=False))
+
+
+def rcpt(service, address, sender, recipient):
+    return service.answer({"request": "smtpd_access_policy", "protocol_state": "RCPT",
+                           "client_address": address, "sender": sender,
+                           "recipient": recipient}, service.new_session())
+
+
+def test_a_client_that_earns_the_auto_whitelist_is_exported_by_address(cfg):
+    clock = Clock(T)
+    found = stores(cfg)
+    service = policy_service(cfg, Recorder(), clock, cleanup=False, found=found)
+    for hour, rcpt_to in enumerate(("a@example.com", "b@example.com")):
+        clock.now = T + hour * 7200
+        assert rcpt(service, "192.0.2.10", "x@remote.test", rcpt_to).startswith("DEFER")
+        clock.now += 61
+        assert rcpt(service, "192.0.2.10", "x@remote.test", rcpt_to) == "DUNNO"
+    assert dict(found.postscreen.items()) == {b"192.0.2.10": b"permit %d" % clock.now}
+    # Another address of the group passes as awl-client: exported too.
+    clock.now += 10
+    assert rcpt(service, "192.0.2.11", "y@remote.test", "c@example.com") == "DUNNO"
+    assert service.log.lines[-1].startswith("action=DUNNO reason=awl-client")
+    assert dict(found.postscreen.items())[b"192.0.2.11"] == b"permit %d" % clock.now
+
+
+def test_an_unproven_client_is_not_exported(cfg):
+    found = stores(cfg)
+    service = policy_service(cfg, Recorder(), Clock(T), cleanup=False, found=found)
+    rcpt(service, "192.0.2.10", "x@remote.test", "a@example.com")
+    assert list(found.postscreen.items()) == []
+
+
+def test_privacy_mode_has_no_postscreen_table(cfg):
+    assert resolve(cfg._replace(privacy=True, resolved=False)).postscreen_table == ""
+    assert resolve(cfg._replace(postscreen_table="none", resolved=False)).postscreen_table == ""
+
+
+@pytest.mark.parametrize("old, manual, new", [
+    (None, False, b"permit %d" % T),
+    (b"permit %d" % (T - MAX_AGE // 2), False, None),
+    (b"permit %d" % (T - MAX_AGE // 2 - 1), False, b"permit %d" % T),
+    (b"permit garbage", False, b"permit %d" % T),
+    (MANUAL_PERMIT, False, None),
+    (None, True, MANUAL_PERMIT),
+    (b"permit %d" % T, True, MANUAL_PERMIT),
+    (MANUAL_PERMIT, True, None),
+])
+def test_an_entry_is_written_only_when_missing_stale_or_not_yet_manual(old, manual, new):
+    assert permit_change(T, manual, MAX_AGE)([old])[0] == [new]
+
+
+@pytest.mark.parametrize("value, gone", [
+    (b"permit %d" % (T - MAX_AGE), False),
+    (b"permit %d" % (T - MAX_AGE - 1), True),
+    (MANUAL_PERMIT, False),
+    (b"reject", False),
+])
+def test_cleanup_expires_stamped_entries_only(value, gone):
+    assert permit_expired(value, T, MAX_AGE) == gone
+
+
+def test_a_cleanup_pass_walks_the_postscreen_table(cfg):
+    database, table = LmdbStore(cfg.database), LmdbStore(cfg.postscreen_table)
+    table.put(b"192.0.2.1", b"permit %d" % T)
+    table.put(b"192.0.2.2", b"permit %d" % (T + MAX_AGE))
+    table.put(b"192.0.2.3", MANUAL_PERMIT)
+    log = Recorder()
+    cleaner = Cleaner(database, None, cfg, log, Clock(T + MAX_AGE + 1), postscreen=table)
+    state = cleaner.step(start=True)
+    while state.position is not None:
+        state = cleaner.step(start=True)
+    assert log.lines[-1] == "cleanup: full retained=2 dropped=1"
+    assert [k for k, _ in table.items()] == [b"192.0.2.2", b"192.0.2.3"]
+    cleaner.close()
+
+
+def test_greylistctl_whitelist_add_and_remove_keep_the_manual_entry(cfg, tmp_path, postmap):
+    import subprocess
+    from greylist.cli import greylistctl
+    settings = tmp_path / "greylist.cf"
+    settings.write_text("greylist_database = %s\n" % cfg.database)
+    assert greylistctl.main(["-c", str(settings), "whitelist", "add", "198.51.100.7"]) == 0
+    result = subprocess.run([postmap, "-q", "198.51.100.7", "lmdb:" + cfg.postscreen_table],
+                            capture_output=True, text=True, timeout=10)
+    assert result.stdout.strip() == "permit manual"
+    assert greylistctl.main(["-c", str(settings), "whitelist", "remove", "198.51.100.7"]) == 0
+    assert list(LmdbStore(cfg.postscreen_table).items()) == []
