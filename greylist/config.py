@@ -81,6 +81,10 @@ class Config(NamedTuple):
     idle_timeout_s: int = 600
     max_connections: int = 1000
     commit_batch: int = 256
+    # Redis (greylist_database = redis...): a few hundred milliseconds at
+    # most, so that a failing Redis is answered within smtpd's patience.
+    redis_timeout_ms: int = 300
+    redis_password_file: str = ""
     # Correspondents (greylist-socketmap(8), greylist --outbound): "" until
     # resolve(): then the address table's name, or "" for none.
     correspondent_table: str = ""
@@ -103,6 +107,8 @@ class Config(NamedTuple):
     postscreen_enforce_networks: tuple[str, ...] = ()
     postscreen_service_name: str = ""
     socketmap_postscreen_name: str = "postscreen"
+    socketmap_clients_name: str = "clients"
+    socketmap_correspondents_name: str = "correspondents"
     postscreen_listen: tuple[str, ...] = ()
     socketmap_listen: tuple[str, ...] = ()
     outbound_listen: tuple[str, ...] = ()
@@ -136,6 +142,16 @@ def _parse_database(name: str, value: str) -> str:
     value = value.strip()
     if not value:
         raise ConfigError("%s: empty database name" % name)
+    if value.startswith("redis"):
+        from greylist.stores.redisstore import RedisError, is_redis, parse_url
+        try:
+            if not is_redis(value):
+                raise RedisError("%s: not redis:unix:PATH, redis://HOST:PORT/DB or "
+                                 "redis-sentinel://HOST:PORT,.../MASTERNAME" % value)
+            parse_url(value)
+        except RedisError as exc:
+            raise ConfigError("%s: %s" % (name, exc)) from None
+        return value
     # Accept the data file name too: Postfix's name has no ".lmdb" suffix.
     return value[:-len(".lmdb")] if value.endswith(".lmdb") else value
 
@@ -303,6 +319,13 @@ def _parse_service_name(name: str, value: str) -> str:
     return value
 
 
+def _parse_milliseconds(name: str, value: str) -> int:
+    match = re.fullmatch(r"([0-9]{1,6})(ms|s)", value.strip())
+    if match is None or int(match.group(1)) == 0:
+        raise ConfigError("%s: expected a time like 300ms or 1s, not %r" % (name, value))
+    return int(match.group(1)) * (1 if match.group(2) == "ms" else 1000)
+
+
 def _parse_log(name: str, value: str) -> str:
     value = value.strip()
     if value in ("syslog", "postlog") or value.startswith("/") \
@@ -347,6 +370,8 @@ SETTINGS = {
     "greylist_idle_timeout": ("idle_timeout_s", _parse_time),
     "greylist_max_connections": ("max_connections", _parse_count),
     "greylist_commit_batch": ("commit_batch", _parse_count),
+    "greylist_redis_timeout": ("redis_timeout_ms", _parse_milliseconds),
+    "greylist_redis_password_file": ("redis_password_file", _parse_path),
     "greylist_correspondent_table": ("correspondent_table", _parse_table),
     "greylist_correspondent_lifetime": ("correspondent_lifetime_s", _parse_time),
     "greylist_correspondent_check": ("correspondent_check", _parse_bool),
@@ -362,6 +387,9 @@ SETTINGS = {
     "greylist_postscreen_enforce_networks": ("postscreen_enforce_networks", _parse_networks),
     "greylist_postscreen_service_name": ("postscreen_service_name", _parse_service_name),
     "greylist_socketmap_postscreen_name": ("socketmap_postscreen_name", _parse_map_name),
+    "greylist_socketmap_clients_name": ("socketmap_clients_name", _parse_map_name),
+    "greylist_socketmap_correspondents_name": ("socketmap_correspondents_name",
+                                               _parse_map_name),
     "greylist_postscreen_listen": ("postscreen_listen", _parse_listeners),
     "greylist_outbound_listen": ("outbound_listen", _parse_listeners),
 }
@@ -441,6 +469,8 @@ def resolve(cfg: Config) -> Config:
     """
     if cfg.resolved:
         return cfg
+    if cfg.database.startswith("redis"):
+        return _resolve_redis(cfg)
     database = os.path.abspath(cfg.database)
     table = cfg.client_table or database + CLIENT_TABLE_SUFFIX
     if table == "none" or cfg.privacy:
@@ -459,3 +489,26 @@ def resolve(cfg: Config) -> Config:
                         secret_file=cfg.secret_file or database + SECRET_SUFFIX,
                         cleanup_state=cfg.database + CLEANUP_SUFFIX,
                         log=log, resolved=True)
+
+
+def _resolve_redis(cfg: Config) -> Config:
+    """resolve() for a Redis database: the tables are namespaces of the
+    same server ("" for none), there is no cleanup state (Redis expires
+    entries), and privacy mode needs an explicit greylist_secret_file."""
+    def table(value: str, default: str) -> str:
+        return "" if value == "none" or cfg.privacy else default
+    if cfg.privacy and not cfg.secret_file:
+        raise ConfigError("greylist_privacy with a Redis database: set "
+                          "greylist_secret_file (the same file on every host)")
+    log = cfg.log
+    if not log.startswith("postlog") and log != "syslog":
+        log = os.path.abspath(log)
+    return cfg._replace(client_table=table(cfg.client_table, "clients"),
+                        correspondent_table=table(cfg.correspondent_table, "correspondents"),
+                        postscreen_table=table(cfg.postscreen_table, "postscreen"),
+                        cleanup_state="", log=log, resolved=True)
+
+
+def is_redis(cfg: Config) -> bool:
+    """Whether the settings name a Redis database."""
+    return cfg.database.startswith("redis")

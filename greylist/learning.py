@@ -21,8 +21,8 @@ DIAGNOSTICS
 import time
 from typing import Callable
 
-from greylist.handlers.learn import (TABLE, OutboundHandler, OutboundSession, Plan,
-                                     SocketmapHandler, SocketmapSession)
+from greylist.handlers.learn import (TABLE, TABLE_CLIENTS, OutboundHandler, OutboundSession,
+                                     Plan, SocketmapHandler, SocketmapSession, table_lookup)
 from greylist.log import Log
 from greylist.protocols import policy, socketmap
 from greylist.service import STORE_WARNING_INTERVAL_S
@@ -113,9 +113,11 @@ class SocketmapService(LearnService):
     Decoder = socketmap.Decoder
     new_session = SocketmapSession
 
-    def __init__(self, handler: SocketmapHandler, *args, **kwargs) -> None:
+    def __init__(self, handler: SocketmapHandler, *args, clients: Store | None = None,
+                 **kwargs) -> None:
         super().__init__(handler.cfg, *args, **kwargs)
         self.handler = handler
+        self.clients = clients   # the client table, for the clients map
 
     # The callout service that answers the postscreen map (callout.py).
     postscreen = None
@@ -130,11 +132,44 @@ class SocketmapService(LearnService):
                 return socketmap.NOTFOUND
             return socketmap.PERMIT if self.postscreen.verdict(address).action == "pass" \
                 else socketmap.NOTFOUND
+        if request[0] in (self.cfg.socketmap_clients_name,
+                          self.cfg.socketmap_correspondents_name):
+            return self.table_reply(request[0], request[1])
         found, line = self.handler.lookup(request[0], request[1], session, int(self.clock()))
         self.note(line)
         if found:
             self.learn(found)
         return socketmap.NOTFOUND
+
+
+    def table_store(self, which: str) -> Store | None:
+        """The store of a table_lookup() result."""
+        return self.clients if which == TABLE_CLIENTS else self.table
+
+    def table_reply(self, name: str, key: str) -> bytes:
+        """A clients or correspondents map lookup: "OK STAMP" for a live
+        entry, else NOTFOUND (also when the table fails: fail open)."""
+        found = table_lookup(name, key, self.cfg)
+        store = None if found is None else self.table_store(found[0])
+        if store is None:
+            return socketmap.NOTFOUND
+        try:
+            value = store.get(found[1])
+        except StoreError as exc:
+            self.store_failed(exc)
+            return socketmap.NOTFOUND
+        return live_entry(value, found[2], int(self.clock()))
+
+
+def live_entry(value: bytes | None, lifetime_s: int, now: int) -> bytes:
+    """The reply for a table entry: "OK STAMP" while it lives, else NOTFOUND."""
+    from greylist.core.tables import stamp_expire_at
+    if value is None or not value.isdigit():
+        return socketmap.NOTFOUND
+    when = stamp_expire_at(value, lifetime_s)
+    if when is not None and now >= when:
+        return socketmap.NOTFOUND
+    return socketmap.format_reply("OK", value.decode("ascii"))
 
 
 class OutboundService(LearnService):

@@ -24,7 +24,7 @@ import os
 import time
 from typing import Callable, NamedTuple
 
-from greylist.config import Config, resolve
+from greylist.config import Config, is_redis, resolve
 from greylist.handlers.policy import PolicyHandler
 from greylist.log import Log
 from greylist.service import STORE_WARNING_INTERVAL_S, PolicyService
@@ -62,12 +62,42 @@ def host_name() -> str:
     return os.uname().nodename
 
 
+_connections: dict = {}
+
+
+def redis_table(cfg: Config, table: str):
+    """A table of the Redis database of cfg, on the process's one
+    connection to it, with the expiry of the table's entries."""
+    from greylist.core import tables
+    from greylist.core.decide import expire_at
+    from greylist.core.record import decode
+    from greylist.stores.redisstore import Connection, RedisStore
+    where = (cfg.database, cfg.redis_timeout_ms, cfg.redis_password_file)
+    if where not in _connections:
+        _connections[where] = Connection(cfg.database, cfg.redis_timeout_ms / 1000,
+                                         cfg.redis_password_file)
+    if table == "db":
+        def expiry(value: bytes) -> int | None:
+            record = decode(value)
+            return None if record is None else expire_at(record, cfg)
+    else:
+        lifetime = (cfg.correspondent_lifetime_s if table == "correspondents"
+                    else cfg.max_age_s)
+
+        def expiry(value: bytes) -> int | None:
+            return tables.stamp_expire_at(value, lifetime)
+    return RedisStore(_connections[where], table, expiry)
+
+
 def database(cfg: Config, log: Log | None = None, readonly: bool = False,
-             tuning: Tuning = DEFAULT) -> tuple[LmdbStore, Store]:
+             tuning: Tuning = DEFAULT) -> tuple[Store, Store]:
     """Return the database as stored, and as keyed by handlers."""
     cfg = resolve(cfg)
-    raw = LmdbStore(cfg.database, readonly=readonly,
-                    warn=None if log is None else log.warning, **tuning.store_options())
+    if is_redis(cfg):
+        raw = redis_table(cfg, "db")
+    else:
+        raw = LmdbStore(cfg.database, readonly=readonly,
+                        warn=None if log is None else log.warning, **tuning.store_options())
     if not cfg.privacy:
         return raw, raw
     from greylist.stores.privacy import HashedKeys
@@ -75,31 +105,37 @@ def database(cfg: Config, log: Log | None = None, readonly: bool = False,
 
 
 def client_table(cfg: Config, log: Log | None = None, readonly: bool = False,
-                 tuning: Tuning = DEFAULT) -> LmdbStore | None:
+                 tuning: Tuning = DEFAULT) -> Store | None:
     """Return the client table, or None when there is none."""
     cfg = resolve(cfg)
     if not cfg.client_table:
         return None
+    if is_redis(cfg):
+        return redis_table(cfg, cfg.client_table)
     return LmdbStore(cfg.client_table, readonly=readonly,
                      warn=None if log is None else log.warning, **tuning.store_options())
 
 
 def postscreen_table(cfg: Config, log: Log | None = None, readonly: bool = False,
-                     tuning: Tuning = DEFAULT) -> LmdbStore | None:
+                     tuning: Tuning = DEFAULT) -> Store | None:
     """Return the postscreen table, or None when there is none."""
     cfg = resolve(cfg)
     if not cfg.postscreen_table:
         return None
+    if is_redis(cfg):
+        return redis_table(cfg, cfg.postscreen_table)
     return LmdbStore(cfg.postscreen_table, readonly=readonly,
                      warn=None if log is None else log.warning, **tuning.store_options())
 
 
 def correspondent_table(cfg: Config, log: Log | None = None, readonly: bool = False,
-                        tuning: Tuning = DEFAULT) -> LmdbStore | None:
+                        tuning: Tuning = DEFAULT) -> Store | None:
     """Return the correspondent table, or None when there is none."""
     cfg = resolve(cfg)
     if not cfg.correspondent_table:
         return None
+    if is_redis(cfg):
+        return redis_table(cfg, cfg.correspondent_table)
     return LmdbStore(cfg.correspondent_table, readonly=readonly,
                      warn=None if log is None else log.warning, **tuning.store_options())
 
@@ -132,7 +168,9 @@ def stores(cfg: Config, log: Log | None = None, tuning: Tuning = DEFAULT,
                   postscreen_table(cfg, log, tuning=tuning))
 
 
-def _cleaner(cfg: Config, log: Log, clock, tuning: Tuning, found: Stores) -> Cleaner:
+def _cleaner(cfg: Config, log: Log, clock, tuning: Tuning, found: Stores) -> Cleaner | None:
+    if is_redis(cfg):
+        return None  # Redis expires entries itself.
     return Cleaner(found.raw, found.clients, cfg, log, clock, batch=tuning.cleanup_batch,
                    delete_batch=tuning.delete_batch, budget_s=tuning.cleanup_budget_s,
                    correspondents=found.correspondents, postscreen=found.postscreen)
@@ -148,7 +186,7 @@ def _learner(kind, cfg: Config, log: Log, clock, tuning: Tuning, cleanup: bool,
     if kind == "socketmap":
         service = learning.SocketmapService(learn.SocketmapHandler(cfg), found.keyed,
                                             found.correspondents, log, clock, cleaner,
-                                            tuning.warning_interval_s)
+                                            tuning.warning_interval_s, clients=found.clients)
         service.postscreen = postscreen_service(cfg, log, clock, tuning, found=found)
         return service
     return learning.OutboundService(learn.OutboundHandler(cfg), found.keyed,

@@ -62,6 +62,8 @@ def shown(field: str, default) -> str:
             if default % size == 0:
                 return "%d%s" % (default // size, unit)
         return "%ds" % default
+    if field.endswith("_ms"):
+        return "%dms" % default
     if field == "socket_mode":
         return "0%o" % default
     if default == "":

@@ -19,6 +19,9 @@ DESCRIPTION
     whitelist   Add or remove a manual client or (client, sender) entry.
     postscreen  What the postscreen callout answers for a client now,
                 and why, with the postscreen table's entry.
+    import      Copy an LMDB database (lmdb:LMDB) and its tables into the
+                Redis database of the settings: a site moving from one
+                host to several. Expired entries are left behind.
 
     Started as root, greylistctl switches to the owner of the database
     directory, so that the files it creates belong to the policy user.
@@ -37,7 +40,7 @@ from typing import Callable
 from docopt import DocoptExit, docopt
 
 from greylist import __version__
-from greylist.config import Config, ConfigError, load, parse_setting
+from greylist.config import Config, ConfigError, is_redis, load, parse_setting
 from greylist.core import record as records
 from greylist.core.decide import expired
 from greylist.core.message import Session
@@ -62,6 +65,7 @@ Usage:
   greylistctl [options] show CLIENT SENDER RECIPIENT [--client-name NAME]
   greylistctl [options] dump [--table | --correspondents | --postscreen]
   greylistctl [options] postscreen CLIENT
+  greylistctl [options] import LMDB
   greylistctl [options] whitelist (add | remove) CLIENT [SENDER]
   greylistctl -h | --help
   greylistctl --version
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
     _become_owner(cfg)
     log = Log("greylistctl", cfg.log, cfg.verbose)
     store, keyed = database(cfg, log, readonly=not (args["cleanup"] and not args["--dry-run"]
-                                                    or args["whitelist"]))
+                                                    or args["whitelist"] or args["import"]))
     try:
         if args["cleanup"]:
             return _cleanup(store, cfg, log, args["--dry-run"])
@@ -113,6 +117,8 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
             return _show(keyed, cfg, log, args, clock)
         if args["postscreen"]:
             return _postscreen(keyed, cfg, log, args["CLIENT"])
+        if args["import"]:
+            return _import(store, cfg, log, args["LMDB"])
         if args["dump"]:
             if args["--postscreen"]:
                 table = _screened(cfg, readonly=True)
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
 
 def _become_owner(cfg) -> None:
     """As root, switch to the owner of the database directory, if not root."""
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 or is_redis(cfg):
         return
     try:
         st = os.stat(os.path.dirname(os.path.abspath(cfg.database)))
@@ -170,7 +176,7 @@ def _become_owner(cfg) -> None:
 def _table(cfg: Config, writable: bool, readonly: bool = False) -> Store | None:
     """The client table; None if there is none, or (unless writable) it
     does not exist yet."""
-    if not cfg.client_table or not (writable or os.path.exists(cfg.client_table + ".lmdb")):
+    if not cfg.client_table or not (writable or is_redis(cfg) or os.path.exists(cfg.client_table + ".lmdb")):
         return None
     return client_table(cfg, readonly=readonly)
 
@@ -178,7 +184,7 @@ def _table(cfg: Config, writable: bool, readonly: bool = False) -> Store | None:
 def _learned(cfg: Config, writable: bool = False, readonly: bool = False) -> Store | None:
     """The correspondent table, as _table() returns the client table."""
     if not cfg.correspondent_table or not (
-            writable or os.path.exists(cfg.correspondent_table + ".lmdb")):
+            writable or is_redis(cfg) or os.path.exists(cfg.correspondent_table + ".lmdb")):
         return None
     return correspondent_table(cfg, readonly=readonly)
 
@@ -186,7 +192,7 @@ def _learned(cfg: Config, writable: bool = False, readonly: bool = False) -> Sto
 def _screened(cfg: Config, writable: bool = False, readonly: bool = False) -> Store | None:
     """The postscreen table, as _table() returns the client table."""
     if not cfg.postscreen_table or not (
-            writable or os.path.exists(cfg.postscreen_table + ".lmdb")):
+            writable or is_redis(cfg) or os.path.exists(cfg.postscreen_table + ".lmdb")):
         return None
     return postscreen_table(cfg, readonly=readonly)
 
@@ -224,7 +230,52 @@ def _postscreen(store: Store, cfg: Config, log: Log, client: str) -> int:
     return 0
 
 
+def _import(store: Store, cfg: Config, log: Log, source: str) -> int:
+    """Copy an LMDB database and its tables into the Redis database."""
+    from greylist.config import resolve
+    from greylist.core.decide import expired
+    from greylist.core.tables import stamp_expire_at
+    if not is_redis(cfg):
+        print("greylistctl: import copies into a Redis database; greylist_database is %s"
+              % cfg.database)
+        return 2
+    lmdb_cfg = resolve(cfg._replace(database=source.removesuffix(".lmdb"), client_table="",
+                                    correspondent_table="", postscreen_table="",
+                                    resolved=False))
+    now = int(time.time())
+    pairs = [("database", database(lmdb_cfg, readonly=True)[0], store,
+              lambda value: (lambda r: r is not None and not expired(r, now, cfg))(
+                  records.decode(value)))]
+    for label, name, target, lifetime in (
+            ("client table", lmdb_cfg.client_table, _table(cfg, writable=True), cfg.max_age_s),
+            ("correspondent table", lmdb_cfg.correspondent_table, _learned(cfg, writable=True),
+             cfg.correspondent_lifetime_s),
+            ("postscreen table", lmdb_cfg.postscreen_table, _screened(cfg, writable=True),
+             cfg.max_age_s)):
+        if name and target is not None and os.path.exists(name + ".lmdb"):
+            from greylist.stores.lmdb import LmdbStore
+            pairs.append((label, LmdbStore(name, readonly=True), target,
+                          lambda value, lifetime=lifetime: (lambda at: at is None or at > now)(
+                              stamp_expire_at(value, lifetime))))
+    for label, source_store, target, live in pairs:
+        copied = skipped = 0
+        for key, value in source_store.items(MANUAL_BATCH):
+            if live(value):
+                target.put(key, value)
+                copied += 1
+            else:
+                skipped += 1
+        source_store.close()
+        print("import: %s: %d copied, %d expired left behind" % (label, copied, skipped))
+        log.info("import from %s: %s: %d copied, %d expired left behind"
+                 % (source, label, copied, skipped))
+    return 0
+
+
 def _cleanup(store: Store, cfg: Config, log: Log, dry_run: bool) -> int:
+    if is_redis(cfg):
+        print("cleanup: not needed: Redis expires each entry at the end of its lifetime")
+        return 0
     # A real run creates a missing database and tables: smtpd needs a
     # table to exist before check_client_access names it.
     table = _table(cfg, writable=not dry_run)
@@ -297,8 +348,9 @@ def _stats(store: Store, cfg: Config) -> int:
         if state in counts:
             print("  %s: %d" % (state, counts[state]))
     print("expired, awaiting cleanup: %d" % stale)
-    print("file size: %d bytes" % info["file_size"])
-    print("map size: %d bytes" % info["map_size"])
+    if "file_size" in info:
+        print("file size: %d bytes" % info["file_size"])
+        print("map size: %d bytes" % info["map_size"])
     for label, found in (("oldest first seen", oldest), ("newest last seen", newest)):
         if found is not None:
             print("%s: %s %s" % (label, _when(found[0]), found[1].decode("utf-8", "replace")))

@@ -124,6 +124,18 @@ def expired(record: Record, now: int, cfg: Config) -> bool:
     return now - record.last_seen > cfg.max_age_s
 
 
+def expire_at(record: Record, cfg: Config) -> int | None:
+    """The first second at which expired() holds for record, for stores
+    that expire records themselves (Redis); None for a manual entry."""
+    if record.state == PENDING:
+        return record.first_seen + cfg.retry_window_s + 1
+    if record.state == MANUAL:
+        return None
+    if record.state == CORRESPONDENT:
+        return record.last_seen + cfg.correspondent_lifetime_s + 1
+    return record.last_seen + cfg.max_age_s + 1
+
+
 def whitelisted_client(record: Record | None, cfg: Config) -> bool:
     """Whether a client record has earned the client auto-whitelist."""
     return record is not None and (record.state == MANUAL or (

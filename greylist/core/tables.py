@@ -47,3 +47,13 @@ def permit_expired(value: bytes, now: int, max_age_s: int) -> bool:
     more than max_age_s old. Manual and unknown values stay."""
     stamp = permit_stamp(value)
     return stamp is not None and now - stamp > max_age_s
+
+
+def stamp_expire_at(value: bytes, lifetime_s: int) -> int | None:
+    """For stores that expire entries themselves (Redis): the first second
+    at which cleanup would remove a table value, a numeric time stamp or
+    "permit STAMP"; None for values it keeps ("permit manual")."""
+    stamp = permit_stamp(value)
+    if stamp is None and value.isdigit() and len(value) <= 19:
+        stamp = int(value)
+    return None if stamp is None else stamp + lifetime_s + 1

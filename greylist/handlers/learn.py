@@ -60,6 +60,7 @@ REQUEST = "smtpd_access_policy"
 SENDER_TTL_S = 300
 TABLE = "table"
 DATABASE = "database"
+TABLE_CLIENTS = "clients"
 
 
 class Plan(NamedTuple):
@@ -137,8 +138,9 @@ class SocketmapHandler:
             if sender is not None and not 0 <= now - session.sender_at <= SENDER_TTL_S:
                 sender = session.sender = None
             return plans(sender, key, now, cfg), None
-        if name == cfg.socketmap_postscreen_name:
-            return [], None  # Answered by the postscreen callout (learning.py).
+        if name in (cfg.socketmap_postscreen_name, cfg.socketmap_clients_name,
+                    cfg.socketmap_correspondents_name):
+            return [], None  # Answered from the tables (learning.py).
         if name not in self.warned and len(self.warned) < 100:
             self.warned.add(name)
             return [], ("warning: socketmap lookup in unknown map %s (expected %s, %s or "
@@ -146,6 +148,35 @@ class SocketmapHandler:
                         % (_shown(name), cfg.socketmap_sender_name,
                            cfg.socketmap_recipient_name, cfg.socketmap_header_name))
         return [], None
+
+
+def table_lookup(name: str, key: str, cfg: Config) -> tuple[str, bytes, int] | None:
+    """For a lookup in the clients or correspondents map of the socketmap
+    server (how Postfix reads those tables when they live in Redis):
+    (TABLE_CLIENTS or TABLE, the table key, the entries' lifetime), or
+    None for a key that the table cannot hold."""
+    if name == cfg.socketmap_clients_name:
+        from greylist.core.triple import (BadAddress, UNKNOWN_CLIENT, client_address,
+                                          client_group, registered_domain, table_key)
+        try:
+            address = client_address(key)
+        except BadAddress:
+            # check_client_access also looks up the client's name: domain
+            # groups are keyed by the registered domain.
+            if cfg.client_match != "domain":
+                return None
+            domain = registered_domain(key.casefold().rstrip("."))
+            return None if domain is None else (TABLE_CLIENTS, domain.encode("ascii"),
+                                                cfg.max_age_s)
+        if address == UNKNOWN_CLIENT:
+            return None
+        return (TABLE_CLIENTS, table_key(address, client_group(address, None, cfg)),
+                cfg.max_age_s)
+    if name == cfg.socketmap_correspondents_name:
+        if correspondents.screen(key, cfg) in (correspondents.NULL, correspondents.IMPLAUSIBLE):
+            return None
+        return TABLE, correspondents.table_key(key, cfg), cfg.correspondent_lifetime_s
+    return None
 
 
 class OutboundHandler:

@@ -425,18 +425,22 @@ class LearnServer(Server):
         if isinstance(request, tuple):
             if self.postscreen is not None and request[0] == self.cfg.socketmap_postscreen_name:
                 return await self._screen(request[1])
+            if request[0] in (self.cfg.socketmap_clients_name,
+                              self.cfg.socketmap_correspondents_name):
+                return await self._table(request[0], request[1])
             found, line = service.handler.lookup(request[0], request[1], session, now)
             reply = NOTFOUND
         else:
             found, line = service.handler.request(request, session, now)
             reply = DUNNO_REPLY
         service.note(line)
-        for plan in found:
-            store = service.target(plan)
-            if store is None:
-                continue
+        # All plans of a request at once: they share one trip to the store
+        # thread (and one commit per store).
+        waiting = [(plan, self.committer.plan([plan.key], plan.change, store))
+                   for plan in found if (store := service.target(plan)) is not None]
+        for plan, future in waiting:
             try:
-                result = await self.committer.plan([plan.key], plan.change, store)
+                result = await future
             except StoreError as exc:
                 service.store_failed(exc)
                 if self.metrics is not None:
@@ -444,6 +448,23 @@ class LearnServer(Server):
                 continue
             service.learned(plan, result)
         return reply
+
+    async def _table(self, name: str, key: str) -> bytes:
+        """A clients or correspondents map lookup, read in the store thread."""
+        from greylist.handlers.learn import table_lookup
+        from greylist.learning import live_entry
+        service = self.service
+        found = table_lookup(name, key, self.cfg)
+        store = None if found is None else service.table_store(found[0])
+        if store is None:
+            return NOTFOUND
+        try:
+            values = await self.committer.plan([found[1]], lambda values: ([None], values[0]),
+                                               store)
+        except StoreError as exc:
+            service.store_failed(exc)
+            return NOTFOUND
+        return live_entry(values, found[2], int(self.clock()))
 
     async def _screen(self, key: str) -> bytes:
         """A postscreen_access_list lookup: "OK permit" for a client the
