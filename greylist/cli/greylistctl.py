@@ -197,6 +197,20 @@ def _screened(cfg: Config, writable: bool = False, readonly: bool = False) -> St
     return postscreen_table(cfg, readonly=readonly)
 
 
+def _unscreen(screened: Store, group: str, cfg: Config) -> int:
+    """Remove the postscreen table's entries of a client group's addresses
+    (the policy service added each address it saw from the group)."""
+    doomed = []
+    for key, _ in screened.items(MANUAL_BATCH):
+        try:
+            found = client_group(client_address(key.decode("ascii")), None, cfg)
+        except (BadAddress, UnicodeDecodeError):
+            continue
+        if found == group:
+            doomed.append(key)
+    return screened.delete_if(doomed, lambda key, value: value is not None) if doomed else 0
+
+
 def _postscreen(store: Store, cfg: Config, log: Log, client: str) -> int:
     from greylist.callout import PostscreenService
     from greylist.handlers.postscreen import PostscreenHandler
@@ -474,7 +488,7 @@ def _whitelist(store: Store, cfg: Config, log: Log, args: dict) -> int:
         if table is not None:
             table.delete(table_name)
         if screened is not None:
-            screened.delete(address.encode("ascii"))
+            _unscreen(screened, group, cfg)
         log.info("whitelist: removed %s" % what)
         print(("removed: %s" if existed else "not listed: %s") % what)
     for each in (table, screened):
