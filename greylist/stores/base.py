@@ -106,6 +106,11 @@ class Store:
                 results.append(exc)
         return results
 
+    def get_many_batch(self, batches: list[list[bytes | None]]) -> list[Values]:
+        """get_many() of each list of keys (a store may do them in one
+        round trip or one transaction)."""
+        return [self.get_many(keys) for keys in batches]
+
     def get_many_nowait(self, keys: list[bytes | None]) -> Values | None:
         """get_many() if it can answer without waiting for a lock or
         another thread, else None. A store without locks always can."""

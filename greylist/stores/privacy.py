@@ -128,6 +128,9 @@ class HashedKeys(Store):
     def get_many_nowait(self, keys: list[bytes | None]) -> Values | None:
         return self.store.get_many_nowait([self.hash(k) for k in keys])
 
+    def get_many_batch(self, batches: list[list[bytes | None]]) -> list[Values]:
+        return self.store.get_many_batch([[self.hash(k) for k in keys] for keys in batches])
+
     def update_many(self, keys: list[bytes | None], change: Change) -> T:
         return self.store.update_many([self.hash(k) for k in keys], change)
 

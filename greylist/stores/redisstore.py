@@ -60,7 +60,12 @@ from greylist.stores.base import Change, Store, StoreError, Values
 
 T = TypeVar("T")
 
-WATCH_RETRIES = 5
+# Optimistic transactions (WATCH) retried at most this often, with a
+# random pause of up to WATCH_PAUSE_S between tries: concurrent writers of
+# the same keys (two hosts racing on one new triple) are rare, but a
+# retry must not come back in lock step.
+WATCH_RETRIES = 50
+WATCH_PAUSE_S = 0.002
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
 TIMEOUT_S = 0.3
@@ -222,6 +227,11 @@ class Connection:
                 self._client = None
 
 
+def _pause() -> None:
+    import random
+    time.sleep(random.random() * WATCH_PAUSE_S)
+
+
 def _tag(key: bytes) -> bytes:
     first = key.split(b"/", 1)[0]
     return b"{" + hashlib.blake2s(first, digest_size=4).hexdigest().encode("ascii") + b"}"
@@ -302,6 +312,75 @@ class RedisStore(Store):
                         pipe.execute()
                         return result
                     except redis.exceptions.WatchError:
+                        _pause()
+                        continue
+            raise StoreError("redis %s: %d concurrent changes of the same keys; giving up"
+                             % (self.connection.url, WATCH_RETRIES))
+        return self.connection.call(body)
+
+    def get_many_batch(self, batches: list[list[bytes | None]]) -> list[Values]:
+        """get_many() of each list of keys, in one round trip (a pipeline of
+        MGETs): greylistd's store thread reads a turn's plans so."""
+        def body(client):
+            pipe = client.pipeline(transaction=False)
+            for keys in batches:
+                wanted = [self.stored(k) for k in keys if k is not None]
+                pipe.mget(wanted or [self.prefix])
+            found = []
+            for keys, values in zip(batches, pipe.execute()):
+                values = iter(values)
+                found.append([None if k is None else next(values) for k in keys])
+            return found
+        return self.connection.call(body)
+
+    def update_batch(self, ops: list[tuple[list[bytes | None], Change]]) -> list[object]:
+        """Each (keys, change) in order, as update_many would, in one
+        optimistic transaction: WATCH every key, one MGET, the changes in
+        order (each seeing the writes of those before it), then one
+        MULTI/SET/EXEC; retried when another writer raced it."""
+        import redis
+        names = list(dict.fromkeys(self.stored(k) for keys, _ in ops for k in keys
+                                   if k is not None))
+
+        def body(client):
+            with client.pipeline(transaction=True) as pipe:
+                for _ in range(WATCH_RETRIES):
+                    try:
+                        if names:
+                            pipe.watch(*names)
+                        current = dict(zip(names, pipe.mget(names))) if names else {}
+                        results: list[object] = []
+                        writes: dict[bytes, bytes] = {}
+                        for keys, change in ops:
+                            olds = [None if k is None else current[self.stored(k)]
+                                    for k in keys]
+                            try:
+                                news, result = change(olds)
+                                mine = [(self.stored(k), v) for k, v in zip(keys, news)
+                                        if k is not None and v is not None]
+                                for _, v in mine:
+                                    if not v:
+                                        raise ValueError("empty value")
+                            except Exception as exc:  # The op's own error.
+                                results.append(exc)
+                                continue
+                            for name, v in mine:
+                                current[name] = writes[name] = v
+                            results.append(result)
+                        if not writes:
+                            pipe.reset()
+                            return results
+                        pipe.multi()
+                        for name, v in writes.items():
+                            when = self.expire_at(v)
+                            if when is None:
+                                pipe.set(name, v)
+                            else:
+                                pipe.set(name, v, exat=max(when, 1))
+                        pipe.execute()
+                        return results
+                    except redis.exceptions.WatchError:
+                        _pause()
                         continue
             raise StoreError("redis %s: %d concurrent changes of the same keys; giving up"
                              % (self.connection.url, WATCH_RETRIES))
@@ -351,7 +430,8 @@ class RedisStore(Store):
                         try:
                             pipe.watch(name)
                             old = pipe.get(name)
-                            if old is None or not doomed(k, old):
+                            # Judged even when absent, as the contract says.
+                            if not doomed(k, old) or old is None:
                                 pipe.reset()
                                 break
                             pipe.multi()
@@ -359,6 +439,7 @@ class RedisStore(Store):
                             deleted += pipe.execute()[0]
                             break
                         except redis.exceptions.WatchError:
+                            _pause()
                             continue
             return deleted
         return self.connection.call(body)
