@@ -210,16 +210,25 @@ class Environment:
             os.fchmod(fd, 0o644)
         elif size:
             # Read the first and last leaf under a shared lock, so that a
-            # damaged tree is reported at open, with its recovery.
+            # damaged tree is reported at open, with its recovery. Within
+            # lock_timeout_s: a lock held longer skips this check (the
+            # reads themselves wait within it too), so that a process
+            # started meanwhile still answers in time.
             try:
-                with locked(fd, SHARED), env.begin() as txn:
+                lock(fd, SHARED, timeout_s=self.lock_timeout_s)
+            except LockBusy:
+                return env, fd
+            try:
+                with env.begin() as txn:
                     cursor = txn.cursor()
                     cursor.first()
                     cursor.last()
             except lmdb.Error as exc:
+                unlock(fd)
                 env.close()
                 os.close(fd)
                 raise StoreError(describe(self.path, exc)) from None
+            unlock(fd)
         return env, fd
 
     def _same_file(self) -> bool:
