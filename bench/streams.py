@@ -13,7 +13,12 @@ DESCRIPTION
 
     Scenarios:
       new      every triple never seen before (unique recipient per
-               triple, so no program's key normalisation merges two).
+               triple, so no program's key normalisation merges two),
+               and no (client, sender) either: each message has a sender
+               of its own (greylist passes a new recipient of a sender
+               whose client group has tried it for the delay, so a
+               repeated sender would not be a new triple to it), and no
+               null sender.
       repeat   warm-up: W triples sent once (deferred), again after the
                delay (passed); timed: N requests for those known,
                passed triples, drawn with a skew (some senders write
@@ -104,6 +109,7 @@ class Generator:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
         self.rcpt_counter = 0
+        self.sender_counter = 0
         self.instance_counter = 0
         self.ip4_counter = self.rng.randrange(1 << 16)
         self.ip6_counter = self.rng.randrange(1 << 16)
@@ -136,12 +142,24 @@ class Generator:
                       if not ipv6 else "[IPv6:%s]" % hosts[0],
                       ipv6, tuple(hosts))
 
-    def sender(self, kind: str, recipient: str) -> str:
+    def sender(self, kind: str, recipient: str, unique: bool = False) -> str:
         rng = self.rng
         domain = "%s.example" % rng.choice(WORDS)
         user = "%s.%s" % (rng.choice(FIRST), rng.choice(LAST))
+        token = ""
+        if unique:
+            # Letters, not digits: digit tokens are VERP counters to the
+            # normalisers, which would merge them. VERP senders normalise
+            # to the list's address, and the null sender is one sender.
+            self.sender_counter += 1
+            token = "." + _letters(self.sender_counter)
+            user += token
+            if kind in ("null", "verp"):
+                kind = "plain"
         if kind == "plain":
-            return "%s@%s" % (user if rng.random() < 0.6 else rng.choice(ROLE), domain)
+            # (The draws in the order of earlier versions: same streams.)
+            return "%s@%s" % (user if rng.random() < 0.6 else rng.choice(ROLE) + token,
+                              domain)
         if kind == "upper":
             return "%s@%s" % (user.title(), domain.upper())
         if kind == "ext":
@@ -193,14 +211,14 @@ class Generator:
             self.triples.append(ident)
         return tid
 
-    def message(self, mixed: bool, max_rcpts: int = 1) -> Message:
+    def message(self, mixed: bool, max_rcpts: int = 1, unique: bool = False) -> Message:
         rng = self.rng
         client = self.client(ipv6=mixed and rng.random() < 0.2)
         n = 1
         if max_rcpts > 1 and rng.random() < 0.25:
             n = rng.randrange(2, max_rcpts + 1)
         recipients = [self.recipient() for _ in range(n)]
-        sender = self.sender(self.sender_kind(mixed), recipients[0])
+        sender = self.sender(self.sender_kind(mixed), recipients[0], unique)
         return self.bind(Message(client, sender, recipients, []))
 
     def bind(self, msg: Message) -> Message:
@@ -281,6 +299,15 @@ def _spread(messages: list, generator: Generator, k: int) -> list:
     return conns
 
 
+def _letters(number: int) -> str:
+    """number written in letters a-z (bijective base 26)."""
+    text = ""
+    while number:
+        number, digit = divmod(number - 1, 26)
+        text = chr(ord("a") + digit) + text
+    return text
+
+
 def build_plan(scenario: str, requests: int, seed: int, processes: int,
                warm: int | None = None) -> Plan:
     """Return the plan of a scenario; see the module description."""
@@ -292,7 +319,7 @@ def build_plan(scenario: str, requests: int, seed: int, processes: int,
     if scenario == "new":
         messages, total = [], 0
         while total < requests:
-            msg = gen.message(mixed=True, max_rcpts=min(5, requests - total))
+            msg = gen.message(mixed=True, max_rcpts=min(5, requests - total), unique=True)
             messages.append(msg)
             total += len(msg.recipients)
         plan.timed = _spread(messages, gen, processes)

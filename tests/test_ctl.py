@@ -66,7 +66,8 @@ def ctl(site, *args):
 def test_stats_show_and_dump_read_the_live_database(site, live, postmap):
     assert live.ask(request()).startswith("action=DEFER_IF_PERMIT")
     status, out = ctl(site, "stats")
-    assert status == 0 and "entries: 1\n  pending: 1\n" in out
+    # The triple, and its (client group, sender) trying note.
+    assert status == 0 and "entries: 2\n  pending: 1\n  trying: 1\n" in out
     status, out = ctl(site, "show", "192.0.2.99", "Alice+News@Example.ORG", "bob@example.net")
     assert status == 0
     assert "client group: 192.0.2\nsender: alice@example.org\n" in out
@@ -76,7 +77,7 @@ def test_stats_show_and_dump_read_the_live_database(site, live, postmap):
     status, out = ctl(site, "dump")
     listed = subprocess.run([postmap, "-s", "lmdb:%s/gl" % site], capture_output=True,
                             text=True, timeout=10)
-    assert status == 0 and out == listed.stdout and out.count("\n") == 1
+    assert status == 0 and out == listed.stdout and out.count("\n") == 2
 
 
 def test_manual_whitelist_takes_effect_in_the_running_process(site, live):
@@ -100,16 +101,16 @@ def test_manual_sender_entry(site, live):
 
 
 def test_cleanup_prints_and_logs_its_counts(site, live):
-    live.ask(request())
+    live.ask(request())  # a pending triple and its trying note
     status, out = ctl(site, "cleanup", "--dry-run")
-    assert (status, out) == (0, "cleanup: dry run retained=1 dropped=0 (nothing changed)\n")
+    assert (status, out) == (0, "cleanup: dry run retained=2 dropped=0 (nothing changed)\n")
     status, out = ctl(site, "cleanup")
     assert status == 0
     counts, timing = out.splitlines()
-    assert counts == "cleanup: full retained=1 dropped=0"
+    assert counts == "cleanup: full retained=2 dropped=0"
     assert re.fullmatch(r"cleanup: \d+\.\d s, longest write lock \d+\.\d ms", timing)
     assert "greylistctl[" in (site / "log").read_text()
-    assert "cleanup: full retained=1 dropped=0" in (site / "log").read_text()
+    assert "cleanup: full retained=2 dropped=0" in (site / "log").read_text()
     assert live.ask(request()).startswith("action=DEFER_IF_PERMIT")  # still there
 
 

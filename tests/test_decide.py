@@ -8,7 +8,7 @@ from greylist.config import Config
 from greylist.core.decide import (DUNNO, NO_RECORDS, SLOT_STATES, Decision, Records, decide,
                                   expired, screen)
 from greylist.core.evaluate import fill
-from greylist.core.record import CLIENT, MANUAL, PASSED, PENDING, SENDER, Record
+from greylist.core.record import CLIENT, MANUAL, PASSED, PENDING, SENDER, TRYING, Record
 
 T = 1_700_000_000
 DELAY = 300
@@ -69,16 +69,23 @@ def only(triple=None):
     return Records(triple=triple)
 
 
+def noted(triple, now):
+    """A deferring decision's writes: the triple, and the note that its
+    (client group, sender) is trying since now (none was alive)."""
+    return Records(triple=triple, trying=Record(now, now, 1, TRYING))
+
+
 @pytest.mark.parametrize("record, now, expected", [
     pytest.param(None, T,
-                 Decision(deferred(DELAY), "new", 0, only(Record(T, T, 1, PENDING))),
+                 Decision(deferred(DELAY), "new", 0, noted(Record(T, T, 1, PENDING), T)),
                  id="new"),
     pytest.param(Record(T, T, 1, PENDING), T + 60,
                  Decision(deferred(DELAY - 60), "early-retry", 60,
-                          only(Record(T, T + 60, 2, PENDING))), id="early-retry"),
+                          noted(Record(T, T + 60, 2, PENDING), T + 60)), id="early-retry"),
     pytest.param(Record(T, T, 1, PENDING), T + DELAY - 1,
                  Decision(deferred(1), "early-retry", DELAY - 1,
-                          only(Record(T, T + DELAY - 1, 2, PENDING))), id="one-second-early"),
+                          noted(Record(T, T + DELAY - 1, 2, PENDING), T + DELAY - 1)),
+                 id="one-second-early"),
     pytest.param(Record(T, T, 1, PENDING), T + DELAY,
                  Decision(DUNNO, "delay-passed", DELAY, only(Record(T, T + DELAY, 2, PASSED)),
                           True), id="exactly-delay"),
@@ -86,12 +93,44 @@ def only(triple=None):
                  Decision(DUNNO, "known", 86400, NO_RECORDS, True), id="known-no-write"),
     pytest.param(Record(T, T + 100, 3, PENDING), T - 50,
                  Decision(deferred(DELAY + 50), "early-retry", -50,
-                          only(Record(T, T + 100, 4, PENDING))), id="clock-back-pending"),
+                          noted(Record(T, T + 100, 4, PENDING), T - 50)),
+                 id="clock-back-pending"),
     pytest.param(Record(T, T + DELAY, 2, PASSED), T - 50,
                  Decision(DUNNO, "known", -50, NO_RECORDS, True), id="clock-back-passed"),
 ])
 def test_decide_triple(record, now, expected):
     assert decide(only(record), now, TRIPLE_ONLY) == expected
+
+
+@pytest.mark.parametrize("since, triple, reason", [
+    (T - DELAY, None, "sender-retry"),
+    (T - DELAY + 1, None, "new"),
+    (T - DELAY, Record(T - 10, T - 10, 1, PENDING), "sender-retry"),
+    (T - 2 * 86400 - 1, None, "new"),     # the note expired with the retry window
+    (T + 50, None, "new"),                # a note from the future proves nothing
+])
+def test_a_new_recipient_passes_once_the_client_tried_the_sender_for_the_delay(
+        since, triple, reason):
+    decision = decide(Records(triple=triple, trying=Record(since, since, 1, TRYING)), T,
+                      TRIPLE_ONLY)
+    assert decision.reason == reason
+    if reason == "sender-retry":
+        assert decision.proven and decision.writes.triple.state == PASSED
+    else:
+        # The live note is kept (its first_seen is the earliest); a dead
+        # one is replaced.
+        alive = 0 <= T - since <= 2 * 86400
+        assert decision.writes.trying == (None if alive else Record(T, T, 1, TRYING))
+
+
+def test_the_issue_16_trace_is_not_split():
+    """+0 dave new; +15405 a new instance, heidi first, then dave."""
+    first = decide(Records(), T, TRIPLE_ONLY)
+    dave, note = first.writes.triple, first.writes.trying
+    heidi = decide(Records(trying=note), T + 15405, TRIPLE_ONLY)
+    assert (heidi.action, heidi.reason, heidi.proven) == (DUNNO, "sender-retry", True)
+    again = decide(Records(triple=dave, trying=note), T + 15405, TRIPLE_ONLY, True)
+    assert (again.action, again.reason) == (DUNNO, "delay-passed")
 
 
 @pytest.mark.parametrize("records, learn, reason, proven", [

@@ -33,11 +33,12 @@ def test_a_client_that_earns_the_auto_whitelist_is_exported_by_address(cfg):
     clock = Clock(T)
     found = stores(cfg)
     service = policy_service(cfg, Recorder(), clock, cleanup=False, found=found)
-    for hour, rcpt_to in enumerate(("a@example.com", "b@example.com")):
+    # Two senders, each greylisted once, an hour or more apart: two passes.
+    for hour, sender in enumerate(("x@remote.test", "w@remote.test")):
         clock.now = T + hour * 7200
-        assert rcpt(service, "192.0.2.10", "x@remote.test", rcpt_to).startswith("DEFER")
+        assert rcpt(service, "192.0.2.10", sender, "a@example.com").startswith("DEFER")
         clock.now += 61
-        assert rcpt(service, "192.0.2.10", "x@remote.test", rcpt_to) == "DUNNO"
+        assert rcpt(service, "192.0.2.10", sender, "a@example.com") == "DUNNO"
     assert dict(found.postscreen.items()) == {b"192.0.2.10": b"permit %d" % clock.now}
     # Another address of the group passes as awl-client: exported too.
     clock.now += 10

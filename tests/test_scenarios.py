@@ -74,9 +74,23 @@ def test_one_message_is_never_split_even_without_the_sender_whitelist(tmp_path):
     assert site.ask(rcpt="bob@example.net", instance="m2") == "DUNNO"
     assert site.ask(rcpt="carol@example.net", instance="m2") == "DUNNO"
     assert site.reason() == "message"
-    # A whitelisted recipient proves nothing about the client.
-    assert site.ask(rcpt="postmaster@example.net", instance="m3") == "DUNNO"
-    assert site.ask(rcpt="dave@example.net", instance="m3").startswith("DEFER_IF_PERMIT")
+    # A whitelisted recipient proves nothing about the client (another
+    # sender, which this client has not tried before).
+    assert site.ask(rcpt="postmaster@example.net", instance="m3",
+                    sender="other@example.org") == "DUNNO"
+    assert site.ask(rcpt="dave@example.net", instance="m3",
+                    sender="other@example.org").startswith("DEFER_IF_PERMIT")
+
+
+def test_a_retried_message_with_a_new_first_recipient_is_not_split(tmp_path):
+    """Issue 16's trace: dave deferred; hours later the same sender from
+    the same client group sends a new message, heidi first: both pass."""
+    site = Site(tmp_path, CFG._replace(sender_awl=False))
+    assert site.ask(rcpt="dave@example.net", instance="m1").startswith("DEFER_IF_PERMIT")
+    site.later(15405)
+    assert site.ask(rcpt="heidi@example.net", instance="m2") == "DUNNO"
+    assert site.reason() == "sender-retry"
+    assert site.ask(rcpt="dave@example.net", instance="m2") == "DUNNO"
 
 
 @pytest.mark.parametrize("first, retry, passes", [
@@ -251,7 +265,8 @@ def test_privacy_mode_stores_only_keyed_hashes(tmp_path):
     secret = tmp_path / "greylist.secret"
     assert secret.stat().st_mode & 0o777 == 0o600
     keys = [k for k, _ in site.store.items()]
-    assert len(keys) == 3 and all(re.fullmatch(rb"[0-9a-f]{64}", k) for k in keys)
+    # The triple, the sender and client entries, the sender's trying note.
+    assert len(keys) == 4 and all(re.fullmatch(rb"[0-9a-f]{64}", k) for k in keys)
     site.store.close()
     raw = (tmp_path / "greylist.lmdb").read_bytes()
     assert b"alice" not in raw and b"example" not in raw and b"192.0.2" not in raw

@@ -18,6 +18,11 @@ DESCRIPTION
         triple passed           DUNNO known
         message accepted        DUNNO message (another recipient of this
                                 message, same instance, was accepted)
+        client tried long enough
+                                DUNNO sender-retry (the client group has
+                                had a triple of this sender pending for
+                                at least greylist_delay: a retried message
+                                with a new recipient is not split)
         no triple               DEFER_IF_PERMIT new
         pending, age < delay    DEFER_IF_PERMIT early-retry
         pending, age >= delay   DUNNO delay-passed
@@ -48,7 +53,7 @@ from typing import NamedTuple
 
 from greylist.config import Config
 from greylist.core.record import (CLIENT, CORRESPONDENT, MANUAL, PASSED, PENDING, SENDER,
-                                  Record, new)
+                                  TRYING, Record, new)
 
 DUNNO = "DUNNO"
 
@@ -61,6 +66,7 @@ KNOWN = "known"
 CORRESPONDENT_PAIR = "correspondent"
 DELAY_PASSED = "delay-passed"
 MESSAGE = "message"
+SENDER_RETRY = "sender-retry"
 NEW = "new"
 EARLY_RETRY = "early-retry"
 LEARN = "learn:"          # prefix of the would-be defer's reason
@@ -72,7 +78,7 @@ DATABASE_FAILURE = "database-failure"
 # the client retries like a real MTA, or the sender is a correspondent of
 # a recipient of the message.
 PROVING = frozenset((AWL_CLIENT, AWL_SENDER, KNOWN, DELAY_PASSED, MESSAGE,
-                     CORRESPONDENT_PAIR))
+                     CORRESPONDENT_PAIR, SENDER_RETRY))
 # At most one pass an hour counts toward the client auto-whitelist.
 CLIENT_COUNT_INTERVAL_S = 3600
 
@@ -83,7 +89,8 @@ TRIPLE_STATES = (PENDING, PASSED)
 SENDER_STATES = (SENDER, MANUAL)
 CLIENT_STATES = (CLIENT, MANUAL)
 PAIR_STATES = (CORRESPONDENT,)
-SLOT_STATES = (TRIPLE_STATES, SENDER_STATES, CLIENT_STATES, PAIR_STATES)
+TRYING_STATES = (TRYING,)
+SLOT_STATES = (TRIPLE_STATES, SENDER_STATES, CLIENT_STATES, PAIR_STATES, TRYING_STATES)
 
 
 class Records(NamedTuple):
@@ -93,6 +100,7 @@ class Records(NamedTuple):
     sender: Record | None = None
     client: Record | None = None
     pair: Record | None = None
+    trying: Record | None = None
 
 
 NO_RECORDS = Records()
@@ -115,7 +123,7 @@ class Decision(NamedTuple):
 
 def expired(record: Record, now: int, cfg: Config) -> bool:
     """Whether a record is past its lifetime and must be treated as absent."""
-    if record.state == PENDING:
+    if record.state in (PENDING, TRYING):
         return now - record.first_seen > cfg.retry_window_s
     if record.state == MANUAL:
         return False
@@ -127,7 +135,7 @@ def expired(record: Record, now: int, cfg: Config) -> bool:
 def expire_at(record: Record, cfg: Config) -> int | None:
     """The first second at which expired() holds for record, for stores
     that expire records themselves (Redis); None for a manual entry."""
-    if record.state == PENDING:
+    if record.state in (PENDING, TRYING):
         return record.first_seen + cfg.retry_window_s + 1
     if record.state == MANUAL:
         return None
@@ -164,13 +172,13 @@ def decide(records: Records, now: int, cfg: Config,
         manual = client.state == MANUAL
         return new(Decision, (DUNNO, MANUAL_CLIENT if manual else AWL_CLIENT,
                               now - client.first_seen,
-                              new(Records, (None, None, _refreshed(client, now, cfg), None)),
+                              new(Records, (None, None, _refreshed(client, now, cfg), None, None)),
                               not manual))
     if sender is not None and (cfg.sender_awl or sender.state == MANUAL):
         manual = sender.state == MANUAL
         return new(Decision, (DUNNO, MANUAL_SENDER if manual else AWL_SENDER,
                               now - sender.first_seen,
-                              new(Records, (None, _refreshed(sender, now, cfg), None, None)),
+                              new(Records, (None, _refreshed(sender, now, cfg), None, None, None)),
                               not manual))
     if records.pair is not None and _live(records.pair, PAIR_STATES, now, cfg) is not None:
         # No writes: only learning refreshes a pair, so a forged sender
@@ -179,20 +187,31 @@ def decide(records: Records, now: int, cfg: Config,
                               NO_RECORDS, True))
     if triple is not None and triple.state == PASSED:
         return new(Decision, (DUNNO, KNOWN, now - triple.first_seen, new(
-            Records, (_refreshed(triple, now, cfg), None, None, None)), True))
+            Records, (_refreshed(triple, now, cfg), None, None, None, None)), True))
     age = 0 if triple is None else now - triple.first_seen
     if triple is not None and age >= cfg.delay_s:
         return _pass(DELAY_PASSED, triple, client, now, cfg)
     if message_accepted:
         return _pass(MESSAGE, triple, client, now, cfg)
+    trying = records.trying
+    if trying is not None and trying.state == TRYING \
+            and cfg.delay_s <= now - trying.first_seen <= cfg.retry_window_s:
+        return _pass(SENDER_RETRY, triple, client, now, cfg)
     reason = NEW if triple is None else EARLY_RETRY
     if cfg.learn:
         return _pass(LEARN + reason, triple, client, now, cfg)
+    # Note when this (client group, sender) began trying, unless a live
+    # note says so already (its first_seen is the earliest).
+    began = None
+    if trying is None or trying.state != TRYING \
+            or not 0 <= now - trying.first_seen <= cfg.retry_window_s:
+        began = Record(now, now, 1, TRYING)
     if triple is None:
         return Decision(_defer(cfg.delay_s, cfg), reason, 0,
-                        Records(triple=Record(now, now, 1, PENDING)))
+                        Records(triple=Record(now, now, 1, PENDING), trying=began))
     seen = Record(triple.first_seen, max(triple.last_seen, now), triple.count + 1, PENDING)
-    return Decision(_defer(cfg.delay_s - age, cfg), reason, age, Records(triple=seen))
+    return Decision(_defer(cfg.delay_s - age, cfg), reason, age,
+                    Records(triple=seen, trying=began))
 
 
 def _live(record: Record | None, kinds: tuple[str, ...], now: int,

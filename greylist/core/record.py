@@ -16,6 +16,11 @@ DESCRIPTION
                 greylist_client_awl_passes
     manual      a client-group or (client group, sender) entry made with
                 greylistctl whitelist add; it never expires
+    trying      a (client group, sender) that has a triple pending: FIRST
+                is when its first pending triple was first seen, so that
+                a new recipient of a retried message passes once the
+                client has tried for greylist_delay (no split message);
+                it expires greylist_retry_window after FIRST
     correspondent
                 a (local address, correspondent) pair learned from mail
                 a local user sent (greylist-socketmap(8), greylist
@@ -44,7 +49,8 @@ SENDER = "sender"
 CLIENT = "client"
 MANUAL = "manual"
 CORRESPONDENT = "correspondent"
-STATES = (PENDING, PASSED, SENDER, CLIENT, MANUAL, CORRESPONDENT)
+TRYING = "trying"
+STATES = (PENDING, PASSED, SENDER, CLIENT, MANUAL, CORRESPONDENT, TRYING)
 _STATES = {state.encode("ascii"): state for state in STATES}
 
 

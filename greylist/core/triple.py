@@ -227,6 +227,7 @@ class Keys(NamedTuple):
     sender: bytes
     client: bytes | None
     pair: bytes | None = None
+    trying: bytes | None = None
 
 
 def key(triple: Triple) -> bytes:
@@ -256,9 +257,11 @@ def keys(triple: Triple, pair_delimiters: str | None = None) -> Keys:
         else:
             escaped_local = escaped
         pair = _bounded(PAIR_MARK + escaped_local + "/" + sender)
+    # "#" alone is no recipient field (_escape writes it %23): the key of
+    # the (client group, sender) trying record.
     return new(Keys, (_bounded(client_sender + "/" + escaped), _bounded(client_sender),
                       None if triple.client == UNKNOWN_CLIENT else _bounded(triple.client),
-                      pair))
+                      pair, _bounded(client_sender + "/#")))
 
 
 # Correspondent keys start with a character that no client group has

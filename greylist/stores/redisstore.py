@@ -206,7 +206,7 @@ class Connection:
             raise
         except (redis.exceptions.RedisError, OSError) as exc:
             self.failed()
-            raise StoreError("redis %s: %s" % (self.url, exc or type(exc).__name__)) from None
+            raise StoreError("redis %s: %s" % (self.url, describe(exc))) from None
         if self.failing:
             self.failing, self._backoff = False, 0.0
         return result
@@ -225,6 +225,28 @@ class Connection:
                 except Exception:  # noqa: BLE001 (closing a broken client)
                     pass
                 self._client = None
+
+
+def describe(exc: Exception) -> str:
+    """A Redis failure for the log: redis-py's class, which carries
+    Redis's error code (OutOfMemoryError for OOM, AuthenticationError for
+    WRONGPASS), and Redis's text, without the pipeline command that
+    redis-py quotes (it holds a record's key and value)."""
+    text = str(exc)
+    if "caused error:" in text:
+        text = text.split("caused error:", 1)[1].strip()
+    name = type(exc).__name__
+    code = _CODES.get(name)
+    if code is not None:
+        name = "%s (%s)" % (code, name)
+    return "%s: %s" % (name, text) if text else name
+
+
+# Redis's error codes, which redis-py turns into exception classes.
+_CODES = {"OutOfMemoryError": "OOM", "AuthenticationError": "WRONGPASS",
+          "AuthenticationWrongNumberOfArgsError": "WRONGPASS",
+          "NoPermissionError": "NOPERM", "ReadOnlyError": "READONLY",
+          "BusyLoadingError": "LOADING", "ExecAbortError": "EXECABORT"}
 
 
 def _pause() -> None:
