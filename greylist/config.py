@@ -47,7 +47,10 @@ class Config(NamedTuple):
     cleanup_interval_s: int = 12 * 3600
     # "" until resolve(): then the table's name, or "" for none.
     client_table: str = ""
-    client_match: str = "prefix"
+    # Pools of big senders as one client; everyone else by prefix
+    # (greylist(8), The triple; bench/RESULTS.md run L).
+    client_match: str = "pool"
+    pool_domains: tuple[str, ...] = ()
     ipv4_prefix: int = 24
     ipv6_prefix: int = 64
     sender_delimiter: str = "+"
@@ -212,8 +215,9 @@ def _prefix_parser(bits: int, step: int):
 
 def _parse_client_match(name: str, value: str) -> str:
     value = value.strip().lower()
-    if value not in ("prefix", "exact", "domain"):
-        raise ConfigError("%s: expected prefix, exact or domain, not %r" % (name, value))
+    if value not in ("pool", "prefix", "exact", "domain"):
+        raise ConfigError("%s: expected pool, prefix, exact or domain, not %r"
+                          % (name, value))
     return value
 
 
@@ -343,6 +347,7 @@ SETTINGS = {
     "greylist_cleanup_interval": ("cleanup_interval_s", _parse_time),
     "greylist_client_table": ("client_table", _parse_table),
     "greylist_client_match": ("client_match", _parse_client_match),
+    "greylist_pool_domains": ("pool_domains", _parse_domains),
     "greylist_ipv4_prefix": ("ipv4_prefix", _prefix_parser(32, 8)),
     "greylist_ipv6_prefix": ("ipv6_prefix", _prefix_parser(128, 16)),
     "greylist_sender_delimiter": ("sender_delimiter", _parse_delimiter),

@@ -455,10 +455,16 @@ def _whitelist(store: Store, cfg: Config, log: Log, args: dict) -> int:
         group = client_group(address, None, cfg)
         table_name = table_key(address, group)
     except BadAddress:
-        group = registered_domain(client.casefold()) if cfg.client_match == "domain" else None
+        group = None
+        if cfg.client_match == "domain":
+            group = registered_domain(client.casefold())
+        elif cfg.client_match == "pool":
+            from greylist.core.pools import pool_of, pool_set
+            group = pool_of(client.casefold(), pool_set(cfg.pool_domains))
         if group is None:
             print("greylistctl: %s is not an IP address%s" % (
-                client, "" if cfg.client_match != "domain" else " or a registered domain"))
+                client, {"domain": " or a registered domain",
+                         "pool": " or a pool domain"}.get(cfg.client_match, "")))
             return 2
         table_name = group.encode("utf-8")
     if group == "unknown":

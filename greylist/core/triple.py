@@ -5,6 +5,10 @@ DESCRIPTION
     Triple of three normalised parts.
 
     client      The client group, per greylist_client_match:
+                pool    (the default) the pool domain (core/pools.py) of a
+                        verified client_name under one, so that a
+                        provider's retries from other hosts match; any
+                        other client as prefix
                 prefix  the IPv4 address cut to greylist_ipv4_prefix bits
                         and the IPv6 address to greylist_ipv6_prefix bits,
                         written as access(5) writes partial addresses:
@@ -12,9 +16,11 @@ DESCRIPTION
                         the whole address at /32 or /128.
                 exact   the client address.
                 domain  the registered domain (public suffix list) of a
-                        verified client_name, so that retries from other
-                        hosts of the same provider pool match; "unknown"
-                        or unlisted names fall back to prefix.
+                        verified client_name that does not look dynamic
+                        (pools.looks_dynamic), so that retries from other
+                        hosts of the same provider pool match; "unknown",
+                        dynamic-looking or unlisted names fall back to
+                        prefix.
                 IPv4-mapped IPv6 addresses count as IPv4. Postfix sends
                 "unknown" when the address is unavailable (XCLIENT); such
                 clients share the client part "unknown".
@@ -127,10 +133,18 @@ def client_address(value: str | None) -> str:
 
 def client_group(address: str, client_name: str | None, cfg: Config) -> str:
     """Return the client group of a canonical address (see DESCRIPTION)."""
-    if address == UNKNOWN_CLIENT or cfg.client_match == "exact":
+    match = cfg.client_match
+    if address == UNKNOWN_CLIENT or match == "exact":
         return address
-    if cfg.client_match == "domain" and client_name and client_name != UNKNOWN_CLIENT:
-        domain = registered_domain(client_name.casefold().rstrip("."))
+    if match == "pool" and client_name and client_name != UNKNOWN_CLIENT:
+        from greylist.core.pools import pool_of, pool_set
+        pool = pool_of(client_name.casefold(), pool_set(cfg.pool_domains))
+        if pool is not None:
+            return pool
+    elif match == "domain" and client_name and client_name != UNKNOWN_CLIENT:
+        from greylist.core.pools import looks_dynamic
+        name = client_name.casefold().rstrip(".")
+        domain = None if looks_dynamic(name, address) else registered_domain(name)
         if domain is not None:
             return domain
     if ":" in address:

@@ -237,13 +237,18 @@ def describe(exc: Exception) -> str:
         text = text.split("caused error:", 1)[1].strip()
     name = type(exc).__name__
     code = _CODES.get(name)
+    if name == "AuthenticationError":
+        # redis-py raises it for NOAUTH (no password sent) and WRONGPASS.
+        lowered = text.lower()
+        code = ("NOAUTH" if "authentication required" in lowered or "hello must be" in lowered
+                or "noauth" in lowered else "WRONGPASS")
     if code is not None:
         name = "%s (%s)" % (code, name)
     return "%s: %s" % (name, text) if text else name
 
 
 # Redis's error codes, which redis-py turns into exception classes.
-_CODES = {"OutOfMemoryError": "OOM", "AuthenticationError": "WRONGPASS",
+_CODES = {"OutOfMemoryError": "OOM",
           "AuthenticationWrongNumberOfArgsError": "WRONGPASS",
           "NoPermissionError": "NOPERM", "ReadOnlyError": "READONLY",
           "BusyLoadingError": "LOADING", "ExecAbortError": "EXECABORT"}
