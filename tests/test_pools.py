@@ -1,0 +1,84 @@
+"""Pool-aware client grouping: providers' pools as one client, bots never."""
+
+import pytest
+
+from greylist.config import Config
+from greylist.core.decide import Records, decide
+from greylist.core.pools import POOL_DOMAINS, looks_dynamic, pool_of, pool_set
+from greylist.core.triple import client_group
+
+POOL = Config()          # the default: client_match = pool
+DOMAIN = Config(client_match="domain")
+
+
+@pytest.mark.parametrize("address, name, group", [
+    ("40.107.22.70", "mail-am6eur05on2070.outbound.protection.outlook.com", "outlook.com"),
+    ("52.100.7.1", "mail-dm6nam10on2101.outbound.protection.outlook.com", "outlook.com"),
+    ("209.85.128.170", "mail-yw1-f170.google.com", "google.com"),
+    ("54.240.8.30", "a8-30.smtp-out.amazonses.com", "amazonses.com"),
+    ("198.2.128.7", "mail128-7.atl41.mcsv.net", "mcsv.net"),
+    ("167.89.10.1", "o1.ptr1234.sendgrid.net", "sendgrid.net"),
+    ("205.139.110.61", "us-smtp-delivery-61.mimecast.com", "mimecast.com"),
+    ("41.74.196.1", "za-smtp-1.mimecast.co.za", "mimecast.co.za"),
+    # Everyone else: the /24.
+    ("100.65.220.132", "100-65-220-132.dyn.dsl1.example", "100.65.220"),
+    ("192.0.2.7", "mx.example.org", "192.0.2"),
+    ("192.0.2.7", "unknown", "192.0.2"),
+    ("192.0.2.7", "notgoogle.com", "192.0.2"),
+    ("192.0.2.7", "google.com.attacker.example", "192.0.2"),
+    ("2001:db8:1:2::7", "mail-xyz.google.com", "google.com"),
+])
+def test_pool_mode_groups_providers_by_their_pool_domain_and_others_by_prefix(
+        address, name, group):
+    assert client_group(address, name, POOL) == group
+
+
+def test_a_pool_domain_can_be_added():
+    cfg = Config(pool_domains=("bigsender.example",))
+    assert client_group("192.0.2.7", "out-7.MTA.BigSender.example.", cfg) == "bigsender.example"
+    assert pool_of("a.bigsender.example", pool_set(cfg.pool_domains)) == "bigsender.example"
+
+
+def test_every_pool_domain_is_a_registered_domain_spelled_in_lower_case():
+    for domain in POOL_DOMAINS:
+        assert domain == domain.casefold() and 2 <= domain.count(".") + 1 <= 3, domain
+
+
+@pytest.mark.parametrize("name, address, dynamic", [
+    ("100-65-220-132.dyn.dsl1.example", "100.65.220.132", True),
+    ("host-132-220.isp.example", "100.65.220.132", True),
+    ("pc065220.isp.example", "100.65.220.132", True),
+    ("c0a80001.isp.example", "192.168.0.1", True),
+    ("customer.isp.example", "192.0.2.7", True),
+    ("ppp-7.isp.example", "192.0.2.7", True),
+    ("mx.example.org", "192.0.2.7", False),
+    ("mail-yw1-f170.google.com", "209.85.128.170", False),
+    ("smtp7.example.org", "192.0.2.7", False),
+])
+def test_dynamic_looking_names(name, address, dynamic):
+    assert looks_dynamic(name, address) is dynamic
+
+
+def test_domain_mode_never_makes_an_access_isp_one_client():
+    bots = [("100.65.%d.%d" % (a, b), "%d-%d-%d-%d.dyn.dsl1.isp.example" % (100, 65, a, b))
+            for a, b in ((220, 132), (17, 9), (3, 250))]
+    groups = {client_group(address, name, DOMAIN) for address, name in bots}
+    assert groups == {"100.65.220", "100.65.17", "100.65.3"}
+    assert client_group("192.0.2.7", "mx1.example.org", DOMAIN) == "example.org"
+
+
+def test_a_pool_retry_from_another_network_passes_after_the_delay():
+    """Microsoft 365 retries from another /16: in pool mode it is one
+    client, and the retry passes; in prefix mode it would be new."""
+    from greylist.core.triple import keys, triple_from_request
+    first = {"client_address": "40.107.22.70", "sender": "a@contoso.example",
+             "recipient": "b@example.net",
+             "client_name": "mail-am6eur05on2070.outbound.protection.outlook.com"}
+    retry = dict(first, client_address="52.100.7.1",
+                 client_name="mail-dm6nam10on2101.outbound.protection.outlook.com")
+    t1, t2 = triple_from_request(first, POOL), triple_from_request(retry, POOL)
+    assert keys(t1) == keys(t2)
+    stored = decide(Records(), 1000, POOL).writes.triple
+    assert decide(Records(triple=stored), 1000 + POOL.delay_s, POOL).reason == "delay-passed"
+    assert triple_from_request(first, Config(client_match="prefix")).client != \
+        triple_from_request(retry, Config(client_match="prefix")).client
