@@ -72,7 +72,7 @@ def only(triple=None):
 def noted(triple, now):
     """A deferring decision's writes: the triple, and the note that its
     (client group, sender) is trying since now (none was alive)."""
-    return Records(triple=triple, trying=Record(now, now, 1, TRYING))
+    return Records(triple=triple, sender=Record(now, now, 1, TRYING))
 
 
 @pytest.mark.parametrize("record, now, expected", [
@@ -111,7 +111,7 @@ def test_decide_triple(record, now, expected):
 ])
 def test_a_new_recipient_passes_once_the_client_tried_the_sender_for_the_delay(
         since, triple, reason):
-    decision = decide(Records(triple=triple, trying=Record(since, since, 1, TRYING)), T,
+    decision = decide(Records(triple=triple, sender=Record(since, since, 1, TRYING)), T,
                       TRIPLE_ONLY)
     assert decision.reason == reason
     if reason == "sender-retry":
@@ -120,16 +120,16 @@ def test_a_new_recipient_passes_once_the_client_tried_the_sender_for_the_delay(
         # The live note is kept (its first_seen is the earliest); a dead
         # one is replaced.
         alive = 0 <= T - since <= 2 * 86400
-        assert decision.writes.trying == (None if alive else Record(T, T, 1, TRYING))
+        assert decision.writes.sender == (None if alive else Record(T, T, 1, TRYING))
 
 
 def test_the_issue_16_trace_is_not_split():
     """+0 dave new; +15405 a new instance, heidi first, then dave."""
     first = decide(Records(), T, TRIPLE_ONLY)
-    dave, note = first.writes.triple, first.writes.trying
-    heidi = decide(Records(trying=note), T + 15405, TRIPLE_ONLY)
+    dave, note = first.writes.triple, first.writes.sender
+    heidi = decide(Records(sender=note), T + 15405, TRIPLE_ONLY)
     assert (heidi.action, heidi.reason, heidi.proven) == (DUNNO, "sender-retry", True)
-    again = decide(Records(triple=dave, trying=note), T + 15405, TRIPLE_ONLY, True)
+    again = decide(Records(triple=dave, sender=note), T + 15405, TRIPLE_ONLY, True)
     assert (again.action, again.reason) == (DUNNO, "delay-passed")
 
 

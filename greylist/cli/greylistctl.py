@@ -412,8 +412,7 @@ def _show(store: Store, cfg: Config, log: Log, args: dict,
     for warning in outcome.warnings:
         print("warning: %s" % warning)
     for label, k, record in zip(("triple", "sender entry", "client entry",
-                                 "correspondent pair", "sender trying since"), found,
-                                outcome.records):
+                                 "correspondent pair"), found, outcome.records):
         if k is None:
             print("%s: none (%s)" % (label, "clients without an address have no client "
                                      "entry" if label == "client entry" else

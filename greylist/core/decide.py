@@ -22,7 +22,9 @@ DESCRIPTION
                                 DUNNO sender-retry (the client group has
                                 had a triple of this sender pending for
                                 at least greylist_delay: a retried message
-                                with a new recipient is not split)
+                                with a new recipient is not split; the
+                                "trying" note lives in the sender entry's
+                                place until the sender passes)
         no triple               DEFER_IF_PERMIT new
         pending, age < delay    DEFER_IF_PERMIT early-retry
         pending, age >= delay   DUNNO delay-passed
@@ -89,8 +91,7 @@ TRIPLE_STATES = (PENDING, PASSED)
 SENDER_STATES = (SENDER, MANUAL)
 CLIENT_STATES = (CLIENT, MANUAL)
 PAIR_STATES = (CORRESPONDENT,)
-TRYING_STATES = (TRYING,)
-SLOT_STATES = (TRIPLE_STATES, SENDER_STATES, CLIENT_STATES, PAIR_STATES, TRYING_STATES)
+SLOT_STATES = (TRIPLE_STATES, SENDER_STATES + (TRYING,), CLIENT_STATES, PAIR_STATES)
 
 
 class Records(NamedTuple):
@@ -100,7 +101,6 @@ class Records(NamedTuple):
     sender: Record | None = None
     client: Record | None = None
     pair: Record | None = None
-    trying: Record | None = None
 
 
 NO_RECORDS = Records()
@@ -172,13 +172,13 @@ def decide(records: Records, now: int, cfg: Config,
         manual = client.state == MANUAL
         return new(Decision, (DUNNO, MANUAL_CLIENT if manual else AWL_CLIENT,
                               now - client.first_seen,
-                              new(Records, (None, None, _refreshed(client, now, cfg), None, None)),
+                              new(Records, (None, None, _refreshed(client, now, cfg), None)),
                               not manual))
     if sender is not None and (cfg.sender_awl or sender.state == MANUAL):
         manual = sender.state == MANUAL
         return new(Decision, (DUNNO, MANUAL_SENDER if manual else AWL_SENDER,
                               now - sender.first_seen,
-                              new(Records, (None, _refreshed(sender, now, cfg), None, None, None)),
+                              new(Records, (None, _refreshed(sender, now, cfg), None, None)),
                               not manual))
     if records.pair is not None and _live(records.pair, PAIR_STATES, now, cfg) is not None:
         # No writes: only learning refreshes a pair, so a forged sender
@@ -187,31 +187,34 @@ def decide(records: Records, now: int, cfg: Config,
                               NO_RECORDS, True))
     if triple is not None and triple.state == PASSED:
         return new(Decision, (DUNNO, KNOWN, now - triple.first_seen, new(
-            Records, (_refreshed(triple, now, cfg), None, None, None, None)), True))
+            Records, (_refreshed(triple, now, cfg), None, None, None)), True))
     age = 0 if triple is None else now - triple.first_seen
     if triple is not None and age >= cfg.delay_s:
         return _pass(DELAY_PASSED, triple, client, now, cfg)
     if message_accepted:
         return _pass(MESSAGE, triple, client, now, cfg)
-    trying = records.trying
-    if trying is not None and trying.state == TRYING \
-            and cfg.delay_s <= now - trying.first_seen <= cfg.retry_window_s:
+    # The trying note of this (client group, sender), kept where its
+    # sender entry will be: no record of its own to read.
+    trying = records.sender
+    alive = (trying is not None and trying.state == TRYING
+             and 0 <= now - trying.first_seen <= cfg.retry_window_s)
+    if alive and now - trying.first_seen >= cfg.delay_s:
         return _pass(SENDER_RETRY, triple, client, now, cfg)
     reason = NEW if triple is None else EARLY_RETRY
     if cfg.learn:
         return _pass(LEARN + reason, triple, client, now, cfg)
     # Note when this (client group, sender) began trying, unless a live
-    # note says so already (its first_seen is the earliest).
+    # note says so already (its first_seen is the earliest); never over
+    # a live sender entry (with greylist_sender_awl = no, say).
     began = None
-    if trying is None or trying.state != TRYING \
-            or not 0 <= now - trying.first_seen <= cfg.retry_window_s:
+    if not alive and sender is None:
         began = Record(now, now, 1, TRYING)
     if triple is None:
         return Decision(_defer(cfg.delay_s, cfg), reason, 0,
-                        Records(triple=Record(now, now, 1, PENDING), trying=began))
+                        Records(triple=Record(now, now, 1, PENDING), sender=began))
     seen = Record(triple.first_seen, max(triple.last_seen, now), triple.count + 1, PENDING)
     return Decision(_defer(cfg.delay_s - age, cfg), reason, age,
-                    Records(triple=seen, trying=began))
+                    Records(triple=seen, sender=began))
 
 
 def _live(record: Record | None, kinds: tuple[str, ...], now: int,

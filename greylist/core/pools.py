@@ -28,6 +28,12 @@ DESCRIPTION
 import functools
 import re
 
+
+@functools.cache
+def _regex(pattern: str) -> re.Pattern:
+    """Compiled on first use (start-up time under spawn(8))."""
+    return re.compile(pattern)
+
 # Registered domains of outbound mail pools. Sources: the providers'
 # documentation of their outbound hosts and reverse names.
 POOL_DOMAINS = (
@@ -55,7 +61,7 @@ POOL_DOMAINS = (
     "facebookmail.com",       # Facebook / Meta notifications
 )
 
-_DYNAMIC_LABEL = re.compile(
+_DYNAMIC_LABEL = (
     r"(?:^|[.-])(?:dyn|dynamic|dsl|adsl|vdsl|xdsl|dhcp|pool|cable|ppp|pppoe|dial|"
     r"dialup|dialin|cust|customer|client|broadband|bb|res|resident|residential|home|"
     r"user|users|mobile|wireless|wifi|ftth|fttx|fiber|fibre|cpe|nat|unassigned|ip)"
@@ -64,26 +70,37 @@ _DYNAMIC_LABEL = re.compile(
 
 @functools.lru_cache(maxsize=8)
 def pool_set(extra: tuple[str, ...]) -> frozenset[str]:
-    """The pool domains, the built-in ones and extra."""
-    return frozenset(POOL_DOMAINS) | frozenset(d.casefold().strip(".") for d in extra)
+    """The pool domains, the built-in ones and extra, and for pool_of()
+    "*SUFFIX" for the last two labels of each three-label domain."""
+    domains = frozenset(POOL_DOMAINS) | frozenset(d.casefold().strip(".") for d in extra)
+    return domains | frozenset("*" + d.split(".", 1)[1] for d in domains
+                               if d.count(".") == 2)
 
 
 def pool_of(client_name: str, pools: frozenset[str]) -> str | None:
     """The pool domain that a verified, case-folded client name lies under,
-    or None."""
-    labels = client_name.rstrip(".").split(".")
-    for count in (2, 3):
-        if len(labels) >= count:
-            candidate = ".".join(labels[-count:])
-            if candidate in pools:
-                return candidate
+    or None: its last two labels, or its last three where the last two are
+    a public suffix of a listed three-label domain (mimecast.co.za)."""
+    # rfind and one slice: this runs for every request with a name.
+    end = len(client_name) - (client_name[-1:] == ".")
+    dot = client_name.rfind(".", 0, end)
+    if dot <= 0:
+        return None
+    start = client_name.rfind(".", 0, dot) + 1
+    candidate = client_name[start:end]
+    if candidate in pools:
+        return candidate
+    if start > 1 and "*" + candidate in pools:
+        candidate = client_name[client_name.rfind(".", 0, start - 1) + 1:end]
+        if candidate in pools:
+            return candidate
     return None
 
 
 def looks_dynamic(client_name: str, address: str) -> bool:
     """Whether a verified name looks like an access host's (see DESCRIPTION)."""
     name = client_name.casefold()
-    if _DYNAMIC_LABEL.search(name):
+    if _regex(_DYNAMIC_LABEL).search(name):
         return True
     if ":" in address:
         return False

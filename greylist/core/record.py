@@ -16,7 +16,8 @@ DESCRIPTION
                 greylist_client_awl_passes
     manual      a client-group or (client group, sender) entry made with
                 greylistctl whitelist add; it never expires
-    trying      a (client group, sender) that has a triple pending: FIRST
+    trying      in a sender entry's place, until the sender passes: a
+                (client group, sender) that has a triple pending; FIRST
                 is when its first pending triple was first seen, so that
                 a new recipient of a retried message passes once the
                 client has tried for greylist_delay (no split message);

@@ -56,6 +56,7 @@ import re
 from typing import NamedTuple
 
 from greylist.config import Config
+from greylist.core.pools import pool_of, pool_set
 from greylist.core.record import new
 
 # LMDB's compile-time maximum key size (mdb_env_get_maxkeysize) less the NUL.
@@ -137,7 +138,6 @@ def client_group(address: str, client_name: str | None, cfg: Config) -> str:
     if address == UNKNOWN_CLIENT or match == "exact":
         return address
     if match == "pool" and client_name and client_name != UNKNOWN_CLIENT:
-        from greylist.core.pools import pool_of, pool_set
         pool = pool_of(client_name.casefold(), pool_set(cfg.pool_domains))
         if pool is not None:
             return pool
@@ -241,7 +241,6 @@ class Keys(NamedTuple):
     sender: bytes
     client: bytes | None
     pair: bytes | None = None
-    trying: bytes | None = None
 
 
 def key(triple: Triple) -> bytes:
@@ -271,11 +270,9 @@ def keys(triple: Triple, pair_delimiters: str | None = None) -> Keys:
         else:
             escaped_local = escaped
         pair = _bounded(PAIR_MARK + escaped_local + "/" + sender)
-    # "#" alone is no recipient field (_escape writes it %23): the key of
-    # the (client group, sender) trying record.
     return new(Keys, (_bounded(client_sender + "/" + escaped), _bounded(client_sender),
                       None if triple.client == UNKNOWN_CLIENT else _bounded(triple.client),
-                      pair, _bounded(client_sender + "/#")))
+                      pair))
 
 
 # Correspondent keys start with a character that no client group has

@@ -190,14 +190,13 @@ def parse_records(values: Values, found: Sequence[bytes | None]
                   ) -> tuple[Records, tuple[str, ...]]:
     """The records stored as values (keys found), and a warning for each
     value that does not parse (treated as absent)."""
-    triple, sender, client, pair, trying = [None if value is None else decode(value)
-                                            for value in values]
+    triple, sender, client, pair = [None if value is None else decode(value)
+                                    for value in values]
     if (triple is None and values[0] is not None or sender is None and values[1] is not None
             or client is None and values[2] is not None
-            or pair is None and values[3] is not None
-            or trying is None and values[4] is not None):
-        return new(Records, (triple, sender, client, pair, trying)), tuple(
+            or pair is None and values[3] is not None):
+        return new(Records, (triple, sender, client, pair)), tuple(
             "ignoring malformed record for %s: %s"
             % (k.decode("utf-8", "replace"), repr(value)[:100])
             for value, k in zip(values, found) if value is not None and decode(value) is None)
-    return new(Records, (triple, sender, client, pair, trying)), ()
+    return new(Records, (triple, sender, client, pair)), ()

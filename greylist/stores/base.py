@@ -52,7 +52,7 @@ Change = Callable[[Values], tuple[Values, T]]
 
 # What a change returns when it writes nothing, so that run_plan() need
 # not look at each value (the common, read-only path).
-NO_WRITES: Values = [None, None, None, None, None]
+NO_WRITES: Values = [None, None, None, None]
 
 
 class StoreError(Exception):
