@@ -517,3 +517,27 @@ def _resolve_redis(cfg: Config) -> Config:
 def is_redis(cfg: Config) -> bool:
     """Whether the settings name a Redis database."""
     return cfg.database.startswith("redis")
+
+
+def log_target(path: str | None) -> str:
+    """The greylist_log of a settings file that does not load, as far as
+    it can be read (a fatal settings error then still reaches the log the
+    administrator set); "syslog" otherwise."""
+    if path is None:
+        return "syslog"
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            text = handle.read(1 << 20)
+    except OSError:
+        return "syslog"
+    found = "syslog"
+    for line in text.splitlines():
+        name, sep, value = line.partition("=")
+        if sep and name.strip() == "greylist_log":
+            try:
+                found = _parse_log(name, value)
+            except ConfigError:
+                pass
+    if not found.startswith("postlog") and found != "syslog":
+        found = os.path.abspath(found)
+    return found

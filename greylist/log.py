@@ -15,7 +15,7 @@ DESCRIPTION
                     second when it is rotated or removed.
 
     Warnings start with "warning: " and fatal errors with "fatal: ", as
-    in Postfix. The clock that stamps file and postlog lines is injected
+    in Postfix; fatal errors also go to stderr when it is a terminal. The clock that stamps file and postlog lines is injected
     (time.time by default). Debug lines are written only when the -v count reaches
     their level. A logging failure is never allowed to fail the service.
 """
@@ -66,8 +66,17 @@ class Log:
         self._write(syslog.LOG_WARNING, "warning: " + message)
 
     def fatal(self, message: str) -> None:
-        """Log an error that ends the program (the caller exits)."""
+        """Log an error that ends the program (the caller exits), and write
+        it to stderr when that is a terminal: an administrator who runs a
+        program by hand sees why it stops (under spawn(8) stderr is the
+        socket, never a terminal)."""
         self._write(syslog.LOG_CRIT, "fatal: " + message)
+        try:
+            if os.isatty(2):
+                os.write(2, ("%s: fatal: %s\n" % (self.ident, message)).encode(
+                    "utf-8", "backslashreplace"))
+        except OSError:
+            pass
 
     def debug(self, level: int, message: str) -> None:
         """Log message if -v was given at least level times."""

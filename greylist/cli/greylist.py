@@ -23,7 +23,7 @@ import os
 import sys
 
 from greylist import __version__
-from greylist.config import ConfigError, load, parse_setting
+from greylist.config import ConfigError, load, log_target, parse_setting
 from greylist.log import Log
 from greylist.transports.spawn import serve
 from greylist.wiring import DEFAULT, Tuning, policy_service
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None, tuning: Tuning = DEFAULT) -> int:
     try:
         cfg = load(args["--config"], _overrides(args))
     except ConfigError as exc:
-        Log().fatal(str(exc))
+        Log("greylist", log_target(args["--config"])).fatal(str(exc))
         return 1
     log = Log("greylist", cfg.log, cfg.verbose)
     if os.geteuid() == 0 and not cfg.allow_root:

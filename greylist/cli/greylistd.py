@@ -44,7 +44,7 @@ import sys
 from docopt import DocoptExit, docopt
 
 from greylist import __version__
-from greylist.config import Config, ConfigError, load
+from greylist.config import Config, ConfigError, load, log_target
 from greylist.log import Log
 from greylist.service import PolicyService
 from greylist.stores.commit import BATCH_S, Committer
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load(args["--config"], {"verbose": args["--verbose"]})
     except ConfigError as exc:
-        _fatal(Log("greylistd"), str(exc))
+        _fatal(Log("greylistd", log_target(args["--config"])), str(exc))
         return 1
     log = Log("greylistd", cfg.log, cfg.verbose)
     sys.excepthook = lambda kind, value, tb: _log_bug(log, kind, value, tb)
@@ -391,8 +391,8 @@ def _fatal(log: Log, message: str) -> None:
     """A fatal error: to the log target, and to stderr (a terminal, or the
     journal of a systemd service) unless stderr is a client's socket."""
     log.fatal(message)
-    if _stderr_is_a_client():
-        return
+    if _stderr_is_a_client() or os.isatty(2):
+        return  # (Log.fatal wrote to a terminal itself.)
     try:
         os.write(2, ("greylistd: fatal: %s\n" % message).encode("utf-8", "backslashreplace"))
     except OSError:

@@ -17,7 +17,7 @@ import os
 import sys
 
 from greylist.cli.greylist import _log_bug, _overrides, _silence_stderr, parse_args
-from greylist.config import ConfigError, load
+from greylist.config import ConfigError, load, log_target
 from greylist.log import Log
 from greylist.transports.spawn import serve
 from greylist.wiring import DEFAULT, Tuning, postscreen_service
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None, tuning: Tuning | None = None) -> int:
     try:
         cfg = load(args["--config"], _overrides(args))
     except ConfigError as exc:
-        Log("greylist-postscreen").fatal(str(exc))
+        Log("greylist-postscreen", log_target(args["--config"])).fatal(str(exc))
         return 1
     log = Log("greylist-postscreen", cfg.log, cfg.verbose)
     if os.geteuid() == 0 and not cfg.allow_root:

@@ -36,7 +36,7 @@ Options:
   -h, --help                Show this help.
   --version                 Show the version.
 """
-from greylist.config import ConfigError, load
+from greylist.config import ConfigError, load, log_target
 from greylist.log import Log
 from greylist.transports.spawn import serve
 from greylist.wiring import DEFAULT, Tuning, socketmap_service
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None, tuning: Tuning = DEFAULT) -> int:
     try:
         cfg = load(args["--config"], _overrides(args))
     except ConfigError as exc:
-        Log("greylist-socketmap").fatal(str(exc))
+        Log("greylist-socketmap", log_target(args["--config"])).fatal(str(exc))
         return 1
     log = Log("greylist-socketmap", cfg.log, cfg.verbose)
     if os.geteuid() == 0 and not cfg.allow_root:
