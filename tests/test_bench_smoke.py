@@ -297,3 +297,62 @@ def test_bench_socketmap_quick_run_checks_known_lookups_write_nothing(tmp_path):
     assert socketmap.failures([wrote]) == [
         "round 1 known greylistd K=16: the known phase wrote (commits "
         "{'database': 1, 'table': 0})"]
+
+
+def test_bench_postscreen_quick_run_checks_replies_and_no_write(tmp_path):
+    # bench/postscreen.py --quick: greylist-postscreen (spawn form), greylistd
+    # with 1 and 16 connections, and the ignore responder in both forms.
+    report_path, work = tmp_path / "postscreen.json", tmp_path / "work"
+    work.mkdir()
+    argv = [sys.executable, os.path.join(ROOT, "bench", "postscreen.py"), "--quick",
+            "--python", sys.executable, "--ours-path", ROOT, "--tmpdir", str(work),
+            "--json", str(report_path), "--check"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "no-write check" in done.stdout
+
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    assert report["failures"] == []
+    rows = {(r["kind"], r["program"], r["connections"]): r for r in report["rows"]}
+    assert set(rows) == {(kind, p, k) for kind in ("known", "unknown") for p, k in (
+        ("greylist-postscreen", 1), ("ignore", 1), ("greylistd", 1), ("greylistd", 16),
+        ("ignore-asyncio", 1), ("ignore-asyncio", 16))}
+    for (kind, program, k), row in rows.items():
+        assert row["available"] and not row.get("errors"), row
+        assert row["replies"] == row["requests"] > 0 and row["wrong"] == 0, row
+        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"], row
+        assert row["exit_codes"] == [0], row
+        if program.startswith("ignore"):
+            continue
+        assert row["no_write"] is True and row["changed"] == {}, row
+        assert row["reasons_match"] is True, row
+        logged = row["reasons_logged"]
+        assert logged["manual-client"] > 0 and logged["awl-client"] > 0, row
+        assert logged["unproven"] >= row["requests"], row
+    assert {t["connections"] for t in report["targets"]} == {1, 16}
+    assert os.listdir(work) == []  # Work directories removed.
+
+    # The check can fail: a write, a wrong reply and wrong reasons are reported.
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import postscreen
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    row = rows["known", "greylistd", 16]
+    before = {"greylist.lmdb": [2, 31]}
+    wrote = dict(row, **postscreen.compare_state(before, {"greylist.lmdb": [3, 31]}))
+    assert wrote["no_write"] is False
+    assert postscreen.failures([wrote]) == [
+        "round 1 known greylistd K=16: the database was written: changed "
+        "{'greylist.lmdb': [[2, 31], [3, 31]]}, created {}"]
+    created = postscreen.compare_state(before, {"greylist.lmdb": [2, 31], "x.lmdb": [1, 1],
+                                                "greylist.cleanup": None})
+    assert created["no_write"] is False and created["created"] == {
+        "x.lmdb": [1, 1], "greylist.cleanup": None}
+    assert postscreen.compare_state(before, {"greylist.lmdb": [2, 31],
+                                             "y.lmdb": [0, 0]})["no_write"] is True
+    bad = dict(row, wrong=2, wrong_examples=["x"], reasons_match=False)
+    assert postscreen.failures([bad]) == [
+        "round 1 known greylistd K=16: 2 wrong replies (x)",
+        "round 1 known greylistd K=16: reasons logged %s, expected %s"
+        % (row["reasons_logged"], row["reasons_expected"])]
