@@ -27,6 +27,13 @@ DESCRIPTION
                  socket with a temporary --dbdir and explicit --delay,
                  K connections; as root it runs as the user postgrey.
 
+    With store "redis" (or "redis-tcp"), ours and greylistd keep their
+    database in a RedisServer of their own, started with the program on
+    a fresh, empty server and stopped with it: greylist_database =
+    redis:unix:SOCKET (or redis://127.0.0.1:PORT/0). store_stats() reads
+    the server's INFO (commandstats, total_writes_processed) and CPU for
+    the round trips and commands per request (bench/redis_bench.py).
+
     The benchmark's delay D applies to all. greylist.pl passes a triple
     when age > $greylist_delay, the others when age >= delay, so
     greylist.pl gets D - 1 (the same behaviour in whole seconds).
@@ -134,6 +141,10 @@ class Program:
         """The program's own counters (greylistd's metrics), or None."""
         return None
 
+    def store_stats(self) -> dict | None:
+        """The counters of the program's Redis server, or None."""
+        return None
+
 
 def _wait(proc: subprocess.Popen, timeout: float) -> int:
     try:
@@ -143,25 +154,50 @@ def _wait(proc: subprocess.Popen, timeout: float) -> int:
         return proc.wait(timeout=timeout)
 
 
+STORES = ("lmdb", "redis", "redis-tcp")
+
+
 class Ours(Program):
     name = "greylist"
 
-    def __init__(self, python: str, source: str, verbose: int = 0) -> None:
+    def __init__(self, python: str, source: str, verbose: int = 0,
+                 store: str = "lmdb", redis_fsync: str = "everysec") -> None:
         super().__init__()
+        if store not in STORES:
+            raise ValueError("store %r: not one of %s" % (store, ", ".join(STORES)))
         self.python = python
         self.source = source
         self.verbose = verbose
+        self.store = store
+        self.redis_fsync = redis_fsync
+        self.redis: RedisServer | None = None
 
     def available(self) -> tuple:
         if not os.path.isdir(os.path.join(self.source, "greylist")):
             return False, "no greylist package in %s" % self.source
+        if self.store != "lmdb":
+            if redis_server_path() is None:
+                return False, "redis-server not installed (Debian: apt-get install redis-server)"
+            if run_text([self.python, "-c", "import redis"]) != "":
+                return False, "redis-py not importable by %s" % self.python
         return True, ""
 
     def version(self) -> str:
-        return describe_source(self.source)
+        text = describe_source(self.source)
+        if self.store != "lmdb":
+            text += " on %s (%s, appendfsync %s), redis-py %s" % (
+                redis_version(), "TCP 127.0.0.1" if self.store == "redis-tcp"
+                else "unix socket", self.redis_fsync,
+                run_text([self.python, "-c", "import redis; print(redis.__version__)"]))
+        return text
 
     def prepare(self, workdir: str, delay_s: int) -> None:
         self.database = os.path.join(workdir, "greylist")
+        if self.store != "lmdb":
+            self.redis = RedisServer(workdir, tcp=self.store == "redis-tcp",
+                                     fsync=self.redis_fsync)
+            self.redis.start()
+            self.database = self.redis.url
         self.settings = os.path.join(workdir, "greylist.cf")
         with open(self.settings, "w", encoding="utf-8") as handle:
             handle.write("greylist_database = %s\n" % self.database)
@@ -178,6 +214,23 @@ class Ours(Program):
         path = os.environ.get("PYTHONPATH")
         return dict(os.environ, PYTHONPATH=self.source + (":" + path if path else ""))
 
+    def stop(self, timeout: float = 10) -> list:
+        codes = super().stop(timeout)
+        self._stop_redis()
+        return codes
+
+    def kill(self) -> None:
+        super().kill()
+        self._stop_redis()
+
+    def _stop_redis(self) -> None:
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def store_stats(self) -> dict | None:
+        return None if self.redis is None else self.redis.stats()
+
 
 class Daemon(Ours):
     """greylistd: one process, K connections to its unix socket."""
@@ -186,8 +239,9 @@ class Daemon(Ours):
     pipes = False
 
     def __init__(self, python: str, source: str, verbose: int = 0,
-                 commit_batch: int | None = None, database: str | None = None) -> None:
-        super().__init__(python, source, verbose)
+                 commit_batch: int | None = None, database: str | None = None,
+                 store: str = "lmdb", redis_fsync: str = "everysec") -> None:
+        super().__init__(python, source, verbose, store, redis_fsync)
         self.commit_batch = commit_batch
         self.existing_database = database   # serve this database (scale runs)
         self.socket_dir = ""
@@ -254,6 +308,7 @@ class Daemon(Ours):
         codes = _terminate(self.procs, timeout)
         self.procs = []
         self._remove_socket_dir()
+        self._stop_redis()
         return codes
 
     def kill(self) -> None:
@@ -281,6 +336,189 @@ class Daemon(Ours):
         return {"batch": parse_histogram(text, "greylist_commit_batch_size"),
                 "seconds": parse_histogram(text, "greylist_commit_seconds"),
                 "requests": parse_counter(text, "greylist_requests_total")}
+
+
+def redis_server_path() -> str | None:
+    return shutil.which("redis-server", path="/usr/bin:/usr/sbin:/usr/local/bin:"
+                        + os.environ.get("PATH", ""))
+
+
+def redis_version() -> str:
+    text = run_text([redis_server_path() or "redis-server", "--version"])
+    for word in text.split():
+        if word.startswith("v="):
+            return "redis-server " + word[2:]
+    return text or "redis-server (unknown version)"
+
+
+class RedisServer:
+    """One redis-server for one program run, on a fresh empty dataset.
+
+    A unix socket in a directory of its own (under workdir, or under
+    /tmp when that path is too long for a socket), which the harness
+    uses for INFO; with tcp, also 127.0.0.1:PORT, which greylist then
+    uses. No RDB snapshots; the append-only file with appendfsync
+    fsync ("always", "everysec" or "no"; "off": no append-only file).
+    Started without daemonizing, so its PID is the one we started;
+    stop() ends only that PID."""
+
+    def __init__(self, workdir: str, tcp: bool = False, fsync: str = "everysec") -> None:
+        self.directory = os.path.join(workdir, "redis")
+        self.socket_dir = ""
+        self.socket_path = os.path.join(self.directory, "redis.sock")
+        if len(self.socket_path) >= 100:
+            self.socket_dir = tempfile.mkdtemp(prefix="gl-redis-", dir="/tmp")
+            self.socket_path = os.path.join(self.socket_dir, "redis.sock")
+        self.tcp = tcp
+        self.port = free_port() if tcp else 0
+        self.fsync = fsync
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        if self.tcp:
+            return "redis://127.0.0.1:%d/0" % self.port
+        return "redis:unix:%s" % self.socket_path
+
+    def start(self, limit_s: float = 20) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        argv = [redis_server_path() or "redis-server", "--port", str(self.port),
+                "--bind", "127.0.0.1", "--unixsocket", self.socket_path,
+                "--unixsocketperm", "700", "--save", "", "--dir", self.directory,
+                "--logfile", os.path.join(self.directory, "redis.log"),
+                "--daemonize", "no"]
+        if self.fsync == "off":
+            argv += ["--appendonly", "no"]
+        else:
+            argv += ["--appendonly", "yes", "--appendfsync", self.fsync]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     cwd=self.directory)
+        deadline = time.monotonic() + limit_s
+        while True:
+            try:
+                if self.command(b"PING", timeout=1) == b"+PONG":
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("redis-server did not answer on %s" % self.socket_path)
+            time.sleep(0.05)
+
+    def command(self, *words: bytes, timeout: float = 10) -> bytes:
+        """One command over the unix socket; its reply: a status or error
+        line as is, a bulk string's contents."""
+        request = b"*%d\r\n" % len(words) + b"".join(
+            b"$%d\r\n%s\r\n" % (len(w), w) for w in words)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(self.socket_path)
+            sock.sendall(request)
+            data = b""
+            while b"\r\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise OSError("redis closed the connection")
+                data += chunk
+            head, _, rest = data.partition(b"\r\n")
+            if not head.startswith(b"$"):
+                return head
+            size = int(head[1:])
+            while len(rest) < size + 2:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise OSError("redis closed the connection")
+                rest += chunk
+            return rest[:size]
+
+    def stats(self) -> dict | None:
+        """{"calls": {command: calls}, "writes": total_writes_processed,
+        "reads": total_reads_processed, "commands": total_commands_processed,
+        "cpu_s": the server's CPU seconds, "keys": keys in db0}, from one
+        INFO (which itself counts as one command and one write)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        try:
+            text = self.command(b"INFO", b"stats", b"commandstats", b"keyspace")
+        except OSError:
+            return None
+        out: dict = {"calls": {}, "keys": 0}
+        for line in text.decode("ascii", "replace").splitlines():
+            if line.startswith("cmdstat_"):
+                name, _, fields = line[len("cmdstat_"):].partition(":")
+                for field in fields.split(","):
+                    if field.startswith("calls="):
+                        out["calls"][name] = int(field[len("calls="):])
+            elif line.startswith("total_writes_processed:"):
+                out["writes"] = int(line.split(":", 1)[1])
+            elif line.startswith("total_reads_processed:"):
+                out["reads"] = int(line.split(":", 1)[1])
+            elif line.startswith("total_commands_processed:"):
+                out["commands"] = int(line.split(":", 1)[1])
+            elif line.startswith("db0:keys="):
+                out["keys"] = int(line.split("=", 1)[1].split(",", 1)[0])
+        out["cpu_s"] = read_proc(self.proc.pid).get("cpu_s", 0.0)
+        return out
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.proc is not None:
+            _terminate([self.proc], timeout)
+            self.proc = None
+        if self.socket_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+            self.socket_dir = ""
+
+
+# Start-up notes of redis-server that say nothing about the run.
+_REDIS_START_NOTES = ("overcommit", "TCP backlog", "transparent", "oO0OoO0OoO0Oo",
+                      "Configuration loaded", "no config file", "Redis version",
+                      "User requested shutdown", "ready to exit", "Saving the final",
+                      "Server initialized")
+
+
+def redis_warnings(path: str) -> dict:
+    """{"count", "examples"}: the warnings (level "#") in a redis-server
+    log, such as "Asynchronous AOF fsync is taking too long (disk is
+    busy?)", without its start-up notes."""
+    found = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if " # " in line and not any(n in line for n in _REDIS_START_NOTES):
+                    found.append(line.split(" # ", 1)[1].strip())
+    except OSError:
+        pass
+    return {"count": len(found), "examples": sorted(set(found))[:3]}
+
+
+# Commands that redis-py sends queued after MULTI, in the write of EXEC.
+IN_TRANSACTION = ("multi", "set", "del")
+
+
+def redis_delta(before: dict | None, after: dict | None, requests: int) -> dict | None:
+    """What the program asked of Redis between two stats(): per command,
+    in all and per request; round trips (the server's reply writes,
+    total_writes_processed, less the write of the INFO that took before);
+    server CPU per request. The harness's INFO is left out."""
+    if not before or not after or not requests:
+        return None
+    calls = {name: n - before["calls"].get(name, 0) for name, n in after["calls"].items()
+             if name != "info" and n - before["calls"].get(name, 0)}
+    writes = after.get("writes", 0) - before.get("writes", 0) - 1
+    total = sum(calls.values())
+    return {"calls": calls, "requests": requests,
+            "commands_per_request": round(total / requests, 3),
+            "calls_per_request": {name: round(n / requests, 3) for name, n in calls.items()},
+            "round_trips": writes,
+            "round_trips_per_request": round(writes / requests, 3),
+            # The same, counted from the commands: each one a round trip,
+            # but those queued in a transaction, sent with its EXEC.
+            "round_trips_from_commands_per_request": round(
+                (total - sum(calls.get(name, 0) for name in IN_TRANSACTION)) / requests, 3),
+            "redis_cpu_us_per_request": round(
+                (after["cpu_s"] - before["cpu_s"]) / requests * 1e6, 1),
+            "keys_after": after.get("keys", 0)}
 
 
 def free_port() -> int:

@@ -87,7 +87,9 @@ def run_program(prog: peers.Program, plan: streams.Plan, delay_s: int,
                 phases.append(("warm-b", _phase(prog, endpoints, plan.warm_b, limit_s)))
         before = {pid: peers.read_proc(pid) for pid in prog.pids()}
         counters0 = prog.scrape()
+        store0 = prog.store_stats()
         timed = _phase(prog, endpoints, plan.timed, limit_s)
+        store1 = prog.store_stats()
         after = {pid: peers.read_proc(pid) for pid in prog.pids()}
         counters1 = prog.scrape()
         phases.append(("timed", timed))
@@ -104,6 +106,17 @@ def run_program(prog: peers.Program, plan: streams.Plan, delay_s: int,
         codes = prog.stop()
         row["exit_codes"] = codes
         row.update(_summarise(plan, phases, delay_s))
+        if getattr(prog, "store", None):
+            row["store"] = prog.store
+            # Answers of greylist_failure_action (a store that failed or
+            # timed out), from its decision lines over all phases.
+            row["store_failures"] = _count_lines(os.path.join(workdir, "greylist.log"),
+                                                 " reason=database-failure ")
+        if store0 is not None:
+            # The Redis commands and round trips of the timed phase.
+            row["redis"] = peers.redis_delta(store0, store1, row["replies"])
+            row["redis"]["log_warnings"] = peers.redis_warnings(
+                os.path.join(workdir, "redis", "redis.log"))
         if prog.name == "dunno":
             # Answers DUNNO to everything by design: nothing to judge.
             row.update(wrong=None, early_passes=None, wrong_redeferred=None,
@@ -138,6 +151,14 @@ def run_program(prog: peers.Program, plan: streams.Plan, delay_s: int,
 def _phase(prog, endpoints, conns, limit_s) -> list:
     return driver.run_phase(endpoints, [[b for _, b in c] for c in conns], limit_s,
                             on_timeout=prog.kill)
+
+
+def _count_lines(path: str, text: str) -> int:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return sum(1 for line in handle if text in line)
+    except OSError:
+        return 0
 
 
 def _database_size(workdir: str) -> int:
@@ -719,6 +740,12 @@ def print_table(report: dict, stream) -> None:
             w("%-7s %2d %-10s %9.0f %10s %12s %8s\n"
               % (r["scenario"], r["processes"], r.get("program", "greylist"),
                  r["greylist_rate"], f(r["postgrey"]), f(r["greylist.pl"]), f(r["dunno"])))
+    stored = [r for r in report["runs"] if r.get("redis")]
+    if stored:
+        w("\nRedis (timed phase): round trips per request (the server's reply writes),\n"
+          "commands per request, and the server's CPU per request:\n")
+        for r in stored:
+            w("  %s\n" % describe_redis(r))
     commits = [r for r in report["runs"] if r.get("commit_batch")]
     if commits:
         w("\ngroup commit (greylistd's metrics, timed phase): commits, plans per commit\n"
@@ -792,6 +819,17 @@ def describe_batches(batch: dict, seconds: dict | None) -> str:
         ", ".join(parts))
 
 
+def describe_redis(row: dict) -> str:
+    """One line: a run's Redis round trips and commands per request."""
+    r = row["redis"]
+    calls = ", ".join("%s %.2f" % (name, n) for name, n in
+                      sorted(r["calls_per_request"].items(), key=lambda x: -x[1]))
+    return ("%-7s %2d %-10s %-9s %5.2f round trips, %5.2f commands (%s), %4.0f us "
+            "redis CPU" % (row["scenario"], row["processes"], row["program"],
+                           row.get("store", ""), r["round_trips_per_request"],
+                           r["commands_per_request"], calls, r["redis_cpu_us_per_request"]))
+
+
 def _dash(value) -> str:
     return "-" if value is None else str(value)
 
@@ -800,7 +838,8 @@ def make_programs(names: list, args) -> list:
     out = []
     for name in names:
         if name == "greylist":
-            out.append(peers.Ours(args.python, args.ours_path))
+            out.append(peers.Ours(args.python, args.ours_path, store=args.store,
+                                  redis_fsync=args.redis_fsync))
         elif name == "dunno":
             out.append(peers.Dunno(args.python))
         elif name == "greylist.pl":
@@ -809,7 +848,8 @@ def make_programs(names: list, args) -> list:
             out.append(peers.Postgrey(whitelists=not args.postgrey_no_whitelists))
         elif name == "greylistd":
             out.append(peers.Daemon(args.python, args.ours_path,
-                                    commit_batch=args.commit_batch))
+                                    commit_batch=args.commit_batch, store=args.store,
+                                    redis_fsync=args.redis_fsync))
         else:
             raise SystemExit("unknown program %r (known: %s)"
                              % (name, ", ".join(KNOWN_PROGRAMS)))
@@ -845,6 +885,14 @@ def parse_args(argv: list | None) -> argparse.Namespace:
                    help="comma-separated: " + ", ".join(KNOWN_PROGRAMS) + " (default: "
                         + ",".join(PROGRAMS) + "; with --daemon " + ",".join(DAEMON_PROGRAMS)
                         + ")")
+    p.add_argument("--store", default="lmdb", choices=peers.STORES,
+                   help="greylist's and greylistd's database: lmdb (default), redis (a "
+                        "redis-server of their own on a unix socket, fresh for each run) "
+                        "or redis-tcp (the same on 127.0.0.1); bench/redis_bench.py runs "
+                        "the Redis comparison")
+    p.add_argument("--redis-fsync", default="everysec",
+                   choices=("always", "everysec", "no", "off"),
+                   help="the Redis server's appendfsync (off: no append-only file)")
     p.add_argument("--commit-batch", type=int, default=None,
                    help="greylist_commit_batch for greylistd (default: its own, 256)")
     p.add_argument("--rounds", type=int, default=1,
@@ -893,6 +941,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
 def main(argv: list | None = None) -> int:
     args = parse_args(argv)
     args.ours_path = os.path.abspath(args.ours_path)
+    if os.sep in args.python:  # the programs run in their work directories
+        args.python = os.path.abspath(args.python)
     given = argv if argv is not None else sys.argv[1:]
     if args.programs is None:
         args.programs = ",".join(DAEMON_PROGRAMS if args.daemon else PROGRAMS)
@@ -972,7 +1022,8 @@ def main(argv: list | None = None) -> int:
     if args.check:
         bad = [r for r in report["runs"] if r["program"] in OURS
                and (not r.get("rate") or r.get("malformed") or r.get("wrong")
-                    or r.get("errors") or any(r.get("exit_codes") or []))]
+                    or r.get("errors") or any(r.get("exit_codes") or [])
+                    or r.get("store_failures"))]
         bad += [d for d in report.get("durability") or [] if d["program"] in OURS
                 and (d.get("errors") or ("defer_replies_traced" in d and not
                                          d["preceded_by_sync"] == d["defer_replies_traced"]

@@ -356,3 +356,63 @@ def test_bench_postscreen_quick_run_checks_replies_and_no_write(tmp_path):
         "round 1 known greylistd K=16: 2 wrong replies (x)",
         "round 1 known greylistd K=16: reasons logged %s, expected %s"
         % (row["reasons_logged"], row["reasons_expected"])]
+
+
+def test_bench_redis_quick_run_counts_round_trips(tmp_path):
+    # bench/redis_bench.py --quick: greylist (spawn form, 1 process) and
+    # greylistd (16 connections) on a redis-server of their own, known and
+    # new triples, with the Redis commands and round trips of each.
+    import shutil
+    if shutil.which("redis-server") is None:
+        from tests.conftest import require
+        require("redis-server is not installed (Debian: redis-server)")
+    report_path, work = tmp_path / "redis.json", tmp_path / "work"
+    work.mkdir()
+    argv = [sys.executable, os.path.join(ROOT, "bench", "redis_bench.py"), "--quick",
+            "--no-postgrey", "--python", sys.executable, "--ours-path", ROOT,
+            "--tmpdir", str(work), "--json", str(report_path), "--check"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Redis commands per request" in done.stdout
+
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    assert report["failures"] == [] and report["stores"] == ["redis"]
+    rows = {(r["kind"], r["program"], r["processes"]): r for r in report["rows"]}
+    assert set(rows) == {(kind, p, k) for kind in ("known", "new")
+                         for p, k in (("greylist", 1), ("greylistd", 16))}
+    for (kind, program, k), row in rows.items():
+        missing = [f for f in RUN_FIELDS if f not in row]
+        assert not missing, (row, missing)
+        assert row["available"] and not row.get("errors"), row
+        assert row["store"] == "redis" and row["store_failures"] == 0, row
+        assert row["wrong"] == 0 and row["malformed"] == 0 and row["exit_codes"] == [0] * (
+            1 if program == "greylistd" else k), row
+        redis = row["redis"]
+        n = row["replies"]
+        assert redis["requests"] == n == 300, row
+        if kind == "known":
+            # A known triple is one MGET and writes nothing.
+            assert row["passes"] == n and redis["calls"] == {"mget": n}, redis
+            if program == "greylist":
+                assert redis["round_trips"] == n, redis
+            else:
+                # The store thread pipelines a turn's reads.
+                assert 0 < redis["round_trips"] <= n, redis
+        else:
+            # New triples are deferred; a later recipient of a message whose
+            # recipients came more than the delay apart (a loaded machine)
+            # may pass as sender-retry, by design, which the oracle allows.
+            assert set(row["actions"]) <= {"DEFER_IF_PERMIT", "DUNNO"}, row
+            assert row["defers"] + row["passes"] == n and row["defers"] >= n * 0.8, row
+            calls = redis["calls"]
+            if program == "greylist":
+                # Read; then WATCH, MGET, MULTI/SET/EXEC (one write) for
+                # each request that writes, every defer among them.
+                assert row["defers"] <= calls["watch"] == calls["multi"] == calls["exec"] \
+                    <= n, calls
+                assert 4 * row["defers"] <= redis["round_trips"] <= 4 * n + 4, redis
+            else:
+                assert 0 < calls["exec"] <= n and redis["round_trips"] <= 4 * n, redis
+        assert redis["round_trips_from_commands_per_request"] >= \
+            redis["round_trips_per_request"] - 0.02, redis
+    assert os.listdir(work) == []  # Work directories removed, servers stopped.
