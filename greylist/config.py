@@ -501,6 +501,10 @@ def _resolve_redis(cfg: Config) -> Config:
     same server ("" for none), there is no cleanup state (Redis expires
     entries), and privacy mode needs an explicit greylist_secret_file."""
     def table(value: str, default: str) -> str:
+        if value not in ("", "none"):
+            raise ConfigError("a table setting names an LMDB table (%s); with a Redis "
+                              "database the tables are namespaces of the same server: "
+                              "leave the setting out, or set it to none" % value)
         return "" if value == "none" or cfg.privacy else default
     if cfg.privacy and not cfg.secret_file:
         raise ConfigError("greylist_privacy with a Redis database: set "

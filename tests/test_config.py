@@ -322,3 +322,11 @@ def test_load_log_from_file(tmp_path, log, expected):
 def test_load_makes_a_relative_log_override_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert load(None, {"log": "greylist.log"}).log == str(tmp_path / "greylist.log")
+
+
+def test_a_table_path_with_a_redis_database_is_an_error_not_ignored():
+    cfg = Config(database="redis:unix:/run/redis.sock", client_table="/var/lib/x-clients")
+    with pytest.raises(ConfigError, match="namespaces of the same server"):
+        resolve(cfg)
+    off = resolve(Config(database="redis:unix:/run/redis.sock", client_table="none"))
+    assert off.client_table == "" and off.correspondent_table == "correspondents"

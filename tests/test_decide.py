@@ -294,3 +294,13 @@ def test_expired_records_are_treated_as_absent(record, now):
 ], ids=["sender-as-triple", "client-as-sender", "triple-as-client"])
 def test_a_record_of_the_wrong_kind_is_treated_as_absent(records):
     assert decide(records, T + 10, CFG).reason == "new"
+
+
+def test_a_client_stalling_inside_one_message_is_no_retry():
+    """The note was left by a deferral in this same message: a later RCPT
+    of it, after the delay, is not a retry (a bot that stalls between
+    RCPTs), so it is deferred like the first."""
+    note = Record(T, T, 1, TRYING)
+    stalled = decide(Records(sender=note), T + DELAY + 60, TRIPLE_ONLY, False, True)
+    assert stalled.reason == "new" and stalled.action.startswith("DEFER_IF_PERMIT")
+    assert decide(Records(sender=note), T + DELAY + 60, TRIPLE_ONLY).reason == "sender-retry"

@@ -82,6 +82,13 @@ def test_one_message_is_never_split_even_without_the_sender_whitelist(tmp_path):
                     sender="other@example.org").startswith("DEFER_IF_PERMIT")
 
 
+def test_recipients_of_one_message_sent_slowly_are_all_deferred(tmp_path):
+    site = Site(tmp_path, CFG._replace(sender_awl=False))
+    assert site.ask(rcpt="dave@example.net", instance="m1").startswith("DEFER_IF_PERMIT")
+    site.later(CFG.delay_s + 60)
+    assert site.ask(rcpt="heidi@example.net", instance="m1").startswith("DEFER_IF_PERMIT")
+
+
 def test_a_retried_message_with_a_new_first_recipient_is_not_split(tmp_path):
     """Issue 16's trace: dave deferred; hours later the same sender from
     the same client group sends a new message, heidi first: both pass."""

@@ -163,8 +163,14 @@ def screen(attrs: dict[str, str], cfg: Config) -> Decision | None:
 
 
 def decide(records: Records, now: int, cfg: Config,
-           message_accepted: bool = False) -> Decision:
-    """Return the decision for a triple whose stored records are records."""
+           message_accepted: bool = False, message_deferred: bool = False) -> Decision:
+    """Return the decision for a triple whose stored records are records.
+
+    message_deferred: a recipient of the same message (instance) was
+    deferred; then the client's trying note is no retry, only the same
+    SMTP transaction going on (a client that stalls between RCPTs for
+    greylist_delay must not pass its later ones).
+    """
     triple = _live(records.triple, TRIPLE_STATES, now, cfg)
     sender = _live(records.sender, SENDER_STATES, now, cfg)
     client = _live(records.client, CLIENT_STATES, now, cfg)
@@ -198,7 +204,7 @@ def decide(records: Records, now: int, cfg: Config,
     trying = records.sender
     alive = (trying is not None and trying.state == TRYING
              and 0 <= now - trying.first_seen <= cfg.retry_window_s)
-    if alive and now - trying.first_seen >= cfg.delay_s:
+    if alive and now - trying.first_seen >= cfg.delay_s and not message_deferred:
         return _pass(SENDER_RETRY, triple, client, now, cfg)
     reason = NEW if triple is None else EARLY_RETRY
     if cfg.learn:

@@ -53,6 +53,7 @@ def render(decision: Decision, attrs: dict[str, str], address: str, session: Ses
     if decision.proven:
         session.accepted = True
     if decision.action != DUNNO:
+        session.deferred = True
         return fill(decision.action, attrs["recipient"].rpartition("@")[2], address)
     if cfg.header and decision.reason == DELAY_PASSED and not session.header_sent:
         session.header_sent = True

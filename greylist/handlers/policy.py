@@ -126,16 +126,17 @@ class PolicyHandler:
         # With the (recipient, sender) correspondent pair, unless turned off.
         found = keys(triple, cfg.sender_delimiter if cfg.correspondent_check else None)
         return new(Pending, (attrs, address, triple, now, found, self.change(
-            found, now, session.instance is not None and session.accepted)))
+            found, now, session.instance is not None and session.accepted,
+            session.instance is not None and session.deferred)))
 
-    def change(self, found: Sequence[bytes | None], now: int, accepted: bool
-               ) -> Callable[[Values], tuple[Values, Outcome]]:
+    def change(self, found: Sequence[bytes | None], now: int, accepted: bool,
+               deferred: bool = False) -> Callable[[Values], tuple[Values, Outcome]]:
         """The pure change that decides the triple of keys found at now."""
         cfg = self.cfg
 
         def change(values: Values) -> tuple[Values, Outcome]:
             parsed, warnings = parse_records(values, found)
-            decision = decide(parsed, now, cfg, accepted)
+            decision = decide(parsed, now, cfg, accepted, deferred)
             writes = decision.writes
             if writes == NO_RECORDS:
                 return NO_WRITES, new(Outcome, (decision, warnings, parsed))
