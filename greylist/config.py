@@ -409,7 +409,8 @@ def parse_setting(name: str, value: str) -> tuple[str, object]:
     if "\n" in value or "\0" in value:
         raise ConfigError("%s: value contains a newline or NUL" % name)
     field, parser = SETTINGS[name]
-    return field, parser(name, value)
+    # Errors quote the value as written, without the blanks around it.
+    return field, parser(name, value.strip())
 
 
 def read_settings(text: str, origin: str = "settings") -> dict[str, object]:

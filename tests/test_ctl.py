@@ -185,3 +185,18 @@ def test_dump_table_without_a_client_table_says_so(site, setting):
     assert status == 1
     assert out == ("greylistctl: no client table (greylist_client_table = none, "
                    "or greylist_privacy = yes)\n")
+
+
+def test_a_settings_error_goes_to_stderr_and_the_log_quoted_without_blanks(tmp_path):
+    """Issue 15: greylistctl wrote settings errors to stdout, with the
+    value's blanks (' 5x')."""
+    settings = tmp_path / "bad.cf"
+    settings.write_text("greylist_log = %s/log\ngreylist_delay =  5x\n" % tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "greylist.cli.greylistctl", "-c",
+                           str(settings), "stats"], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "greylist_delay: invalid time value '5x'" in done.stderr
+    assert "fatal: %s, line 2: greylist_delay: invalid time value '5x'" % settings in \
+        (tmp_path / "log").read_text()

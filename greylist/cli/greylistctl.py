@@ -40,7 +40,7 @@ from typing import Callable
 from docopt import DocoptExit, docopt
 
 from greylist import __version__
-from greylist.config import Config, ConfigError, is_redis, load, parse_setting
+from greylist.config import Config, ConfigError, is_redis, load, log_target, parse_setting
 from greylist.core import record as records
 from greylist.core.decide import expired
 from greylist.core.message import Session
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
     try:
         args = docopt(USAGE, argv=argv, version=__version__)
     except DocoptExit as exc:
-        print(exc)
+        print(exc, file=sys.stderr)
         return 2
     try:
         overrides = {}
@@ -102,7 +102,11 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
             overrides = dict([parse_setting("greylist_database", args["--database"])])
         cfg = load(args["--config"], overrides)
     except ConfigError as exc:
-        print("greylistctl: %s" % exc)
+        # To stderr and to the log the settings name (issue 15): an error
+        # is not output.
+        Log("greylistctl", log_target(args["--config"])).fatal(str(exc))
+        if not os.isatty(2):
+            print("greylistctl: fatal: %s" % exc, file=sys.stderr)
         return 2
     _become_owner(cfg)
     log = Log("greylistctl", cfg.log, cfg.verbose)
