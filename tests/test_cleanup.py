@@ -251,3 +251,59 @@ def test_a_broken_database_stops_cleanup_once_not_at_every_request(stores, monke
         assert c.step() is None  # backing off: no new attempt, no new lines
     assert c.log.lines == ["warning: cleanup stopped: disk on fire",
                            "cleanup: partial retained=0 dropped=0"]
+
+
+# Regressions of issue 15.
+
+def test_cleanup_state_write_failure_is_a_warning_not_a_traceback(stores, monkeypatch):
+    """ENOSPC or EROFS from the state write killed the process after its
+    reply."""
+    import errno
+    store, table = stores
+    store.put(b"192.0.2/a@x/b@y", encode(Record(T, T, 1, "pending")))
+    c = cleaner(store, table, T + WINDOW + 10)
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(cleanup_module.os, "pwrite", full)
+    assert c.step(start=True) is None
+    assert any("cannot write: No space left on device" in line for line in c.log.lines)
+    c.close()
+
+
+def test_a_broken_client_table_does_not_stop_cleanup_of_the_database(stores, monkeypatch):
+    store, table = stores
+    store.put(b"192.0.2/a@x/b@y", encode(Record(T, T, 1, "pending")))
+    table.put(b"192.0.2", b"%d" % T)
+
+    def broken(after, limit):
+        raise StoreError("g-clients.lmdb: damaged")
+    monkeypatch.setattr(table, "scan", broken)
+    c = cleaner(store, table, T + WINDOW + 10)
+    state = c.step(start=True)
+    for _ in range(10):
+        if state is None or state.position is None:
+            break
+        state = c.step(start=True)
+    assert state is not None and state.position is None
+    assert "cleanup: partial retained=0 dropped=1" in c.log.lines
+    assert any("skipping a table in this pass" in line for line in c.log.lines)
+    assert list(store.items()) == []
+    c.close()
+
+
+def test_a_pass_run_with_the_clock_ahead_does_not_stop_cleanup(stores):
+    """One pass with the clock 40 days ahead stopped automatic cleanup for
+    40 days."""
+    store, table = stores
+    ahead = cleaner(store, table, T + 40 * 86400)
+    run_pass(ahead)
+    ahead.close()
+    store.put(b"192.0.2/a@x/b@y", encode(Record(T, T, 1, "pending")))
+    # The clock is right again, one interval later: a pass is due.
+    now = T + CFG.cleanup_interval_s + WINDOW + 10
+    right = cleaner(store, table, now)
+    state = right.step()
+    assert state is not None and state.position is None
+    assert list(store.items()) == []
+    right.close()

@@ -91,9 +91,11 @@ def noted(triple, now):
                           True), id="exactly-delay"),
     pytest.param(Record(T, T + DELAY, 2, PASSED), T + 86400,
                  Decision(DUNNO, "known", 86400, NO_RECORDS, True), id="known-no-write"),
+    # A first sight in the future (the clock was set back): counted from
+    # now, so the full delay applies from now, not from the future.
     pytest.param(Record(T, T + 100, 3, PENDING), T - 50,
-                 Decision(deferred(DELAY + 50), "early-retry", -50,
-                          noted(Record(T, T + 100, 4, PENDING), T - 50)),
+                 Decision(deferred(DELAY), "early-retry", 0,
+                          noted(Record(T - 50, T + 100, 4, PENDING), T - 50)),
                  id="clock-back-pending"),
     pytest.param(Record(T, T + DELAY, 2, PASSED), T - 50,
                  Decision(DUNNO, "known", -50, NO_RECORDS, True), id="clock-back-passed"),

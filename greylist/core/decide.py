@@ -194,6 +194,11 @@ def decide(records: Records, now: int, cfg: Config,
     if triple is not None and triple.state == PASSED:
         return new(Decision, (DUNNO, KNOWN, now - triple.first_seen, new(
             Records, (_refreshed(triple, now, cfg), None, None, None)), True))
+    if triple is not None and triple.first_seen > now:
+        # First seen in the future: the clock ran ahead and was set back.
+        # Counting from now keeps the delay, and the triple is not
+        # deferred until the clock catches up with the error.
+        triple = Record(now, triple.last_seen, triple.count, PENDING)
     age = 0 if triple is None else now - triple.first_seen
     if triple is not None and age >= cfg.delay_s:
         return _pass(DELAY_PASSED, triple, client, now, cfg)

@@ -133,6 +133,8 @@ class Cleaner:
         self._next_check = 0.0
         # The longest delete transaction of this process, lock wait included.
         self.longest_write_s = 0.0
+        # Whether this process skipped a broken table in the pass.
+        self._skipped = False
 
     def close(self) -> None:
         """Close the state file."""
@@ -173,6 +175,11 @@ class Cleaner:
                 # A new state file: the interval starts now.
                 state = State(last_completed=now)
                 self._write(fd, state)
+            if state.last_completed > now:
+                # The clock was set back (a pass ran while it was ahead):
+                # when the last pass ran is unknown, so one is due now,
+                # not when the clock reaches the future.
+                state = state._replace(last_completed=now - self.cfg.cleanup_interval_s)
             if state.position is None:
                 due = state.last_completed + self.cfg.cleanup_interval_s
                 if now < due and not start:
@@ -182,6 +189,15 @@ class Cleaner:
             state = self._walk(state, now, self.budget_s if budget_s is None else budget_s)
             self._write(fd, state)
             return state
+        except OSError as exc:
+            # The state file cannot be written (a full disk, a read-only
+            # file system): no traceback after a reply, a warning, and a
+            # retry later. The deletes done are committed; the position
+            # is walked again.
+            self._next_check = now + FAILURE_RETRY_S
+            self.log.warning("cleanup state %s: cannot write: %s; trying again in %d s"
+                             % (self.path, exc.strerror or exc, FAILURE_RETRY_S))
+            return None
         finally:
             unlock(fd)
 
@@ -210,6 +226,15 @@ class Cleaner:
                 # Deletes committed before the failure are counted now: the
                 # next walk of this batch no longer sees them.
                 state = state._replace(dropped=state.dropped + deleted)
+                if table != DATABASE:
+                    # A broken table must not stop cleanup of the database
+                    # for ever: this pass goes on without it.
+                    self.log.warning("cleanup: skipping a table in this pass: %s" % exc)
+                    self._skipped = True
+                    state = state._replace(position=self._after(table))
+                    if state.position is None:
+                        return self._completed(state, now)
+                    continue
                 self.log.warning("cleanup stopped: %s" % exc)
                 self.log.info("cleanup: partial retained=%d dropped=%d"
                               % (state.retained, state.dropped))
@@ -232,8 +257,12 @@ class Cleaner:
         return (later[0], b"") if later else None
 
     def _completed(self, state: State, now: int) -> State:
-        self.log.info("cleanup: full retained=%d dropped=%d"
-                      % (state.retained, state.dropped))
+        # A pass that skipped a broken table is partial, as verify(8) says
+        # of a scan that ended with an error.
+        self.log.info("cleanup: %s retained=%d dropped=%d"
+                      % ("partial" if self._skipped else "full", state.retained,
+                         state.dropped))
+        self._skipped = False
         self._next_check = now + self.cfg.cleanup_interval_s
         return state._replace(last_completed=now, position=None)
 
