@@ -164,6 +164,9 @@ class SocketmapService(LearnService):
 def live_entry(value: bytes | None, lifetime_s: int, now: int) -> bytes:
     """The reply for a table entry: "OK STAMP" while it lives, else NOTFOUND."""
     from greylist.core.tables import stamp_expire_at
+    if value == b"OK manual":
+        # The reply's data is the table's value: "OK manual", an OK.
+        return socketmap.format_reply("OK", "OK manual")
     if value is None or not value.isdigit():
         return socketmap.NOTFOUND
     when = stamp_expire_at(value, lifetime_s)

@@ -56,6 +56,7 @@ class PolicyService:
         self.warning_interval_s = warning_interval_s
         self.postscreen = postscreen   # the postscreen table, or None
         self._warned_at: float | None = None
+        self._table_warned_at: float | None = None
 
     def open_store(self) -> None:
         """Open the store now, so that a broken database is reported at start."""
@@ -87,12 +88,12 @@ class PolicyService:
             try:
                 self.table.put(*answer.table_write)
             except StoreError as exc:
-                self.store_failed(exc)
+                self.table_failed(exc)
         if answer.postscreen is not None and self.postscreen is not None:
             try:
                 run_plan(self.postscreen, [answer.postscreen[0]], answer.postscreen[1])
             except StoreError as exc:
-                self.store_failed(exc)
+                self.table_failed(exc)
         self.record(answer)
         return answer.action
 
@@ -114,6 +115,15 @@ class PolicyService:
         """Release files at the end of the connection."""
         if self.cleaner is not None:
             self.cleaner.close()
+
+    def table_failed(self, exc: StoreError) -> None:
+        """Warn about a failing client or postscreen table, at most once per
+        interval: greylisting goes on, only the table is not updated."""
+        now = time.monotonic()
+        if self._table_warned_at is None or \
+                now - self._table_warned_at >= self.warning_interval_s:
+            self._table_warned_at = now
+            self.log.warning("%s; greylisting goes on without updating this table" % exc)
 
     def store_failed(self, exc: StoreError) -> None:
         """Warn about a store failure, at most once per interval."""

@@ -316,3 +316,13 @@ def test_defer_text_tells_recipient_domain_and_client(tmp_path):
     site = Site(tmp_path, CFG._replace(defer_text="4.7.1 $client_address to "
                                                   "$recipient_domain: wait $seconds_left s"))
     assert site.ask() == "DEFER_IF_PERMIT 4.7.1 192.0.2.10 to example.net: wait 300 s"
+
+
+def test_a_quoted_local_part_with_spaces_cannot_fake_log_fields(tmp_path):
+    """Issue 15: log fields were not quoted, so a sender like
+    '"x rcpt=postmaster@example.net"@spam.example' added a second rcpt=."""
+    site = Site(tmp_path)
+    site.ask(sender='"x rcpt=postmaster@example.net"@spam.example')
+    line = [line for line in site.policy.log.lines if "reason=" in line][-1]
+    assert line.count(" rcpt=") == 1 and line.endswith(" rcpt=bob@example.net")
+    assert 'sender="x%20rcpt=postmaster@example.net"@spam.example ' in line

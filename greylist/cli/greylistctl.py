@@ -83,6 +83,7 @@ Options:
 """
 
 BUSY_WAIT_S = 60.0
+MANUAL_OK = b"OK manual"
 EX_TEMPFAIL = 75
 
 
@@ -487,7 +488,9 @@ def _whitelist(store: Store, cfg: Config, log: Log, args: dict) -> int:
         now = int(time.time())
         store.put(k, records.encode(records.Record(now, now, 1, records.MANUAL)))
         if table is not None:
-            table.put(table_name, b"%d" % now)
+            # "OK manual": Postfix reads OK, and cleanup, which expires
+            # time stamps, keeps it as long as the manual entry.
+            table.put(table_name, MANUAL_OK)
         if screened is not None:
             from greylist.core.tables import MANUAL_PERMIT
             screened.put(address.encode("ascii"), MANUAL_PERMIT)

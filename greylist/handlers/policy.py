@@ -182,9 +182,24 @@ class PolicyHandler:
 
 def _line(action: str, decision: Decision, attrs: dict[str, str], address: str) -> str:
     """The log line of a decision."""
+    # The addresses come from the client: white space and controls are
+    # written %xx, so a quoted local part cannot fake a field (issue 15).
+    sender = attrs.get("sender") or "<>"
+    recipient = attrs["recipient"]
+    if not (sender.isprintable() and " " not in sender):
+        sender = _logged(sender)
+    if not (recipient.isprintable() and " " not in recipient):
+        recipient = _logged(recipient)
     return ("action=%s reason=%s age=%d client=%s sender=%s rcpt=%s"
             % (action.split(None, 1)[0], decision.reason, decision.age, address,
-               attrs.get("sender") or "<>", attrs["recipient"]))
+               sender, recipient))
+
+
+def _logged(field: str) -> str:
+    """field with white space, controls and undecodable bytes as %xx."""
+    return "".join(c if c.isprintable() and c != " " and not "\udc80" <= c <= "\udcff"
+                   else "".join("%%%02x" % b for b in c.encode("utf-8", "surrogateescape"))
+                   for c in field)
 
 
 def parse_records(values: Values, found: Sequence[bytes | None]

@@ -359,13 +359,13 @@ class PolicyServer(Server):
             try:
                 await self.committer.write(service.table, *answer.table_write)
             except StoreError as exc:
-                service.store_failed(exc)
+                service.table_failed(exc)
         if answer.postscreen is not None and service.postscreen is not None:
             key, change = answer.postscreen
             try:
                 await self.committer.plan([key], change, service.postscreen)
             except StoreError as exc:
-                service.store_failed(exc)
+                service.table_failed(exc)
         service.record(answer)
         if self.metrics is not None:
             self.metrics.answer(answer)
