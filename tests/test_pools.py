@@ -82,3 +82,22 @@ def test_a_pool_retry_from_another_network_passes_after_the_delay():
     assert decide(Records(triple=stored), 1000 + POOL.delay_s, POOL).reason == "delay-passed"
     assert triple_from_request(first, Config(client_match="prefix")).client != \
         triple_from_request(retry, Config(client_match="prefix")).client
+
+
+def test_a_pools_bounce_addresses_share_one_sender_key():
+    """Mailchimp gives each message its own bounce address and host part:
+    from the pool, they are one sender (so one retry proves them all)."""
+    from greylist.core.triple import triple_from_request
+    def sender(address, name="mail130-7.atl41.mcsv.net"):
+        return triple_from_request({"client_address": "198.2.130.7", "client_name": name,
+                                    "sender": address, "recipient": "x@example.net"},
+                                   POOL).sender
+    a = sender("bounce-mc.us5_1234567.987654-0a1b2c3d4e@mail12.atl91.mcsv.net")
+    b = sender("bounce-mc.us5_1234567.987655-0f0000000a@mail99.atl3.mcsv.net")
+    assert a == b == "bounce-mc.us5_#.#-#@mcsv.net"
+    # Not from a pool, or not under a pool domain: left alone.
+    assert sender("bounce-0a1b2c3d4e@mail12.atl91.mcsv.net", "mx.example.org") == \
+        "bounce-0a1b2c3d4e@mail12.atl91.mcsv.net"
+    assert sender("alice.0a1b2c3d4e@example.org") == "alice.0a1b2c3d4e@example.org"
+    # Short hex-looking words stay: only IDs of ten or more.
+    assert sender("cafe2bad@outlook.com") == "cafe2bad@outlook.com"

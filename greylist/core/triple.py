@@ -28,7 +28,9 @@ DESCRIPTION
                 become the original sender, BATV tags (prvs=, msprvs1=)
                 are removed, so is an address extension after the first
                 greylist_sender_delimiter character, and local-part
-                tokens of digits only (VERP counters) become "#".
+                tokens of digits only (VERP counters) become "#". From a
+                sending pool, a sender under a pool domain also loses
+                its host part and hex IDs (pool_sender()).
     recipient   Case-folded.
 
     key() joins the parts with "/". In sender and recipient, "%", "/",
@@ -226,9 +228,31 @@ def triple_from_request(attrs: dict[str, str], cfg: Config,
     """
     if address is None:
         address = client_address(attrs.get("client_address"))
-    return new(Triple, (client_group(address, attrs.get("client_name"), cfg),
-                        normalise_sender(attrs.get("sender"), cfg),
-                        attrs["recipient"].casefold()))
+    group = client_group(address, attrs.get("client_name"), cfg)
+    sender = normalise_sender(attrs.get("sender"), cfg)
+    if cfg.client_match == "pool" and group in pool_set(cfg.pool_domains):
+        sender = pool_sender(sender, cfg)
+    return new(Triple, (group, sender, attrs["recipient"].casefold()))
+
+
+# A token of hex digits with a digit, ten or more long: a message or
+# recipient ID in a bounce address.
+_HEX_ID = r"(?<![^.+=_-])(?=[0-9a-f]*[0-9])[0-9a-f]{10,}(?![^.+=_-])"
+
+
+def pool_sender(sender: str, cfg: Config) -> str:
+    """The sender of mail from a sending pool, as keyed: in a bounce
+    address under a pool domain (Mailchimp's bounce-mc.us5_...@mail12.atl91
+    .mcsv.net, one per message) the host part is the pool domain and hex
+    IDs become "#", so that the messages of one sender share a key as
+    they share a client group; other senders are left alone. Idempotent."""
+    local, at, domain = sender.rpartition("@")
+    if not at:
+        return sender
+    pool = pool_of(domain, pool_set(cfg.pool_domains))
+    if pool is None:
+        return sender
+    return _regex(_HEX_ID).sub("#", local) + "@" + pool
 
 
 class Keys(NamedTuple):
