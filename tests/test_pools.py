@@ -101,3 +101,12 @@ def test_a_pools_bounce_addresses_share_one_sender_key():
     assert sender("alice.0a1b2c3d4e@example.org") == "alice.0a1b2c3d4e@example.org"
     # Short hex-looking words stay: only IDs of ten or more.
     assert sender("cafe2bad@outlook.com") == "cafe2bad@outlook.com"
+
+
+def test_domain_mode_does_not_take_pool_hosts_for_dynamic_ones():
+    """Found by the simulated week: Microsoft's and SES's host names carry
+    their addresses, and domain mode grouped them by prefix."""
+    assert client_group("40.92.66.48", "mail-oln040092066048.outbound.protection.outlook.com",
+                        DOMAIN) == "outlook.com"
+    assert client_group("54.240.10.219", "a10-219.smtp-out.amazonses.com",
+                        DOMAIN) == "amazonses.com"

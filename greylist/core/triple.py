@@ -146,7 +146,11 @@ def client_group(address: str, client_name: str | None, cfg: Config) -> str:
     elif match == "domain" and client_name and client_name != UNKNOWN_CLIENT:
         from greylist.core.pools import looks_dynamic
         name = client_name.casefold().rstrip(".")
-        domain = None if looks_dynamic(name, address) else registered_domain(name)
+        # Pool hosts' names carry their addresses by design (Microsoft's
+        # mail-oln040092066048..., SES's a10-219...): not dynamic.
+        dynamic = (pool_of(name, pool_set(cfg.pool_domains)) is None
+                   and looks_dynamic(name, address))
+        domain = None if dynamic else registered_domain(name)
         if domain is not None:
             return domain
     if ":" in address:
