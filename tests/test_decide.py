@@ -114,7 +114,7 @@ def test_decide_triple(record, now, expected):
 def test_a_new_recipient_passes_once_the_client_tried_the_sender_for_the_delay(
         since, triple, reason):
     decision = decide(Records(triple=triple, sender=Record(since, since, 1, TRYING)), T,
-                      TRIPLE_ONLY)
+                      TRIPLE_ONLY, pooled=True)
     assert decision.reason == reason
     if reason == "sender-retry":
         assert decision.proven and decision.writes.triple.state == PASSED
@@ -129,9 +129,10 @@ def test_the_issue_16_trace_is_not_split():
     """+0 dave new; +15405 a new instance, heidi first, then dave."""
     first = decide(Records(), T, TRIPLE_ONLY)
     dave, note = first.writes.triple, first.writes.sender
-    heidi = decide(Records(sender=note), T + 15405, TRIPLE_ONLY)
+    heidi = decide(Records(sender=note), T + 15405, TRIPLE_ONLY, pooled=True)
     assert (heidi.action, heidi.reason, heidi.proven) == (DUNNO, "sender-retry", True)
-    again = decide(Records(triple=dave, sender=note), T + 15405, TRIPLE_ONLY, True)
+    again = decide(Records(triple=dave, sender=note), T + 15405, TRIPLE_ONLY, True,
+                   pooled=True)
     assert (again.action, again.reason) == (DUNNO, "delay-passed")
 
 
@@ -303,6 +304,19 @@ def test_a_client_stalling_inside_one_message_is_no_retry():
     of it, after the delay, is not a retry (a bot that stalls between
     RCPTs), so it is deferred like the first."""
     note = Record(T, T, 1, TRYING)
-    stalled = decide(Records(sender=note), T + DELAY + 60, TRIPLE_ONLY, False, True)
+    stalled = decide(Records(sender=note), T + DELAY + 60, TRIPLE_ONLY, False, True, True)
     assert stalled.reason == "new" and stalled.action.startswith("DEFER_IF_PERMIT")
-    assert decide(Records(sender=note), T + DELAY + 60, TRIPLE_ONLY).reason == "sender-retry"
+    assert decide(Records(sender=note), T + DELAY + 60, TRIPLE_ONLY,
+                  pooled=True).reason == "sender-retry"
+
+
+def test_a_bot_that_never_retries_gets_no_sender_retry():
+    """Found in review: a new message after another, one sender, one /24,
+    never a retry, passed from the second message on. Only a sending
+    pool's note counts, and a sender-retry pass proves nothing more."""
+    note = Record(T, T, 1, TRYING)
+    later = decide(Records(sender=note), T + DELAY + 60, CFG)
+    assert later.reason == "new" and later.action.startswith("DEFER_IF_PERMIT")
+    pooled = decide(Records(sender=note), T + DELAY + 60, CFG, pooled=True)
+    assert pooled.reason == "sender-retry"
+    assert pooled.writes.sender is None and pooled.writes.client is None

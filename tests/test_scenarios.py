@@ -93,11 +93,26 @@ def test_a_retried_message_with_a_new_first_recipient_is_not_split(tmp_path):
     """Issue 16's trace: dave deferred; hours later the same sender from
     the same client group sends a new message, heidi first: both pass."""
     site = Site(tmp_path, CFG._replace(sender_awl=False))
-    assert site.ask(rcpt="dave@example.net", instance="m1").startswith("DEFER_IF_PERMIT")
+    pool = dict(client="52.103.7.77",
+                client_name="mail-am6eur05on2070.outbound.protection.outlook.com")
+    assert site.ask(rcpt="dave@example.net", instance="m1", **pool).startswith(
+        "DEFER_IF_PERMIT")
     site.later(15405)
-    assert site.ask(rcpt="heidi@example.net", instance="m2") == "DUNNO"
+    pool.update(client="52.103.9.52")
+    assert site.ask(rcpt="heidi@example.net", instance="m2", **pool) == "DUNNO"
     assert site.reason() == "sender-retry"
-    assert site.ask(rcpt="dave@example.net", instance="m2") == "DUNNO"
+    assert site.ask(rcpt="dave@example.net", instance="m2", **pool) == "DUNNO"
+
+
+def test_a_bot_sending_new_messages_from_one_network_is_never_let_through(tmp_path):
+    """Found in review: one sender, one /24, a new message every minute,
+    no retry at all: every one is deferred."""
+    site = Site(tmp_path)
+    for n in range(12):
+        assert site.ask(client="198.51.100.%d" % (10 + n % 5), sender="promo@spam.example",
+                        rcpt="user%s@example.net" % chr(97 + n),
+                        instance="b%d" % n).startswith("DEFER_IF_PERMIT"), n
+        site.later(60)
 
 
 @pytest.mark.parametrize("first, retry, passes", [

@@ -18,8 +18,8 @@ DESCRIPTION
         triple passed           DUNNO known
         message accepted        DUNNO message (another recipient of this
                                 message, same instance, was accepted)
-        client tried long enough
-                                DUNNO sender-retry (the client group has
+        pool tried long enough  DUNNO sender-retry (the client group, a
+                                sending pool (pools.py), has
                                 had a triple of this sender pending for
                                 at least greylist_delay: a retried message
                                 with a new recipient is not split; the
@@ -163,13 +163,18 @@ def screen(attrs: dict[str, str], cfg: Config) -> Decision | None:
 
 
 def decide(records: Records, now: int, cfg: Config,
-           message_accepted: bool = False, message_deferred: bool = False) -> Decision:
+           message_accepted: bool = False, message_deferred: bool = False,
+           pooled: bool = False) -> Decision:
     """Return the decision for a triple whose stored records are records.
 
     message_deferred: a recipient of the same message (instance) was
     deferred; then the client's trying note is no retry, only the same
     SMTP transaction going on (a client that stalls between RCPTs for
-    greylist_delay must not pass its later ones).
+    greylist_delay must not pass its later ones). pooled: the client group
+    is a sending pool (pools.py); only a pool's trying note lets a new
+    recipient pass (sender-retry): for any other client a bot that sends
+    one new message after another with one sender, and never retries,
+    would pass them all.
     """
     triple = _live(records.triple, TRIPLE_STATES, now, cfg)
     sender = _live(records.sender, SENDER_STATES, now, cfg)
@@ -209,8 +214,11 @@ def decide(records: Records, now: int, cfg: Config,
     trying = records.sender
     alive = (trying is not None and trying.state == TRYING
              and 0 <= now - trying.first_seen <= cfg.retry_window_s)
-    if alive and now - trying.first_seen >= cfg.delay_s and not message_deferred:
-        return _pass(SENDER_RETRY, triple, client, now, cfg)
+    if pooled and alive and now - trying.first_seen >= cfg.delay_s and not message_deferred:
+        return _pass(SENDER_RETRY, triple, None, now, cfg)._replace(
+            writes=Records(triple=Record(now if triple is None else triple.first_seen,
+                                         now, 1 if triple is None else triple.count + 1,
+                                         PASSED)))
     reason = NEW if triple is None else EARLY_RETRY
     if cfg.learn:
         return _pass(LEARN + reason, triple, client, now, cfg)

@@ -47,6 +47,7 @@ from typing import Callable, NamedTuple, Sequence
 from greylist.config import Config
 from greylist.core.decide import (AWL_CLIENT, DATABASE_FAILURE, MANUAL_CLIENT, NO_RECORDS,
                                   Decision, Records, decide, whitelisted_client)
+from greylist.core.pools import pool_set
 from greylist.core.record import decode, encode, new
 from greylist.core.evaluate import precheck, render
 from greylist.core.lists import Exemptions
@@ -127,16 +128,18 @@ class PolicyHandler:
         found = keys(triple, cfg.sender_delimiter if cfg.correspondent_check else None)
         return new(Pending, (attrs, address, triple, now, found, self.change(
             found, now, session.instance is not None and session.accepted,
-            session.instance is not None and session.deferred)))
+            session.instance is not None and session.deferred,
+            cfg.client_match == "pool" and triple.client in pool_set(cfg.pool_domains))))
 
     def change(self, found: Sequence[bytes | None], now: int, accepted: bool,
-               deferred: bool = False) -> Callable[[Values], tuple[Values, Outcome]]:
+               deferred: bool = False, pooled: bool = False
+               ) -> Callable[[Values], tuple[Values, Outcome]]:
         """The pure change that decides the triple of keys found at now."""
         cfg = self.cfg
 
         def change(values: Values) -> tuple[Values, Outcome]:
             parsed, warnings = parse_records(values, found)
-            decision = decide(parsed, now, cfg, accepted, deferred)
+            decision = decide(parsed, now, cfg, accepted, deferred, pooled)
             writes = decision.writes
             if writes == NO_RECORDS:
                 return NO_WRITES, new(Outcome, (decision, warnings, parsed))
