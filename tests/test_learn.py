@@ -352,7 +352,7 @@ def settings(tmp_path, cfg):
 @pytest.mark.parametrize("bad, logged", [
     (b"x5:rcpt a,", "bad netstring length"),
     (b"6:rcpt abX", "terminating comma"),
-    (b"99999999:", "over"),
+    (b"99999999:", "limit"),
     (b"11:rcpt a", "inside a request"),
     (b"\x00\xff\xfe garbage\n", "bad netstring length"),
 ])

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from greylist.protocols.policy import ProtocolError
-from greylist.protocols.socketmap import (MAX_REQUEST_BYTES, NOTFOUND, Decoder,
-                                          format_reply)
+from greylist.protocols.socketmap import (MAX_REQUEST_BYTES, MAX_SKIP_BYTES, NOTFOUND,
+                                          OVERSIZED, Decoder, format_reply)
 
 
 def netstring(data: bytes) -> bytes:
@@ -45,8 +45,8 @@ def test_an_empty_key_is_well_formed():
     (b"4:rcpt;", "terminating comma"),
     (b"4:rcpt,", "NAME KEY"),
     (b"5: rcpt,", "NAME KEY"),
-    (b"%d:" % (MAX_REQUEST_BYTES + 1), "limit"),
-    (b"9" * 8, "over"),
+    (b"%d:" % (MAX_SKIP_BYTES + 1), "limit"),
+    (b"9" * 9, "digits"),
     (b"GET / HTTP/1.0\r\n\r\n", "bad netstring length"),
 ])
 def test_framing_errors_are_protocol_errors(data, message):
@@ -58,9 +58,28 @@ def test_framing_errors_are_protocol_errors(data, message):
 
 def test_an_oversized_length_is_refused_before_its_data_arrives():
     decoder = Decoder()
-    decoder.feed(b"99999:")
+    decoder.feed(b"99999999:")
     with pytest.raises(ProtocolError):
         decoder.next()
+
+
+def test_a_long_header_line_is_discarded_unbuffered_and_answered():
+    """Found in review: a header_checks lookup of a long To: or References:
+    line (up to header_size_limit) closed the connection, and cleanup
+    deferred the user's message."""
+    data = b"header To: " + b"x" * 60000
+    decoder = Decoder()
+    decoder.feed(b"%d:" % len(data) + data[:30000])
+    assert decoder.next() is None
+    assert len(decoder._buffer) - decoder._start < 1000
+    decoder.feed(data[30000:] + b"," + netstring(b"rcpt a@b.test"))
+    assert decoder.next() == OVERSIZED
+    assert decoder.next() == ("rcpt", "a@b.test")
+    decoder.eof()
+    bad = Decoder()
+    bad.feed(b"%d:" % len(data) + data + b";")
+    with pytest.raises(ProtocolError, match="comma"):
+        bad.next()
 
 
 def test_the_largest_request_is_accepted():

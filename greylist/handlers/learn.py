@@ -123,6 +123,9 @@ class SocketmapHandler:
         """Return the plans of one lookup and a line to log (debug), or a
         warning as ("warning: ..."). The reply is always NOTFOUND."""
         cfg = self.cfg
+        if not name:
+            # An oversized request (protocols/socketmap.py OVERSIZED).
+            return [], "not learning a request over the size limit"
         if name == cfg.socketmap_sender_name:
             session.sender, session.sender_at = key, now
             return [], "sender %s" % _shown(key)

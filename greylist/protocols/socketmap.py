@@ -22,7 +22,9 @@ DIAGNOSTICS
     ProtocolError (the policy protocol's) for a framing error: a length
     that is not digits, too many digits, a length over MAX_REQUEST_BYTES,
     a missing ",", data without "NAME KEY" form, and input that ends
-    inside a request. The transport logs it and closes the connection
+    inside a request. A request over MAX_REQUEST_BYTES (up to
+    MAX_SKIP_BYTES) is discarded as it arrives and next() returns
+    OVERSIZED, answered "NOTFOUND ". The transport logs it and closes the connection
     without a reply; Postfix's client retries once on a new connection
     (dict_sockmap.c).
 """
@@ -33,8 +35,13 @@ from greylist.protocols.policy import ProtocolError
 # plus room for the map name and the space.
 MAX_KEY_BYTES = 10000
 MAX_REQUEST_BYTES = MAX_KEY_BYTES + 100
-# Digits of the largest length accepted.
-_MAX_DIGITS = len(str(MAX_REQUEST_BYTES))
+# Longer requests are read and discarded, not kept: a header line may be
+# as long as header_size_limit (102400 by default), and cleanup defers a
+# message whose header_checks lookup fails. Beyond this, a framing error.
+MAX_SKIP_BYTES = 10 * 1024 * 1024
+_MAX_LENGTH_DIGITS = len(str(MAX_SKIP_BYTES))
+# What next() returns for a request it discarded.
+OVERSIZED = ("", "")
 READ_SIZE = 16384
 
 NOTFOUND = b"9:NOTFOUND ,"
@@ -45,11 +52,14 @@ PERMIT = b"9:OK permit,"
 class Decoder:
     """Socketmap requests from bytes pushed in any pieces."""
 
-    __slots__ = ("_buffer", "_start")
+    __slots__ = ("_buffer", "_start", "_skip")
 
     def __init__(self) -> None:
         self._buffer = b""
         self._start = 0
+        # Bytes still to discard of an oversized request (its data and
+        # its comma), or 0.
+        self._skip = 0
 
     def feed(self, data: bytes) -> None:
         """Add bytes read from the connection."""
@@ -62,24 +72,42 @@ class Decoder:
     def next(self) -> tuple[str, str] | None:
         """Return the next complete request as (name, key), or None if
         more input is needed. Raises ProtocolError (see DIAGNOSTICS)."""
+        if self._skip:
+            buffer, start = self._buffer, self._start
+            take = min(self._skip, len(buffer) - start)
+            self._skip -= take
+            start += take
+            if self._skip:
+                self._buffer, self._start = b"", 0  # all of it discarded
+                return None
+            # The last byte discarded must be the comma.
+            if buffer[start - 1:start] != b",":
+                raise ProtocolError("socketmap: netstring without its terminating comma")
+            self._buffer, self._start = buffer[start:], 0
+            return OVERSIZED
         buffer, start = self._buffer, self._start
-        colon = buffer.find(b":", start, start + _MAX_DIGITS + 1)
+        colon = buffer.find(b":", start, start + _MAX_LENGTH_DIGITS + 1)
         if colon < 0:
-            pending = buffer[start:start + _MAX_DIGITS + 1]
+            pending = buffer[start:start + _MAX_LENGTH_DIGITS + 1]
             if not pending.isdigit() and pending:
                 raise ProtocolError("socketmap: bad netstring length %s"
                                     % repr(pending[:20])[:100])
-            if len(pending) > _MAX_DIGITS:
-                raise ProtocolError("socketmap: netstring length over %d bytes"
-                                    % MAX_REQUEST_BYTES)
+            if len(pending) > _MAX_LENGTH_DIGITS:
+                raise ProtocolError("socketmap: netstring length of over %d digits"
+                                    % _MAX_LENGTH_DIGITS)
             return None
         digits = buffer[start:colon]
         if not digits.isdigit() or not digits.isascii():
             raise ProtocolError("socketmap: bad netstring length %s" % repr(digits[:20])[:100])
         length = int(digits)
         if length > MAX_REQUEST_BYTES:
-            raise ProtocolError("socketmap: request of %d bytes, over the %d-byte limit"
-                                % (length, MAX_REQUEST_BYTES))
+            if length > MAX_SKIP_BYTES:
+                raise ProtocolError("socketmap: request of %d bytes, over the %d-byte limit"
+                                    % (length, MAX_SKIP_BYTES))
+            # A long header line (header_checks) or address: discarded as
+            # it arrives, never buffered, and answered NOTFOUND.
+            self._buffer, self._start, self._skip = buffer, colon + 1, length + 1
+            return self.next()
         end = colon + 1 + length
         if len(buffer) <= end:
             return None
@@ -98,7 +126,7 @@ class Decoder:
 
     def eof(self) -> None:
         """The input ended: raise ProtocolError if inside a request."""
-        if len(self._buffer) > self._start:
+        if self._skip or len(self._buffer) > self._start:
             raise ProtocolError("socketmap: connection closed inside a request")
 
 
