@@ -485,3 +485,13 @@ def test_a_read_only_table_still_gets_notfound(public_tmp):
     text = read(home / "log")
     assert "Permission denied" in text and "learning nothing" in text
     assert "learn: pair sender=alice@example.com correspondent=bob@remote.test new" in text
+
+
+def test_mail_within_the_senders_own_domain_is_never_learned():
+    """Found in review: with greylist_local_domains empty (the default),
+    alice@corp writing to bob@corp taught a pair that passed a forged
+    bob@corp."""
+    handler, session = SocketmapHandler(Config()), SocketmapSession()
+    handler.lookup("sender", "alice@corp.example", session, T)
+    assert handler.lookup("rcpt", "bob@Corp.Example", session, T)[0] == []
+    assert handler.lookup("rcpt", "bob@remote.test", session, T)[0]

@@ -109,3 +109,20 @@ def test_greylistctl_whitelist_add_and_remove_keep_the_manual_entry(cfg, tmp_pat
     assert result.stdout.strip() == "permit manual"
     assert greylistctl.main(["-c", str(settings), "whitelist", "remove", "198.51.100.7"]) == 0
     assert list(LmdbStore(cfg.postscreen_table).items()) == []
+
+
+def test_whitelist_remove_of_a_pool_group_leaves_no_permanent_postscreen_entry(cfg, tmp_path):
+    """Found in review: after whitelist add/remove of a pool domain, the
+    addresses its manual-client passes wrote stayed 'permit manual'."""
+    from greylist.cli import greylistctl
+    settings = tmp_path / "greylist.cf"
+    settings.write_text("greylist_database = %s\n" % cfg.database)
+    assert greylistctl.main(["-c", str(settings), "whitelist", "add", "198.51.100.7"]) == 0
+    assert greylistctl.main(["-c", str(settings), "whitelist", "add", "google.com"]) == 0
+    table = LmdbStore(cfg.postscreen_table)
+    table.put(b"209.85.128.170", MANUAL_PERMIT)   # written by a manual-client pass
+    table.close()
+    assert greylistctl.main(["-c", str(settings), "whitelist", "remove", "google.com"]) == 0
+    table = LmdbStore(cfg.postscreen_table)
+    assert dict(table.items()) == {b"198.51.100.7": MANUAL_PERMIT}  # still covered
+    table.close()

@@ -216,6 +216,27 @@ def _unscreen(screened: Store, group: str, cfg: Config) -> int:
     return screened.delete_if(doomed, lambda key, value: value is not None) if doomed else 0
 
 
+def _unscreen_orphans(screened: Store, store: Store, cfg: Config) -> int:
+    """Remove "permit manual" entries that no manual entry of their address's
+    own group covers any more: those a pool or domain group's manual-client
+    passes wrote (found in review: they stayed for ever)."""
+    from greylist.core.tables import MANUAL_PERMIT
+    doomed = []
+    for key, value in screened.items(MANUAL_BATCH):
+        if value != MANUAL_PERMIT:
+            continue
+        try:
+            group = client_group(client_address(key.decode("ascii")), None, cfg)
+        except (BadAddress, UnicodeDecodeError):
+            continue
+        found = store.get(client_key(group))
+        record = None if found is None else records.decode(found)
+        if record is None or record.state != records.MANUAL:
+            doomed.append(key)
+    return screened.delete_if(doomed, lambda key, value: value == MANUAL_PERMIT) \
+        if doomed else 0
+
+
 def _postscreen(store: Store, cfg: Config, log: Log, client: str) -> int:
     from greylist.callout import PostscreenService
     from greylist.handlers.postscreen import PostscreenHandler
@@ -482,8 +503,10 @@ def _whitelist(store: Store, cfg: Config, log: Log, args: dict) -> int:
     else:
         k, what = client_key(group), group
     table = None if sender else _table(cfg, writable=args["add"])
-    # The postscreen table lists addresses: an address given, no domain.
-    screened = None if sender or address is None else _screened(cfg, writable=args["add"])
+    # The postscreen table lists addresses: an address given, or (on
+    # remove) the addresses a pool or domain group left there.
+    screened = None if sender or (address is None and args["add"]) else _screened(
+        cfg, writable=args["add"])
     if args["add"]:
         now = int(time.time())
         store.put(k, records.encode(records.Record(now, now, 1, records.MANUAL)))
@@ -500,8 +523,10 @@ def _whitelist(store: Store, cfg: Config, log: Log, args: dict) -> int:
         existed = store.delete(k)
         if table is not None:
             table.delete(table_name)
-        if screened is not None:
+        if screened is not None and address is not None:
             _unscreen(screened, group, cfg)
+        elif screened is not None:
+            _unscreen_orphans(screened, store, cfg)
         log.info("whitelist: removed %s" % what)
         print(("removed: %s" if existed else "not listed: %s") % what)
     for each in (table, screened):

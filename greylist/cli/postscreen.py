@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None, tuning: Tuning | None = None) -> int:
                   "user of its spawn(8) service (greylist_allow_root = yes for tests)")
         return 1
     sys.excepthook = lambda kind, value, tb: _log_bug(log, kind, value, tb)
+    # A Redis call waits at most the budget too (found in review).
+    cfg = cfg._replace(redis_timeout_ms=min(cfg.redis_timeout_ms, int(BUDGET_S * 1000)))
     service = postscreen_service(cfg, log, tuning=tuning or DEFAULT._replace(
         lock_timeout_s=BUDGET_S))
     service.open_store()

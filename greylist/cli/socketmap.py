@@ -59,6 +59,13 @@ def main(argv: list[str] | None = None, tuning: Tuning = DEFAULT) -> int:
                   "user of its spawn(8) service (greylist_allow_root = yes for tests)")
         return 1
     sys.excepthook = lambda kind, value, tb: _log_bug(log, kind, value, tb)
+    # The postscreen map is answered here too, and postscreen waits for
+    # it in its one process: every wait is bounded by the callout's budget
+    # (a learning write that cannot get the lock is skipped, and logged).
+    from greylist.callout import BUDGET_S
+    if tuning is DEFAULT:
+        tuning = DEFAULT._replace(lock_timeout_s=BUDGET_S)
+    cfg = cfg._replace(redis_timeout_ms=min(cfg.redis_timeout_ms, int(BUDGET_S * 1000)))
     service = socketmap_service(cfg, log, tuning=tuning)
     service.open_store()
     try:

@@ -96,6 +96,11 @@ class OutboundSession:
 
 def plans(sender: str | None, correspondent: str, now: int, cfg: Config) -> list[Plan]:
     """The plans that learn correspondent (already screened) for sender."""
+    if sender is not None and _domain(sender) == _domain(correspondent):
+        # Mail within the sender's own domain says nothing about outside
+        # senders, and a pair learned from it would pass a forged local
+        # sender: never learned, even when greylist_local_domains is empty.
+        return []
     found = []
     if cfg.correspondent_table:
         found.append(Plan(TABLE, correspondents.table_key(correspondent, cfg),
@@ -224,6 +229,10 @@ class OutboundHandler:
             else:
                 skipped.append("%s (%s)" % (_shown(recipient), reason))
         return found, ("not learning %s" % ", ".join(skipped)) if skipped else None
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].casefold().rstrip(".")
 
 
 def _shown(text: str) -> str:
