@@ -33,6 +33,13 @@ from greylist.whitelist import Whitelists
 BUDGET_S = 0.1
 
 
+def within_budget(cfg, tuning):
+    """cfg and tuning with every wait (a lock, a Redis call) bounded by
+    BUDGET_S: for the programs whose answers postscreen waits for."""
+    return (cfg._replace(redis_timeout_ms=min(cfg.redis_timeout_ms, int(BUDGET_S * 1000))),
+            tuning._replace(lock_timeout_s=BUDGET_S))
+
+
 class PostscreenService:
     """greylist-postscreen's handler, database, whitelists, log and clock."""
 

@@ -15,7 +15,8 @@ DESCRIPTION
                     second when it is rotated or removed.
 
     Warnings start with "warning: " and fatal errors with "fatal: ", as
-    in Postfix; fatal errors also go to stderr when it is a terminal. The clock that stamps file and postlog lines is injected
+    in Postfix; fatal errors also go to stderr, unless it is the socket
+    that spawn(8) connects (stderr_is_a_client()). The clock that stamps file and postlog lines is injected
     (time.time by default). Debug lines are written only when the -v count reaches
     their level. A logging failure is never allowed to fail the service.
 """
@@ -67,14 +68,15 @@ class Log:
 
     def fatal(self, message: str) -> None:
         """Log an error that ends the program (the caller exits), and write
-        it to stderr when that is a terminal: an administrator who runs a
-        program by hand sees why it stops (under spawn(8) stderr is the
-        socket, never a terminal)."""
+        it to stderr (a terminal, a cron mail, a systemd journal), unless
+        stderr is the client's socket as spawn(8) connects it: an
+        administrator sees why a program stops, Postfix never does."""
         self._write(syslog.LOG_CRIT, "fatal: " + message)
+        if stderr_is_a_client():
+            return
         try:
-            if os.isatty(2):
-                os.write(2, ("%s: fatal: %s\n" % (self.ident, message)).encode(
-                    "utf-8", "backslashreplace"))
+            os.write(2, ("%s: fatal: %s\n" % (self.ident, message)).encode(
+                "utf-8", "backslashreplace"))
         except OSError:
             pass
 
@@ -133,3 +135,14 @@ class Log:
         self._file_id = (st.st_ino, st.st_dev)
         self._checked_at = now
         return self._fd
+
+
+def stderr_is_a_client() -> bool:
+    """Whether descriptor 2 is the socket on descriptor 0, as spawn(8)
+    connects them: bytes there would reach Postfix as a reply."""
+    try:
+        err, into = os.fstat(2), os.fstat(0)
+    except OSError:
+        return True
+    import stat
+    return stat.S_ISSOCK(err.st_mode) and (err.st_dev, err.st_ino) == (into.st_dev, into.st_ino)

@@ -55,29 +55,41 @@ def main(argv: list[str] | None = None, tuning: Tuning = DEFAULT) -> int:
 
     tuning changes the stores' tunables (tests only).
     """
+    def build(cfg, log, args):
+        if args["--outbound"]:
+            from greylist.wiring import outbound_service
+            return outbound_service(cfg, log, tuning=tuning)
+        log.debug(1, "database %s, greylist_delay %ds" % (cfg.database, cfg.delay_s))
+        return policy_service(cfg, log, tuning=tuning)
+    return run("greylist", argv, USAGE, build)
+
+
+def run(ident: str, argv: list[str] | None, usage: str, build) -> int:
+    """The main() of a spawn(8) program (greylist, greylist-socketmap,
+    greylist-postscreen): parse argv, load the settings, refuse root, set
+    up logging and the bug hook, build the service (build(cfg, log,
+    args)), open its store and serve stdin and stdout until end of input.
+    Returns the exit status."""
     if not os.isatty(2):
         _silence_stderr()
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv, usage)
+    args.setdefault("--delay", None)
+    args.setdefault("--outbound", False)
     try:
         cfg = load(args["--config"], _overrides(args))
     except ConfigError as exc:
-        Log("greylist", log_target(args["--config"])).fatal(str(exc))
+        Log(ident, log_target(args["--config"])).fatal(str(exc))
         return 1
-    log = Log("greylist", cfg.log, cfg.verbose)
+    log = Log(ident, cfg.log, cfg.verbose)
     if os.geteuid() == 0 and not cfg.allow_root:
         # spawn(8) never runs us as root; a root-owned database would
         # also lock out the policy user later.
-        log.fatal("refusing to run as root: run greylist as the unprivileged user "
-                  "of its spawn(8) service (greylist_allow_root = yes for tests)")
+        log.fatal("refusing to run as root: run %s as the unprivileged user "
+                  "of its spawn(8) service (greylist_allow_root = yes for tests)" % ident)
         return 1
     sys.excepthook = lambda kind, value, tb: _log_bug(log, kind, value, tb)
-    if args["--outbound"]:
-        from greylist.wiring import outbound_service
-        service = outbound_service(cfg, log, tuning=tuning)
-    else:
-        service = policy_service(cfg, log, tuning=tuning)
+    service = build(cfg, log, args)
     service.open_store()
-    log.debug(1, "database %s, greylist_delay %ds" % (cfg.database, cfg.delay_s))
     try:
         return serve(sys.stdin.buffer, sys.stdout.buffer, service)
     except KeyboardInterrupt:

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
     try:
         args = docopt(USAGE, argv=argv, version=__version__)
     except DocoptExit as exc:
-        print(exc, file=sys.stderr)
+        Log("greylistctl").fatal("usage: %s" % str(exc).replace("\n", " "))
         return 2
     try:
         overrides = {}
@@ -103,11 +103,9 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
             overrides = dict([parse_setting("greylist_database", args["--database"])])
         cfg = load(args["--config"], overrides)
     except ConfigError as exc:
-        # To stderr and to the log the settings name (issue 15): an error
-        # is not output.
+        # To stderr and to the log the settings name (issue 15), not to
+        # stdout.
         Log("greylistctl", log_target(args["--config"])).fatal(str(exc))
-        if not os.isatty(2):
-            print("greylistctl: fatal: %s" % exc, file=sys.stderr)
         return 2
     _become_owner(cfg)
     log = Log("greylistctl", cfg.log, cfg.verbose)

@@ -31,7 +31,7 @@ DESCRIPTION
 
 DIAGNOSTICS
     Fatal errors (settings, listeners, privileges) go to the log target
-    and to stderr, and exit 1; usage errors exit 2. A bug is logged by
+    and to stderr (log.py), and exit 1; usage errors exit 2. A bug is logged by
     an exception hook.
 """
 
@@ -98,19 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = docopt(USAGE, argv=argv, version=__version__)
     except DocoptExit as exc:
-        _fatal(Log("greylistd"), "usage: %s" % str(exc).replace("\n", " "))
+        Log("greylistd").fatal("usage: %s" % str(exc).replace("\n", " "))
         return 2
     try:
         cfg = load(args["--config"], {"verbose": args["--verbose"]})
     except ConfigError as exc:
-        _fatal(Log("greylistd", log_target(args["--config"])), str(exc))
+        Log("greylistd", log_target(args["--config"])).fatal(str(exc))
         return 1
     log = Log("greylistd", cfg.log, cfg.verbose)
     sys.excepthook = lambda kind, value, tb: _log_bug(log, kind, value, tb)
     try:
         return asyncio.run(Daemon(cfg, args["--config"], log).run())
     except Fatal as exc:
-        _fatal(log, str(exc))
+        log.fatal(str(exc))
         return 1
     except KeyboardInterrupt:
         return 1
@@ -385,30 +385,6 @@ def _notify_socket() -> socket.socket | None:
         sock.close()
         return None
     return sock
-
-
-def _fatal(log: Log, message: str) -> None:
-    """A fatal error: to the log target, and to stderr (a terminal, or the
-    journal of a systemd service) unless stderr is a client's socket."""
-    log.fatal(message)
-    if _stderr_is_a_client() or os.isatty(2):
-        return  # (Log.fatal wrote to a terminal itself.)
-    try:
-        os.write(2, ("greylistd: fatal: %s\n" % message).encode("utf-8", "backslashreplace"))
-    except OSError:
-        pass
-
-
-def _stderr_is_a_client() -> bool:
-    """Whether descriptor 2 is the socket on descriptor 0, as spawn(8) would
-    connect them (greylistd is no spawn program, but a master.cf line could
-    start it so): bytes there would reach Postfix as a policy reply."""
-    try:
-        err, into = os.fstat(2), os.fstat(0)
-    except OSError:
-        return True
-    import stat
-    return stat.S_ISSOCK(err.st_mode) and (err.st_dev, err.st_ino) == (into.st_dev, into.st_ino)
 
 
 def _log_bug(log: Log, kind, value, tb) -> None:

@@ -13,13 +13,9 @@ DIAGNOSTICS
     logged and closes the connection (exit 1) without a reply.
 """
 
-import os
 import sys
 
-from greylist.cli.greylist import _log_bug, _overrides, _silence_stderr, parse_args
-from greylist.config import ConfigError, load, log_target
-from greylist.log import Log
-from greylist.transports.spawn import serve
+from greylist.cli.greylist import run
 from greylist.wiring import DEFAULT, Tuning, postscreen_service
 
 USAGE = """\
@@ -40,35 +36,15 @@ Options:
 """
 
 
-def main(argv: list[str] | None = None, tuning: Tuning | None = None) -> int:
+def main(argv: list[str] | None = None, tuning: Tuning = DEFAULT) -> int:
     """Run the callout; return the exit status."""
-    from greylist.callout import BUDGET_S
-    if not os.isatty(2):
-        _silence_stderr()
-    args = parse_args(sys.argv[1:] if argv is None else argv, USAGE)
-    args.setdefault("--delay", None)
-    try:
-        cfg = load(args["--config"], _overrides(args))
-    except ConfigError as exc:
-        Log("greylist-postscreen", log_target(args["--config"])).fatal(str(exc))
-        return 1
-    log = Log("greylist-postscreen", cfg.log, cfg.verbose)
-    if os.geteuid() == 0 and not cfg.allow_root:
-        log.fatal("refusing to run as root: run greylist-postscreen as the unprivileged "
-                  "user of its spawn(8) service (greylist_allow_root = yes for tests)")
-        return 1
-    sys.excepthook = lambda kind, value, tb: _log_bug(log, kind, value, tb)
-    # A Redis call waits at most the budget too (found in review).
-    cfg = cfg._replace(redis_timeout_ms=min(cfg.redis_timeout_ms, int(BUDGET_S * 1000)))
-    service = postscreen_service(cfg, log, tuning=tuning or DEFAULT._replace(
-        lock_timeout_s=BUDGET_S))
-    service.open_store()
-    try:
-        return serve(sys.stdin.buffer, sys.stdout.buffer, service)
-    except KeyboardInterrupt:
-        return 1
-    finally:
-        log.close()
+    def build(cfg, log, args):
+        # postscreen gives up after postscreen_policy_timeout: every wait
+        # (a lock, a Redis call) is bounded by the budget.
+        from greylist.callout import within_budget
+        cfg, budgeted = within_budget(cfg, tuning)
+        return postscreen_service(cfg, log, tuning=budgeted if tuning is DEFAULT else tuning)
+    return run("greylist-postscreen", argv, USAGE, build)
 
 
 if __name__ == "__main__":
