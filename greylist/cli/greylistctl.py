@@ -176,28 +176,28 @@ def _become_owner(cfg) -> None:
     os.setuid(st.st_uid)
 
 
-def _table(cfg: Config, writable: bool, readonly: bool = False) -> Store | None:
-    """The client table; None if there is none, or (unless writable) it
-    does not exist yet."""
-    if not cfg.client_table or not (writable or is_redis(cfg) or os.path.exists(cfg.client_table + ".lmdb")):
+def _existing(cfg: Config, name: str, build, writable: bool, readonly: bool) -> Store | None:
+    """The table named name (a Config field) as build() opens it; None if
+    there is none, or (unless writable) it does not exist yet."""
+    path = getattr(cfg, name)
+    if not path or not (writable or is_redis(cfg) or os.path.exists(path + ".lmdb")):
         return None
-    return client_table(cfg, readonly=readonly)
+    return build(cfg, readonly=readonly)
+
+
+def _table(cfg: Config, writable: bool, readonly: bool = False) -> Store | None:
+    """The client table (see _existing)."""
+    return _existing(cfg, "client_table", client_table, writable, readonly)
 
 
 def _learned(cfg: Config, writable: bool = False, readonly: bool = False) -> Store | None:
-    """The correspondent table, as _table() returns the client table."""
-    if not cfg.correspondent_table or not (
-            writable or is_redis(cfg) or os.path.exists(cfg.correspondent_table + ".lmdb")):
-        return None
-    return correspondent_table(cfg, readonly=readonly)
+    """The correspondent table (see _existing)."""
+    return _existing(cfg, "correspondent_table", correspondent_table, writable, readonly)
 
 
 def _screened(cfg: Config, writable: bool = False, readonly: bool = False) -> Store | None:
-    """The postscreen table, as _table() returns the client table."""
-    if not cfg.postscreen_table or not (
-            writable or is_redis(cfg) or os.path.exists(cfg.postscreen_table + ".lmdb")):
-        return None
-    return postscreen_table(cfg, readonly=readonly)
+    """The postscreen table (see _existing)."""
+    return _existing(cfg, "postscreen_table", postscreen_table, writable, readonly)
 
 
 def _unscreen(screened: Store, group: str, cfg: Config) -> int:

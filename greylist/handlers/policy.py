@@ -52,8 +52,8 @@ from greylist.core.record import decode, encode, new
 from greylist.core.evaluate import precheck, render
 from greylist.core.lists import Exemptions
 from greylist.core.message import Session
-from greylist.core.triple import (UNKNOWN_CLIENT, BadAddress, Triple, keys, table_key,
-                                  triple_from_request)
+from greylist.core.triple import (UNKNOWN_CLIENT, BadAddress, Triple, escape, keys,
+                                  table_key, triple_from_request)
 from greylist.protocols.policy import ProtocolError
 from greylist.stores.base import NO_WRITES
 
@@ -186,23 +186,17 @@ class PolicyHandler:
 def _line(action: str, decision: Decision, attrs: dict[str, str], address: str) -> str:
     """The log line of a decision."""
     # The addresses come from the client: white space and controls are
-    # written %xx, so a quoted local part cannot fake a field (issue 15).
+    # written %xx, as in keys, so a quoted local part cannot fake a field
+    # (issue 15).
     sender = attrs.get("sender") or "<>"
     recipient = attrs["recipient"]
     if not (sender.isprintable() and " " not in sender):
-        sender = _logged(sender)
+        sender = escape(sender)
     if not (recipient.isprintable() and " " not in recipient):
-        recipient = _logged(recipient)
+        recipient = escape(recipient)
     return ("action=%s reason=%s age=%d client=%s sender=%s rcpt=%s"
             % (action.split(None, 1)[0], decision.reason, decision.age, address,
                sender, recipient))
-
-
-def _logged(field: str) -> str:
-    """field with white space, controls and undecodable bytes as %xx."""
-    return "".join(c if c.isprintable() and c != " " and not "\udc80" <= c <= "\udcff"
-                   else "".join("%%%02x" % b for b in c.encode("utf-8", "surrogateescape"))
-                   for c in field)
 
 
 def parse_records(values: Values, found: Sequence[bytes | None]
