@@ -68,13 +68,19 @@ _DYNAMIC_LABEL = (
     r"[0-9]*(?:[.-]|$)")
 
 
-@functools.lru_cache(maxsize=8)
+_SETS: dict[tuple[str, ...], frozenset[str]] = {}
+
+
 def pool_set(extra: tuple[str, ...]) -> frozenset[str]:
     """The pool domains, the built-in ones and extra, and for pool_of()
-    "*SUFFIX" for the last two labels of each three-label domain."""
-    domains = frozenset(POOL_DOMAINS) | frozenset(d.casefold().strip(".") for d in extra)
-    return domains | frozenset("*" + d.split(".", 1)[1] for d in domains
-                               if d.count(".") == 2)
+    "*SUFFIX" for the last two labels of each three-label domain. (A plain
+    dict, not lru_cache: this runs up to three times per request.)"""
+    found = _SETS.get(extra)
+    if found is None:
+        domains = frozenset(POOL_DOMAINS) | frozenset(d.casefold().strip(".") for d in extra)
+        found = _SETS[extra] = domains | frozenset(
+            "*" + d.split(".", 1)[1] for d in domains if d.count(".") == 2)
+    return found
 
 
 def pool_of(client_name: str, pools: frozenset[str]) -> str | None:

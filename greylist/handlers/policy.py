@@ -48,7 +48,7 @@ from greylist.config import Config
 from greylist.core.decide import (AWL_CLIENT, DATABASE_FAILURE, MANUAL_CLIENT, NO_RECORDS,
                                   Decision, Records, decide, whitelisted_client)
 from greylist.core.pools import pool_set
-from greylist.core.record import decode, encode, new
+from greylist.core.record import TRYING, decode, encode, new
 from greylist.core.evaluate import precheck, render
 from greylist.core.lists import Exemptions
 from greylist.core.message import Session
@@ -128,17 +128,21 @@ class PolicyHandler:
         found = keys(triple, cfg.sender_delimiter if cfg.correspondent_check else None)
         return new(Pending, (attrs, address, triple, now, found, self.change(
             found, now, session.instance is not None and session.accepted,
-            session.instance is not None and session.deferred,
-            cfg.client_match == "pool" and triple.client in pool_set(cfg.pool_domains))))
+            session.instance is not None and session.deferred, triple.client)))
 
     def change(self, found: Sequence[bytes | None], now: int, accepted: bool,
-               deferred: bool = False, pooled: bool = False
+               deferred: bool = False, group: str | None = None
                ) -> Callable[[Values], tuple[Values, Outcome]]:
         """The pure change that decides the triple of keys found at now."""
         cfg = self.cfg
 
         def change(values: Values) -> tuple[Values, Outcome]:
             parsed, warnings = parse_records(values, found)
+            # Whether the client group is a sending pool matters only to a
+            # trying note: asked only then, off the common path.
+            pooled = (group is not None and parsed.sender is not None
+                      and parsed.sender.state == TRYING and cfg.client_match == "pool"
+                      and group in pool_set(cfg.pool_domains))
             decision = decide(parsed, now, cfg, accepted, deferred, pooled)
             writes = decision.writes
             if writes == NO_RECORDS:
