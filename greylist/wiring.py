@@ -46,12 +46,14 @@ class Tuning(NamedTuple):
     cleanup_budget_s: float = BUDGET_S
     whitelist_check_s: float = CHECK_INTERVAL_S
     warning_interval_s: float = STORE_WARNING_INTERVAL_S
+    # None: greylist_lock_timeout.
     lock_timeout_s: float | None = None
 
-    def store_options(self) -> dict:
+    def store_options(self, cfg: Config) -> dict:
         return {"reopen_delay_s": self.reopen_delay_s, "map_size": self.map_size,
                 "same_file_interval_s": self.same_file_interval_s,
-                "lock_timeout_s": self.lock_timeout_s}
+                "lock_timeout_s": cfg.lock_timeout_ms / 1000 if self.lock_timeout_s is None
+                else self.lock_timeout_s}
 
 
 DEFAULT = Tuning()
@@ -97,7 +99,8 @@ def database(cfg: Config, log: Log | None = None, readonly: bool = False,
         raw = redis_table(cfg, "db")
     else:
         raw = LmdbStore(cfg.database, readonly=readonly,
-                        warn=None if log is None else log.warning, **tuning.store_options())
+                        warn=None if log is None else log.warning, private=True,
+                        **tuning.store_options(cfg))
     if not cfg.privacy:
         return raw, raw
     from greylist.stores.privacy import HashedKeys
@@ -113,7 +116,7 @@ def client_table(cfg: Config, log: Log | None = None, readonly: bool = False,
     if is_redis(cfg):
         return redis_table(cfg, cfg.client_table)
     return LmdbStore(cfg.client_table, readonly=readonly,
-                     warn=None if log is None else log.warning, **tuning.store_options())
+                     warn=None if log is None else log.warning, **tuning.store_options(cfg))
 
 
 def postscreen_table(cfg: Config, log: Log | None = None, readonly: bool = False,
@@ -125,7 +128,7 @@ def postscreen_table(cfg: Config, log: Log | None = None, readonly: bool = False
     if is_redis(cfg):
         return redis_table(cfg, cfg.postscreen_table)
     return LmdbStore(cfg.postscreen_table, readonly=readonly,
-                     warn=None if log is None else log.warning, **tuning.store_options())
+                     warn=None if log is None else log.warning, **tuning.store_options(cfg))
 
 
 def correspondent_table(cfg: Config, log: Log | None = None, readonly: bool = False,
@@ -137,7 +140,7 @@ def correspondent_table(cfg: Config, log: Log | None = None, readonly: bool = Fa
     if is_redis(cfg):
         return redis_table(cfg, cfg.correspondent_table)
     return LmdbStore(cfg.correspondent_table, readonly=readonly,
-                     warn=None if log is None else log.warning, **tuning.store_options())
+                     warn=None if log is None else log.warning, **tuning.store_options(cfg))
 
 
 class Stores(NamedTuple):

@@ -1,9 +1,11 @@
 """Shared fixtures: Postfix tools, which skip locally but fail under CI."""
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+from typing import Iterator
 
 import pytest
 
@@ -29,6 +31,24 @@ def postmap() -> str:
                            capture_output=True, text=True).stdout.split()
     require(None if "lmdb" in types else "Postfix has no lmdb support (postfix-lmdb)")
     return path
+
+
+@contextlib.contextmanager
+def as_owner(path) -> Iterator[None]:
+    """Act (effective IDs) as the owner of path's directory: greylist run
+    as root refuses a directory another user owns (lmdbfile.py), so the
+    tests act as that user, as greylistctl does."""
+    st = os.stat(os.path.dirname(os.path.abspath(path)))
+    if os.geteuid() != 0 or st.st_uid == 0:
+        yield
+        return
+    os.setegid(st.st_gid)
+    os.seteuid(st.st_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
 
 
 def run_python(code: str, *args: str, timeout: float = 30,

@@ -93,10 +93,16 @@ def noted(triple, now):
                  Decision(DUNNO, "known", 86400, NO_RECORDS, True), id="known-no-write"),
     # A first sight in the future (the clock was set back): counted from
     # now, so the full delay applies from now, not from the future.
-    pytest.param(Record(T, T + 100, 3, PENDING), T - 50,
+    pytest.param(Record(T, T + 100, 3, PENDING), T - 500,
                  Decision(deferred(DELAY), "early-retry", 0,
-                          noted(Record(T - 50, T + 100, 4, PENDING), T - 50)),
+                          noted(Record(T - 500, T + 100, 4, PENDING), T - 500)),
                  id="clock-back-pending"),
+    # Less than CLOCK_SLACK_S ahead: another process read its clock a
+    # moment later and wrote first; the first sight stays.
+    pytest.param(Record(T, T, 1, PENDING), T - 1,
+                 Decision(deferred(DELAY + 1), "early-retry", -1,
+                          noted(Record(T, T, 2, PENDING), T - 1)),
+                 id="raced-by-one-second"),
     pytest.param(Record(T, T + DELAY, 2, PASSED), T - 50,
                  Decision(DUNNO, "known", -50, NO_RECORDS, True), id="clock-back-passed"),
 ])

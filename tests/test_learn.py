@@ -471,10 +471,10 @@ def test_a_read_only_table_still_gets_notfound(public_tmp):
     nobody = pwd.getpwnam("nobody")
     home = tmp_path / "db"
     home.mkdir(mode=0o755)
-    os.chown(home, nobody.pw_uid, nobody.pw_gid)
     table = LmdbStore(str(home / "greylist-correspondents"))
     table.put(b"old@remote.test", b"1")
     table.close()  # root's file, mode 0644: nobody may read it only
+    os.chown(home, nobody.pw_uid, nobody.pw_gid)
     (tmp_path / "greylist.cf").write_text(
         "greylist_database = %s/greylist\ngreylist_log = %s/log\n" % (home, home))
     result = subprocess.run(["runuser", "-u", "nobody", "--", *argv, "-m",

@@ -48,13 +48,15 @@ def instance(settings: str = "", main_cf: dict | None = None):
     try:
         database = root / "db"
         database.mkdir(mode=0o755)
-        shutil.chown(database, USER)
-        # smtpd opens its lmdb tables at start: make the client table first,
-        # owned by the policy user who writes it.
+        # smtpd opens its lmdb tables at start: make the client table first
+        # (as root, while the directory is root's: root never opens a file
+        # in a directory another user owns), owned by the policy user who
+        # writes it.
         table = LmdbStore(str(database / "greylist-clients"))
         table.open()
         table.close()
         shutil.chown(str(database / "greylist-clients.lmdb"), USER)
+        shutil.chown(database, USER)
         whitelist = root / "whitelist_clients"
         whitelist.write_text("# postgrey syntax\n%s\n" % WHITELISTED)
         config = root / "greylist.cf"
@@ -129,7 +131,8 @@ def test_first_attempt_and_early_retry_get_450_and_retry_after_delay_is_delivere
     triple = entries["127.0.0/alice@example.org/bob@example.test"]
     assert triple.startswith("1:") and triple.endswith(":3:passed")
     assert entries["127.0.0/alice@example.org"].endswith(":1:sender")
-    assert os.stat(postfix.database + ".lmdb").st_mode & 0o777 == 0o644
+    # Postfix never reads the database: private to the policy user.
+    assert os.stat(postfix.database + ".lmdb").st_mode & 0o777 == 0o600
 
 
 def test_multi_recipient_message_is_delivered_with_one_header_after_the_delay(postfix):

@@ -34,6 +34,7 @@ def test_corrupt_database_under_spawn_accepts_mail_without_451():
         shutil.chown(database, USER)
         (database / "greylist.lmdb").write_bytes(b"this is not an LMDB file\n" * 400)
         os.chmod(database / "greylist.lmdb", 0o644)
+        shutil.chown(database / "greylist.lmdb", USER)
         settings = root / "greylist.cf"
         settings.write_text("greylist_database = %s/greylist\n"
                             "greylist_log = postlog:%s/queue/public/postlog\n"

@@ -108,6 +108,9 @@ def test_full_disk_fails_open_keeps_the_database_and_recovers(tmp_path, postmap)
     assert (status, err) == (0, b"")
     text = read_log(directory / "log")
     assert len(warnings(text)) == 1 and warnings(text)[0].endswith(FAILURE_TAIL)
+    # LMDB says "Input/output error" for a short write (issue 15: a full
+    # disk was reported as that alone).
+    assert "(the file system is full)" in warnings(text)[0]
     record_figures("full-disk", tmpfs_kib=256, accepted_before_full=full,
                    failed_open=300 - full, recovered=True, warning=warnings(text)[0][-160:])
 

@@ -23,8 +23,10 @@ DESCRIPTION
                 Redis database of the settings: a site moving from one
                 host to several. Expired entries are left behind.
 
-    Started as root, greylistctl switches to the owner of the database
-    directory, so that the files it creates belong to the policy user.
+    Started as root, greylistctl becomes the policy user (the owner of
+    the database directory, or greylist_user for a root-owned one), so
+    that the files it creates belong to that user, and it never opens a
+    file on behalf of a directory another user can write (_become_owner).
 
 DIAGNOSTICS
     Exit status 0 on success, 1 when the database cannot be used, 2 for
@@ -107,10 +109,14 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
         # stdout.
         Log("greylistctl", log_target(args["--config"])).fatal(str(exc))
         return 2
-    _become_owner(cfg)
+    writes = bool(args["cleanup"] and not args["--dry-run"] or args["whitelist"]
+                  or args["import"])
+    refused = _become_owner(cfg, writes)
     log = Log("greylistctl", cfg.log, cfg.verbose)
-    store, keyed = database(cfg, log, readonly=not (args["cleanup"] and not args["--dry-run"]
-                                                    or args["whitelist"] or args["import"]))
+    if refused:
+        log.fatal(refused)
+        return 1
+    store, keyed = database(cfg, log, readonly=not writes)
     try:
         if args["cleanup"]:
             return _cleanup(store, cfg, log, args["--dry-run"])
@@ -159,21 +165,61 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
         store.close()
 
 
-def _become_owner(cfg) -> None:
-    """As root, switch to the owner of the database directory, if not root."""
+def _become_owner(cfg, writes: bool) -> str | None:
+    """As root, become the user the policy processes run as, so that the
+    files greylistctl creates are theirs and no file is opened on behalf
+    of a directory another user can write; return why greylistctl must
+    not go on, or None.
+
+    That user is the owner of the database directory when it is not
+    root; for a root-owned directory, root itself with
+    greylist_allow_root = yes, else greylist_user. Without either,
+    greylistctl reads as root (lmdbfile.py refuses a directory a group
+    can write) and refuses to change anything: files it created would be
+    root's, and the policy processes could not write them (issue 15).
+    With greylist_log = postlog, the group postdrop is kept: the socket
+    is under Postfix's public/ (group postdrop, mode 0710), as for the
+    policy processes (user=...:postdrop).
+    """
     if os.geteuid() != 0 or is_redis(cfg):
-        return
+        return None
+    directory = os.path.dirname(os.path.abspath(cfg.database))
     try:
-        st = os.stat(os.path.dirname(os.path.abspath(cfg.database)))
+        st = os.stat(directory)
     except OSError:
-        return
-    if st.st_uid == 0:
-        return
+        return None  # Reported when the database is opened.
+    uid, gid = st.st_uid, st.st_gid
+    if uid == 0:
+        if cfg.allow_root:
+            return None
+        if cfg.user:
+            import pwd
+            try:
+                user = pwd.getpwnam(cfg.user)
+            except KeyError:
+                return "greylist_user %s: no such user" % cfg.user
+            uid, gid = user.pw_uid, user.pw_gid
+        elif not writes:
+            return None
+        else:
+            return ("refusing to change the database in %s as root: the directory is "
+                    "root's, so the files created there would be root's and the policy "
+                    "processes could not write them; give the directory to the policy user "
+                    "(chown USER %s), set greylist_user, or run greylistctl as that user"
+                    % (directory, directory))
     if cfg.client_match == "domain":
         registered_domain("example.com")  # load the suffix list while we can
-    os.setgroups([])
-    os.setgid(st.st_gid)
-    os.setuid(st.st_uid)
+    groups = []
+    if cfg.log.startswith("postlog"):
+        import grp
+        try:
+            groups = [grp.getgrnam("postdrop").gr_gid]
+        except KeyError:
+            pass
+    os.setgroups(groups)
+    os.setgid(gid)
+    os.setuid(uid)
+    return None
 
 
 def _existing(cfg: Config, name: str, build, writable: bool, readonly: bool) -> Store | None:
@@ -329,12 +375,11 @@ def _cleanup(store: Store, cfg: Config, log: Log, dry_run: bool) -> int:
     store.open()
     began = time.monotonic()
     busy_since = None
-    start = True
     state = None
     terminal = sys.stdout.isatty()
     try:
         while True:
-            stepped = cleaner.step(budget_s=0.2, start=start)
+            stepped = cleaner.step(budget_s=0.2, start=True)
             if stepped is None:
                 busy_since = busy_since or time.monotonic()
                 if time.monotonic() - busy_since > BUSY_WAIT_S:
@@ -343,7 +388,7 @@ def _cleanup(store: Store, cfg: Config, log: Log, dry_run: bool) -> int:
                     return EX_TEMPFAIL
                 time.sleep(0.05)
                 continue
-            busy_since, start, state = None, False, stepped
+            busy_since, state = None, stepped
             if state.position is None:
                 break
             if terminal:

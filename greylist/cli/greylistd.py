@@ -74,10 +74,6 @@ DRAIN_S = 10.0
 # How often a cleanup step is looked at (the step itself checks whether
 # a pass is due, as in the policy processes).
 CLEANUP_TICK_S = 1.0
-# The longest greylistd waits for a database lock before it answers
-# without the database (greylist_failure_action): one store thread serves
-# every connection, and smtpd gives up after 100 s with 451.
-LOCK_TIMEOUT_S = 2.0
 # Settings that a reload does not change: they need a restart.
 RESTART_ONLY = ("database", "policy_listen", "metrics_listen", "socketmap_listen",
                 "outbound_listen", "postscreen_listen", "socket_mode", "socket_group",
@@ -144,7 +140,9 @@ class Daemon:
         if socks["metrics"]:
             from greylist.metrics import Metrics
             metrics = Metrics()
-        tuning = Tuning(lock_timeout_s=LOCK_TIMEOUT_S)
+        # Lock waits within greylist_lock_timeout: one store thread serves
+        # every connection, and smtpd gives up after 100 s with 451.
+        tuning = Tuning()
         self.stores = found = wiring.stores(self.cfg, self.log, tuning)
         service = policy_service(self.cfg, self.log, tuning=tuning, found=found)
         committer = Committer(service.store, loop, batch_max=self.cfg.commit_batch,

@@ -83,6 +83,11 @@ PROVING = frozenset((AWL_CLIENT, AWL_SENDER, KNOWN, DELAY_PASSED, MESSAGE,
                      CORRESPONDENT_PAIR, SENDER_RETRY))
 # At most one pass an hour counts toward the client auto-whitelist.
 CLIENT_COUNT_INTERVAL_S = 3600
+# A first sight later than now by more than this is a clock that ran
+# ahead; less is two processes that read the clock a moment apart (one
+# read it before the other wrote the record; soak test), and must not
+# move the first sight.
+CLOCK_SLACK_S = 60
 
 
 # The states a record may have in each slot of Records; a record of
@@ -199,7 +204,7 @@ def decide(records: Records, now: int, cfg: Config,
     if triple is not None and triple.state == PASSED:
         return new(Decision, (DUNNO, KNOWN, now - triple.first_seen, new(
             Records, (_refreshed(triple, now, cfg), None, None, None)), True))
-    if triple is not None and triple.first_seen > now:
+    if triple is not None and triple.first_seen > now + CLOCK_SLACK_S:
         # First seen in the future: the clock ran ahead and was set back.
         # Counting from now keeps the delay, and the triple is not
         # deferred until the clock catches up with the error.

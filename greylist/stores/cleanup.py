@@ -149,7 +149,11 @@ class Cleaner:
         Returns None, without waiting, when cleanup is disabled or not
         yet due to be looked at, or when another process holds the state
         lock; a state whose position is None when no pass is in progress.
-        With start=True a pass begins even if none is due (greylistctl).
+        With start=True (greylistctl, which drives a pass to its end) a
+        pass begins even if none is due, also when cleanup is disabled, and
+        a failure raises StoreError instead of a warning and a retry a
+        minute later: None then means only that another process holds the
+        state lock.
         """
         now = int(self.clock())
         if self.cfg.cleanup_interval_s == 0 and not start:
@@ -157,6 +161,8 @@ class Cleaner:
         if now < self._next_check and not start:
             return None
         if self.stores[0].failing:
+            if start:
+                raise StoreError("the database is unavailable after an earlier error")
             return None  # Already reported by the store's user.
         try:
             fd = self._state_fd()
@@ -165,9 +171,11 @@ class Cleaner:
             self._next_check = now + BUSY_RETRY_S
             return None
         except (OSError, StoreError) as exc:
+            reason = "cleanup state %s: %s" % (self.path, getattr(exc, "strerror", None) or exc)
+            if start:
+                raise StoreError(reason) from None
             self._next_check = now + FAILURE_RETRY_S
-            self.log.warning("cleanup state %s: %s"
-                             % (self.path, getattr(exc, "strerror", None) or exc))
+            self.log.warning(reason)
             return None
         try:
             state = self._read(fd)
@@ -194,6 +202,9 @@ class Cleaner:
             # file system): no traceback after a reply, a warning, and a
             # retry later. The deletes done are committed; the position
             # is walked again.
+            if start:
+                raise StoreError("cleanup state %s: cannot write: %s"
+                                 % (self.path, exc.strerror or exc)) from None
             self._next_check = now + FAILURE_RETRY_S
             self.log.warning("cleanup state %s: cannot write: %s; trying again in %d s"
                              % (self.path, exc.strerror or exc, FAILURE_RETRY_S))
@@ -298,8 +309,9 @@ class Cleaner:
         if self._fd < 0:
             # Never create files where the database itself is refused.
             check_directory(self.path)
+            # Only greylist's own processes use it: 0600 (or less by umask).
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
-                               | os.O_CLOEXEC, 0o644)
+                               | os.O_CLOEXEC, 0o600)
         return self._fd
 
     def _read(self, fd: int) -> State | None:

@@ -39,7 +39,8 @@ from typing import Callable, TypeVar
 import lmdb
 
 from greylist.stores.base import StoreError
-from greylist.stores.lmdbfile import check_directory, check_format, data_file, describe
+from greylist.stores.lmdbfile import (check_directory, check_format, check_length, data_file,
+                                      describe, open_data_file)
 from greylist.stores.lock import EXCLUSIVE, SHARED, LockBusy, lock, locked, unlock
 
 T = TypeVar("T")
@@ -66,8 +67,10 @@ class Environment:
                  warn: Callable[[str], None] | None = None,
                  reopen_delay_s: float = REOPEN_DELAY_S, map_size: int = MAP_SIZE,
                  same_file_interval_s: float = SAME_FILE_INTERVAL_S,
-                 lock_timeout_s: float | None = None) -> None:
+                 lock_timeout_s: float | None = None, private: bool = False) -> None:
         self.name = name
+        # The database itself (0600), not a table Postfix reads (lmdbfile.py).
+        self.private = private
         self.path = data_file(name)
         self.readonly = readonly
         self.reopen_delay_s = reopen_delay_s
@@ -186,50 +189,72 @@ class Environment:
 
     def _open_files(self) -> tuple[lmdb.Environment, int]:
         check_directory(self.path)
-        existed = check_format(self.path)
-        if self.readonly and not existed:
-            raise StoreError("%s: no such database" % self.path)
-        size = os.stat(self.path).st_size if existed else 0
+        # Our descriptor first, with O_NOFOLLOW (or O_EXCL when it creates
+        # the file): it is the lock descriptor and what every check looks
+        # at. LMDB opens the path itself afterwards, and py-lmdb opens and
+        # closes it once more (which would drop a lock: none is held yet).
+        fd, existed = open_data_file(self.path, self.readonly, self.private)
         try:
-            env = lmdb.open(self.path, map_size=max(self.map_size, size + MAP_FUDGE),
+            check_format(self.path, fd)
+            st = os.fstat(fd)
+            env = lmdb.open(self.path, map_size=max(self.map_size, st.st_size + MAP_FUDGE),
                             subdir=False, lock=False, readonly=self.readonly,
-                            create=not self.readonly, mode=0o644, max_dbs=0,
+                            create=not self.readonly, mode=0o600, max_dbs=0,
                             **_ENGINE)
         except lmdb.Error as exc:
+            os.close(fd)
             raise StoreError(describe(self.path, exc)) from None
-        # Open the lock descriptor after lmdb.open(), which opens and closes
-        # the file itself, and keep it as long as the environment.
+        except BaseException:
+            os.close(fd)
+            raise
         try:
-            fd = os.open(self.path, (os.O_RDONLY if self.readonly else os.O_RDWR)
-                         | os.O_CLOEXEC)
-        except OSError as exc:
+            self._check_opened(env, fd, st, existed)
+        except BaseException:
             env.close()
+            os.close(fd)
+            raise
+        return env, fd
+
+    def _check_opened(self, env: lmdb.Environment, fd: int, st: os.stat_result,
+                      existed: bool) -> None:
+        """Raise StoreError unless LMDB opened our file and it is sound.
+
+        The directory checks make a swap of the name impossible for
+        anyone but its owner; this catches the owner's own (a file moved
+        aside at that moment). Then, for an existing file, the length and
+        the first and last leaf are read under a shared lock, so that a
+        file another process grows is never taken for damage (MapResized
+        is retried), and a damaged tree is reported at open, with its
+        recovery. Within lock_timeout_s: a lock held longer skips these
+        checks (the reads themselves wait within it too), so that a
+        process started meanwhile still answers in time.
+        """
+        try:
+            now = os.stat(self.path, follow_symlinks=False)
+        except OSError as exc:
             raise StoreError("cannot open %s: %s" % (self.path, exc.strerror)) from None
-        if not existed:
-            # Postfix creates tables 0644 whatever the umask (slmdb.c).
-            os.fchmod(fd, 0o644)
-        elif size:
-            # Read the first and last leaf under a shared lock, so that a
-            # damaged tree is reported at open, with its recovery. Within
-            # lock_timeout_s: a lock held longer skips this check (the
-            # reads themselves wait within it too), so that a process
-            # started meanwhile still answers in time.
-            try:
-                lock(fd, SHARED, timeout_s=self.lock_timeout_s)
-            except LockBusy:
-                return env, fd
-            try:
+        if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
+            raise StoreError("%s was replaced while it was opened; trying again later"
+                             % self.path)
+        if not existed or not st.st_size:
+            return
+        try:
+            lock(fd, SHARED, timeout_s=self.lock_timeout_s)
+        except LockBusy:
+            return
+        try:
+            check_length(self.path, fd)
+
+            def ends(env: lmdb.Environment) -> None:
                 with env.begin() as txn:
                     cursor = txn.cursor()
                     cursor.first()
                     cursor.last()
-            except lmdb.Error as exc:
-                unlock(fd)
-                env.close()
-                os.close(fd)
-                raise StoreError(describe(self.path, exc)) from None
+            _retrying(env, ends)
+        except lmdb.Error as exc:
+            raise StoreError(describe(self.path, exc)) from None
+        finally:
             unlock(fd)
-        return env, fd
 
     def _same_file(self) -> bool:
         """Whether the open file is still the one at self.path."""

@@ -52,7 +52,7 @@ def lock(fd: int, mode: int, wait: bool = True, timeout_s: float | None = None) 
 
 
 def _lock_within(fd: int, mode: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
+    deadline = None
     pause = _FIRST_TRY_S
     while True:
         try:
@@ -61,10 +61,12 @@ def _lock_within(fd: int, mode: int, timeout_s: float) -> None:
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-        left = deadline - time.monotonic()
-        if left <= 0:
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + timeout_s  # Only once the first try failed.
+        if now >= deadline:
             raise LockBusy()
-        time.sleep(min(pause, left))
+        time.sleep(min(pause, deadline - now))
         pause = min(pause * 2, _LAST_TRY_S)
 
 
