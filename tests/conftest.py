@@ -2,9 +2,11 @@
 
 import contextlib
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 from typing import Iterator
 
 import pytest
@@ -31,6 +33,15 @@ def postmap() -> str:
                            capture_output=True, text=True).stdout.split()
     require(None if "lmdb" in types else "Postfix has no lmdb support (postfix-lmdb)")
     return path
+
+
+@pytest.fixture
+def public_tmp() -> Iterator[pathlib.Path]:
+    """A directory that the user nobody can reach (pytest's is root's, 0700)."""
+    path = tempfile.mkdtemp(prefix="greylist-test-")
+    os.chmod(path, 0o755)
+    yield pathlib.Path(path)
+    shutil.rmtree(path)
 
 
 @contextlib.contextmanager

@@ -448,17 +448,6 @@ def test_postmap_reads_the_learned_table(settings, cfg, postmap):
     assert decode(value).state == CORRESPONDENT
 
 
-@pytest.fixture
-def public_tmp():
-    """A directory that the user nobody can reach (pytest's is root's, 0700)."""
-    import shutil
-    import tempfile
-    path = tempfile.mkdtemp(prefix="greylist-learn-")
-    os.chmod(path, 0o755)
-    yield __import__("pathlib").Path(path)
-    shutil.rmtree(path)
-
-
 def test_a_read_only_table_still_gets_notfound(public_tmp):
     """The learner as an unprivileged user, with a table it may only read."""
     from tests.conftest import require

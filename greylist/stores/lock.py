@@ -13,8 +13,10 @@ BUGS
     The store keeps one lock descriptor open and adds a mutex.
 """
 
+import _thread
 import errno
 import fcntl
+import signal
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -27,6 +29,8 @@ class LockBusy(Exception):
     """A non-blocking lock request found the file locked by another process."""
 
 
+# Imported by the main thread: only it can wait with an alarm.
+_MAIN_THREAD = _thread.get_ident()
 # How often a bounded wait tries again: from 0.5 ms, doubling to 10 ms.
 _FIRST_TRY_S = 0.0005
 _LAST_TRY_S = 0.010
@@ -36,9 +40,11 @@ def lock(fd: int, mode: int, wait: bool = True, timeout_s: float | None = None) 
     """Lock the whole file for SHARED or EXCLUSIVE access.
 
     With wait=False, raises LockBusy instead of waiting. With timeout_s,
-    waits at most that long (non-blocking tries, 0.5 to 10 ms apart: no
-    fcntl call has a timeout), then raises LockBusy. EINTR is retried by
-    Python (PEP 475).
+    waits at most that long, then raises LockBusy: in the main thread in
+    F_SETLKW, interrupted by SIGALRM (no fcntl call has a timeout; the
+    process must not use SIGALRM or ITIMER_REAL otherwise), in other
+    threads by non-blocking tries, 0.5 to 10 ms apart. EINTR from other
+    signals is retried by Python (PEP 475).
     """
     if timeout_s is not None:
         _lock_within(fd, mode, timeout_s)
@@ -52,6 +58,51 @@ def lock(fd: int, mode: int, wait: bool = True, timeout_s: float | None = None) 
 
 
 def _lock_within(fd: int, mode: int, timeout_s: float) -> None:
+    try:
+        fcntl.lockf(fd, mode | fcntl.LOCK_NB)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+    if timeout_s <= 0:
+        raise LockBusy()  # (An ITIMER_REAL of 0 would never ring.)
+    if _thread.get_ident() == _MAIN_THREAD:
+        _wait_with_alarm(fd, mode, timeout_s)
+    else:
+        _poll(fd, mode, timeout_s)
+
+
+class _Expired(Exception):
+    pass
+
+
+def _expired(signum, frame) -> None:
+    raise _Expired()
+
+
+def _wait_with_alarm(fd: int, mode: int, timeout_s: float) -> None:
+    """Wait in the kernel's queue (F_SETLKW), interrupted by SIGALRM after
+    timeout_s: a poller would starve behind writers that lock again at
+    once, which the kernel's queue does not."""
+    previous = signal.signal(signal.SIGALRM, _expired)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout_s)
+        try:
+            fcntl.lockf(fd, mode)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _Expired:
+        # The alarm may have come just after the lock was granted: release
+        # it (this process holds no other lock on the file then).
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+        raise LockBusy() from None
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _poll(fd: int, mode: int, timeout_s: float) -> None:
+    """Threads other than the main one cannot take signals: non-blocking
+    tries, 0.5 to 10 ms apart."""
     deadline = None
     pause = _FIRST_TRY_S
     while True:
