@@ -568,13 +568,18 @@ def _describe(record, now: int, cfg) -> str:
 
 
 def _duration(seconds: int) -> str:
-    """seconds as the two largest units: "34d 23h", "4m 10s", "9s"."""
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size or (unit == "s" and not parts):
-            parts.append("%d%s" % (seconds // size, unit))
-            seconds %= size
-    return " ".join(parts[:2])
+    """seconds in its largest unit, and the next one unless it is zero:
+    "29d 23h", "26d", "4m 10s", "9s"."""
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for index, (unit, size) in enumerate(units):
+        if seconds >= size or unit == "s":
+            shown = "%d%s" % (seconds // size, unit)
+            if unit != "s":
+                rest, (next_unit, next_size) = seconds % size, units[index + 1]
+                if rest // next_size:
+                    shown += " %d%s" % (rest // next_size, next_unit)
+            return shown
+    raise AssertionError("unreachable")
 
 
 def _when(stamp: int) -> str:
