@@ -338,3 +338,43 @@ def test_whitelist_list_and_the_kept_entry_on_redis(redis_site, capsys):
     finally:
         db.close()
         clients.close()
+
+
+# ----------------------------------------------------------------------
+# A real Postfix: smtpd's check_client_access on the client table accepts
+# a host entry, not the rest of its /24.
+
+@pytest.mark.postfix
+def test_whitelist_add_host_is_accepted_by_smtpd_and_its_group_is_not():
+    from tests.test_postfix import instance, rcpt_reply
+    with instance("", {"smtpd_recipient_restrictions":
+                       "reject_unauth_destination, check_client_access "
+                       "lmdb:{db}/greylist-clients, check_policy_service unix:private/policy"}
+                  ) as postfix:
+        # greylistctl with the policy service's interpreter, packages and
+        # settings; as root it acts as the owner of the database directory.
+        argv = postfix.policy_argv[:3] + ["-m", "greylist.cli.greylistctl", "-c",
+                                          postfix.policy_argv[-1]]
+
+        def ctl(*args):
+            done = subprocess.run(argv + list(args), capture_output=True, text=True,
+                                  timeout=30)
+            assert done.returncode == 0, (args, done.stdout, done.stderr)
+            return done.stdout
+        assert ctl("whitelist", "add", "--host", "198.51.100.30") == (
+            "added: host 198.51.100.30\n")
+        listed = postfix.swaks("ann@example.org", "bea@example.test",
+                               ["--xclient-addr", "198.51.100.30"])
+        assert rcpt_reply(listed).startswith("250 "), listed.stdout
+        neighbour = postfix.swaks("ann@example.org", "bea@example.test",
+                                  ["--xclient-addr", "198.51.100.31"])
+        assert rcpt_reply(neighbour).startswith("450 4.7.1 "), neighbour.stdout
+        assert ctl("whitelist", "list").startswith("host 198.51.100.30 added ")
+        assert ctl("whitelist", "remove", "--host", "198.51.100.30") == (
+            "removed: host 198.51.100.30\n")
+        removed = postfix.swaks("cid@example.org", "bea@example.test",
+                                ["--xclient-addr", "198.51.100.30"])
+        assert rcpt_reply(removed).startswith("450 4.7.1 "), removed.stdout
+        log = postfix.log_text()
+        assert "sender=ann@example.org" in log and "client=198.51.100.31" in log
+        assert "451 4.3.5" not in log
