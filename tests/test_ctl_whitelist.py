@@ -378,3 +378,13 @@ def test_whitelist_add_host_is_accepted_by_smtpd_and_its_group_is_not():
         log = postfix.log_text()
         assert "sender=ann@example.org" in log and "client=198.51.100.31" in log
         assert "451 4.3.5" not in log
+
+
+def test_whitelist_list_in_privacy_mode_shows_keyed_hashes(site, capsys):
+    (site / "secret").write_text("0123456789abcdef" * 4 + "\n")
+    os.chmod(site / "secret", 0o600)
+    settings(site, "greylist_privacy = yes\ngreylist_secret_file = %s/secret\n" % site)
+    assert run(site, capsys, "whitelist", "add", "192.0.2.1")[0] == 0
+    status, out = run(site, capsys, "whitelist", "list")
+    assert status == 0 and re.fullmatch(r"entry [0-9a-f]{64} added [^\n]+\n", out), out
+    assert "192.0.2" not in out
