@@ -215,7 +215,7 @@ def _kept_key(key: bytes) -> bytes:
     group has one, so no other key looks like it; the part before the
     first "/" is key's own, so Redis tags it like key (one cluster slot),
     and Postfix never looks it up. Bounded like every key."""
-    return client_key(key.decode("utf-8", "surrogateescape") + KEPT_SUFFIX)
+    return client_key(key.decode("utf-8", "replace") + KEPT_SUFFIX)
 
 
 def _displace(store: Store, key: bytes, value: bytes,
