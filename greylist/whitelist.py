@@ -8,6 +8,10 @@ DESCRIPTION
     processes see edits without a restart; exemptions() returns the
     core Exemptions in force, which the policy handler matches.
 
+    Whitelists.provenance() names the setting, or the file and line,
+    whose entries exempt a request (greylistctl show): it reads the
+    files anew, so the per-request matching keeps no line numbers.
+
 DIAGNOSTICS
     A warning for a file that cannot be read (its entries are then
     missing until it can) and for each line that does not parse.
@@ -16,7 +20,9 @@ DIAGNOSTICS
 import os
 
 from greylist.config import Config
-from greylist.core.lists import Entries, Exemptions, Warn, empty, merge, parse
+from greylist.core.lists import (TRUSTED, WHITELIST_CLIENT, WHITELIST_RECIPIENT,
+                                 WHITELIST_SENDER, Entries, Exemptions, Warn, empty, locate,
+                                 match_address, match_client, merge, parse)
 
 CHECK_INTERVAL_S = 10.0
 
@@ -25,10 +31,11 @@ class List:
     """The entries of some files (and inline entries), reloaded on change."""
 
     def __init__(self, files: tuple[str, ...], kind: str, warn: Warn,
-                 inline: tuple[str, ...] = ()) -> None:
+                 inline: tuple[str, ...] = (), inline_origin: str = "settings") -> None:
         self.files = files
         self.kind = kind
         self.inline = inline
+        self.inline_origin = inline_origin
         self._warn = warn
         self._stamps: list[tuple[int, int] | None] | None = None
         self.entries = Entries()
@@ -44,17 +51,33 @@ class List:
         if stamps == self._stamps:
             return False
         self._stamps = stamps
-        parts = [parse("\n".join(self.inline), self.kind, "settings", self._warn)]
+        self.entries = merge([parse(text, self.kind, origin or "settings", self._warn)
+                              for origin, text in self._texts(self._warn)])
+        return True
+
+    def _texts(self, warn: Warn):
+        """Yield (None, text) of the inline entries, then (path, text)
+        of each file that can be read."""
+        yield None, "\n".join(self.inline)
         for path in self.files:
             try:
                 with open(path, encoding="utf-8", errors="replace") as handle:
                     text = handle.read()
             except OSError as exc:
-                self._warn("whitelist %s: %s" % (path, exc.strerror))
+                warn("whitelist %s: %s" % (path, exc.strerror))
                 continue
-            parts.append(parse(text, self.kind, path, self._warn))
-        self.entries = merge(parts)
-        return True
+            yield path, text
+
+    def locate(self, matches) -> list[str]:
+        """"ORIGIN, line N: ENTRY" for each entry that matches alone
+        (lists.locate()), the files read anew; inline entries are named
+        by their setting."""
+        found = []
+        for origin, text in self._texts(lambda message: None):
+            for number, entry in locate(text, self.kind, matches):
+                found.append("%s: %s" % (self.inline_origin, entry) if origin is None
+                             else "%s, line %d: %s" % (origin, number, entry))
+        return found
 
     def current(self) -> Entries | None:
         """The entries, or None when there are none."""
@@ -82,7 +105,8 @@ class Whitelists:
         self.check_interval_s = check_interval_s
         self._lists = (List(cfg.whitelist_clients, "client", warn),
                        List(cfg.whitelist_recipients, "address", warn,
-                            inline=cfg.exempt_recipients),
+                            inline=cfg.exempt_recipients,
+                            inline_origin="greylist_exempt_recipients"),
                        List(cfg.whitelist_senders, "address", warn))
         self._trusted = trusted
         self._delimiter = cfg.sender_delimiter
@@ -98,6 +122,30 @@ class Whitelists:
             if any([each.refresh() for each in self._lists]):
                 self._exemptions = self._build()
         return self._exemptions
+
+    def provenance(self, reason: str, attrs: dict[str, str], address: str) -> list[str]:
+        """Where the entries are that exempt a request (attrs, canonical
+        client address) for reason (an Exemptions reason): a line per
+        matching network of greylist_trusted_networks, entry of
+        greylist_exempt_recipients or file line ("FILE, line N: ENTRY");
+        empty for other reasons. For greylistctl show only: it reads
+        the files again."""
+        if reason == TRUSTED:
+            import ipaddress
+            ip = ipaddress.ip_address(address)
+            return ["greylist_trusted_networks: %s" % network
+                    for network in self._trusted if ip in network]
+        delimiter = self._delimiter
+        if reason == WHITELIST_CLIENT:
+            return self._lists[0].locate(lambda entries: match_client(
+                entries, address, attrs.get("client_name")))
+        if reason == WHITELIST_RECIPIENT:
+            return self._lists[1].locate(lambda entries: match_address(
+                entries, attrs["recipient"], delimiter))
+        if reason == WHITELIST_SENDER:
+            return self._lists[2].locate(lambda entries: match_address(
+                entries, attrs["sender"], delimiter))
+        return []
 
     def _build(self) -> Exemptions:
         clients, recipients, senders = (each.current() for each in self._lists)

@@ -16,7 +16,9 @@ DESCRIPTION
     dump        key<TAB>value lines, like postmap -s: the database, the
                 client table (--table) or the correspondent table
                 (--correspondents).
-    whitelist   Add or remove a manual client or (client, sender) entry.
+    whitelist   Add or remove a manual client group, host or (client,
+                sender) entry, keeping the automatic entry it displaces
+                beside it, under KEY/#auto; list the manual entries.
     postscreen  What the postscreen callout answers for a client now,
                 and why, with the postscreen table's entry.
     import      Copy an LMDB database (lmdb:LMDB) and its tables into the
@@ -44,7 +46,7 @@ from docopt import DocoptExit, docopt
 from greylist import __version__
 from greylist.config import Config, ConfigError, is_redis, load, log_target, parse_setting
 from greylist.core import record as records
-from greylist.core.decide import expired
+from greylist.core.decide import expire_at, expired
 from greylist.core.message import Session
 from greylist.core.triple import (BadAddress, client_address, client_group, client_key,
                                   keys, normalise_sender, registered_domain, sender_key,
@@ -69,6 +71,8 @@ Usage:
   greylistctl [options] postscreen CLIENT
   greylistctl [options] import LMDB
   greylistctl [options] whitelist (add | remove) CLIENT [SENDER]
+  greylistctl [options] whitelist (add | remove) --host CLIENT
+  greylistctl [options] whitelist list
   greylistctl -h | --help
   greylistctl --version
 
@@ -80,12 +84,15 @@ Options:
   --table                   Dump the client table instead of the database.
   --correspondents          Dump the correspondent table instead.
   --postscreen              Dump the postscreen table instead.
+  --host                    Whitelist the one address CLIENT, not its client group.
   -h, --help                Show this help.
   --version                 Show the version.
 """
 
 BUSY_WAIT_S = 60.0
 MANUAL_OK = b"OK manual"
+# The suffix of the key where a manual entry keeps what it displaced.
+KEPT_SUFFIX = "/#auto"
 EX_TEMPFAIL = 75
 
 
@@ -109,8 +116,8 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
         # stdout.
         Log("greylistctl", log_target(args["--config"])).fatal(str(exc))
         return 2
-    writes = bool(args["cleanup"] and not args["--dry-run"] or args["whitelist"]
-                  or args["import"])
+    writes = bool(args["cleanup"] and not args["--dry-run"]
+                  or args["whitelist"] and not args["list"] or args["import"])
     refused = _become_owner(cfg, writes)
     log = Log("greylistctl", cfg.log, cfg.verbose)
     if refused:
@@ -246,39 +253,100 @@ def _screened(cfg: Config, writable: bool = False, readonly: bool = False) -> St
     return _existing(cfg, "postscreen_table", postscreen_table, writable, readonly)
 
 
-def _unscreen(screened: Store, group: str, cfg: Config) -> int:
-    """Remove the postscreen table's entries of a client group's addresses
-    (the policy service added each address it saw from the group)."""
-    doomed = []
-    for key, _ in screened.items(MANUAL_BATCH):
-        try:
-            found = client_group(client_address(key.decode("ascii")), None, cfg)
-        except (BadAddress, UnicodeDecodeError):
-            continue
-        if found == group:
-            doomed.append(key)
-    return screened.delete_if(doomed, lambda key, value: value is not None) if doomed else 0
+def _kept_key(key: bytes) -> bytes:
+    """Where a manual entry at key keeps the automatic value it displaced.
+
+    KEY/#auto: "#" is escaped in senders and recipients and no client
+    group has one, so no other key looks like it; the part before the
+    first "/" is key's own, so Redis tags it like key (one cluster slot),
+    and Postfix never looks it up. Bounded like every key."""
+    return client_key(key.decode("utf-8", "replace") + KEPT_SUFFIX)
 
 
-def _unscreen_orphans(screened: Store, store: Store, cfg: Config) -> int:
-    """Remove "permit manual" entries that no manual entry of their address's
-    own group covers any more: those a pool or domain group's manual-client
-    passes wrote (found in review: they stayed for ever)."""
-    from greylist.core.tables import MANUAL_PERMIT
-    doomed = []
-    for key, value in screened.items(MANUAL_BATCH):
-        if value != MANUAL_PERMIT:
-            continue
+def _displace(store: Store, key: bytes, value: bytes,
+              is_manual: Callable[[bytes], bool]) -> bytes | None:
+    """Write the manual value at key in one atomic update, moving an
+    automatic value found there to _kept_key(key); return the manual
+    value already there (then nothing is written), else None."""
+    def change(olds: list[bytes | None]) -> tuple[list[bytes | None], bytes | None]:
+        old = olds[0]
+        if old is not None and is_manual(old):
+            return [None, None], old
+        return [value, old], None
+    return store.update_many([key, _kept_key(key)], change)
+
+
+def _restore(store: Store, key: bytes, is_manual: Callable[[bytes], bool],
+             live: Callable[[bytes], bool]) -> bool:
+    """Remove the manual value at key and put back the automatic value
+    kept beside it, if that is still live (else it is dropped: cleanup
+    would drop it); return whether a manual value was there. Any other
+    value at key is left alone."""
+    kept_key = _kept_key(key)
+    old, kept = store.get_many([key, kept_key])
+    if old is None or not is_manual(old):
+        return False
+    if kept is not None and live(kept):
+        store.update_many([key], lambda olds: (
+            [kept] if olds[0] is not None and is_manual(olds[0]) else [None], None))
+    else:
+        store.delete_if([key], lambda k, value: value is not None and is_manual(value))
+    store.delete_if([kept_key], lambda k, value: value is not None)
+    return True
+
+
+def _manual_record(value: bytes | None) -> bool:
+    record = None if value is None else records.decode(value)
+    return record is not None and record.state == records.MANUAL
+
+
+def _unscreen(screened: Store, store: Store, cfg: Config, group: str | None = None) -> int:
+    """Take back the postscreen table's entries that no manual entry
+    covers any more; return how many changed.
+
+    With group, those of the group's addresses (the policy service added
+    each address it saw from the group); without, the "permit manual"
+    entries of addresses whose own group has no manual entry (those a
+    pool or domain group's manual-client passes wrote: found in review,
+    they stayed for ever). An address that is a manual host entry, or
+    whose group still has a manual entry, keeps its entry. A "permit
+    manual" that displaced an automatic entry gives it back while it is
+    live; "permit STAMP" entries stay while their group's automatic
+    client entry is a live auto-whitelisting.
+    """
+    from greylist.core.decide import whitelisted_client
+    from greylist.core.tables import MANUAL_PERMIT, permit_expired
+    now = int(time.time())
+    groups: dict[str, records.Record | None] = {}
+
+    def record_of(name: str) -> records.Record | None:
+        if name not in groups:
+            value = store.get(client_key(name))
+            groups[name] = None if value is None else records.decode(value)
+        return groups[name]
+
+    changed = 0
+    for key, value in list(screened.items(MANUAL_BATCH)):
         try:
-            group = client_group(client_address(key.decode("ascii")), None, cfg)
+            address = client_address(key.decode("ascii"))
+            found = client_group(address, None, cfg)
         except (BadAddress, UnicodeDecodeError):
+            continue  # kept values (KEY/#auto) and others that are no address
+        if (group is None and value != MANUAL_PERMIT) or (group is not None
+                                                          and found != group):
             continue
-        found = store.get(client_key(group))
-        record = None if found is None else records.decode(found)
-        if record is None or record.state != records.MANUAL:
-            doomed.append(key)
-    return screened.delete_if(doomed, lambda key, value: value == MANUAL_PERMIT) \
-        if doomed else 0
+        auto = record_of(found)
+        if auto is not None and auto.state == records.MANUAL or (
+                address != found and _manual_record(store.get(client_key(address)))):
+            continue
+        if value == MANUAL_PERMIT:
+            changed += _restore(screened, key, lambda v: v == MANUAL_PERMIT,
+                                lambda v: not permit_expired(v, now, cfg.max_age_s))
+        elif not (auto is not None and whitelisted_client(auto, cfg)
+                  and not expired(auto, now, cfg)):
+            changed += screened.delete_if([key], lambda k, v: v is not None
+                                          and v != MANUAL_PERMIT)
+    return changed
 
 
 def _postscreen(store: Store, cfg: Config, log: Log, client: str) -> int:
@@ -317,7 +385,7 @@ def _postscreen(store: Store, cfg: Config, log: Log, client: str) -> int:
 def _import(store: Store, cfg: Config, log: Log, source: str) -> int:
     """Copy an LMDB database and its tables into the Redis database."""
     from greylist.config import resolve
-    from greylist.core.decide import expired
+    from greylist.core.decide import expire_at, expired
     from greylist.core.tables import stamp_expire_at
     if not is_redis(cfg):
         print("greylistctl: import copies into a Redis database; greylist_database is %s"
@@ -480,6 +548,11 @@ def _show(store: Store, cfg: Config, log: Log, args: dict,
     print("recipient: %s" % triple.recipient)
     for warning in outcome.warnings:
         print("warning: %s" % warning)
+    reason = answer.decision.reason
+    for where in Whitelists(cfg, log.warning).provenance(
+            reason, attrs, client_address(attrs.get("client_address"))):
+        # The file and line (or setting) of the exemption (issue 15).
+        print("%s: %s" % (reason, where))
     for label, k, record in zip(("triple", "sender entry", "client entry",
                                  "correspondent pair"), found, outcome.records):
         if k is None:
@@ -489,8 +562,31 @@ def _show(store: Store, cfg: Config, log: Log, args: dict,
             continue
         shown = "absent" if record is None else _describe(record, now, cfg)
         print("%s: %s\n  %s" % (label, _shown_key(store, k), shown))
-    print("decision now: %s\nreason: %s" % (answer.action, answer.decision.reason))
+        if record is not None and record.state == records.MANUAL:
+            _show_kept(store, k, now, cfg)
+    address = client_address(attrs.get("client_address"))
+    if address not in (triple.client, "unknown"):
+        # A manual host entry (whitelist add --host): Postfix reads it from
+        # the client table; the policy service matches client groups.
+        host = client_key(address)
+        value = store.get(host)
+        record = None if value is None else records.decode(value)
+        if record is not None and record.state == records.MANUAL:
+            print("host entry: %s\n  %s" % (_shown_key(store, host),
+                                            _describe(record, now, cfg)))
+            print("  (check_client_access on the client table accepts the host before "
+                  "the policy service is asked)")
+    print("decision now: %s\nreason: %s" % (answer.action, reason))
     return 0
+
+
+def _show_kept(store: Store, key: bytes, now: int, cfg: Config) -> None:
+    """Print the automatic entry a manual one keeps beside it, if any."""
+    value = store.get(_kept_key(key))
+    record = None if value is None else records.decode(value)
+    if record is not None:
+        print("  keeps the automatic entry %s\n    %s"
+              % (_shown_key(store, _kept_key(key)), _describe(record, now, cfg)))
 
 
 def _shown_key(store, key: bytes) -> str:
@@ -500,9 +596,34 @@ def _shown_key(store, key: bytes) -> str:
 
 
 def _describe(record, now: int, cfg) -> str:
+    """A record's state, times and count, and when it expires: with the
+    lifetimes of cleanup (core/decide.py expire_at())."""
+    at = expire_at(record, cfg)
+    if at is None:
+        until = "never expires"
+    elif at > now:
+        until = "expires %s (in %s)" % (_when(at), _duration(at - now))
+    else:
+        until = "expired %s (%s ago)" % (_when(at), _duration(now - at))
     state = "expired" if expired(record, now, cfg) else "live"
-    return "%s, first seen %s, last seen %s, count %d (%s)" % (
-        record.state, _when(record.first_seen), _when(record.last_seen), record.count, state)
+    return "%s, first seen %s, last seen %s, count %d (%s), %s" % (
+        record.state, _when(record.first_seen), _when(record.last_seen), record.count, state,
+        until)
+
+
+def _duration(seconds: int) -> str:
+    """seconds in its largest unit, and the next one unless it is zero:
+    "29d 23h", "26d", "4m 10s", "9s"."""
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for index, (unit, size) in enumerate(units):
+        if seconds >= size or unit == "s":
+            shown = "%d%s" % (seconds // size, unit)
+            if unit != "s":
+                rest, (next_unit, next_size) = seconds % size, units[index + 1]
+                if rest // next_size:
+                    shown += " %d%s" % (rest // next_size, next_unit)
+            return shown
+    raise AssertionError("unreachable")
 
 
 def _when(stamp: int) -> str:
@@ -516,65 +637,153 @@ def _dump(store: Store) -> int:
 
 
 def _whitelist(store: Store, cfg: Config, log: Log, args: dict) -> int:
+    """whitelist add and remove: a client group, a host or a (client
+    group, sender) entry, in the database and the tables."""
+    from greylist.core.tables import MANUAL_PERMIT, permit_expired, stamp_expire_at
+    if args["list"]:
+        return _whitelist_list(store, cfg)
     client = args["CLIENT"]
     address = None
+    host = args["--host"]
     try:
         address = client_address(client)
         group = client_group(address, None, cfg)
         table_name = table_key(address, group)
     except BadAddress:
         group = None
-        if cfg.client_match == "domain":
+        if not host and cfg.client_match == "domain":
             group = registered_domain(client.casefold())
-        elif cfg.client_match == "pool":
+        elif not host and cfg.client_match == "pool":
             from greylist.core.pools import pool_of, pool_set
             group = pool_of(client.casefold(), pool_set(cfg.pool_domains))
         if group is None:
             print("greylistctl: %s is not an IP address%s" % (
-                client, {"domain": " or a registered domain",
-                         "pool": " or a pool domain"}.get(cfg.client_match, "")))
+                client, "" if host else {"domain": " or a registered domain",
+                                         "pool": " or a pool domain"}.get(cfg.client_match, "")))
             return 2
         table_name = group.encode("utf-8")
     if group == "unknown":
         print("greylistctl: clients without an address cannot be whitelisted")
         return 2
+    # A host in a wider group: its own key in the database (for list and
+    # show), its address in the client table, which check_client_access
+    # looks up before the group's partial forms, and in the postscreen
+    # table. The policy service reads client groups only (a fifth read
+    # per request otherwise), so without a client table it would not
+    # see the entry: refused.
+    single = host and group != address
+    if single:
+        group, table_name = address, address.encode("ascii")
     sender = args["SENDER"]
     if sender:
         normalised = normalise_sender(sender, cfg)
         k = sender_key(group, normalised)
         what = "%s %s" % (group, normalised)
     else:
-        k, what = client_key(group), group
+        k, what = client_key(group), ("host %s" % group if single else group)
     table = None if sender else _table(cfg, writable=args["add"])
+    if single and table is None and args["add"]:
+        print("greylistctl: --host needs the client table (greylist_client_table), read "
+              "by check_client_access before the policy service: the policy service "
+              "matches client groups (%s)" % client_group(address, None, cfg))
+        return 2
     # The postscreen table lists addresses: an address given, or (on
     # remove) the addresses a pool or domain group left there.
     screened = None if sender or (address is None and args["add"]) else _screened(
         cfg, writable=args["add"])
+    now = int(time.time())
+    is_ok = MANUAL_OK.__eq__
+    table_live = (lambda value: (lambda at: at is None or at > now)(
+        stamp_expire_at(value, cfg.max_age_s)))
     if args["add"]:
-        now = int(time.time())
-        store.put(k, records.encode(records.Record(now, now, 1, records.MANUAL)))
+        manual = records.encode(records.Record(now, now, 1, records.MANUAL))
+        # Keep the automatic entry (and its pass count) beside the manual
+        # one, so that remove gives it back as it was (issue 15).
+        listed = _displace(store, k, manual, _manual_record)
         if table is not None:
             # "OK manual": Postfix reads OK, and cleanup, which expires
             # time stamps, keeps it as long as the manual entry.
-            table.put(table_name, MANUAL_OK)
+            _displace(table, table_name, MANUAL_OK, is_ok)
         if screened is not None:
-            from greylist.core.tables import MANUAL_PERMIT
-            screened.put(address.encode("ascii"), MANUAL_PERMIT)
+            _displace(screened, address.encode("ascii"), MANUAL_PERMIT,
+                      MANUAL_PERMIT.__eq__)
+        if listed is not None:
+            record = records.decode(listed)
+            print("already listed: %s (added %s)" % (what, _when(record.first_seen)))
+            return 0
         log.info("whitelist: added %s" % what)
         print("added: %s" % what)
     else:
-        existed = store.delete(k)
-        if table is not None:
-            table.delete(table_name)
-        if screened is not None and address is not None:
-            _unscreen(screened, group, cfg)
+        live = (lambda value: (lambda r: r is not None and not expired(r, now, cfg))(
+            records.decode(value)))
+        was_manual = existed = _restore(store, k, _manual_record, live)
+        if not existed:
+            # No manual entry: remove an automatic one with the same key.
+            existed = store.delete(k)
+        # An IPv6 host and its group share the client table key of the
+        # address the group was added with: the other's entry keeps it.
+        if single:
+            shared = ":" in address and _manual_record(store.get(client_key(
+                client_group(address, None, cfg))))
+        else:
+            shared = (address is not None and ":" in address and address != group
+                      and _manual_record(store.get(client_key(address))))
+        if table is not None and not shared:
+            # "OK manual" gives back the time stamp it displaced; removing
+            # an automatic entry removes its time stamp.
+            if not _restore(table, table_name, is_ok, table_live) and not was_manual:
+                table.delete(table_name)
+        if screened is not None and single:
+            if not _manual_record(store.get(client_key(client_group(address, None, cfg)))):
+                _restore(screened, address.encode("ascii"), MANUAL_PERMIT.__eq__,
+                         lambda value: not permit_expired(value, now, cfg.max_age_s))
+        elif screened is not None and address is not None:
+            _unscreen(screened, store, cfg, group)
         elif screened is not None:
-            _unscreen_orphans(screened, store, cfg)
+            _unscreen(screened, store, cfg)
         log.info("whitelist: removed %s" % what)
         print(("removed: %s" if existed else "not listed: %s") % what)
     for each in (table, screened):
         if each is not None:
             each.close()
+    return 0
+
+
+def _whitelist_list(store: Store, cfg: Config) -> int:
+    """whitelist list: every manual entry, with when it was added, and
+    the automatic entry it keeps, if any."""
+    manual: list[tuple[bytes, records.Record]] = []
+    kept: dict[bytes, records.Record] = {}
+    suffix = KEPT_SUFFIX.encode("ascii")
+    for key, value in store.items(MANUAL_BATCH):
+        record = records.decode(value)
+        if record is None:
+            continue
+        if key.endswith(suffix):
+            kept[key] = record
+        elif record.state == records.MANUAL:
+            manual.append((key, record))
+    hashed = hasattr(store, "hash")
+    for key, record in manual:
+        shown = key.decode("utf-8", "replace")
+        if hashed:
+            kind = "entry"   # privacy mode: the key is a keyed hash
+        elif "/" in shown:
+            kind, shown = "sender", shown.replace("/", " ", 1)
+        else:
+            kind = "client"
+            try:
+                if client_group(client_address(shown), None, cfg) != shown:
+                    kind = "host"
+            except BadAddress:
+                pass
+        line = "%s %s added %s" % (kind, shown, _when(record.first_seen))
+        auto = None if hashed else kept.get(_kept_key(key))
+        if auto is not None:
+            line += "; keeps the automatic %s entry, count %d" % (auto.state, auto.count)
+        print(line)
+    if not manual:
+        print("no manual entries")
     return 0
 
 

@@ -24,6 +24,8 @@ DESCRIPTION
     Exemptions bundles the exemptions that need no database: SASL
     authentication, greylist_trusted_networks, and the client, recipient
     (with greylist_exempt_recipients) and sender lists, in that order.
+    locate() finds the lines of a text whose entries match, for
+    greylistctl show; matching requests never use it.
     Reading and reloading the files is whitelist.py's job; this module is
     part of the pure core (no I/O, no clock, no logging: parse() reports
     bad lines through the warn function it is given).
@@ -72,6 +74,30 @@ def parse(text: str, kind: str, origin: str, warn: Warn) -> Entries:
         except ValueError as exc:
             warn("%s, line %d: ignoring %r: %s" % (origin, number, entry[:100], exc))
     return entries
+
+
+def locate(text: str, kind: str, matches: Callable[[Entries], bool]
+           ) -> list[tuple[int, str]]:
+    """The (line number, entry) of each line of text, parsed as parse()
+    does, whose entry alone matches (matches(its Entries) holds). Lines
+    that do not parse are skipped silently: parse() warned of them.
+
+    For greylistctl show, which names the line that exempted a request:
+    the per-request matching keeps no line numbers.
+    """
+    found = []
+    for number, line in enumerate(text.splitlines(), 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        entries = Entries()
+        try:
+            _add(entries, entry, kind)
+        except ValueError:
+            continue
+        if matches(entries):
+            found.append((number, entry[:100]))
+    return found
 
 
 def _add(entries: Entries, entry: str, kind: str) -> None:
