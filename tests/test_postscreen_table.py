@@ -14,6 +14,7 @@ from tests.conftest import Clock, Recorder
 
 T = 1_800_000_000
 MAX_AGE = 35 * 86400
+ALLOW_ROOT = "greylist_allow_root = yes\n" if os.geteuid() == 0 else ""
 
 
 @pytest.fixture
@@ -102,7 +103,8 @@ def test_greylistctl_whitelist_add_and_remove_keep_the_manual_entry(cfg, tmp_pat
     import subprocess
     from greylist.cli import greylistctl
     settings = tmp_path / "greylist.cf"
-    settings.write_text("greylist_database = %s\n" % cfg.database)
+    # As root in a root-owned directory: the policy processes run as root.
+    settings.write_text("greylist_database = %s\n%s" % (cfg.database, ALLOW_ROOT))
     assert greylistctl.main(["-c", str(settings), "whitelist", "add", "198.51.100.7"]) == 0
     result = subprocess.run([postmap, "-q", "198.51.100.7", "lmdb:" + cfg.postscreen_table],
                             capture_output=True, text=True, timeout=10)
@@ -116,7 +118,8 @@ def test_whitelist_remove_of_a_pool_group_leaves_no_permanent_postscreen_entry(c
     addresses its manual-client passes wrote stayed 'permit manual'."""
     from greylist.cli import greylistctl
     settings = tmp_path / "greylist.cf"
-    settings.write_text("greylist_database = %s\n" % cfg.database)
+    # As root in a root-owned directory: the policy processes run as root.
+    settings.write_text("greylist_database = %s\n%s" % (cfg.database, ALLOW_ROOT))
     assert greylistctl.main(["-c", str(settings), "whitelist", "add", "198.51.100.7"]) == 0
     assert greylistctl.main(["-c", str(settings), "whitelist", "add", "google.com"]) == 0
     table = LmdbStore(cfg.postscreen_table)
