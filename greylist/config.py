@@ -72,6 +72,9 @@ class Config(NamedTuple):
     null_sender: bool = True
     failure_action: str = "DUNNO"
     log: str = "syslog"
+    # Postfix's myhostname, for file and postlog lines (log.py): "" for
+    # the system's host name, which is myhostname's default.
+    log_hostname: str = ""
     allow_root: bool = False
     # greylistd(8): listeners in Postfix's notation, and their details.
     policy_listen: tuple[str, ...] = ()
@@ -339,6 +342,14 @@ def _parse_log(name: str, value: str) -> str:
                       "absolute file name, not %r" % (name, value))
 
 
+def _parse_hostname(name: str, value: str) -> str:
+    value = value.strip()
+    if value and not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?", value) \
+            or len(value) > 253:
+        raise ConfigError("%s: %r is not a host name" % (name, value))
+    return value
+
+
 SETTINGS = {
     "greylist_database": ("database", _parse_database),
     "greylist_delay": ("delay_s", _parse_time),
@@ -366,6 +377,7 @@ SETTINGS = {
     "greylist_null_sender": ("null_sender", _parse_bool),
     "greylist_failure_action": ("failure_action", _parse_failure_action),
     "greylist_log": ("log", _parse_log),
+    "greylist_log_hostname": ("log_hostname", _parse_hostname),
     "greylist_allow_root": ("allow_root", _parse_bool),
     "greylist_policy_listen": ("policy_listen", _parse_listeners),
     "greylist_metrics_listen": ("metrics_listen", _parse_listeners),

@@ -242,3 +242,28 @@ def test_sender_over_the_line_cap_is_answered_dunno_with_a_warning(postfix_long_
     assert "451 4.3.5" not in log and "disconnecting" not in log
     # Greylisting goes on for ordinary mail.
     assert rcpt_reply(postfix.swaks("n@example.org", "huge@example.test")).startswith("450 ")
+
+
+def test_policy_log_lines_look_like_postfix_own_in_maillog_file(tmp_path):
+    # issue 15: the same time stamp format and host (myhostname's first
+    # label, greylist_log_hostname) as smtpd's and postlog(1)'s lines.
+    import re
+    with instance("greylist_log_hostname = mx.example.test\n",
+                  {"myhostname": "mx.example.test"}) as postfix:
+        assert rcpt_reply(postfix.swaks("p@example.org", "q@example.test")).startswith("450 ")
+        subprocess.run(["postlog", "-c", str(postfix.config_dir), "-t", "postfix/postlog",
+                        "hello from postlog"], check=True, timeout=10,
+                       stdin=subprocess.DEVNULL, capture_output=True)
+        deadline = time.monotonic() + 10
+        while "hello from postlog" not in postfix.log_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        lines = postfix.log_text().splitlines()
+    shape = re.compile(r"(\w{3} \d\d \d\d:\d\d:\d\d) (\S+) ([a-z/]+)\[\d+\]: (.*)")
+    ours = [shape.fullmatch(line) for line in lines if " greylist[" in line]
+    smtpd = [shape.fullmatch(line) for line in lines if " postfix/smtpd[" in line]
+    postlog = [shape.fullmatch(line) for line in lines if "hello from postlog" in line]
+    assert ours and smtpd and postlog
+    assert all(ours) and all(smtpd) and all(postlog), lines
+    hosts = {match.group(2) for match in ours + smtpd + postlog}
+    assert hosts == {"mx"}
+    assert any("reason=new" in match.group(4) for match in ours)

@@ -93,7 +93,7 @@ def run(ident: str, argv: list[str] | None, usage: str, build) -> int:
     except ConfigError as exc:
         Log(ident, log_target(args["--config"])).fatal(str(exc))
         return 1
-    log = Log(ident, cfg.log, cfg.verbose)
+    log = Log(ident, cfg.log, cfg.verbose, host=cfg.log_hostname)
     if os.geteuid() == 0 and not cfg.allow_root:
         # spawn(8) never runs us as root; a root-owned database would
         # also lock out the policy user later.
