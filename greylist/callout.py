@@ -91,6 +91,12 @@ class PostscreenService:
         return postscreen.format_reply(verdict.action, verdict.ttl,
                                        self.cfg.postscreen_service_name)
 
+    def too_long(self, exc: policy.RequestTooLong) -> bytes:
+        """"ignore" (postscreen's own tests decide) for a request with
+        over-long attributes."""
+        self.log.warning("%s; answering ignore" % exc)
+        return postscreen.format_reply("ignore")
+
     def after_reply(self) -> None:
         """Nothing waits for the reply."""
 

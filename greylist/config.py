@@ -65,6 +65,10 @@ class Config(NamedTuple):
     trusted_networks: tuple[str, ...] = ()
     defer_text: str = "Greylisted, please try again in $seconds_left seconds"
     header: bool = False
+    # postgrey's --x-greylist-header default (core/evaluate.py HEADER_TEXT);
+    # "" host: the system's host name.
+    header_text: str = "X-Greylist: delayed %t seconds by greylist-%v at %h; %d"
+    header_hostname: str = ""
     learn: bool = False
     privacy: bool = False
     # "" until resolve(): then the secret file's name.
@@ -72,6 +76,9 @@ class Config(NamedTuple):
     null_sender: bool = True
     failure_action: str = "DUNNO"
     log: str = "syslog"
+    # Postfix's myhostname, for file and postlog lines (log.py): "" for
+    # the system's host name, which is myhostname's default.
+    log_hostname: str = ""
     allow_root: bool = False
     # greylistd(8): listeners in Postfix's notation, and their details.
     policy_listen: tuple[str, ...] = ()
@@ -343,6 +350,26 @@ def _parse_log(name: str, value: str) -> str:
                       "absolute file name, not %r" % (name, value))
 
 
+def _parse_header_text(name: str, value: str) -> str:
+    value = value.strip()
+    field, colon, _ = value.partition(":")
+    # RFC 5322 2.2 and 3.6.8: a field name of printable ASCII but ":",
+    # then ":"; the whole within one line, without control characters.
+    if not colon or not re.fullmatch("[!-9;-~]{1,76}", field) or len(value) > 900 \
+            or not all(c.isprintable() for c in value) or "%" in re.sub("%[tvhd%]", "", value):
+        raise ConfigError("%s: %r is not \"Name: text\" (printable, at most 900 "
+                          "characters; placeholders %%t, %%v, %%h, %%d, %%%%)" % (name, value))
+    return value
+
+
+def _parse_hostname(name: str, value: str) -> str:
+    value = value.strip()
+    if value and not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?", value) \
+            or len(value) > 253:
+        raise ConfigError("%s: %r is not a host name" % (name, value))
+    return value
+
+
 SETTINGS = {
     "greylist_database": ("database", _parse_database),
     "greylist_delay": ("delay_s", _parse_time),
@@ -364,12 +391,15 @@ SETTINGS = {
     "greylist_trusted_networks": ("trusted_networks", _parse_networks),
     "greylist_defer_text": ("defer_text", _parse_defer_text),
     "greylist_header": ("header", _parse_bool),
+    "greylist_header_text": ("header_text", _parse_header_text),
+    "greylist_header_hostname": ("header_hostname", _parse_hostname),
     "greylist_learn": ("learn", _parse_bool),
     "greylist_privacy": ("privacy", _parse_bool),
     "greylist_secret_file": ("secret_file", _parse_path),
     "greylist_null_sender": ("null_sender", _parse_bool),
     "greylist_failure_action": ("failure_action", _parse_failure_action),
     "greylist_log": ("log", _parse_log),
+    "greylist_log_hostname": ("log_hostname", _parse_hostname),
     "greylist_allow_root": ("allow_root", _parse_bool),
     "greylist_policy_listen": ("policy_listen", _parse_listeners),
     "greylist_metrics_listen": ("metrics_listen", _parse_listeners),

@@ -192,3 +192,8 @@ class OutboundService(LearnService):
         if found:
             self.learn(found)
         return policy.format_reply("DUNNO")
+
+    def too_long(self, exc: policy.RequestTooLong) -> bytes:
+        """DUNNO for a request with over-long attributes, learning nothing."""
+        self.log.warning("%s; answering DUNNO" % exc)
+        return policy.format_reply("DUNNO")

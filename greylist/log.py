@@ -14,6 +14,15 @@ DESCRIPTION
     /FILE           lines appended to a file, opened again within a
                     second when it is rotated or removed.
 
+    File and postlog lines look like the lines Postfix's own programs
+    write to maillog_file (msg_logger.c): a time stamp "%b %d %H:%M:%S"
+    (day zero-padded, no sub-second part), the first label of the host
+    name, then "ident[pid]: ". Postfix takes the host from myhostname;
+    running postconf at every start would cost a spawned process more
+    than its requests, so the host is greylist_log_hostname when set
+    (set it to Postfix's myhostname when that is not the system's host
+    name), else the system's host name.
+
     Warnings start with "warning: " and fatal errors with "fatal: ", as
     in Postfix; fatal errors also go to stderr, unless it is the socket
     that spawn(8) connects (stderr_is_a_client()). The clock that stamps file and postlog lines is injected
@@ -34,13 +43,15 @@ class Log:
     """A logger for one process; see the module description for targets."""
 
     def __init__(self, ident: str = "greylist", target: str = "syslog",
-                 verbose: int = 0, clock: Callable[[], float] = time.time) -> None:
+                 verbose: int = 0, clock: Callable[[], float] = time.time,
+                 host: str = "") -> None:
         self.ident = ident
         self.verbose = verbose
         self.clock = clock
         self._target = target
         self._socket = None
-        self._host = os.uname().nodename.split(".")[0]
+        # The first label only, as msg_logger.c writes myhostname.
+        self._host = (host or os.uname().nodename).split(".")[0] or "amnesiac"
         if target == "syslog":
             syslog.openlog(ident, syslog.LOG_PID, syslog.LOG_MAIL)
         elif target.startswith("postlog"):
@@ -97,7 +108,8 @@ class Log:
             now = int(self.clock())
             if now != self._stamp_at:
                 self._stamp_at = now
-                self._stamp = time.strftime("%b %e %H:%M:%S ", time.localtime(now))
+                # msg_logger.c's format: "Dec 01 14:09:30".
+                self._stamp = time.strftime("%b %d %H:%M:%S ", time.localtime(now))
             line = (self._stamp + self._prefix + message).encode("utf-8", "backslashreplace")
             if self._socket is not None:
                 self._socket.sendto(line, self._path)

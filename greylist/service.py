@@ -16,7 +16,8 @@ DESCRIPTION
 DIAGNOSTICS
     The handler's log line per decision; its warnings (a record that
     does not parse), once each; a warning for store failures, at most
-    one per warning_interval_s.
+    one per warning_interval_s; a warning for each request answered
+    DUNNO because an attribute was over the decoder's caps.
 """
 
 import time
@@ -31,6 +32,7 @@ from greylist.stores.cleanup import Cleaner
 from greylist.whitelist import Whitelists
 
 STORE_WARNING_INTERVAL_S = 60.0
+DUNNO_REPLY = policy.format_reply("DUNNO")
 
 
 class PolicyService:
@@ -81,6 +83,13 @@ class PolicyService:
     def reply(self, attrs: dict[str, str], session: Session) -> bytes:
         """The reply to one request, framed."""
         return policy.format_reply(self.answer(attrs, session))
+
+    def too_long(self, exc: policy.RequestTooLong) -> bytes:
+        """The reply to a request with over-long attributes, discarded by
+        the decoder: DUNNO (fail open: nothing is known to decide on),
+        with a warning."""
+        self.log.warning("%s; answering DUNNO" % exc)
+        return DUNNO_REPLY
 
     def finish(self, answer: Answer) -> str:
         """Write an answer's client-table entry, log it; return its action."""

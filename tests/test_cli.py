@@ -68,7 +68,7 @@ def test_verbose_logs_non_rcpt_decisions(home):
 
 BAD_INPUTS = {
     "no-equals": b"request=smtpd_access_policy\nno equals sign here\n\n",
-    "overlong": b"sender=" + b"a" * 100000 + b"\n\n",
+    "overlong-no-equals": b"sender" + b"a" * 100000 + b"\n\n",
     "binary": bytes(range(256)) * 4 + b"\n\n",
     "bad-client": RCPT.replace(b"client_address=192.0.2.10", b"client_address=999.1.1.1"),
     "unknown-request": RCPT.replace(b"request=smtpd_access_policy", b"request=other"),
@@ -103,9 +103,13 @@ def test_settings_error_is_fatal_with_status_1(home):
     assert (status, out, err) == (1, b"", b"")
 
 
-def test_usage_error_exits_2_and_writes_nothing(home):
-    status, out, err, _ = greylist(home, RCPT, "--no-such-option")
-    assert (status, out, err) == (2, b"", b"")
+def test_usage_error_exits_2_and_says_why_on_stderr_only(home):
+    # stderr is a pipe here, not spawn(8)'s socket: Log.fatal writes there.
+    status, out, err, log = greylist(home, RCPT, "--no-such-option")
+    assert (status, out) == (2, b"")
+    assert err.startswith(b"greylist: fatal: usage: ") and err.count(b"\n") == 1
+    # The settings file named on the command line says where to log.
+    assert "fatal: usage: " in log
 
 
 def test_postlog_target_sends_postfix_style_datagrams(home):
@@ -193,3 +197,149 @@ def test_a_misspelled_setting_is_logged_where_greylist_log_says_and_shown_on_a_t
     assert b"fatal: " in shown and b"unknown setting 'greylist_dealy'" in shown
     assert "fatal: %s, line 1: unknown setting 'greylist_dealy'" % settings in \
         (tmp_path / "log").read_text()
+
+
+def on_a_terminal(argv: list[str], cwd=None) -> tuple[int, bytes, bytes]:
+    """Run greylist with stderr on a pseudo-terminal, as by hand; return
+    (status, stdout, what the terminal showed)."""
+    import pty
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    master, slave = pty.openpty()
+    try:
+        done = subprocess.run([sys.executable, "-m", "greylist", *argv],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
+                              env=env, timeout=30, cwd=cwd)
+        os.close(slave)
+        slave = -1
+        shown = b""
+        for _ in range(1000):
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    return done.returncode, done.stdout, shown
+
+
+# issue 15: the four ways greylist exited 1 without a word.
+FATAL = {
+    "misspelled-setting": ("greylist_dealy = 10s\n", [], 1,
+                           "line 2: unknown setting 'greylist_dealy'"),
+    "bad-delay-option": ("", ["--delay", "10sec"], 1,
+                         "--delay 10sec: greylist_delay: invalid time value '10sec'"),
+    "database-option-without-value": ("", ["-d"], 2, "usage: -d requires argument"),
+    "root": (None, [], 1, "refusing to run as root"),
+}
+
+
+@pytest.mark.parametrize("case", FATAL)
+def test_a_fatal_error_is_shown_on_a_terminal_and_written_to_greylist_log(tmp_path, case):
+    settings, options, status, reason = FATAL[case]
+    if settings is None:
+        if os.geteuid() != 0:
+            pytest.skip("needs root to run as root")
+        settings = ""
+    else:
+        settings += ALLOW_ROOT
+    cf = tmp_path / "greylist.cf"
+    cf.write_text("greylist_log = %s/log\n%sgreylist_database = %s/db\n"
+                  % (tmp_path, settings, tmp_path))
+    done, out, shown = on_a_terminal(["-c", str(cf), *options])
+    assert (done, out) == (status, b"")
+    assert shown.startswith(b"greylist: fatal: ") and reason.encode() in shown, shown
+    logged = (tmp_path / "log").read_text()
+    assert logged.count("\n") == 1 and "greylist[" in logged
+    assert ": fatal: " in logged and reason in logged
+    assert not (tmp_path / "db.lmdb").exists()
+
+
+@pytest.fixture
+def checked(tmp_path):
+    """A settings file with a whitelist, a log file and a database directory."""
+    os.chmod(tmp_path, 0o755)
+    (tmp_path / "db").mkdir(mode=0o755)
+    (tmp_path / "clients").write_text("192.0.2.1\n")
+    cf = tmp_path / "greylist.cf"
+    cf.write_text("greylist_log = %s/log\ngreylist_database = %s/db/greylist\n"
+                  "greylist_whitelist_clients = %s/clients\n%s"
+                  % (tmp_path, tmp_path, tmp_path, ALLOW_ROOT))
+    return tmp_path
+
+
+def check(home, *options):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "greylist", "--check", "-c",
+                           str(home / "greylist.cf"), *options], capture_output=True,
+                          timeout=30, env=env, stdin=subprocess.DEVNULL)
+
+
+def test_check_says_ok_and_writes_and_creates_nothing(checked):
+    done = check(checked)
+    assert (done.returncode, done.stdout, done.stderr) == (
+        0, b"%s/greylist.cf: ok\n" % bytes(checked), b"")
+    assert sorted(os.listdir(checked)) == ["clients", "db", "greylist.cf"]
+    assert os.listdir(checked / "db") == []
+
+
+def test_check_accepts_an_existing_database(checked):
+    from greylist.stores.lmdb import LmdbStore
+    store = LmdbStore(str(checked / "db" / "greylist"))
+    store.put(b"k", b"v")
+    store.close()
+    before = (checked / "db" / "greylist.lmdb").read_bytes()
+    assert check(checked).returncode == 0
+    assert (checked / "db" / "greylist.lmdb").read_bytes() == before
+
+
+def _world_writable(home):
+    os.chmod(home / "db", 0o777)
+
+
+def _lmdb_1_0_file(home):
+    import struct
+    (home / "db" / "greylist.lmdb").write_bytes(bytes(24) + struct.pack("=II", 0xBEEFC0DE, 3)
+                                               + bytes(4096))
+
+
+CHECKS = {
+    "misspelled": ("greylist_dealy = 10s\n", (), None, "unknown setting 'greylist_dealy'"),
+    "bad-value": ("greylist_delay = 10sec\n", (), None, "invalid time value '10sec'"),
+    "bad-option": ("", ("--delay", "10sec"), None, "--delay 10sec: greylist_delay"),
+    "missing-whitelist": ("greylist_whitelist_senders = /nonexistent/senders\n", (), None,
+                          "whitelist /nonexistent/senders: No such file or directory"),
+    "bad-whitelist-line": ("", (), lambda home: (home / "clients").write_text("300.1.1.1/99\n"),
+                           "clients"),
+    "world-writable-database-directory": ("", (), _world_writable, "world-writable"),
+    "missing-database-directory": ("", ("-d", "/nonexistent/dir/greylist"), None,
+                                   "database directory /nonexistent/dir: No such file"),
+    "lmdb-1.0-file": ("", (), _lmdb_1_0_file, "LMDB data format v3"),
+    "missing-postlog-socket": ("greylist_log = postlog:/nonexistent/postlog\n", (), None,
+                               "postlog socket /nonexistent/postlog"),
+    "missing-log-directory": ("greylist_log = /nonexistent/greylist.log\n", (), None,
+                              "greylist_log: directory /nonexistent does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", CHECKS)
+def test_check_names_each_problem_on_stderr_and_exits_1(checked, case):
+    settings, options, prepare, problem = CHECKS[case]
+    with open(checked / "greylist.cf", "a") as handle:
+        handle.write(settings)
+    if prepare is not None:
+        prepare(checked)
+    files = sorted(os.listdir(checked))
+    done = check(checked, *options)
+    name = b"%s/greylist.cf: " % bytes(checked)
+    assert done.returncode == 1 and b": ok" not in done.stdout
+    lines = done.stderr.decode().splitlines()
+    assert lines and all(line.startswith(name.decode()) for line in lines), lines
+    assert any(problem in line for line in lines), lines
+    assert "Traceback" not in done.stderr.decode()
+    assert sorted(os.listdir(checked)) == files
+    os.chmod(checked / "db", 0o755)

@@ -107,7 +107,7 @@ def test_ipv4_mapped_ipv6_client_shares_the_ipv4_triple(policy):
 
 @pytest.mark.parametrize("data, warning", [
     (b"request=smtpd_access_policy\nthis line has no equals sign\n\n", "malformed line"),
-    (b"request=" + b"x" * 9000 + b"\n\n", "line longer than"),
+    (b"request" + b"x" * 70000 + b"\n\n", "malformed line"),
     (b"\x00\xff\xfe garbage \x13\x37\n\n", "NUL byte"),
     (b"\xff\xfe\x80\x81garbage\n\n", "malformed line"),
     (None, "client_address is not an IP address: 'not-an-ip'"),
@@ -185,3 +185,31 @@ def test_overlong_addresses_get_a_bounded_key_instead_of_a_store_failure(policy)
     policy.clock.now += 300
     assert run(policy, data) == (0, b"action=DUNNO\n\n")
     assert not any(line.startswith("warning:") for line in policy.log.lines)
+
+
+def test_an_over_long_sender_is_answered_dunno_and_the_connection_goes_on(policy):
+    # issue 15: longer than any line kept (line_length_limit raised
+    # past the cap): discarded as it arrives, answered DUNNO, logged.
+    long = request(sender="a" * 70000 + "@example.org")
+    status, out = run(policy, RCPT + long + RCPT)
+    assert (status, out) == (0, DEFER_300 + b"action=DUNNO\n\n" + b"action=DEFER_IF_PERMIT "
+                             b"Greylisted, please try again in 300 seconds\n\n")
+    warnings = [line for line in policy.log.lines if line.startswith("warning: ")]
+    assert warnings == ["warning: request attribute too long: sender of 70019 bytes (caps: "
+                        "65536 bytes per line, 262144 per request) client_address=192.0.2.10 "
+                        "instance=%s; answering DUNNO" % _instance()]
+    assert not [line for line in policy.log.lines if "a" * 100 in line]
+
+
+def test_a_sender_of_60000_bytes_is_greylisted(policy):
+    sender = "b" * 60000 + "@example.org"
+    assert run(policy, request(sender=sender)) == (0, DEFER_300)
+    policy.clock.now += 300
+    assert run(policy, request(sender=sender)) == (0, b"action=DUNNO\n\n")
+
+
+def _instance() -> str:
+    for line in RCPT.decode().splitlines():
+        if line.startswith("instance="):
+            return line.partition("=")[2]
+    return ""

@@ -89,3 +89,30 @@ def test_an_unwritable_log_never_fails_the_caller(tmp_path, clock):
     log.info("lost")  # No exception.
     log.warning("lost too")
     log.close()
+
+
+def test_stamp_and_host_are_those_of_postfix_msg_logger(tmp_path, monkeypatch):
+    # msg_logger.c: strftime "%b %d %H:%M:%S " (a zero-padded day), then
+    # the first label of myhostname (issue 15).
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        path = tmp_path / "greylist.log"
+        log = Log("greylist", str(path), clock=lambda: 1_733_062_170.0,  # 2024-12-01 14:09:30
+                  host="mx.example.test")
+        log.info("hello")
+        log.close()
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert lines(path) == ["Dec 01 14:09:30 mx greylist[%d]: hello" % os.getpid()]
+
+
+@pytest.mark.parametrize("host, shown", [("", os.uname().nodename.split(".")[0]),
+                                         ("relay", "relay"), ("mx.example.test.", "mx")])
+def test_host_is_the_setting_or_the_system_host_name(tmp_path, clock, host, shown):
+    path = tmp_path / "greylist.log"
+    log = Log("greylist", str(path), clock=clock, host=host)
+    log.info("x")
+    log.close()
+    assert lines(path)[0].split(" ")[3] == shown

@@ -7,8 +7,9 @@ import operator
 import pytest
 from hypothesis import given, strategies as st
 
-from greylist.protocols.policy import (MAX_ATTRIBUTES, MAX_LINE_BYTES, READ_SIZE, Decoder,
-                                      ProtocolError, format_reply)
+from greylist.protocols.policy import (MAX_ATTRIBUTES, MAX_LINE_BYTES, MAX_REQUEST_BYTES,
+                                      READ_SIZE, Decoder, ProtocolError, RequestTooLong,
+                                      format_reply)
 from greylist.transports.spawn import Reader
 
 # The attributes Postfix 3.7 sends, in wire order (interop doc 3.1,
@@ -129,9 +130,14 @@ def test_invalid_utf_8_bytes_survive_a_round_trip():
     pytest.param(b"sender=a\0b@example.net\n\n", "NUL byte", id="nul-in-value"),
     pytest.param(b"sen\0der=a@example.net\n\n", "NUL byte", id="nul-in-name"),
     pytest.param(b"\0\n\n", "NUL byte", id="nul-line"),
-    pytest.param(line_of(MAX_LINE_BYTES + 1) + b"\n\n", "longer than", id="line-one-byte-over"),
-    pytest.param(b"request=smtpd_access_policy\n" + line_of(4 * MAX_LINE_BYTES) + b"\n\n",
-                 "longer than", id="line-far-over"),
+    pytest.param(b"v" * (MAX_LINE_BYTES + 1) + b"\n\n", "malformed line",
+                 id="over-long-line-without-equals"),
+    pytest.param(b"=" + b"v" * MAX_LINE_BYTES + b"\n\n", "malformed line",
+                 id="over-long-line-with-empty-name"),
+    pytest.param(b"request=x\n" + line_of(MAX_LINE_BYTES + 1) + b"\n", "premature end",
+                 id="eof-after-over-long-line"),
+    pytest.param(b"request=x\n" + line_of(2 * MAX_LINE_BYTES), "premature end of input in "
+                 "over-long attribute x", id="eof-inside-over-long-line"),
     pytest.param(b"".join(b"a%d=v\n" % i for i in range(MAX_ATTRIBUTES + 1)) + b"\n",
                  "more than", id="one-attribute-over"),
     pytest.param(b"sender=a\n" * (MAX_ATTRIBUTES + 1) + b"\n", "more than",
@@ -280,11 +286,65 @@ def test_requests_that_arrive_in_pieces(size):
     assert reader.read() is None
 
 
-def test_a_long_line_is_refused_before_the_rest_arrives():
-    stream = Trickle(b"request=smtpd_access_policy\nx=" + b"v" * (10 * MAX_LINE_BYTES), 1000)
-    with pytest.raises(ProtocolError, match="longer than"):
-        Reader(stream).read()
-    assert stream.offset <= 2 * MAX_LINE_BYTES
+@pytest.mark.parametrize("lines, dropped", [
+    pytest.param([line_of(MAX_LINE_BYTES + 1)], [("x", MAX_LINE_BYTES + 1)],
+                 id="line-one-byte-over"),
+    pytest.param([b"sender=" + b"s" * (4 * MAX_LINE_BYTES)], [("sender", 4 * MAX_LINE_BYTES + 7)],
+                 id="line-far-over"),
+    pytest.param([b"recipient=" + b"r" * MAX_LINE_BYTES, b"helo_name=" + b"h" * MAX_LINE_BYTES],
+                 [("recipient", MAX_LINE_BYTES + 10), ("helo_name", MAX_LINE_BYTES + 10)],
+                 id="two-lines-over"),
+    # Five lines at the line cap: the fourth would take the request past
+    # the request cap, and so would the fifth.
+    pytest.param([b"a%d=" % i + b"v" * (MAX_LINE_BYTES - 3) for i in range(5)],
+                 [("a3", MAX_LINE_BYTES), ("a4", MAX_LINE_BYTES)], id="request-cap"),
+])
+def test_a_request_with_over_long_lines_is_reported_whole_and_the_next_is_read(lines, dropped):
+    request = (b"request=smtpd_access_policy\nclient_address=192.0.2.1\n"
+               + b"".join(line + b"\n" for line in lines) + b"instance=1.2\n\n")
+    after = wire(POSTFIX_37_RCPT)
+    for size in (1000, READ_SIZE, len(request) + len(after)):
+        reader = Reader(Trickle(request + after, size))
+        with pytest.raises(RequestTooLong) as raised:
+            reader.read()
+        assert raised.value.dropped == dropped
+        kept = raised.value.attrs
+        assert kept["client_address"] == "192.0.2.1" and kept["instance"] == "1.2"
+        assert len(b"".join(lines)) - sum(n for _, n in dropped) + 200 > sum(
+            len(k) + len(v) for k, v in kept.items())
+        assert str(raised.value).startswith("request attribute too long: %s of %d bytes"
+                                            % dropped[0])
+        assert "client_address=192.0.2.1 instance=1.2" in str(raised.value)
+        assert reader.read()["instance"] == "8f3e.65a1b2c3.d4e5f.0"
+        assert reader.read() is None
+
+
+def test_a_long_line_is_discarded_as_it_arrives():
+    decoder = Decoder()
+    decoder.feed(b"request=smtpd_access_policy\nsender=")
+    for _ in range(100):
+        decoder.feed(b"v" * 1000)
+        assert decoder.next() is None
+        # Never more than the cap and a chunk of the line.
+        assert len(decoder._buf) + len(decoder._kept) <= MAX_LINE_BYTES + 1000
+    decoder.feed(b"\nrecipient=bob@example.org\n\n")
+    with pytest.raises(RequestTooLong) as raised:
+        decoder.next()
+    assert raised.value.dropped == [("sender", 100007)]   # the whole line
+    assert raised.value.attrs == {"request": "smtpd_access_policy",
+                                  "recipient": "bob@example.org"}
+    decoder.eof()
+
+
+def test_the_longest_request_kept_is_decoded():
+    # Three lines at the line cap (sender, recipient, helo_name at the
+    # largest line_length_limit kept) and Postfix's other attributes.
+    long = {name: name[:1] * (MAX_LINE_BYTES - len(name) - 1)
+            for name in (b"sender", b"recipient", b"helo_name")}
+    pairs = [(name, long.get(name, value)) for name, value in POSTFIX_37_RCPT]
+    assert len(wire(pairs)) < MAX_REQUEST_BYTES
+    attrs = parse(wire(pairs))
+    assert attrs["sender"] == "s" * (MAX_LINE_BYTES - 7) and attrs["instance"]
 
 
 def test_a_request_in_the_buffer_is_answered_without_another_read():

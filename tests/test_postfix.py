@@ -198,3 +198,75 @@ def test_auto_whitelisted_client_is_accepted_by_smtpd_from_the_client_table(
     assert rcpt_reply(fresh).startswith("250 "), fresh.stdout
     assert "Subject: awl" in postfix.wait_for_delivery("other")
     assert "sender=new@example.net" not in postfix.log_text()
+
+
+@pytest.fixture(scope="module")
+def postfix_long_lines():
+    """smtpd with line_length_limit raised far above its 2048 default."""
+    with instance(main_cf={"line_length_limit": "200000"}) as postfix:
+        yield postfix
+
+
+def test_sender_longer_than_8192_bytes_is_greylisted_regression_issue_15(postfix_long_lines):
+    # The old 8192-byte line cap closed the connection: smtpd said 451.
+    postfix = postfix_long_lines
+    sender = "l" * 10000 + "@example.org"
+    first = rcpt_reply(postfix.swaks(sender, "long@example.test"))
+    started = time.monotonic()
+    assert first.startswith("450 4.7.1 ") and "Greylisted" in first, first
+    time.sleep(max(0.0, DELAY_S + 0.5 - (time.monotonic() - started)))
+    accepted = postfix.swaks(sender, "long@example.test")
+    assert rcpt_reply(accepted).startswith("250 "), accepted.stdout
+    assert accepted.returncode == 0
+    log = postfix.log_text()
+    assert "451 4.3.5" not in log and "request attribute too long" not in log
+    # (The log line is cut at log.MAX_MESSAGE characters.)
+    assert "action=DEFER_IF_PERMIT reason=new age=0 client=127.0.0.1 sender=%s" % sender[:1000] \
+        in log
+    assert "reason=delay-passed" in log
+
+
+def test_sender_over_the_line_cap_is_answered_dunno_with_a_warning(postfix_long_lines):
+    # Longer than MAX_LINE_BYTES: discarded, DUNNO (fail open), logged;
+    # the policy connection goes on.
+    postfix = postfix_long_lines
+    sender = "m" * 100000 + "@example.org"
+    result = postfix.swaks(sender, "huge@example.test")
+    assert rcpt_reply(result).startswith("250 "), result.stdout[-2000:]
+    assert result.returncode == 0
+    deadline = time.monotonic() + 10
+    while "request attribute too long" not in postfix.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = postfix.log_text()
+    warnings = [line for line in log.splitlines() if "request attribute too long" in line]
+    assert len(warnings) == 1, warnings
+    assert "warning: request attribute too long: sender of 100019 bytes" in warnings[0]
+    assert warnings[0].endswith("; answering DUNNO") and "client_address=127.0.0.1" in warnings[0]
+    assert "451 4.3.5" not in log and "disconnecting" not in log
+    # Greylisting goes on for ordinary mail.
+    assert rcpt_reply(postfix.swaks("n@example.org", "huge@example.test")).startswith("450 ")
+
+
+def test_policy_log_lines_look_like_postfix_own_in_maillog_file(tmp_path):
+    # issue 15: the same time stamp format and host (myhostname's first
+    # label, greylist_log_hostname) as smtpd's and postlog(1)'s lines.
+    import re
+    with instance("greylist_log_hostname = mx.example.test\n",
+                  {"myhostname": "mx.example.test"}) as postfix:
+        assert rcpt_reply(postfix.swaks("p@example.org", "q@example.test")).startswith("450 ")
+        subprocess.run(["postlog", "-c", str(postfix.config_dir), "-t", "postfix/postlog",
+                        "hello from postlog"], check=True, timeout=10,
+                       stdin=subprocess.DEVNULL, capture_output=True)
+        deadline = time.monotonic() + 10
+        while "hello from postlog" not in postfix.log_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        lines = postfix.log_text().splitlines()
+    shape = re.compile(r"(\w{3} \d\d \d\d:\d\d:\d\d) (\S+) ([a-z/]+)\[\d+\]: (.*)")
+    ours = [shape.fullmatch(line) for line in lines if " greylist[" in line]
+    smtpd = [shape.fullmatch(line) for line in lines if " postfix/smtpd[" in line]
+    postlog = [shape.fullmatch(line) for line in lines if "hello from postlog" in line]
+    assert ours and smtpd and postlog
+    assert all(ours) and all(smtpd) and all(postlog), lines
+    hosts = {match.group(2) for match in ours + smtpd + postlog}
+    assert hosts == {"mx"}
+    assert any("reason=new" in match.group(4) for match in ours)

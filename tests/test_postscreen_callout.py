@@ -494,9 +494,7 @@ MALFORMED = [
                   b"client_port=1\nserver_port=25\n\n", "malformed line"),
     ("only-garbage", b"garbage\n\n", "malformed line"),
     ("empty-name", b"=198.51.100.8\nclient_address=198.51.100.8\n\n", "malformed line"),
-    ("long-line", request("198.51.100.8", extra=[(2, "x=%s\n" % ("y" * 9000))]),
-     "line longer than 8192 bytes"),
-    ("long-unended", b"client_address=" + b"1" * 20000, "line longer than 8192 bytes"),
+    ("long-unended-no-equals", b"1" * 70000, "malformed line"),
     ("bad-ipv4", request("198.51.100.300"), "client_address is not an IP address"),
     ("hostname", request("mail.example.com"), "client_address is not an IP address"),
     ("scoped", request("fe80::1%eth0"), "client_address is not an IP address"),
@@ -534,6 +532,17 @@ def test_malformed_input_closes_the_connection_with_a_log_line_and_no_reply(call
     # The other connections go on.
     with callout.client() as policy:
         assert policy.query("192.0.2.1", SERVER, 1, 25) == Result("drop", None)
+
+
+def test_an_over_long_attribute_is_answered_ignore_and_the_connection_goes_on(callout):
+    mark = callout.mark()
+    with callout.connect() as sock:
+        long = request("198.51.100.8", extra=[(2, "x=%s\n" % ("y" * 70000))])
+        assert ask(sock, long) == reply("ignore")
+        assert ask(sock, request("198.51.100.8")) == reply("pass", PS_TTL)
+    warnings = [line for line in callout.lines(mark) if "warning:" in line]
+    assert len(warnings) == 1 and "request attribute too long: x of 70002 bytes" \
+        in warnings[0] and "answering ignore" in warnings[0], warnings
 
 
 def test_a_malformed_request_ends_a_spawned_program_with_status_1(site):

@@ -4,16 +4,20 @@ protocols/policy.py promises that feeding a byte stream in any chunks
 gives exactly the requests, and the error, of feeding it whole: a
 transport may receive a request in pieces (a socket, a slow pipe) or
 many requests in one read(2). These properties check that promise for
-streams of valid requests optionally followed by one malformed piece,
-and that the decoder's memory stays bounded on input without an empty
-line.
+streams of valid requests (some with lines over the caps, which the
+decoder discards and reports as RequestTooLong at the request's end)
+optionally followed by one malformed piece, and that the decoder's
+memory stays bounded on input without an empty line. The properties use
+a decoder with small caps (LINE, REQUEST, SKIP), so that examples stay
+small; the last test uses the real ones.
 """
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from greylist.protocols.policy import (MAX_ATTRIBUTES, MAX_LINE_BYTES, READ_SIZE, Decoder,
-                                      ProtocolError)
+from greylist.protocols.policy import (MAX_ATTRIBUTES, MAX_LINE_BYTES, MAX_REQUEST_BYTES,
+                                      MAX_SKIP_BYTES, READ_SIZE, Decoder, ProtocolError,
+                                      RequestTooLong)
 
 HYPOTHESIS = dict(max_examples=200, deadline=None, database=None,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -26,10 +30,22 @@ _names = st.one_of(
     st.sampled_from(["request", "sender", "recipient", "instance", "a"]),
     st.text(_NAME_ALPHABET, min_size=1, max_size=12))
 _values = st.one_of(st.just(""), st.text(_VALUE_ALPHABET, max_size=40))
-# "long=" plus a value: lines of MAX_LINE_BYTES - 2 .. MAX_LINE_BYTES bytes,
-# the longest allowed, so that whole blocks exceed the line cap.
-_long_pairs = st.integers(0, 2).map(lambda d: ("long", "v" * (MAX_LINE_BYTES - 5 - d)))
-_pairs = st.lists(st.one_of(st.tuples(_names, _values), _long_pairs), max_size=8)
+# The caps of the decoder the properties use.
+LINE, REQUEST, SKIP = 512, 2048, 16384
+
+
+def small_decoder() -> Decoder:
+    return Decoder(LINE, MAX_ATTRIBUTES, REQUEST, SKIP)
+
+
+# "long=" plus a value: lines of LINE - 2 .. LINE bytes, the longest
+# kept, so that whole blocks exceed the line cap and five of them the
+# request cap; and lines just over the line cap, or far over it.
+_long_pairs = st.integers(0, 2).map(lambda d: ("long", "v" * (LINE - 5 - d)))
+_over_pairs = st.one_of(st.integers(1, 3), st.just(3 * LINE)).map(
+    lambda d: ("over", "w" * (LINE - 5 + d)))
+_pairs = st.lists(st.one_of(st.tuples(_names, _values), _long_pairs, _over_pairs),
+                  max_size=8)
 _requests = st.one_of(
     _pairs,
     # Exactly the attribute cap: still valid.
@@ -41,7 +57,7 @@ def wire(pairs) -> bytes:
     return b"".join(("%s=%s\n" % pair).encode() for pair in pairs) + b"\n"
 
 
-def expected(pairs) -> dict[str, str]:
+def attributes(pairs) -> dict[str, str]:
     """SMTPD_POLICY_README's rules: the last value wins, empty is missing."""
     attrs: dict[str, str] = {}
     for name, value in pairs:
@@ -50,6 +66,21 @@ def expected(pairs) -> dict[str, str]:
         else:
             attrs.pop(name, None)
     return attrs
+
+
+def expected(pairs):
+    """What the decoder gives for a request: its attributes, or, when a
+    line is over LINE or would take the request past REQUEST, ("too
+    long", the discarded (name, length)s, the attributes kept)."""
+    kept, dropped, size = [], [], 0
+    for name, value in pairs:
+        length = len(name) + 1 + len(value)
+        if length > LINE or size + length + 1 > REQUEST:
+            dropped.append((name, length))
+        else:
+            kept.append((name, value))
+            size += length + 1
+    return ("too long", dropped, attributes(kept)) if dropped else attributes(pairs)
 
 
 def _bad_line(prefix, line):
@@ -63,8 +94,12 @@ _malformed = st.one_of(
               _pairs, st.sampled_from([b"no equals sign", b"=value", b"\xff\xfe"])),
     st.builds(lambda p, line: (_bad_line(p, line), "NUL byte"),
               _pairs, st.sampled_from([b"a=b\0c", b"\0", b"x=\0"])),
-    st.builds(lambda p, n: (_bad_line(p, b"x=" + b"y" * (n - 2)), "line longer than"),
-              _pairs, st.integers(MAX_LINE_BYTES + 1, MAX_LINE_BYTES + 3)),
+    # Over the line cap without "=" in it: no attribute, a framing error.
+    st.builds(lambda p, n: (_bad_line(p, b"y" * n), "malformed line"),
+              _pairs, st.integers(LINE + 1, LINE + 3)),
+    # More discarded than SKIP in one request.
+    st.builds(lambda p, n: (_bad_line(p, b"x=" + b"y" * n), "more than %d bytes" % SKIP),
+              _pairs, st.integers(SKIP, SKIP + 2)),
     st.builds(lambda n, end: (b"k=v\n" * n + end, "more than"),
               st.integers(MAX_ATTRIBUTES + 1, MAX_ATTRIBUTES + 3), st.sampled_from([b"", b"\n"])),
 )
@@ -105,7 +140,7 @@ def decode(chunks) -> tuple[list[dict[str, str]], str | None]:
 
     Returns the requests and str() of the ProtocolError, or None.
     """
-    decoder = Decoder()
+    decoder = small_decoder()
     requests = []
     # Each request consumes at least its empty line: at most this many.
     bound = sum(map(len, chunks)) + 1
@@ -113,7 +148,11 @@ def decode(chunks) -> tuple[list[dict[str, str]], str | None]:
         for chunk in chunks:
             decoder.feed(chunk)
             for _ in range(bound + 1):
-                attrs = decoder.next()
+                try:
+                    attrs = decoder.next()
+                except RequestTooLong as exc:
+                    requests.append(("too long", exc.dropped, exc.attrs))
+                    continue
                 if attrs is None:
                     break
                 requests.append(attrs)
@@ -146,9 +185,9 @@ def test_any_chunking_gives_the_requests_and_error_of_the_whole_stream(data):
 @given(streams())
 def test_byte_at_a_time_gives_the_requests_and_error_of_the_whole_stream(drawn):
     # One byte per feed, the extreme cutting. A prefix of a stream is a
-    # stream too; cut long ones to a little over a line cap (one feed and
-    # next() per byte is slow) so that a line just over the cap still fits.
-    stream = drawn[0][:MAX_LINE_BYTES + 2048]
+    # stream too; cut long ones to a little over the skip cap (one feed
+    # and next() per byte is slow) so that a line just over it still fits.
+    stream = drawn[0][:SKIP + 2 * REQUEST]
     assert decode([stream[i:i + 1] for i in range(len(stream))]) == decode([stream])
 
 
@@ -177,16 +216,18 @@ def test_a_request_split_anywhere_is_returned_only_when_complete():
         assert decoder.next() is None
 
 
-# The most the decoder may hold: the caps (every line of a request at the
-# line cap, plus one line too many) and one chunk.
-CAPS = (MAX_ATTRIBUTES + 1) * (MAX_LINE_BYTES + 1)
+# The most the decoder may hold: a request at the request cap and a line
+# at the line cap being scanned, plus one chunk.
+HELD = MAX_REQUEST_BYTES + MAX_LINE_BYTES
 
 
 @pytest.mark.parametrize("line, error", [
-    (b"k=" + b"v" * (MAX_LINE_BYTES - 2) + b"\n", "more than"),    # longest lines
-    (b"k=v\n", "more than"),                                       # short lines
-    (b"v" * 1024, "line longer than"),                             # one endless line
-], ids=["longest-lines", "short-lines", "endless-line"])
+    (b"k=" + b"v" * (MAX_LINE_BYTES - 2) + b"\n", "more than 100 attributes"),  # longest lines
+    (b"k=v\n", "more than 100 attributes"),                                   # short lines
+    (b"k=" + b"v" * (4 * MAX_LINE_BYTES) + b"\n",                             # over the cap
+     "more than %d bytes" % MAX_SKIP_BYTES),
+    (b"v" * 1024, "malformed line"),                                 # one endless line, no "="
+], ids=["longest-lines", "short-lines", "over-long-lines", "endless-line"])
 @pytest.mark.parametrize("chunk", [1000, 4096, READ_SIZE])
 def test_input_without_an_empty_line_is_refused_within_the_caps_plus_one_chunk(line, error,
                                                                                chunk):
@@ -194,7 +235,8 @@ def test_input_without_an_empty_line_is_refused_within_the_caps_plus_one_chunk(l
     endless = line * (chunk // len(line) + 2)
     fed = 0
     # Enough feeds to exceed the bound; the decoder must refuse before.
-    for _ in range((CAPS + chunk) // chunk + 2):
+    limit = (MAX_ATTRIBUTES + 1) * len(line) + HELD + chunk
+    for _ in range(limit // chunk + 2):
         piece = endless[fed % len(line):][:chunk]
         fed += len(piece)
         decoder.feed(piece)
@@ -204,7 +246,26 @@ def test_input_without_an_empty_line_is_refused_within_the_caps_plus_one_chunk(l
             assert str(exc).startswith(error)
             break
         finally:
-            assert len(decoder._buf) <= CAPS + chunk
+            assert len(decoder._buf) + len(decoder._kept) <= HELD + chunk
     else:
         pytest.fail("no ProtocolError after %d bytes" % fed)
-    assert fed <= CAPS + chunk
+    assert fed <= limit
+
+
+def test_an_endless_attribute_is_discarded_up_to_the_skip_cap_holding_one_chunk():
+    decoder = Decoder()
+    decoder.feed(b"request=smtpd_access_policy\nsender=")
+    chunk = b"v" * READ_SIZE
+    fed = 0
+    for _ in range(MAX_SKIP_BYTES // READ_SIZE + 2):
+        decoder.feed(chunk)
+        fed += len(chunk)
+        try:
+            assert decoder.next() is None
+        except ProtocolError as exc:
+            assert str(exc).startswith("more than %d bytes" % MAX_SKIP_BYTES)
+            break
+        assert len(decoder._buf) + len(decoder._kept) <= READ_SIZE + 100
+    else:
+        pytest.fail("no ProtocolError after %d bytes" % fed)
+    assert MAX_SKIP_BYTES - READ_SIZE <= fed <= MAX_SKIP_BYTES + READ_SIZE

@@ -11,9 +11,13 @@ DESCRIPTION
     saves a sixth of a spawned process's CPU time, and a test checks
     that the result is docopt's own for that form.
 
+    --check loads the settings the same way and checks what a run
+    needs at start (check.py) instead of serving.
+
 DIAGNOSTICS
-    Usage and settings errors are logged as fatal and exit with status
-    2 and 1, and so is running as root (status 1) unless
+    Usage and settings errors are logged as fatal (to the greylist_log
+    of the settings file, as far as it can be read, and to a terminal's
+    stderr) and exit with status 2 and 1, and so is running as root (status 1) unless
     greylist_allow_root is set. A bug is logged by an exception hook, never printed: under
     spawn(8) stderr is the Postfix socket, so main() points descriptor 2
     at /dev/null unless it is a terminal.
@@ -33,10 +37,14 @@ Greylisting policy server for Postfix, run by spawn(8).
 
 Usage:
   greylist [-v...] [--outbound] [-c FILE] [-d PATH] [--delay TIME]
+  greylist --check [-v...] [--outbound] [-c FILE] [-d PATH] [--delay TIME]
   greylist -h | --help
   greylist --version
 
 Options:
+  --check                   Check the settings as a run would, print
+                            "FILE: ok" or each problem, and exit (status
+                            0 or 1); nothing is written or created.
   -c FILE, --config FILE    Read settings from FILE (main.cf syntax).
   -d PATH, --database PATH  Database lmdb:PATH, the file PATH.lmdb
                             (greylist_database).
@@ -70,9 +78,14 @@ def run(ident: str, argv: list[str] | None, usage: str, build) -> int:
     up logging and the bug hook, build the service (build(cfg, log,
     args)), open its store and serve stdin and stdout until end of input.
     Returns the exit status."""
+    # Before stderr is silenced: --check prints there (a usage error
+    # is written by Log.fatal, which never writes to spawn(8)'s socket).
+    args = parse_args(sys.argv[1:] if argv is None else argv, usage)
+    if args.get("--check"):
+        from greylist.check import check
+        return check(args["--config"], lambda: load(args["--config"], _overrides(args)))
     if not os.isatty(2):
         _silence_stderr()
-    args = parse_args(sys.argv[1:] if argv is None else argv, usage)
     args.setdefault("--delay", None)
     args.setdefault("--outbound", False)
     try:
@@ -80,7 +93,7 @@ def run(ident: str, argv: list[str] | None, usage: str, build) -> int:
     except ConfigError as exc:
         Log(ident, log_target(args["--config"])).fatal(str(exc))
         return 1
-    log = Log(ident, cfg.log, cfg.verbose)
+    log = Log(ident, cfg.log, cfg.verbose, host=cfg.log_hostname)
     if os.geteuid() == 0 and not cfg.allow_root:
         # spawn(8) never runs us as root; a root-owned database would
         # also lock out the policy user later.
@@ -114,13 +127,25 @@ def parse_args(argv: list[str], usage: str = USAGE) -> dict:
                for flag in flags) and (not outbound or "--outbound" in usage):
             return {"--config": argv[-1], "--database": None, "--delay": None,
                     "--help": False, "--verbose": sum(len(flag) - 1 for flag in flags),
-                    "--version": False, "--outbound": outbound}
+                    "--version": False, "--outbound": outbound, "--check": False}
     from docopt import DocoptExit, docopt
     try:
         return docopt(usage, argv=argv, version=__version__)
     except DocoptExit as exc:
-        Log().fatal("usage: %s" % str(exc).replace("\n", " "))
+        # The settings file's greylist_log, if argv names one: the line
+        # then reaches the log the administrator reads.
+        Log(target=log_target(_config_word(argv))).fatal(
+            "usage: %s" % str(exc).replace("\n", " "))
         raise SystemExit(2) from None
+
+
+def _config_word(argv: list[str]) -> str | None:
+    """The FILE of "-c FILE" or "--config FILE" in argv that docopt could
+    not parse, as far as it shows; None otherwise."""
+    for index, word in enumerate(argv[:-1]):
+        if word in ("-c", "--config") and argv[index + 1][:1] not in ("-", ""):
+            return argv[index + 1]
+    return None
 
 
 def _overrides(args: dict) -> dict[str, object]:
@@ -128,7 +153,10 @@ def _overrides(args: dict) -> dict[str, object]:
     for option, name in (("--database", "greylist_database"),
                          ("--delay", "greylist_delay")):
         if args[option] is not None:
-            field, value = parse_setting(name, args[option])
+            try:
+                field, value = parse_setting(name, args[option])
+            except ConfigError as exc:
+                raise ConfigError("%s %s: %s" % (option, args[option], exc)) from None
             values[field] = value
     return values
 

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         Log("greylistd", log_target(args["--config"])).fatal(str(exc))
         return 1
-    log = Log("greylistd", cfg.log, cfg.verbose)
+    log = Log("greylistd", cfg.log, cfg.verbose, host=cfg.log_hostname)
     sys.excepthook = lambda kind, value, tb: _log_bug(log, kind, value, tb)
     try:
         return asyncio.run(Daemon(cfg, args["--config"], log).run())

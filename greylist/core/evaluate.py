@@ -21,6 +21,7 @@ DESCRIPTION
     time is passed in), no logging.
 """
 
+import re
 import time
 
 from greylist import __version__
@@ -57,7 +58,7 @@ def render(decision: Decision, attrs: dict[str, str], address: str, session: Ses
         return fill(decision.action, attrs["recipient"].rpartition("@")[2], address)
     if cfg.header and decision.reason == DELAY_PASSED and not session.header_sent:
         session.header_sent = True
-        return header(decision.age, host, now)
+        return header(decision.age, cfg.header_hostname or host, now, cfg.header_text)
     return decision.action
 
 
@@ -75,11 +76,24 @@ def fill(action: str, recipient_domain: str, client_address: str) -> str:
         recipient_domain=escape(recipient_domain), client_address=escape(client_address))
 
 
-def header(age: int, host: str, now: int) -> str:
-    """The PREPEND action of the X-Greylist header, dated now (local time,
-    in RFC 5322 date form)."""
-    return ("PREPEND X-Greylist: delayed %d seconds by greylist-%s at %s; %s"
-            % (age, __version__, host, rfc5322_date(now)))
+# postgrey's --x-greylist-header default, with this program's name.
+HEADER_TEXT = "X-Greylist: delayed %t seconds by greylist-%v at %h; %d"
+# RFC 5322 2.1.1: a line is at most 998 characters.
+MAX_HEADER = 998
+
+
+def header(age: int, host: str, now: int, text: str = HEADER_TEXT) -> str:
+    """The PREPEND action of the X-Greylist header: text (greylist_header_text,
+    checked by config.py) with postgrey's %t (the delay in seconds), %v
+    (the version), %h (host), %d (now, local time, RFC 5322 date form)
+    and %% filled in. No request value reaches it; host is cut to its
+    safe characters and the header to MAX_HEADER characters."""
+    host = "".join(c for c in host[:253] if c.isascii() and (c.isalnum() or c in ".-_"))
+    values = {"t": "%d" % age, "v": __version__, "h": host or "localhost", "%": "%"}
+    if "%d" in text:
+        values["d"] = rfc5322_date(now)
+    filled = re.sub("%([tvhd%])", lambda m: values[m.group(1)], text)
+    return "PREPEND " + filled[:MAX_HEADER]
 
 
 def rfc5322_date(now: int) -> str:

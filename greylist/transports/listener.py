@@ -27,7 +27,8 @@ DESCRIPTION
 
 DIAGNOSTICS
     A warning and the connection closed, without a reply, for a
-    protocol violation (SMTPD_POLICY_README); one warning when the
+    protocol violation (SMTPD_POLICY_README), except a request with
+    over-long attributes: the service's too_long() reply; one warning when the
     connection cap is reached, and an info line when there is room
     again. The handler's log line per decision.
 """
@@ -45,7 +46,7 @@ from greylist.config import Config, parse_listener
 from greylist.core.message import Session
 from greylist.handlers.policy import Answer, PolicyHandler
 from greylist.log import Log
-from greylist.protocols.policy import READ_SIZE, ProtocolError, format_reply
+from greylist.protocols.policy import READ_SIZE, ProtocolError, RequestTooLong, format_reply
 from greylist.protocols.postscreen import check as check_postscreen
 from greylist.protocols.socketmap import NOTFOUND, PERMIT
 from greylist.stores.base import StoreError
@@ -292,7 +293,13 @@ class Server:
         task.busy = False
         try:
             while True:
-                attrs = decoder.next()
+                try:
+                    attrs = decoder.next()
+                except RequestTooLong as exc:
+                    # Discarded whole: the fail-open reply; the connection
+                    # goes on.
+                    writer.write(self.service.too_long(exc))
+                    continue
                 if attrs is None:
                     try:
                         # asyncio.timeout, not wait_for: no task per read.

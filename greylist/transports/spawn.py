@@ -12,14 +12,16 @@ DESCRIPTION
 
 DIAGNOSTICS
     A protocol violation is logged as a warning; serve() then returns 1
-    without a reply, and the caller exits (SMTPD_POLICY_README). With
-    -vv each request and reply is logged.
+    without a reply, and the caller exits (SMTPD_POLICY_README). A
+    request with over-long attributes (RequestTooLong) gets the
+    service's too_long() reply, which logs it, and the connection goes
+    on. With -vv each request and reply is logged.
 """
 
 from typing import BinaryIO
 
 from greylist.core.message import Session
-from greylist.protocols.policy import READ_SIZE, Decoder, ProtocolError
+from greylist.protocols.policy import READ_SIZE, Decoder, ProtocolError, RequestTooLong
 from greylist.service import PolicyService
 
 
@@ -82,6 +84,9 @@ def serve(instream: BinaryIO, outstream: BinaryIO, service: PolicyService,
             reply = reply_to(attrs, session)
             if trace:
                 log.debug(2, "reply: %s" % reply.decode("utf-8", "replace").strip())
+        except RequestTooLong as exc:
+            # Discarded whole: the fail-open reply, and the connection goes on.
+            reply = service.too_long(exc)
         except ProtocolError as exc:
             log.warning("%s; disconnecting without a reply" % exc)
             return 1

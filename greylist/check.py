@@ -1,0 +1,130 @@
+"""greylist --check: the settings checked as a run would load them.
+
+DESCRIPTION
+    check() loads the settings (config.load, with the command line's
+    overrides) and then looks at what a run needs at start, without
+    writing or creating anything:
+
+    greylist_log    syslog; a postlog socket that exists; a log file
+                    that is not a symbolic link and can be appended to,
+                    or created in its directory.
+    whitelists      every file readable, every line understood
+                    (whitelist.py, the code a run uses).
+    database        for LMDB: the directory exists, is not world-writable
+                    and is writable; each existing data file (database
+                    and tables) is in Postfix's LMDB 0.9 format, not a
+                    symbolic link, readable and writable (stores/lmdbfile.py).
+                    A Redis database is not connected to.
+    root            a note, not a problem: a run as root is refused
+                    unless greylist_allow_root = yes.
+
+    It prints "FILE: ok" on stdout, or each problem as "FILE: problem"
+    on stderr, and returns the exit status, 0 or 1. FILE is the settings
+    file, or "(defaults)" without one.
+"""
+
+import os
+import stat
+import sys
+from typing import Callable
+
+from greylist.config import Config, ConfigError, is_redis
+
+
+def check(path: str | None, load: Callable[[], Config]) -> int:
+    """Check the settings that load() returns; print; return 0 or 1."""
+    name = path or "(defaults)"
+    try:
+        cfg = load()
+    except ConfigError as exc:
+        problems = [str(exc)]
+    else:
+        problems = problems_of(cfg)
+        if os.geteuid() == 0 and not cfg.allow_root:
+            print("%s: note: a run as root is refused (greylist_allow_root = no); "
+                  "spawn(8) runs it as the service's user" % name)
+    for problem in problems:
+        print("%s: %s" % (name, problem), file=sys.stderr)
+    if not problems:
+        print("%s: ok" % name)
+    return 1 if problems else 0
+
+
+def problems_of(cfg: Config) -> list[str]:
+    """What would fail, or vanish, in a run with these settings."""
+    problems = log_problems(cfg.log)
+    from greylist.whitelist import Whitelists
+    Whitelists(cfg, problems.append)
+    if not is_redis(cfg):
+        problems += database_problems(cfg)
+    return problems
+
+
+def log_problems(target: str) -> list[str]:
+    """Why lines to greylist_log would not arrive, if they would not."""
+    if target == "syslog":
+        return []
+    if target.startswith("postlog"):
+        from greylist.log import POSTLOG_SOCKET
+        socket_path = target.partition(":")[2] or POSTLOG_SOCKET
+        try:
+            if stat.S_ISSOCK(os.stat(socket_path).st_mode):
+                return []
+            return ["greylist_log: %s is not a socket" % socket_path]
+        except OSError as exc:
+            return ["greylist_log: postlog socket %s: %s (is Postfix's postlog service "
+                    "running?)" % (socket_path, exc.strerror)]
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        directory = os.path.dirname(target)
+        if not os.path.isdir(directory):
+            return ["greylist_log: directory %s does not exist" % directory]
+        if not os.access(directory, os.W_OK | os.X_OK):
+            return ["greylist_log: cannot create %s: directory not writable" % target]
+        return []
+    except OSError as exc:
+        return ["greylist_log: %s: %s" % (target, exc.strerror)]
+    if stat.S_ISLNK(st.st_mode):
+        return ["greylist_log: %s is a symbolic link" % target]
+    if not stat.S_ISREG(st.st_mode):
+        return ["greylist_log: %s is not a regular file" % target]
+    if not os.access(target, os.W_OK):
+        return ["greylist_log: %s is not writable" % target]
+    return []
+
+
+def database_problems(cfg: Config) -> list[str]:
+    """Why the LMDB database or its tables would not open."""
+    from greylist.stores.base import StoreError
+    from greylist.stores.lmdbfile import check_directory, check_format, data_file
+    problems = []
+    try:
+        check_directory(cfg.database)
+    except StoreError as exc:
+        return [str(exc)]
+    for table in (cfg.database, cfg.client_table, cfg.correspondent_table,
+                  cfg.postscreen_table):
+        if not table:
+            continue
+        path = data_file(table)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            if not os.access(os.path.dirname(path), os.W_OK | os.X_OK):
+                problems.append("cannot create %s: directory not writable" % path)
+            continue
+        except OSError as exc:
+            problems.append("%s: %s" % (path, exc.strerror))
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            problems.append("%s is a symbolic link" % path)
+            continue
+        try:
+            check_format(path)
+        except StoreError as exc:
+            problems.append(str(exc))
+            continue
+        if not os.access(path, os.R_OK | os.W_OK):
+            problems.append("%s is not readable and writable" % path)
+    return problems
