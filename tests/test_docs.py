@@ -98,7 +98,8 @@ def test_master_cf_example_has_the_spawn_service_and_main_cf_lines():
                         text, re.MULTILINE)
     assert service is not None
     assert "policy_time_limit = 3600" in text
-    assert "check_policy_service unix:private/policy" in text
+    assert "check_policy_service { unix:private/policy, default_action=DUNNO }" in text
+    assert "argv=/opt/greylist/bin/greylist -c /etc/greylist/greylist.cf" in text
 
 
 def test_systemd_units_match_the_daemon_and_the_main_cf_line():
@@ -186,3 +187,18 @@ def test_the_sample_settings_file_reads_debians_postgrey_whitelists_without_a_wa
     assert warnings == []
     exemptions = lists.exemptions(0.0)
     assert exemptions.clients is not None and exemptions.recipients is not None
+
+
+def test_exempt_recipients_replaces_its_default_as_the_man_page_says():
+    from greylist.config import read_settings
+    assert Config().exempt_recipients == ("postmaster@", "abuse@")
+    assert read_settings("greylist_exempt_recipients = hostmaster@\n") == {
+        "exempt_recipients": ("hostmaster@",)}
+    assert read_settings("greylist_exempt_recipients = postmaster@, abuse@\n"
+                         "  hostmaster@\n") == {
+        "exempt_recipients": ("postmaster@", "abuse@", "hostmaster@")}
+    text = " ".join(plain(MAN).split())
+    assert "A value replaces the default: greylist_exempt_recipients = hostmaster@ " \
+           "no longer exempts postmaster@ and abuse@" in text
+    assert "separated by white space or commas. A setting replaces its default" in text
+    assert "takes effect at postfix reload" in text
