@@ -59,9 +59,22 @@ def instance():
 
 
 def check(pf: PostfixInstance, master: str, main: str) -> str:
+    """Paste the snippets into the instance's configuration, and return
+    what postconf and postfix check say."""
+    paste(pf, master, main)
+    said = ""
+    for command in (["postconf", "-c", str(pf.config_dir), "-n"],
+                    ["postconf", "-c", str(pf.config_dir), "-M"]):
+        said += subprocess.run(command, capture_output=True, text=True, timeout=30).stderr
+    status, out = pf._postfix("check")
+    assert status == 0, out
+    return said + out
+
+
+def paste(pf: PostfixInstance, master: str, main: str) -> None:
     """Paste the snippets into the instance's configuration, as an
-    administrator would (a pasted service replaces the one of the same
-    name), and return what postconf and postfix check say."""
+    administrator would: a pasted service replaces the one of the same
+    name, a pasted setting the one of the same name."""
     base = (pf.config_dir / "master.cf").read_text()
     pasted = services(master)
     kept, skipping = [], False
@@ -77,13 +90,6 @@ def check(pf: PostfixInstance, master: str, main: str) -> str:
     base_main = [line for line in (pf.config_dir / "main.cf").read_text().splitlines()
                  if line.split("=")[0].strip() not in names]
     (pf.config_dir / "main.cf").write_text("\n".join(base_main) + "\n" + main)
-    said = ""
-    for command in (["postconf", "-c", str(pf.config_dir), "-n"],
-                    ["postconf", "-c", str(pf.config_dir), "-M"]):
-        said += subprocess.run(command, capture_output=True, text=True, timeout=30).stderr
-    status, out = pf._postfix("check")
-    assert status == 0, out
-    return said + out
 
 
 @pytest.mark.parametrize("page", ["greylist-socketmap.8", "greylist-postscreen.8",
