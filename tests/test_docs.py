@@ -98,7 +98,8 @@ def test_master_cf_example_has_the_spawn_service_and_main_cf_lines():
                         text, re.MULTILINE)
     assert service is not None
     assert "policy_time_limit = 3600" in text
-    assert "check_policy_service unix:private/policy" in text
+    assert "check_policy_service { unix:private/policy, default_action=DUNNO }" in text
+    assert "argv=/opt/greylist/bin/greylist -c /etc/greylist/greylist.cf" in text
 
 
 def test_systemd_units_match_the_daemon_and_the_main_cf_line():
@@ -135,3 +136,69 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
                            str(tmp_path / "greylist.service")],
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (0, "")
+
+
+SAMPLE = ROOT / "docs" / "greylist.cf.example"
+SETTING_LINE = re.compile(r"^(#?)(greylist_[a-z0-9_]+) =(.*)$", re.MULTILINE)
+
+
+def test_the_sample_settings_file_has_every_setting_once_with_a_meaning():
+    text = SAMPLE.read_text()
+    named = [match.group(2) for match in SETTING_LINE.finditer(text)]
+    assert sorted(named) == sorted(SETTINGS)
+    # Each block of settings starts with a comment that says what they mean.
+    for block in text.split("\n\n"):
+        lines = block.strip().splitlines()
+        if any(SETTING_LINE.match(line) for line in lines):
+            assert lines[0].startswith("# ") and not SETTING_LINE.match(lines[0]), block
+
+
+def test_the_sample_settings_file_loads_and_its_commented_values_are_the_defaults(tmp_path):
+    from greylist.config import load
+    text = SAMPLE.read_text()
+    active = {match.group(2) for match in SETTING_LINE.finditer(text) if not match.group(1)}
+    assert active == {"greylist_database", "greylist_whitelist_clients",
+                      "greylist_whitelist_recipients"}
+    as_is = load(str(SAMPLE), {})
+    uncommented = tmp_path / "greylist.cf"
+    uncommented.write_text(SETTING_LINE.sub(r"\2 =\3", text))
+    assert not re.search(r"^#greylist_", uncommented.read_text(), re.MULTILINE)
+    # Uncommenting every default changes nothing, and the defaults are
+    # config.py's (the active lines aside).
+    assert load(str(uncommented), {}) == as_is
+    defaults = load(None, {})
+    changed = {field for field in Config._fields
+               if getattr(as_is, field) != getattr(defaults, field)}
+    assert changed == {"whitelist_clients", "whitelist_recipients"}
+    assert as_is.database == "/var/lib/greylist/greylist"
+
+
+def test_the_sample_settings_file_reads_debians_postgrey_whitelists_without_a_warning():
+    from greylist.config import load
+    from greylist.whitelist import Whitelists
+    cfg = load(str(SAMPLE), {})
+    files = cfg.whitelist_clients + cfg.whitelist_recipients
+    absent = [path for path in files if not pathlib.Path(path).is_file()]
+    if absent:
+        pytest.skip("postgrey's whitelists are not installed (Debian: postgrey): %s"
+                    % " ".join(absent))
+    warnings = []
+    lists = Whitelists(cfg, warnings.append)
+    assert warnings == []
+    exemptions = lists.exemptions(0.0)
+    assert exemptions.clients is not None and exemptions.recipients is not None
+
+
+def test_exempt_recipients_replaces_its_default_as_the_man_page_says():
+    from greylist.config import read_settings
+    assert Config().exempt_recipients == ("postmaster@", "abuse@")
+    assert read_settings("greylist_exempt_recipients = hostmaster@\n") == {
+        "exempt_recipients": ("hostmaster@",)}
+    assert read_settings("greylist_exempt_recipients = postmaster@, abuse@\n"
+                         "  hostmaster@\n") == {
+        "exempt_recipients": ("postmaster@", "abuse@", "hostmaster@")}
+    text = " ".join(plain(MAN).split())
+    assert "A value replaces the default: greylist_exempt_recipients = hostmaster@ " \
+           "no longer exempts postmaster@ and abuse@" in text
+    assert "separated by white space or commas. A setting replaces its default" in text
+    assert "takes effect at postfix reload" in text
