@@ -22,6 +22,12 @@ DESCRIPTION
     import      Copy an LMDB database (lmdb:LMDB) and its tables into the
                 Redis database of the settings: a site moving from one
                 host to several. Expired entries are left behind.
+    import-postgrey
+                Import postgrey's database (migrate.py): its triples and
+                its client auto-whitelist, never over existing entries.
+    report      Defers and passes per day, triples that never retried,
+                top clients and senders, from greylist's log lines
+                (report.py), in the manner of postgreyreport.
 
     Started as root, greylistctl switches to the owner of the database
     directory, so that the files it creates belong to the policy user.
@@ -66,6 +72,8 @@ Usage:
   greylistctl [options] dump [--table | --correspondents | --postscreen]
   greylistctl [options] postscreen CLIENT
   greylistctl [options] import LMDB
+  greylistctl [options] import-postgrey DBDIR [--dry-run] [--delay N] [--max-age N] [--retry-window N] [--ipv4cidr N] [--ipv6cidr N] [--lookup-by-host]
+  greylistctl [options] report [--delay N] [--top N] [LOGFILE...]
   greylistctl [options] whitelist (add | remove) CLIENT [SENDER]
   greylistctl -h | --help
   greylistctl --version
@@ -78,6 +86,16 @@ Options:
   --table                   Dump the client table instead of the database.
   --correspondents          Dump the correspondent table instead.
   --postscreen              Dump the postscreen table instead.
+  --delay N                 postgrey's --delay (import-postgrey, default 300);
+                            how long a deferred triple has to retry (report,
+                            default greylist_delay).
+  --max-age N               postgrey's --max-age in days (default 35).
+  --retry-window N          postgrey's --retry-window in days, or hours
+                            with h (default 2).
+  --ipv4cidr N              postgrey's --ipv4cidr (default 24).
+  --ipv6cidr N              postgrey's --ipv6cidr (default 64).
+  --lookup-by-host          postgrey ran with --lookup-by-host.
+  --top N                   Clients and senders listed (report, default 10).
   -h, --help                Show this help.
   --version                 Show the version.
 """
@@ -107,11 +125,24 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
         # stdout.
         Log("greylistctl", log_target(args["--config"])).fatal(str(exc))
         return 2
+    if args["report"]:
+        # Before _become_owner(): the log files are root's or adm's.
+        from greylist.report import run
+        return run(args["LOGFILE"], cfg, args["--delay"], args["--top"])
+    if args["import-postgrey"]:
+        # postgrey's files are its user's: copy them while still root.
+        staged = _stage_postgrey(cfg, args)
+        if isinstance(staged, int):
+            return staged
     _become_owner(cfg)
     log = Log("greylistctl", cfg.log, cfg.verbose)
     store, keyed = database(cfg, log, readonly=not (args["cleanup"] and not args["--dry-run"]
-                                                    or args["whitelist"] or args["import"]))
+                                                    or args["whitelist"] or args["import"]
+                                                    or args["import-postgrey"]
+                                                    and not args["--dry-run"]))
     try:
+        if args["import-postgrey"]:
+            return _import_postgrey(keyed, cfg, log, args, staged)
         if args["cleanup"]:
             return _cleanup(store, cfg, log, args["--dry-run"])
         if args["stats"]:
@@ -159,21 +190,28 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
         store.close()
 
 
-def _become_owner(cfg) -> None:
-    """As root, switch to the owner of the database directory, if not root."""
+def _owner(cfg) -> tuple[int, int] | None:
+    """As root, the (uid, gid) of the database directory's owner that
+    _become_owner() switches to; None if it does not switch."""
     if os.geteuid() != 0 or is_redis(cfg):
-        return
+        return None
     try:
         st = os.stat(os.path.dirname(os.path.abspath(cfg.database)))
     except OSError:
-        return
-    if st.st_uid == 0:
+        return None
+    return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
+
+
+def _become_owner(cfg) -> None:
+    """As root, switch to the owner of the database directory, if not root."""
+    owner = _owner(cfg)
+    if owner is None:
         return
     if cfg.client_match == "domain":
         registered_domain("example.com")  # load the suffix list while we can
     os.setgroups([])
-    os.setgid(st.st_gid)
-    os.setuid(st.st_uid)
+    os.setgid(owner[1])
+    os.setuid(owner[0])
 
 
 def _existing(cfg: Config, name: str, build, writable: bool, readonly: bool) -> Store | None:
@@ -307,6 +345,54 @@ def _import(store: Store, cfg: Config, log: Log, source: str) -> int:
         print("import: %s: %d copied, %d expired left behind" % (label, copied, skipped))
         log.info("import from %s: %s: %d copied, %d expired left behind"
                  % (source, label, copied, skipped))
+    return 0
+
+
+def _stage_postgrey(cfg: Config, args: dict) -> str | int:
+    """Check postgrey's options and copy its files (migrate.stage());
+    the staged directory, or an exit status."""
+    from greylist import migrate
+    try:
+        migrate.options(args["--delay"], args["--max-age"], args["--retry-window"],
+                        args["--ipv4cidr"], args["--ipv6cidr"], args["--lookup-by-host"])
+    except migrate.MigrateError as exc:
+        print("greylistctl: import-postgrey: %s" % exc)
+        return 2
+    try:
+        return migrate.stage(args["DBDIR"], _owner(cfg))
+    except migrate.MigrateError as exc:
+        print("greylistctl: import-postgrey: %s" % exc)
+        return 1
+
+
+def _import_postgrey(store: Store, cfg: Config, log: Log, args: dict, staged: str) -> int:
+    """Import postgrey's staged database (migrate.py) into the database."""
+    from greylist import migrate
+    dry_run = args["--dry-run"]
+    pg = migrate.options(args["--delay"], args["--max-age"], args["--retry-window"],
+                         args["--ipv4cidr"], args["--ipv6cidr"], args["--lookup-by-host"])
+    table = None
+    try:
+        table = _table(cfg, writable=not dry_run)
+        migrate.recover(staged)
+        triples = migrate.dump(staged, migrate.TRIPLES)
+        clients = migrate.dump(staged, migrate.CLIENTS)
+        tallies = migrate.import_postgrey(store, table, triples, clients, pg, cfg,
+                                          int(time.time()), dry_run)
+    except migrate.MigrateError as exc:
+        print("greylistctl: import-postgrey: %s" % exc)
+        log.warning("import-postgrey from %s: %s" % (args["DBDIR"], exc))
+        return 1
+    finally:
+        migrate.unstage(staged)
+        if table is not None:
+            table.close()
+    for tally in tallies:
+        print("import-postgrey: %s" % tally.line(dry_run))
+        for why, count in sorted(tally.why.items()):
+            print("  %d %s" % (count, why))
+        log.info("import-postgrey from %s%s: %s" % (
+            args["DBDIR"], " (dry run)" if dry_run else "", tally.line(dry_run)))
     return 0
 
 
