@@ -85,9 +85,9 @@ class Seen(NamedTuple):
 
 
 class Counter:
-    """Counts of at most MAX_KEYS distinct keys."""
+    """Counts of at most cap distinct keys."""
 
-    def __init__(self, cap: int = MAX_KEYS) -> None:
+    def __init__(self, cap: int) -> None:
         self.counts: dict[str, int] = {}
         self.cap = cap
         self.full = False
@@ -108,7 +108,8 @@ class Report:
     """The counts of the lines read so far (feed(), then write())."""
 
     def __init__(self, cfg: Config, delay_s: int, this_year: int, this_month: int,
-                 cap: int = MAX_KEYS) -> None:
+                 cap: int | None = None) -> None:
+        cap = MAX_KEYS if cap is None else cap
         self.cfg, self.delay_s, self.cap = cfg, delay_s, cap
         self.lines = self.decisions = self.screened = self.malformed = self.other = 0
         self.ours = 0
