@@ -489,3 +489,68 @@ def test_a_tool_never_writes_through_a_symlink(tmp_path):
     with pytest.raises(migrate.MigrateError):
         migrate.run_tool([fake_tool(tmp_path, "echo hi")], str(tmp_path / "out"))
     assert not (tmp_path / "target").exists()
+
+
+def test_import_as_root_switches_to_the_database_owner(pgdir):
+    """postgrey's files are 0600 postgrey's: greylistctl copies them as
+    root, then works as the owner of greylist's database directory."""
+    if os.geteuid() != 0:
+        pytest.skip("greylistctl switches users only as root")
+    postgrey = Postgrey(str(pgdir))
+    try:
+        feed(postgrey)
+    finally:
+        postgrey.stop()
+    top = pathlib.Path(tempfile.mkdtemp(prefix="greylist-test-owner-"))
+    try:
+        os.chmod(top, 0o755)
+        (top / "gl").mkdir()
+        shutil.chown(top / "gl", "nobody")
+        (top / "gl.cf").write_text("greylist_database = %s/gl/gl\ngreylist_log = %s/gl/log\n"
+                                   % (top, top))
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        done = subprocess.run([sys.executable, "-m", "greylist.cli.greylistctl", "-c",
+                               str(top / "gl.cf"), "import-postgrey", str(pgdir)],
+                              capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "postgrey.db: 4 records, 6 entries imported" in done.stdout
+        assert os.stat(top / "gl" / "gl.lmdb").st_uid == pwd.getpwnam("nobody").pw_uid
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_import_into_a_redis_database(pgdir):
+    from tests.redis_server import start_server
+    top = pathlib.Path(tempfile.mkdtemp(prefix="gl-pg-redis-", dir="/tmp"))
+    server = None
+    try:
+        server = start_server(str(top))
+        postgrey = Postgrey(str(pgdir))
+        try:
+            feed(postgrey)
+        finally:
+            postgrey.stop()
+        (top / "gl.cf").write_text("greylist_database = %s\ngreylist_log = %s/log\n"
+                                   "greylist_client_awl_passes = 2\n%s"
+                                   % (server.unix_url, top, ALLOW_ROOT))
+        status, out = ctl(top, "import-postgrey", str(pgdir))
+        assert status == 0, out
+        assert "postgrey.db: 4 records, 6 entries imported, 0 existing" in out
+        assert "postgrey_clients.db: 2 records, 2 entries imported" in out
+        status, out = ctl(top, "show", "192.0.2.1", "alice@example.org", "bob@example.net")
+        assert "triple: 192.0.2/alice@example.org/bob@example.net\n  passed" in out
+        # Each entry expires when greylist would drop it: the passed triple
+        # greylist_max_age after postgrey last saw it.
+        client = server.client()
+        try:
+            names = [name for name in client.scan_iter(count=100)
+                     if name.endswith(b"192.0.2/alice@example.org/bob@example.net")]
+            assert len(names) == 1
+            assert abs(client.expiretime(names[0]) - (NOW - 3600 + 35 * 86400)) <= 2
+        finally:
+            client.close()
+        assert ctl(top, "import-postgrey", str(pgdir))[1].count("0 entries imported") == 2
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(top, ignore_errors=True)
