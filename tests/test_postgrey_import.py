@@ -275,6 +275,20 @@ def test_missing_db_tools_are_an_error_and_nothing_is_written(site, pgdir, tmp_p
     assert not (site / "gl.lmdb").exists()
 
 
+def test_missing_db_dump_after_db_recover(site, pgdir, tmp_path):
+    (pgdir / "postgrey.db").write_bytes(b"not read")
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "db_recover").write_text("#!/bin/sh\nexit 0\n")
+    (tools / "db_recover").chmod(0o755)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=str(tools))
+    done = subprocess.run([sys.executable, "-m", "greylist.cli.greylistctl", "-c",
+                           str(site / "gl.cf"), "import-postgrey", str(pgdir)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert (done.returncode, done.stdout) == (1, "greylistctl: import-postgrey: db_dump not "
+                                              "found on PATH (Debian: apt-get install db-util)\n")
+
+
 def test_symbolic_links_and_missing_files_are_refused(site, pgdir, tmp_path):
     assert ctl(site, "import-postgrey", str(tmp_path / "nowhere")) == (
         1, "greylistctl: import-postgrey: %s: No such file or directory\n"

@@ -17,7 +17,7 @@ import pytest
 
 from greylist.config import Config
 from greylist.report import MAX_LINE, run
-from tests.test_ctl import ALLOW_ROOT, ROOT, Live, ctl, request
+from tests.test_ctl import ALLOW_ROOT, ROOT, Live, request
 
 
 @pytest.fixture
