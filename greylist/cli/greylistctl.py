@@ -24,6 +24,12 @@ DESCRIPTION
     import      Copy an LMDB database (lmdb:LMDB) and its tables into the
                 Redis database of the settings: a site moving from one
                 host to several. Expired entries are left behind.
+    import-postgrey
+                Import postgrey's database (migrate.py): its triples and
+                its client auto-whitelist, never over existing entries.
+    report      Defers and passes per day, triples that never retried,
+                top clients and senders, from greylist's log lines
+                (report.py), in the manner of postgreyreport.
 
     Started as root, greylistctl becomes the policy user (the owner of
     the database directory, or greylist_user for a root-owned one), so
@@ -70,6 +76,8 @@ Usage:
   greylistctl [options] dump [--table | --correspondents | --postscreen]
   greylistctl [options] postscreen CLIENT
   greylistctl [options] import LMDB
+  greylistctl [options] import-postgrey DBDIR [--dry-run] [--delay N] [--max-age N] [--retry-window N] [--ipv4cidr N] [--ipv6cidr N] [--lookup-by-host]
+  greylistctl [options] report [--delay N] [--top N] [LOGFILE...]
   greylistctl [options] whitelist (add | remove) CLIENT [SENDER]
   greylistctl [options] whitelist (add | remove) --host CLIENT
   greylistctl [options] whitelist list
@@ -85,6 +93,16 @@ Options:
   --correspondents          Dump the correspondent table instead.
   --postscreen              Dump the postscreen table instead.
   --host                    Whitelist the one address CLIENT, not its client group.
+  --delay N                 postgrey's --delay (import-postgrey, default 300);
+                            how long a deferred triple has to retry (report,
+                            default greylist_delay).
+  --max-age N               postgrey's --max-age in days (default 35).
+  --retry-window N          postgrey's --retry-window in days, or hours
+                            with h (default 2).
+  --ipv4cidr N              postgrey's --ipv4cidr (default 24).
+  --ipv6cidr N              postgrey's --ipv6cidr (default 64).
+  --lookup-by-host          postgrey ran with --lookup-by-host.
+  --top N                   Clients and senders listed (report, default 10).
   -h, --help                Show this help.
   --version                 Show the version.
 """
@@ -116,15 +134,28 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
         # stdout.
         Log("greylistctl", log_target(args["--config"])).fatal(str(exc))
         return 2
+    if args["report"]:
+        # Before the switch to the policy user: the log files are root's or adm's.
+        from greylist.report import run
+        return run(args["LOGFILE"], cfg, args["--delay"], args["--top"])
     writes = bool(args["cleanup"] and not args["--dry-run"]
-                  or args["whitelist"] and not args["list"] or args["import"])
-    refused = _become_owner(cfg, writes)
-    log = Log("greylistctl", cfg.log, cfg.verbose)
-    if refused:
-        log.fatal(refused)
+                  or args["whitelist"] and not args["list"] or args["import"]
+                  or args["import-postgrey"] and not args["--dry-run"])
+    user = _policy_user(cfg, writes)
+    if isinstance(user, str):
+        Log("greylistctl", cfg.log, cfg.verbose).fatal(user)
         return 1
+    if args["import-postgrey"]:
+        # postgrey's files are its user's: copy them while still root.
+        staged = _stage_postgrey(cfg, args, user)
+        if isinstance(staged, int):
+            return staged
+    _become(cfg, user)
+    log = Log("greylistctl", cfg.log, cfg.verbose)
     store, keyed = database(cfg, log, readonly=not writes)
     try:
+        if args["import-postgrey"]:
+            return _import_postgrey(keyed, cfg, log, args, staged)
         if args["cleanup"]:
             return _cleanup(store, cfg, log, args["--dry-run"])
         if args["stats"]:
@@ -172,11 +203,11 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
         store.close()
 
 
-def _become_owner(cfg, writes: bool) -> str | None:
-    """As root, become the user the policy processes run as, so that the
-    files greylistctl creates are theirs and no file is opened on behalf
-    of a directory another user can write; return why greylistctl must
-    not go on, or None.
+def _policy_user(cfg, writes: bool) -> tuple[int, int] | str | None:
+    """As root, the (uid, gid) of the user the policy processes run as,
+    whom greylistctl becomes so that the files it creates are theirs and
+    no file is opened on behalf of a directory another user can write;
+    None to stay as it is; a string: why greylistctl must not go on.
 
     That user is the owner of the database directory when it is not
     root; for a root-owned directory, root itself with
@@ -184,9 +215,6 @@ def _become_owner(cfg, writes: bool) -> str | None:
     greylistctl reads as root (lmdbfile.py refuses a directory a group
     can write) and refuses to change anything: files it created would be
     root's, and the policy processes could not write them (issue 15).
-    With greylist_log = postlog, the group postdrop is kept: the socket
-    is under Postfix's public/ (group postdrop, mode 0710), as for the
-    policy processes (user=...:postdrop).
     """
     if os.geteuid() != 0 or is_redis(cfg):
         return None
@@ -195,25 +223,32 @@ def _become_owner(cfg, writes: bool) -> str | None:
         st = os.stat(directory)
     except OSError:
         return None  # Reported when the database is opened.
-    uid, gid = st.st_uid, st.st_gid
-    if uid == 0:
-        if cfg.allow_root:
-            return None
-        if cfg.user:
-            import pwd
-            try:
-                user = pwd.getpwnam(cfg.user)
-            except KeyError:
-                return "greylist_user %s: no such user" % cfg.user
-            uid, gid = user.pw_uid, user.pw_gid
-        elif not writes:
-            return None
-        else:
-            return ("refusing to change the database in %s as root: the directory is "
-                    "root's, so the files created there would be root's and the policy "
-                    "processes could not write them; give the directory to the policy user "
-                    "(chown USER %s), set greylist_user, or run greylistctl as that user"
-                    % (directory, directory))
+    if st.st_uid != 0:
+        return st.st_uid, st.st_gid
+    if cfg.allow_root:
+        return None
+    if cfg.user:
+        import pwd
+        try:
+            user = pwd.getpwnam(cfg.user)
+        except KeyError:
+            return "greylist_user %s: no such user" % cfg.user
+        return user.pw_uid, user.pw_gid
+    if not writes:
+        return None
+    return ("refusing to change the database in %s as root: the directory is root's, so "
+            "the files created there would be root's and the policy processes could not "
+            "write them; give the directory to the policy user (chown USER %s), set "
+            "greylist_user, or run greylistctl as that user" % (directory, directory))
+
+
+def _become(cfg, user: tuple[int, int] | None) -> None:
+    """Become user (see _policy_user), if one. With greylist_log = postlog
+    the group postdrop is kept: the socket is under Postfix's public/
+    (group postdrop, mode 0710), as for the policy processes
+    (user=...:postdrop)."""
+    if user is None:
+        return
     if cfg.client_match == "domain":
         registered_domain("example.com")  # load the suffix list while we can
     groups = []
@@ -224,9 +259,8 @@ def _become_owner(cfg, writes: bool) -> str | None:
         except KeyError:
             pass
     os.setgroups(groups)
-    os.setgid(gid)
-    os.setuid(uid)
-    return None
+    os.setgid(user[1])
+    os.setuid(user[0])
 
 
 def _existing(cfg: Config, name: str, build, writable: bool, readonly: bool) -> Store | None:
@@ -421,6 +455,54 @@ def _import(store: Store, cfg: Config, log: Log, source: str) -> int:
         print("import: %s: %d copied, %d expired left behind" % (label, copied, skipped))
         log.info("import from %s: %s: %d copied, %d expired left behind"
                  % (source, label, copied, skipped))
+    return 0
+
+
+def _stage_postgrey(cfg: Config, args: dict, user: tuple[int, int] | None) -> str | int:
+    """Check postgrey's options and copy its files (migrate.stage()) for
+    user (_policy_user()); the staged directory, or an exit status."""
+    from greylist import migrate
+    try:
+        migrate.options(args["--delay"], args["--max-age"], args["--retry-window"],
+                        args["--ipv4cidr"], args["--ipv6cidr"], args["--lookup-by-host"])
+    except migrate.MigrateError as exc:
+        print("greylistctl: import-postgrey: %s" % exc)
+        return 2
+    try:
+        return migrate.stage(args["DBDIR"], user)
+    except migrate.MigrateError as exc:
+        print("greylistctl: import-postgrey: %s" % exc)
+        return 1
+
+
+def _import_postgrey(store: Store, cfg: Config, log: Log, args: dict, staged: str) -> int:
+    """Import postgrey's staged database (migrate.py) into the database."""
+    from greylist import migrate
+    dry_run = args["--dry-run"]
+    pg = migrate.options(args["--delay"], args["--max-age"], args["--retry-window"],
+                         args["--ipv4cidr"], args["--ipv6cidr"], args["--lookup-by-host"])
+    table = None
+    try:
+        table = _table(cfg, writable=not dry_run)
+        migrate.recover(staged)
+        triples = migrate.dump(staged, migrate.TRIPLES)
+        clients = migrate.dump(staged, migrate.CLIENTS)
+        tallies = migrate.import_postgrey(store, table, triples, clients, pg, cfg,
+                                          int(time.time()), dry_run)
+    except migrate.MigrateError as exc:
+        print("greylistctl: import-postgrey: %s" % exc)
+        log.warning("import-postgrey from %s: %s" % (args["DBDIR"], exc))
+        return 1
+    finally:
+        migrate.unstage(staged)
+        if table is not None:
+            table.close()
+    for tally in tallies:
+        print("import-postgrey: %s" % tally.line(dry_run))
+        for why, count in sorted(tally.why.items()):
+            print("  %d %s" % (count, why))
+        log.info("import-postgrey from %s%s: %s" % (
+            args["DBDIR"], " (dry run)" if dry_run else "", tally.line(dry_run)))
     return 0
 
 

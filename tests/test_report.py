@@ -1,0 +1,189 @@
+"""greylistctl report, on log lines that greylist itself wrote.
+
+The lines come from a real greylist process (its greylist_log file) and,
+marked postfix, from a real Postfix whose maillog holds greylist's lines
+(greylist_log = postlog) among its own.
+"""
+
+import gzip
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from greylist.config import Config
+from greylist.report import MAX_LINE, run
+from tests.test_ctl import ALLOW_ROOT, ROOT, Live, request
+
+
+@pytest.fixture
+def site(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    (tmp_path / "gl.cf").write_text("greylist_database = %s/gl\ngreylist_log = %s/log\n"
+                                    "greylist_delay = 1s\n%s" % (tmp_path, tmp_path, ALLOW_ROOT))
+    return tmp_path
+
+
+@pytest.fixture
+def logged(site):
+    """A greylist log: a triple deferred then passed after the delay, one
+    deferred twice within the delay and never again, one deferred once,
+    and a whitelisted pass of its own."""
+    live = Live(site)
+    try:
+        assert live.ask(request()).startswith("action=DEFER_IF_PERMIT")
+        assert live.ask(request(client="198.51.100.7", sender="bot@spam.example",
+                                rcpt="x@example.net")).startswith("action=DEFER_IF_PERMIT")
+        assert live.ask(request(client="198.51.100.7", sender="bot@spam.example",
+                                rcpt="x@example.net")).startswith("action=DEFER_IF_PERMIT")
+        assert live.ask(request(client="198.51.100.8", sender="bot2@spam.example",
+                                rcpt="y@example.net")).startswith("action=DEFER_IF_PERMIT")
+        time.sleep(2.1)
+        # From another host of the same /24: the same triple.
+        assert live.ask(request(client="192.0.2.11")) == "action=DUNNO"
+        # Past the delay: its sender entry passes it.
+        assert live.ask(request(rcpt="other@example.net")) == "action=DUNNO"
+    finally:
+        live.close()
+    return site / "log"
+
+
+def report(site, *args, stdin=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "greylist.cli.greylistctl", "-c",
+                           str(site / "gl.cf"), "report", *args], input=stdin,
+                          capture_output=True, timeout=60, env=env)
+    return done.returncode, done.stdout.decode()
+
+
+def test_report_of_greylists_own_log(site, logged):
+    status, out = report(site, "--delay", "1", str(logged))
+    assert status == 0, out
+    lines = out.splitlines()
+    assert lines[0] == "report: 6 lines: 6 decisions, 0 screened, 0 malformed (skipped), " \
+        "0 other lines"
+    assert lines[1].split() == ["day", "deferred", "passed", "failures"]
+    assert lines[2].split()[1:] == ["4", "2", "0"]
+    assert lines[3] == "triples deferred that never retried after 1 s: 2 (of 3 deferred; " \
+        "0 too recent to tell)"
+    assert lines[4].startswith("  198.51.100.7 bot@spam.example x@example.net tries=2 first=")
+    assert lines[5].startswith("  198.51.100.8 bot2@spam.example y@example.net tries=1 first=")
+    assert lines[6:] == [
+        "top 10 clients of deferred requests:",
+        "         2 198.51.100.7",
+        "         1 192.0.2.10",
+        "         1 198.51.100.8",
+        "top 10 senders of deferred requests:",
+        "         2 bot@spam.example",
+        "         1 alice@example.org",
+        "         1 bot2@spam.example"]
+
+
+def test_a_long_delay_leaves_recent_triples_out(site, logged):
+    status, out = report(site, "--delay", "1h", "--top", "1", str(logged))
+    assert "triples deferred that never retried after 3600 s: 0 (of 3 deferred; " \
+        "2 too recent to tell)\n" in out
+    assert "top 1 clients of deferred requests:\n         2 198.51.100.7\ntop 1 senders" in out
+
+
+def test_mixed_malformed_and_overlong_lines_from_stdin(site, logged):
+    ours = logged.read_bytes().splitlines(keepends=True)
+    host = ours[0].split()[3]
+    mixed = b"".join([
+        b"Dec  1 10:00:00 " + host + b" postfix/smtpd[99]: connect from unknown[192.0.2.10]\n",
+        ours[0],
+        b"Dec  1 10:00:01 " + host + b" greylist[12]: action=DEFER_IF_PERMIT reason=new age=0"
+        b" client=192.0.2.10\n",                              # cut short
+        b"Dec  1 10:00:01 " + host + b" greylist[12]: action=DUNNO reason=known age=0"
+        b" client=not-an-address sender=a@b rcpt=c@d\n",      # bad address
+        b"Dec 41 10:00:01 " + host + b" greylist[12]: action=DUNNO reason=known age=0"
+        b" client=192.0.2.1 sender=a@b rcpt=c@d\n",           # bad time stamp
+        b"Dec  1 10:00:02 " + host + b" greylist[12]: warning: ignoring malformed record\n",
+        b"Dec  1 10:00:02 " + host + b" greylist[12]: action=DUNNO reason=protocol_state=MAIL\n",
+        b"Dec  1 10:00:03 " + host + b" greylist[12]: action=" + b"x" * (2 * MAX_LINE) + b"\n",
+        b"\xff\xfe binary \x00 junk\n",
+    ] + ours[1:])
+    status, out = report(site, "--delay", "1", stdin=mixed)
+    assert status == 0, out
+    assert out.splitlines()[0] == ("report: 14 lines: 6 decisions, 1 screened, 4 malformed "
+                                   "(skipped), 3 other lines")
+    assert "never retried after 1 s: 2 (of 3 deferred" in out
+
+
+def test_gzip_files_and_several_files(site, logged, tmp_path):
+    packed = tmp_path / "log.1.gz"
+    packed.write_bytes(gzip.compress(logged.read_bytes()))
+    status, out = report(site, "--delay", "1", str(packed), str(logged))
+    assert status == 0 and out.startswith("report: 12 lines: 12 decisions")
+
+
+def test_unreadable_files_and_bad_options(site, logged, tmp_path):
+    assert report(site, str(tmp_path / "absent")) == (
+        1, "greylistctl: report: %s: No such file or directory\n" % (tmp_path / "absent"))
+    os.symlink(logged, tmp_path / "link")
+    status, out = report(site, str(tmp_path / "link"))
+    assert status == 1 and out.endswith("(a symbolic link?)\n")
+    (tmp_path / "bad.gz").write_bytes(b"\x1f\x8b" + b"not gzip at all")
+    status, out = report(site, str(tmp_path / "bad.gz"))
+    assert status == 1 and out.startswith("greylistctl: report: %s: " % (tmp_path / "bad.gz"))
+    assert report(site, "--top", "many")[0] == 2
+
+
+def test_distinct_keys_are_capped(monkeypatch):
+    from greylist import report as module
+    monkeypatch.setattr(module, "MAX_KEYS", 3)
+    lines = b"".join(
+        b"2026-12-01T10:00:%02d+00:00 mx greylist[1]: action=DEFER_IF_PERMIT reason=new age=0 "
+        b"client=192.0.%d.1 sender=s%d@example.org rcpt=r@example.net\n" % (i, i, i)
+        for i in range(10))
+    out = io.StringIO()
+    assert run([], Config(), "1", None, out, io.BytesIO(lines), clock=lambda: 1.8e9) == 0
+    text = out.getvalue()
+    assert "\n2026-12-01 %10d %10d %10d\n" % (10, 0, 0) in text
+    assert "(only the first 3 distinct triples are counted)\n" in text
+    assert "  (only the first 3 distinct clients are counted)\n" in text
+    assert text.count("tries=1") == 3
+
+
+def test_syslog_years_are_inferred_across_new_year():
+    lines = b"".join(
+        b"%s mx greylist[1]: action=DEFER_IF_PERMIT reason=new age=0 "
+        b"client=192.0.2.1 sender=a@example.org rcpt=r@example.net\n" % stamp
+        for stamp in (b"Dec 31 23:59:00", b"Jan  1 00:01:00"))
+    out = io.StringIO()
+    # Run in February 2027: December is last year's.
+    assert run([], Config(), "60", None, out, io.BytesIO(lines),
+               clock=lambda: 1801000000) == 0
+    assert "\n2026-12-31 %10d" % 1 in out.getvalue()
+    assert "\n2027-01-01 %10d" % 1 in out.getvalue()
+    # Two tries two minutes apart: it retried after the 60 s.
+    assert "never retried after 60 s: 0 (of 1 deferred" in out.getvalue()
+
+
+@pytest.mark.postfix
+def test_report_of_a_real_postfix_maillog():
+    from tests.test_postfix import DELAY_S, instance, rcpt_reply
+    with instance() as postfix:
+        assert rcpt_reply(postfix.swaks("alice@example.org", "user@example.test")).startswith(
+            "450 4.7.1")
+        assert rcpt_reply(postfix.swaks("bot@spam.example", "user@example.test")).startswith(
+            "450 4.7.1")
+        time.sleep(DELAY_S + 1)
+        assert rcpt_reply(postfix.swaks("alice@example.org", "user@example.test")).startswith(
+            "250")
+        postfix.wait_for_delivery("user")
+        maillog = postfix.maillog
+        out = io.StringIO()
+        cfg = Config()
+        assert run([str(maillog)], cfg, str(DELAY_S), None, out) == 0
+    text = out.getvalue()
+    counts = re.fullmatch(r"report: (\d+) lines: (\d+) decisions, 0 screened, 0 malformed "
+                          r"\(skipped\), (\d+) other lines", text.splitlines()[0])
+    # Postfix's own lines are counted and skipped.
+    assert counts is not None and counts.group(2) == "3" and int(counts.group(3)) > 10, text
+    assert "never retried after %d s: 1 (of 2 deferred" % DELAY_S in text
+    assert " bot@spam.example user@example.test tries=1 " in text
