@@ -121,10 +121,17 @@ def database_problems(cfg: Config) -> list[str]:
             problems.append("%s is a symbolic link" % path)
             continue
         try:
-            check_format(path)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            problems.append("cannot open %s: %s" % (path, exc.strerror))
+            continue
+        try:
+            check_format(path, fd)
         except StoreError as exc:
             problems.append(str(exc))
             continue
+        finally:
+            os.close(fd)
         if not os.access(path, os.R_OK | os.W_OK):
             problems.append("%s is not readable and writable" % path)
     return problems
