@@ -12,7 +12,8 @@ DESCRIPTION
                     log with maillog_file (Postfix 3.4 and later); the
                     lines land in Postfix's own log file.
     /FILE           lines appended to a file, opened again within a
-                    second when it is rotated or removed.
+                    second when it is rotated or removed; never through
+                    a symbolic link (the lines are lost instead).
 
     File and postlog lines look like the lines Postfix's own programs
     write to maillog_file (msg_logger.c): a time stamp "%b %d %H:%M:%S"
@@ -141,8 +142,10 @@ class Log:
             except OSError:
                 pass
         self.close()
+        # Never through a symbolic link (issue 15: root's greylistctl
+        # followed one): a link at the name loses the lines instead.
         self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                           | os.O_CLOEXEC, 0o640)
+                           | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
         st = os.fstat(self._fd)
         self._file_id = (st.st_ino, st.st_dev)
         self._checked_at = now

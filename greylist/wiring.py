@@ -48,10 +48,13 @@ class Tuning(NamedTuple):
     warning_interval_s: float = STORE_WARNING_INTERVAL_S
     # None: greylist_lock_timeout.
     lock_timeout_s: float | None = None
+    # A trial commit in a child process at each open (writecheck.py).
+    write_check: bool = False
 
     def store_options(self, cfg: Config) -> dict:
         return {"reopen_delay_s": self.reopen_delay_s, "map_size": self.map_size,
                 "same_file_interval_s": self.same_file_interval_s,
+                "write_check": self.write_check,
                 "lock_timeout_s": cfg.lock_timeout_ms / 1000 if self.lock_timeout_s is None
                 else self.lock_timeout_s}
 

@@ -233,3 +233,80 @@ def test_greylistctl_cleanup_reports_a_state_file_error_once_not_busy(tmp_path):
     assert "cleanup state" in done.stdout + done.stderr
     assert time.monotonic() - began < 20
     assert len(warnings(read_log(directory / "log"))) <= 1
+
+
+WRITER = """\
+import subprocess, sys
+first = int(sys.argv[2])
+requests = b"".join(b"request=smtpd_access_policy\\nprotocol_state=RCPT\\n"
+                    b"client_address=10.%d.%d.1\\nsender=s%d@example.org\\n"
+                    b"recipient=r%d@example.net\\n\\n" % ((n // 250) % 250, n % 250, n, n)
+                    for n in range(first, first + 3000))
+done = subprocess.run([sys.executable, "-m", "greylist", "-c", sys.argv[1]], input=requests,
+                      capture_output=True, timeout=120)
+print(done.returncode)
+"""
+
+
+def damaged_by_postmap_i(directory: pathlib.Path, cf: pathlib.Path, postmap: str,
+                         rounds: int = 8) -> bool:
+    """Run postmap -i on the database while greylist writes it, as issue 15's
+    review did, until LMDB can no longer write it (at most rounds)."""
+    from greylist.stores.writecheck import check
+    entries = directory / "entries"
+    entries.write_text("".join("pm%d OK\n" % n for n in range(20000)))
+    for n in range(rounds):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(cf), str(10000 * n)],
+                                  stdout=subprocess.PIPE, text=True, env=environment())
+        try:
+            for _ in range(3):
+                with entries.open() as handle:
+                    subprocess.run([postmap, "-i", "lmdb:%s" % (directory / "db")],
+                                   stdin=handle, capture_output=True, timeout=120)
+        finally:
+            writer.communicate(timeout=150)
+        if check(str(directory / "db")) is not None:
+            return True
+    return False
+
+
+def test_postmap_i_damage_is_found_and_greylistd_fails_open_with_one_line(tmp_path, postmap):
+    # issue 15: after postmap -i ran beside greylist writers every later
+    # write died in LMDB's mdb_freelist_save() assertion (SIGABRT), with
+    # no log line, and smtpd answered 451 4.3.5.
+    from tests import daemon
+    directory = home(tmp_path / "pmi")
+    cf = settings(directory)
+    if not damaged_by_postmap_i(directory, cf, postmap):
+        pytest.skip("postmap -i beside greylist's writes did not damage the file in 8 rounds")
+    # Postfix's own postmap (Debian's liblmdb) cannot write it either.
+    done = subprocess.run([postmap, "-i", "lmdb:%s" % (directory / "db")], input="k OK\n",
+                          capture_output=True, text=True, timeout=60)
+    # (An assertion in mdb_freelist_save() or mdb_page_dirty(), or
+    # MDB_CURSOR_FULL: the damage differs from run to run.)
+    assert done.returncode != 0 and "postmap: fatal:" in done.stderr
+    found = ctl(cf, "check")
+    assert found.returncode == 1
+    # Found by the read (keys out of order) or by the trial commit.
+    assert "db.lmdb is damaged" in found.stdout
+    assert "move the file aside (do not truncate it)" in found.stdout
+    with daemon.start(directory / "d", "greylist_database = %s\n" % (directory / "db")) as d:
+        replies = [d.ask(triple_request(100000 + n)) for n in range(3)]
+        assert replies == [b"action=DUNNO\n\n"] * 3
+        assert d.alive()
+        # Found at open (the first or last leaf, or the trial commit): one
+        # line, with the recovery, and the daemon lives on.
+        lines = [line for line in warnings(d.log()) if "is damaged" in line]
+        assert len(lines) == 1, warnings(d.log())
+        assert "move the file aside" in lines[0]
+
+
+def test_the_log_file_is_never_opened_through_a_symbolic_link(tmp_path):
+    # issue 15: "the log file is followed the same way".
+    directory = home(tmp_path / "log")
+    target = home(tmp_path / "elsewhere") / "victim"
+    target.write_text("")
+    cf = settings(directory)
+    (directory / "log").symlink_to(target)
+    assert run(command(cf), triple_request(1)).stdout.startswith(b"action=DEFER_IF_PERMIT")
+    assert target.read_text() == ""

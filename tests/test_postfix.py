@@ -9,6 +9,7 @@ interpreter of the same Python version that nobody can execute.
 import contextlib
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import tempfile
@@ -64,7 +65,8 @@ def instance(settings: str = "", main_cf: dict | None = None):
                           "greylist_log = postlog:%s/queue/public/postlog\n"
                           "greylist_header = yes\ngreylist_whitelist_clients = %s\n%s"
                           % (database, DELAY_S, root, whitelist, settings))
-        argv = runtime(root) + ["-m", "greylist", "-c", str(config)]
+        python = runtime(root)
+        argv = python + ["-m", "greylist", "-c", str(config)]
         # Group postdrop reaches queue/public/postlog (mode 0710), see greylist(8).
         # XCLIENT from 127.0.0.1 lets swaks present other client addresses.
         extra = {"smtpd_authorized_xclient_hosts": "127.0.0.1"} | {
@@ -72,6 +74,8 @@ def instance(settings: str = "", main_cf: dict | None = None):
         with PostfixInstance(root, argv, policy_user=USER + ":postdrop",
                              extra_main_cf=extra) as postfix:
             postfix.database = str(database / "greylist")
+            postfix.settings = str(config)
+            postfix.python = python
             yield postfix
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -174,6 +178,27 @@ def test_policy_processes_log_through_postlog_and_never_on_the_smtp_session(post
     log = postfix.log_text()
     assert "greylist[" in log and "fatal:" not in log
     assert "malformed" not in log and "451 4.3.5" not in log
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_greylistctl_as_root_logs_through_postlog_after_becoming_the_policy_user(postfix):
+    # issue 15: greylistctl could not log through postlog after dropping
+    # to the policy user, though greylistctl(8) says its actions are logged.
+    for action in ("add", "remove"):
+        # The Python the policy user can run (greylistctl imports after it
+        # becomes that user).
+        done = subprocess.run(postfix.python + ["-m", "greylist.cli.greylistctl", "-c",
+                                                postfix.settings, "whitelist", action,
+                                                "192.0.2.77"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "whitelist: removed" not in postfix.log_text():
+        time.sleep(0.1)
+    log = postfix.log_text()
+    assert re.search(r"greylistctl\[\d+\]: whitelist: added 192\.0\.2$", log, re.M), \
+        log[-2000:]
+    assert "whitelist: removed" in log
 
 
 def test_auto_whitelisted_client_is_accepted_by_smtpd_from_the_client_table(

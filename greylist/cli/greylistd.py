@@ -141,8 +141,10 @@ class Daemon:
             from greylist.metrics import Metrics
             metrics = Metrics()
         # Lock waits within greylist_lock_timeout: one store thread serves
-        # every connection, and smtpd gives up after 100 s with 451.
-        tuning = Tuning()
+        # every connection, and smtpd gives up after 100 s with 451. A
+        # trial commit before each file is used: an LMDB abort on a damaged
+        # file (writecheck.py) would end every connection at once.
+        tuning = Tuning(write_check=True)
         self.stores = found = wiring.stores(self.cfg, self.log, tuning)
         service = policy_service(self.cfg, self.log, tuning=tuning, found=found)
         committer = Committer(service.store, loop, batch_max=self.cfg.commit_batch,

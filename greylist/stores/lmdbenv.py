@@ -26,7 +26,8 @@ DESCRIPTION
     while a write waits for its lock still gets that write.
 
 DIAGNOSTICS
-    StoreError from the file checks (lmdbfile.py), and for any error
+    StoreError from the file checks (lmdbfile.py), from the trial commit
+    of write_check (writecheck.py), and for any error
     that LMDB or the operating system reports, described with the
     recovery where the file is damaged.
 """
@@ -67,8 +68,12 @@ class Environment:
                  warn: Callable[[str], None] | None = None,
                  reopen_delay_s: float = REOPEN_DELAY_S, map_size: int = MAP_SIZE,
                  same_file_interval_s: float = SAME_FILE_INTERVAL_S,
-                 lock_timeout_s: float | None = None, private: bool = False) -> None:
+                 lock_timeout_s: float | None = None, private: bool = False,
+                 write_check: bool = False) -> None:
         self.name = name
+        # Before using a file it opens, a trial commit in a child process
+        # (writecheck.py): greylistd, which one abort would end.
+        self.write_check = write_check and not readonly
         # The database itself (0600), not a table Postfix reads (lmdbfile.py).
         self.private = private
         self.path = data_file(name)
@@ -178,6 +183,13 @@ class Environment:
                              "at most %d s" % (self.path, self.reopen_delay_s))
         try:
             env, fd = self._open_files()
+            if self.write_check:
+                from greylist.stores.writecheck import check
+                problem = check(self.name, self.lock_timeout_s or 2.0)
+                if problem is not None:
+                    env.close()
+                    os.close(fd)
+                    raise StoreError(problem)
         except StoreError:
             self._failed_at = time.monotonic()
             raise

@@ -154,7 +154,7 @@ def check_format(path: str, fd: int) -> None:
 
 _DAMAGE = tuple(getattr(lmdb, name) for name in (
     "CorruptedError", "PageNotFoundError", "InvalidError", "PanicError",
-    "BadTxnError", "VersionMismatchError") if hasattr(lmdb, name))
+    "BadTxnError", "VersionMismatchError", "CursorFullError") if hasattr(lmdb, name))
 
 
 # Free space under which LMDB's "Input/output error" is a full file
