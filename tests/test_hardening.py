@@ -209,14 +209,28 @@ def test_a_growing_database_is_not_reported_damaged_when_a_process_opens_it(tmp_
 def test_greylistctl_cleanup_runs_with_cleanup_disabled(tmp_path):
     # issue 15: with greylist_cleanup_interval = 0 (advised on all hosts
     # but one) greylistctl cleanup said "busy" and exited 75 after 60 s.
+    # A pass longer than one step (0.2 s) is needed to see it: 300,000
+    # pending records, written directly.
+    from greylist.core.record import PENDING, Record, encode
+    from greylist.stores.lock import EXCLUSIVE
     directory = home(tmp_path / "disabled")
     cf = settings(directory, cleanup_interval="0")
-    assert run(command(cf), triple_request(1)).returncode == 0
+    env = Environment(str(directory / "db"))
+    now = int(time.time())
+    value = encode(Record(now, now, 1, PENDING)) + b"\0"
+
+    def fill(lmdb_env) -> None:
+        with lmdb_env.begin(write=True) as txn:
+            for n in range(300000):
+                txn.put(b"10.%d.%d/s%d@example.org/r@example.net\0"
+                        % (n // 65536, n // 256 % 256, n), value)
+    env.run(EXCLUSIVE, fill)
+    env.close()
     began = time.monotonic()
-    done = ctl(cf, "cleanup", timeout=30)
+    done = ctl(cf, "cleanup", timeout=120)
     assert done.returncode == 0, done
-    assert done.stdout.startswith("cleanup: full retained="), done
-    assert time.monotonic() - began < 20
+    assert done.stdout.startswith("cleanup: full retained=300000 dropped=0"), done
+    assert time.monotonic() - began < 100
 
 
 def test_greylistctl_cleanup_reports_a_state_file_error_once_not_busy(tmp_path):
