@@ -38,8 +38,9 @@ DESCRIPTION
     against the requests sent (manual-client, awl-client, unproven). The
     last transaction id and entry count of every LMDB environment in the
     database directory (py-lmdb env.info()["last_txnid"], read by
-    --python with lock=False, readonly) are taken after the database was
-    made and again after the program stopped: any change, or a new
+    --python with lock=False, readonly) are taken after the warm-up
+    (greylistd opens each file with a trial commit, stores/writecheck.py)
+    and again after the program stopped: any change, or a new
     environment with a transaction in it, is a database write by the
     program, and reported. Files the program creates that are no LMDB
     environment (greylistd's cleanup state) are listed apart.
@@ -653,9 +654,11 @@ def run_case(prog: Prog, k: int, sizes: dict, args, top: str) -> list:
     try:
         prog.prepare(workdir, sizes["groups"])
         the_plan = plan(k, sizes, prog.pass_reply() if prog.ours else None)
-        state0 = lmdb_state(args.python, prog.dbdir) if prog.ours else None
         endpoints = prog.start(k)
         warm = summarise(run_phase(endpoints, the_plan["warm"], args.limit, prog.kill))
+        # After the warm-up: greylistd opens each file with a trial commit
+        # (stores/writecheck.py), which is no request's write.
+        state0 = lmdb_state(args.python, prog.dbdir) if prog.ours else None
         for kind in ("known", "unknown"):
             row = dict(base, kind=kind, available=True,
                        requests=sum(len(r) for r, _ in the_plan[kind]))
@@ -850,7 +853,7 @@ def print_report(report: dict, stream) -> None:
               len(t["p99_ms_all_rounds"]),
               "%.3f ms" % t["ceiling_p99_ms"] if t.get("ceiling_p99_ms") is not None else "-"))
     w("\nno-write check (every LMDB environment of the database directory, "
-      "[last_txnid, entries] after the database was made -> after the program stopped):\n")
+      "[last_txnid, entries] after the warm-up -> after the program stopped):\n")
     for r in report["all_rounds"]:
         if r["kind"] != "known" or "lmdb_before" not in r:
             continue

@@ -266,7 +266,7 @@ def damaged_by_postmap_i(directory: pathlib.Path, cf: pathlib.Path, postmap: str
                          rounds: int = 8) -> bool:
     """Run postmap -i on the database while greylist writes it, as issue 15's
     review did, until LMDB can no longer write it (at most rounds)."""
-    from greylist.stores.writecheck import check
+    from greylist.stores.lmdbenv import Environment
     entries = directory / "entries"
     entries.write_text("".join("pm%d OK\n" % n for n in range(20000)))
     for n in range(rounds):
@@ -279,8 +279,13 @@ def damaged_by_postmap_i(directory: pathlib.Path, cf: pathlib.Path, postmap: str
                                    stdin=handle, capture_output=True, timeout=120)
         finally:
             writer.communicate(timeout=150)
-        if check(str(directory / "db")) is not None:
+        trying = Environment(str(directory / "db"), lock_timeout_s=2.0, write_check=True)
+        try:
+            trying.open()
+        except StoreError:
             return True
+        finally:
+            trying.close()
     return False
 
 

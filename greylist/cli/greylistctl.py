@@ -577,7 +577,6 @@ def _check(store: Store, cfg: Config) -> int:
         print("check: %s: answers (Redis checks its own files)" % cfg.database)
         return 0
     from greylist.stores.lmdb import LmdbStore
-    from greylist.stores.writecheck import check
     damaged = 0
     for name in (cfg.database, cfg.client_table, cfg.correspondent_table,
                  cfg.postscreen_table):
@@ -592,7 +591,15 @@ def _check(store: Store, cfg: Config) -> int:
             continue
         finally:
             table.close()
-        problem = check(name, cfg.lock_timeout_ms / 1000)
+        trying = LmdbStore(name, lock_timeout_s=cfg.lock_timeout_ms / 1000,
+                           write_check=True)
+        try:
+            trying.open()
+            problem = None
+        except StoreError as exc:
+            problem = str(exc)
+        finally:
+            trying.close()
         if problem is not None:
             print("check: %s" % problem)
             damaged += 1

@@ -184,8 +184,8 @@ class Environment:
         try:
             env, fd = self._open_files()
             if self.write_check:
-                from greylist.stores.writecheck import check
-                problem = check(self.name, self.lock_timeout_s or 2.0)
+                from greylist.stores.writecheck import trial
+                problem = trial(self.path, env, fd, self.lock_timeout_s or 2.0)
                 if problem is not None:
                     env.close()
                     os.close(fd)

@@ -3,97 +3,112 @@
 DESCRIPTION
     A writer that takes no lock (postmap -i while greylist writes: in
     Postfix 3.7 it takes none) can leave a file that LMDB reads without
-    complaint but can never write again: every commit fails an assertion
-    in mdb_freelist_save() and the process ends with SIGABRT, before any
-    log line. Postfix's own postmap, with Debian's liblmdb 0.9.24, dies
-    the same way on such a file ("internal error: mdb.c:3155: Assertion
-    'pglast <= env->me_pglast' failed in mdb_freelist_save()"), so
-    building py-lmdb against the system library changes nothing.
+    complaint but can never write again: a commit fails an internal
+    assertion (in mdb_freelist_save() or mdb_page_dirty()) and the
+    process ends with SIGABRT, before any log line. Postfix's own
+    postmap, with Debian's liblmdb 0.9.24, fails on such a file too
+    ("internal error: mdb.c:3155: Assertion 'pglast <= env->me_pglast'
+    failed in mdb_freelist_save()"), so building py-lmdb against the
+    system library changes nothing.
 
-    check() runs one write transaction in a child process (python -m
-    greylist.stores.writecheck NAME: a key put and deleted again, under
-    the exclusive lock, so the file's contents stay the same), where the
-    abort ends only the child, and describes a child that died with the
-    recovery. greylistd runs it whenever it opens the database, and
-    greylistctl check on demand; each policy process under spawn(8) does
-    not (it would cost a process start each), and dies at its first
-    write instead, which default_action=DUNNO answers (greylist(8),
-    RECOVERY).
-
-DIAGNOSTICS
-    The child exits 0 when the commit succeeded, 1 with a message on
-    stderr when the table cannot be used for another reason.
+    trial() forks; the child takes the exclusive lock on the lock
+    descriptor it inherits (fcntl locks are not inherited: it waits for
+    the parent's like any other process), runs one write transaction on
+    the environment it inherits (a key put and deleted again, so the
+    file's contents stay the same) and exits, so that an abort ends only
+    the child; a child that died of a signal is described with the
+    recovery. Nothing is executed: the child needs no interpreter that
+    the (unprivileged) user may run. The caller holds no lock and runs
+    no transaction on the environment meanwhile (lmdbenv.py calls it
+    under its mutex, at open). greylistd makes the trial whenever it
+    opens a file, and greylistctl check on demand; each policy process
+    under spawn(8) does not (a fork and a durable commit at every start),
+    and dies at its first write instead, which default_action=DUNNO
+    answers (greylist(8), RECOVERY).
 """
 
 import os
 import signal
-import subprocess
-import sys
+import time
 
-from greylist.stores.lmdbfile import MOVE_ASIDE
+import lmdb
 
-# Longest a check may take: a lock wait (greylist_lock_timeout) and a
-# durable commit, with a process start.
-CHECK_TIMEOUT_S = 30.0
-# Bytes of the child's stderr kept for the message.
-MAX_STDERR = 500
+from greylist.stores.lmdbfile import MOVE_ASIDE, describe
+
+# Longest a trial may take: a lock wait (the caller's) and a durable commit.
+TRIAL_S = 10.0
 _KEY = b"greylist-write-check\0"
+# Bytes of the child's message (less than a pipe's buffer: no wait).
+MAX_MESSAGE = 1000
 
 
-def check(name: str, lock_timeout_s: float = 2.0,
-          timeout_s: float = CHECK_TIMEOUT_S) -> str | None:
-    """None if a write transaction on lmdb:name commits, else why not."""
-    path = name + ".lmdb"
+def trial(path: str, env: lmdb.Environment, fd: int, lock_timeout_s: float) -> str | None:
+    """None if a write transaction on env commits, else why not."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        _child(path, env, fd, lock_timeout_s, write_end)
+    os.close(write_end)
     try:
-        done = subprocess.run([sys.executable, "-m", "greylist.stores.writecheck", name,
-                               repr(lock_timeout_s)], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              timeout=timeout_s, env=_environment())
-    except subprocess.TimeoutExpired:
-        return "%s: a trial write did not finish within %d s" % (path, timeout_s)
-    except OSError as exc:
-        return "%s: cannot run a trial write: %s" % (path, exc.strerror)
-    if done.returncode == 0:
+        return _outcome(path, pid, lock_timeout_s, read_end)
+    finally:
+        os.close(read_end)
+
+
+def _outcome(path: str, pid: int, lock_timeout_s: float, read_end: int) -> str | None:
+    deadline = time.monotonic() + lock_timeout_s + TRIAL_S
+    pause = 0.001
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return "%s: a trial write did not finish within %d s" % (
+                path, lock_timeout_s + TRIAL_S)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
         return None
-    if done.returncode == -signal.SIGABRT:
-        return ("%s is damaged: LMDB aborts every write to it (a writer without a lock, "
-                "such as postmap -i while greylist ran, changed it); %s"
-                % (path, MOVE_ASIDE))
-    reason = done.stderr[-MAX_STDERR:].decode("utf-8", "replace").strip()
-    return reason or "%s: a trial write ended with status %d" % (path, done.returncode)
+    if os.WIFSIGNALED(status):
+        return ("%s is damaged: LMDB aborts every write to it (%s; a writer without a "
+                "lock, such as postmap -i while greylist ran, changed it); %s"
+                % (path, signal.Signals(os.WTERMSIG(status)).name, MOVE_ASIDE))
+    code = os.WEXITSTATUS(status)
+    if code == 2:
+        return "%s: locked by another process for more than %.1f s; no trial write" % (
+            path, lock_timeout_s)
+    # The child's description of LMDB's error (lmdbfile.describe()).
+    told = os.read(read_end, MAX_MESSAGE).decode("utf-8", "replace").strip()
+    return told or "%s: a trial write failed" % path
 
 
-def _environment() -> dict[str, str]:
-    """The child imports this very greylist, wherever it was found."""
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in [env.get("PYTHONPATH")] if p])
-    return env
-
-
-def main(argv: list[str]) -> int:
-    """The child: one write transaction on lmdb:argv[0]."""
-    from greylist.stores.base import StoreError
-    from greylist.stores.lmdbenv import Environment
-    from greylist.stores.lock import EXCLUSIVE
-    if not os.path.exists(argv[0] + ".lmdb"):
-        sys.stderr.write("%s.lmdb: no such database\n" % argv[0])
-        return 1
-    env = Environment(argv[0], lock_timeout_s=float(argv[1]))
-
-    def body(lmdb_env) -> None:
-        with lmdb_env.begin(write=True) as txn:
+def _child(path: str, env: lmdb.Environment, fd: int, lock_timeout_s: float,
+           tell: int) -> None:
+    """The child: exit 0 after a commit, 2 if the lock did not come, 1 for
+    an error, described on the pipe tell. Never returns; nothing of the
+    parent's runs here."""
+    code = 1
+    try:
+        # LMDB's assertion text must not reach a client's socket.
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        from greylist.stores.lock import EXCLUSIVE, LockBusy, lock
+        try:
+            lock(fd, EXCLUSIVE, timeout_s=lock_timeout_s)
+        except LockBusy:
+            os._exit(2)
+        with env.begin(write=True) as txn:
             txn.put(_KEY, b"\0")
             txn.delete(_KEY)
-    try:
-        env.run(EXCLUSIVE, body)
-    except StoreError as exc:
-        sys.stderr.write("%s\n" % exc)
-        return 1
-    finally:
-        env.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+        code = 0
+    except lmdb.Error as exc:
+        try:
+            os.write(tell, describe(path, exc).encode("utf-8", "replace")[:MAX_MESSAGE])
+        except OSError:
+            pass
+    except BaseException:
+        pass
+    os._exit(code)
