@@ -576,30 +576,18 @@ def _check(store: Store, cfg: Config) -> int:
             return 1
         print("check: %s: answers (Redis checks its own files)" % cfg.database)
         return 0
-    from greylist.stores.lmdb import LmdbStore
+    from greylist.stores.lmdbenv import Environment
     damaged = 0
     for name in (cfg.database, cfg.client_table, cfg.correspondent_table,
                  cfg.postscreen_table):
         if not name or not os.path.exists(name + ".lmdb"):
             continue
-        table = LmdbStore(name, readonly=True, lock_timeout_s=cfg.lock_timeout_ms / 1000)
+        # All in a child process: damage can make a read abort too.
+        env = Environment(name, lock_timeout_s=cfg.lock_timeout_ms / 1000)
         try:
-            entries = sum(1 for _ in table.items(MANUAL_BATCH))
-        except StoreError as exc:
-            print("check: %s" % exc)
-            damaged += 1
-            continue
+            problem, entries = env.verify()
         finally:
-            table.close()
-        trying = LmdbStore(name, lock_timeout_s=cfg.lock_timeout_ms / 1000,
-                           write_check=True)
-        try:
-            trying.open()
-            problem = None
-        except StoreError as exc:
-            problem = str(exc)
-        finally:
-            trying.close()
+            env.close()
         if problem is not None:
             print("check: %s" % problem)
             damaged += 1

@@ -185,7 +185,7 @@ class Environment:
             env, fd = self._open_files()
             if self.write_check:
                 from greylist.stores.writecheck import trial
-                problem = trial(self.path, env, fd, self.lock_timeout_s or 2.0)
+                problem = trial(self.path, env, fd, self.lock_timeout_s or 2.0)[0]
                 if problem is not None:
                     env.close()
                     os.close(fd)
@@ -267,6 +267,19 @@ class Environment:
             raise StoreError(describe(self.path, exc)) from None
         finally:
             unlock(fd)
+
+    def verify(self) -> tuple[str | None, int]:
+        """greylistctl check: open, then every entry read and a trial
+        commit in a child process (writecheck.py); (None, entries) or
+        (the problem, 0)."""
+        with self._mutex:
+            try:
+                env = self._open()
+            except StoreError as exc:
+                return str(exc), 0
+            from greylist.stores.writecheck import trial
+            return trial(self.path, env, self.fd, self.lock_timeout_s or 2.0,
+                         read_all=True)
 
     def _same_file(self) -> bool:
         """Whether the open file is still the one at self.path."""

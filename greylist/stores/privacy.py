@@ -70,9 +70,11 @@ def load_secret(path: str) -> bytes:
         except OSError as exc:
             raise SecretError("cannot create %s: %s" % (path, exc.strerror)) from None
     try:
-        with open(path, encoding="ascii") as handle:
+        # Never through a symbolic link; a secret is short.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open(fd, encoding="ascii", closefd=True) as handle:
             mode = os.fstat(handle.fileno()).st_mode
-            text = handle.read().strip()
+            text = handle.read(4096).strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise SecretError("cannot read %s: %s" % (path, exc)) from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):

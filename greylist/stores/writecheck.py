@@ -13,7 +13,9 @@ DESCRIPTION
 
     trial() forks; the child takes the exclusive lock on the lock
     descriptor it inherits (fcntl locks are not inherited: it waits for
-    the parent's like any other process), runs one write transaction on
+    the parent's like any other process), reads every entry if asked
+    (greylistctl check: damage can make a read abort too), runs one write
+    transaction on
     the environment it inherits (a key put and deleted again, so the
     file's contents stay the same) and exits, so that an abort ends only
     the child; a child that died of a signal is described with the
@@ -35,29 +37,35 @@ import lmdb
 
 from greylist.stores.lmdbfile import MOVE_ASIDE, describe
 
-# Longest a trial may take: a lock wait (the caller's) and a durable commit.
+# Longest a trial may take: a lock wait (the caller's) and a durable
+# commit; with every entry read first (greylistctl check), longer.
 TRIAL_S = 10.0
+CHECK_S = 600.0
 _KEY = b"greylist-write-check\0"
 # Bytes of the child's message (less than a pipe's buffer: no wait).
 MAX_MESSAGE = 1000
 
 
-def trial(path: str, env: lmdb.Environment, fd: int, lock_timeout_s: float) -> str | None:
-    """None if a write transaction on env commits, else why not."""
+def trial(path: str, env: lmdb.Environment, fd: int, lock_timeout_s: float,
+          read_all: bool = False) -> tuple[str | None, int]:
+    """(None, entries) if a write transaction on env commits, else (why
+    not, 0). With read_all, the child first reads every entry (counted):
+    damage can make a read abort too (greylistctl check)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read_end)
-        _child(path, env, fd, lock_timeout_s, write_end)
+        _child(path, env, fd, lock_timeout_s, read_all, write_end)
     os.close(write_end)
     try:
-        return _outcome(path, pid, lock_timeout_s, read_end)
+        return _outcome(path, pid, lock_timeout_s + (CHECK_S if read_all else TRIAL_S),
+                        read_end)
     finally:
         os.close(read_end)
 
 
-def _outcome(path: str, pid: int, lock_timeout_s: float, read_end: int) -> str | None:
-    deadline = time.monotonic() + lock_timeout_s + TRIAL_S
+def _outcome(path: str, pid: int, limit_s: float, read_end: int) -> tuple[str | None, int]:
+    deadline = time.monotonic() + limit_s
     pause = 0.001
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -66,30 +74,28 @@ def _outcome(path: str, pid: int, lock_timeout_s: float, read_end: int) -> str |
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-            return "%s: a trial write did not finish within %d s" % (
-                path, lock_timeout_s + TRIAL_S)
+            return "%s: a trial write did not finish within %d s" % (path, limit_s), 0
         time.sleep(pause)
         pause = min(pause * 2, 0.05)
-    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-        return None
-    if os.WIFSIGNALED(status):
-        return ("%s is damaged: LMDB aborts every write to it (%s; a writer without a "
-                "lock, such as postmap -i while greylist ran, changed it); %s"
-                % (path, signal.Signals(os.WTERMSIG(status)).name, MOVE_ASIDE))
-    code = os.WEXITSTATUS(status)
-    if code == 2:
-        return "%s: locked by another process for more than %.1f s; no trial write" % (
-            path, lock_timeout_s)
-    # The child's description of LMDB's error (lmdbfile.describe()).
+    # What the child told: the entry count, or LMDB's error described.
     told = os.read(read_end, MAX_MESSAGE).decode("utf-8", "replace").strip()
-    return told or "%s: a trial write failed" % path
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        return None, int(told) if told.isdigit() else 0
+    if os.WIFSIGNALED(status):
+        return ("%s is damaged: LMDB aborts on it (%s; a writer without a lock, such as "
+                "postmap -i while greylist ran, changed it); %s"
+                % (path, signal.Signals(os.WTERMSIG(status)).name, MOVE_ASIDE)), 0
+    if os.WEXITSTATUS(status) == 2:
+        return "%s: locked by another process for more than %.1f s; no trial write" % (
+            path, lock_timeout_s), 0
+    return told or "%s: a trial write failed" % path, 0
 
 
 def _child(path: str, env: lmdb.Environment, fd: int, lock_timeout_s: float,
-           tell: int) -> None:
-    """The child: exit 0 after a commit, 2 if the lock did not come, 1 for
-    an error, described on the pipe tell. Never returns; nothing of the
-    parent's runs here."""
+           read_all: bool, tell: int) -> None:
+    """The child: exit 0 after a commit (the entry count told on the pipe
+    tell), 2 if the lock did not come, 1 for an error, described on tell.
+    Never returns; nothing of the parent's runs here."""
     code = 1
     try:
         # LMDB's assertion text must not reach a client's socket.
@@ -100,15 +106,25 @@ def _child(path: str, env: lmdb.Environment, fd: int, lock_timeout_s: float,
             lock(fd, EXCLUSIVE, timeout_s=lock_timeout_s)
         except LockBusy:
             os._exit(2)
+        entries = 0
+        if read_all:
+            with env.begin() as txn:
+                for _ in txn.cursor().iternext(keys=True, values=True):
+                    entries += 1
         with env.begin(write=True) as txn:
             txn.put(_KEY, b"\0")
             txn.delete(_KEY)
+        _tell(tell, str(entries))
         code = 0
     except lmdb.Error as exc:
-        try:
-            os.write(tell, describe(path, exc).encode("utf-8", "replace")[:MAX_MESSAGE])
-        except OSError:
-            pass
+        _tell(tell, describe(path, exc))
     except BaseException:
         pass
     os._exit(code)
+
+
+def _tell(fd: int, text: str) -> None:
+    try:
+        os.write(fd, text.encode("utf-8", "replace")[:MAX_MESSAGE])
+    except OSError:
+        pass
