@@ -343,3 +343,21 @@ def test_check_names_each_problem_on_stderr_and_exits_1(checked, case):
     assert "Traceback" not in done.stderr.decode()
     assert sorted(os.listdir(checked)) == files
     os.chmod(checked / "db", 0o755)
+
+
+def test_greylistd_check_reads_the_same_file_and_binds_nothing(checked):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cf = checked / "greylist.cf"
+    with cf.open("a") as handle:
+        handle.write("greylist_policy_listen = unix:%s/policy\n" % checked)
+    done = subprocess.run([sys.executable, "-m", "greylist.cli.greylistd", "--check", "-c",
+                           str(cf)], capture_output=True, timeout=30, env=env,
+                          stdin=subprocess.DEVNULL)
+    assert (done.returncode, done.stdout) == (0, b"%s: ok\n" % bytes(cf)), done
+    assert sorted(os.listdir(checked)) == ["clients", "db", "greylist.cf"]
+    with cf.open("a") as handle:
+        handle.write("greylist_policy_listen = tcp:127.0.0.1:1\n")
+    done = subprocess.run([sys.executable, "-m", "greylist.cli.greylistd", "--check", "-c",
+                           str(cf)], capture_output=True, timeout=30, env=env,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 1 and b"greylist_policy_listen" in done.stderr, done

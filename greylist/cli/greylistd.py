@@ -58,6 +58,7 @@ greylist's services on sockets, for many connections at once.
 
 Usage:
   greylistd [-v...] -c FILE
+  greylistd --check -c FILE
   greylistd -h | --help
   greylistd --version
 
@@ -65,6 +66,8 @@ Options:
   -c FILE, --config FILE  Read settings from FILE (main.cf syntax), as
                           greylist and greylistctl do.
   -v, --verbose           Log more; repeat for more detail.
+  --check                 Check the settings, as greylist --check does;
+                          bind, open and create nothing.
   -h, --help              Show this help.
   --version               Show the version.
 """
@@ -96,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except DocoptExit as exc:
         Log("greylistd").fatal("usage: %s" % str(exc).replace("\n", " "))
         return 2
+    if args["--check"]:
+        from greylist.check import check
+        return check(args["--config"], lambda: load(args["--config"], {}))
     try:
         cfg = load(args["--config"], {"verbose": args["--verbose"]})
     except ConfigError as exc:
