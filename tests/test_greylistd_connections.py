@@ -218,3 +218,31 @@ def test_end_of_input_after_pipelined_requests_answers_them_all_first(site):
         assert len(warned) == 1 and "premature end of input" in warned[0], warned
         assert daemon.stop() == 0
     assert_clean(daemon)
+
+
+def test_a_pass_that_writes_the_client_table_keeps_its_place_in_line(site):
+    """A retry that passes and earns its client the client table waits
+    twice (its commit, then the table write); the requests behind it on
+    the same connection are answered after it, in order, and the table
+    has the client."""
+    from greylist.stores.lmdb import LmdbStore
+    extra = "greylist_delay = 1s\ngreylist_client_awl_passes = 1\n"
+    with daemons.start(site, extra) as daemon:
+        with daemon.connect() as sock:
+            sock.sendall(triple_request(1))
+            assert split_replies(receive_replies(sock, 1))[0].startswith("DEFER_IF_PERMIT")
+            time.sleep(1.5)
+            sock.sendall(triple_request(1) + triple_request(2) + AT_ONCE)
+            actions = split_replies(receive_replies(sock, 3))
+            assert len(actions) == 3, actions
+            assert not actions[0].startswith("DEFER"), actions
+            assert actions[1].startswith("DEFER_IF_PERMIT") and actions[2] == "DUNNO", actions
+        assert daemon.stop() == 0
+    table = LmdbStore(str(site / "db-clients"))
+    try:
+        table.open()
+        entries = list(table.items())
+    finally:
+        table.close()
+    assert len(entries) == 1, entries
+    assert_clean(daemon)

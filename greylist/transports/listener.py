@@ -27,8 +27,10 @@ DESCRIPTION
     thread (a known record read in the event loop by Committer.plan, an
     exemption, a request that is not RCPT): no coroutine, no task, no
     timer per request. A request that needs the store thread (a write
-    and its commit, or a read that could not be done in the loop) gets
-    one task for itself, and until its reply is written its connection
+    and its commit, or a read that could not be done in the loop) is
+    finished by a callback when its future is done (a task only for the
+    rare request that waits twice: a client-table write, a callout
+    within its budget), and until its reply is written its connection
     answers nothing else: requests of one connection are answered in
     order. Input that arrives meanwhile, or while the client takes no
     replies (pause_writing), is held up to MAX_HELD_BYTES, then the
@@ -60,6 +62,7 @@ import os
 import socket
 import stat
 import time
+from functools import partial
 from typing import Callable, Coroutine
 
 from greylist.callout import BUDGET_S
@@ -249,11 +252,17 @@ class Server:
         self._sweeper: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def respond(self, request, session) -> "bytes | Coroutine[object, object, bytes]":
+    def respond(self, request, session) -> "bytes | Pending":
         """The framed reply to one request, when it is known at once;
-        otherwise a coroutine that waits for the store thread and returns
-        it. Raises ProtocolError."""
+        otherwise Pending: (future, finish), where finish(future), once
+        the future is done, returns the reply or another Pending. Raises
+        ProtocolError (finish too)."""
         raise NotImplementedError
+
+    def _task(self, coroutine: Coroutine) -> "Pending":
+        """Pending for a coroutine that returns the reply: the rare requests
+        that wait more than once (a table write, a callout's budget)."""
+        return self.loop.create_task(coroutine), _result
 
     def reconfigure(self, service, cfg: Config) -> None:
         """Use new settings (SIGHUP); connections keep their sessions."""
@@ -355,20 +364,30 @@ class Server:
                          if self._own else None)
 
 
+# What respond() returns for a request that waits: a future, and what
+# turns it into the reply (or into the next Pending).
+Pending = tuple[asyncio.Future, Callable[[asyncio.Future], "bytes | Pending"]]
+
+
+def _result(task: asyncio.Future):
+    return task.result()
+
+
 class Connection(asyncio.Protocol):
     """One connection of a Server: its decoder, session and flow control.
 
     data_received() feeds the decoder and answers each complete request
     in order: at once when respond() has the reply (no coroutine, no
-    task, no timer), else in a task for that request only, during which
-    this connection answers nothing else; input that comes meanwhile is
-    held, up to MAX_HELD_BYTES, and then reading pauses. A transport
-    that stops taking replies (pause_writing) stops the answering too.
+    task, no timer), else when the future it waits for is done (a
+    callback), and meanwhile this connection answers nothing else;
+    input that comes meanwhile is held, up to MAX_HELD_BYTES, and then
+    reading pauses. A transport that stops taking replies
+    (pause_writing) stops the answering too.
     """
 
     __slots__ = ("server", "transport", "decoder", "session", "last", "began", "task",
-                 "held", "held_size", "reading", "stalled_at", "eof", "closing", "lost",
-                 "_ended")
+                 "finish", "held", "held_size", "reading", "stalled_at", "eof", "closing",
+                 "lost", "_ended")
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -377,7 +396,9 @@ class Connection(asyncio.Protocol):
         self.session = None
         self.last = 0.0              # monotonic time of the last input or reply
         self.began = 0.0             # when the request of task arrived
-        self.task: asyncio.Task | None = None   # the request waiting for the store
+        # The future the request under way waits for, and what makes its reply.
+        self.task: asyncio.Future | None = None
+        self.finish = None
         self.held: list[bytes] = []  # input that came while answering was held up
         self.held_size = 0
         self.reading = True
@@ -463,10 +484,9 @@ class Connection(asyncio.Protocol):
                 self._failed(exc)
                 return
             if type(reply) is not bytes:
-                # One task for this request only; the next waits for it.
+                # The next request waits for this one.
                 self.began = began
-                self.task = task = server.loop.create_task(reply)
-                task.add_done_callback(self._answered)
+                self._wait(reply)
                 return
             transport.write(reply)
             if server.metrics is not None:
@@ -479,27 +499,40 @@ class Connection(asyncio.Protocol):
         if self.eof:
             self._end()
 
-    def _answered(self, task: asyncio.Task) -> None:
-        """The request that waited for the store thread has its reply."""
-        self.task = None
+    def _wait(self, pending: Pending) -> None:
+        self.task, self.finish = pending
+        self.task.add_done_callback(self._answered)
+
+    def _answered(self, future: asyncio.Future) -> None:
+        """The future of the request under way is done: its reply, or the
+        next wait. Even a connection that was lost meanwhile finishes
+        the request (its log line, its table writes)."""
+        finish, self.task, self.finish = self.finish, None, None
         server = self.server
-        if task.cancelled():
+        reply = None
+        if future.cancelled():
             self.close()  # The loop is shutting down.
-        elif (exc := task.exception()) is not None:
-            if isinstance(exc, ProtocolError):
+        else:
+            try:
+                reply = finish(future)
+            except ProtocolError as exc:
                 server.log.warning("%s; disconnecting without a reply" % exc)
-            else:
-                self._failed(exc)
-            self.close()
-        elif not self.closing:
-            self.transport.write(task.result())
-            self.last = now = time.monotonic()
-            if server.metrics is not None:
-                server.metrics.latency(now - self.began)
-            if server.stopping:
                 self.close()
-            elif self.stalled_at is None:
-                self._resume(now)
+            except Exception as exc:
+                self._failed(exc)
+        if reply is not None:
+            if type(reply) is not bytes:
+                self._wait(reply)
+                return
+            if not self.closing:
+                self.transport.write(reply)
+                self.last = now = time.monotonic()
+                if server.metrics is not None:
+                    server.metrics.latency(now - self.began)
+                if server.stopping:
+                    self.close()
+                elif self.stalled_at is None:
+                    self._resume(now)
         if self.lost:
             self._forget()
 
@@ -586,70 +619,65 @@ class PolicyServer(Server):
 
     def respond(self, attrs: dict[str, str], session: Session):
         """The reply to one request; its plan is read in the event loop
-        when it can, else run in the store thread (a coroutine)."""
+        when it can, else run in the store thread (Pending)."""
         service = self.service
         handler: PolicyHandler = service.handler
         now = int(self.clock())
         step = handler.prepare(attrs, session, now, service.whitelists.exemptions(now))
-        if not isinstance(step, Answer):
-            future = self.committer.plan(step.keys, step.change)
-            if not future.done():
-                return self._later(service, session, step, future)
-            step = handler.complete(step, self._outcome(service, future), session)
-        if step.table_write is not None and service.table is not None:
-            return self._later(service, session, step)
-        if step.postscreen is not None and service.postscreen is not None:
-            key, change = step.postscreen
-            future = self.committer.plan([key], change, service.postscreen)
-            if not future.done():
-                return self._later(service, session, step, screened=future)
-            self._screened(service, future)
-        return self._finish(service, step)
+        if isinstance(step, Answer):
+            return self._rest(service, step)
+        future = self.committer.plan(step.keys, step.change)
+        if not future.done():
+            return future, partial(self._completed, service, session, step)
+        return self._completed(service, session, step, future)
 
-    async def _later(self, service, session: Session, step, future=None, screened=None) -> bytes:
-        """The rest of respond() for a request that waits for the store
-        thread: its plan (future), the client-table write, the postscreen
-        table plan (screened)."""
-        if future is not None:
-            try:
-                await future
-            except StoreError:
-                pass  # _outcome() reports it.
-            step = service.handler.complete(step, self._outcome(service, future), session)
-        answer = step
-        if screened is None:
-            if answer.table_write is not None and service.table is not None:
-                try:
-                    await self.committer.write(service.table, *answer.table_write)
-                except StoreError as exc:
-                    service.table_failed(exc)
-            if answer.postscreen is not None and service.postscreen is not None:
-                key, change = answer.postscreen
-                screened = self.committer.plan([key], change, service.postscreen)
-        if screened is not None:
-            try:
-                await screened
-            except StoreError:
-                pass  # _screened() reports it.
-            self._screened(service, screened)
-        return self._finish(service, answer)
-
-    def _outcome(self, service, future: asyncio.Future):
-        """A done plan's outcome; None (and reported) for a store failure."""
+    def _completed(self, service, session: Session, step, future: asyncio.Future):
+        """The answer of a request whose plan is done."""
         try:
-            return future.result()
+            outcome = future.result()
         except StoreError as exc:
             service.store_failed(exc)
             if self.metrics is not None:
                 self.metrics.store_failure()
-            return None
+            outcome = None
+        return self._rest(service, service.handler.complete(step, outcome, session))
 
-    @staticmethod
-    def _screened(service, future: asyncio.Future) -> None:
+    def _rest(self, service, answer: Answer):
+        """An answer's client-table write and postscreen table plan, then
+        its log line and reply."""
+        if answer.table_write is not None and service.table is not None:
+            return self._task(self._tables(service, answer))
+        if answer.postscreen is not None and service.postscreen is not None:
+            key, change = answer.postscreen
+            future = self.committer.plan([key], change, service.postscreen)
+            if not future.done():
+                return future, partial(self._screened, service, answer)
+            return self._screened(service, answer, future)
+        return self._finish(service, answer)
+
+    async def _tables(self, service, answer: Answer) -> bytes:
+        """_rest() for an answer with a client-table write (through the
+        store thread)."""
+        try:
+            await self.committer.write(service.table, *answer.table_write)
+        except StoreError as exc:
+            service.table_failed(exc)
+        if answer.postscreen is not None and service.postscreen is not None:
+            key, change = answer.postscreen
+            future = self.committer.plan([key], change, service.postscreen)
+            try:
+                await future
+            except StoreError:
+                pass  # _screened() reports it.
+            return self._screened(service, answer, future)
+        return self._finish(service, answer)
+
+    def _screened(self, service, answer: Answer, future: asyncio.Future) -> bytes:
         try:
             future.result()
         except StoreError as exc:
             service.table_failed(exc)
+        return self._finish(service, answer)
 
     def _finish(self, service, answer: Answer) -> bytes:
         service.record(answer)
@@ -670,7 +698,7 @@ class PostscreenServer(Server):
                         self.metrics)
         if isinstance(found, Verdict):
             return service.format(found)
-        return _formatted(service, found)
+        return self._task(_formatted(service, found))
 
 
 async def _formatted(service, later) -> bytes:
@@ -748,20 +776,19 @@ class LearnServer(Server):
         # thread (and one commit per store).
         waiting = [(plan, self.committer.plan([plan.key], plan.change, store))
                    for plan in found if (store := service.target(plan)) is not None]
+        return self._learning(service, waiting, reply)
+
+    def _learning(self, service, waiting: list, reply: bytes):
+        """Take the plans' results in order, until one is not done."""
         for index, (plan, future) in enumerate(waiting):
             if not future.done():
-                return self._learn_later(service, waiting[index:], reply)
+                return future, partial(self._learnt, service, waiting[index:], reply)
             self._learned(service, plan, future)
         return reply
 
-    async def _learn_later(self, service, waiting: list, reply: bytes) -> bytes:
-        for plan, future in waiting:
-            try:
-                await future
-            except StoreError:
-                pass  # _learned() reports it.
-            self._learned(service, plan, future)
-        return reply
+    def _learnt(self, service, waiting: list, reply: bytes, future: asyncio.Future):
+        self._learned(service, waiting[0][0], future)
+        return self._learning(service, waiting[1:], reply)
 
     def _learned(self, service, plan, future: asyncio.Future) -> None:
         try:
@@ -783,17 +810,10 @@ class LearnServer(Server):
             return NOTFOUND
         future = self.committer.plan([found[1]], _read_only, store)
         if not future.done():
-            return self._table_later(service, future, found[2])
-        return self._entry(service, future, found[2])
+            return future, partial(self._entry, service, found[2])
+        return self._entry(service, found[2], future)
 
-    async def _table_later(self, service, future: asyncio.Future, kind) -> bytes:
-        try:
-            await future
-        except StoreError:
-            pass  # _entry() reports it.
-        return self._entry(service, future, kind)
-
-    def _entry(self, service, future: asyncio.Future, kind) -> bytes:
+    def _entry(self, service, kind, future: asyncio.Future) -> bytes:
         try:
             values = future.result()
         except StoreError as exc:
@@ -810,7 +830,7 @@ class LearnServer(Server):
         found = verdict(self.postscreen, self.committer, address, self.clock, self.metrics)
         if isinstance(found, Verdict):
             return PERMIT if found.action == "pass" else NOTFOUND
-        return _permitted(found)
+        return self._task(_permitted(found))
 
 
 async def _permitted(later) -> bytes:
