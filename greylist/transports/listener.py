@@ -19,18 +19,40 @@ DESCRIPTION
     the handler (handlers/policy.py); its plan runs in the store thread
     (stores/commit.py), so that new triples of many connections share
     one durable commit, and its reply is written only after that
-    commit. Requests of one connection are answered in order; a slow,
-    stalled or hostile client only holds its own coroutine. Idle
-    connections are closed after greylist_idle_timeout, a reply that
-    cannot be written within it closes the connection, and at
-    greylist_max_connections a new connection is closed at once.
+    commit.
+
+    A connection is an asyncio Protocol (Connection), not a stream and
+    a coroutine: data_received() feeds the decoder and answers each
+    complete request at once when its reply is known without the store
+    thread (a known record read in the event loop by Committer.plan, an
+    exemption, a request that is not RCPT): no coroutine, no task, no
+    timer per request. A request that needs the store thread (a write
+    and its commit, or a read that could not be done in the loop) is
+    finished by a callback when its future is done (a task only for the
+    rare request that waits twice: a client-table write, a callout
+    within its budget), and until its reply is written its connection
+    answers nothing else: requests of one connection are answered in
+    order. Input that arrives meanwhile, or while the client takes no
+    replies (pause_writing), is held up to MAX_HELD_BYTES, then the
+    connection is read no more until answering goes on; a slow,
+    stalled or hostile client only holds up its own connection.
+
+    One periodic sweep (every SWEEP_S, at most a quarter of the
+    timeout) closes connections idle for greylist_idle_timeout (no
+    input and no reply; one that waits for the store thread is not
+    idle), and those whose client has taken no reply for as long: they
+    are closed up to one sweep late. At greylist_max_connections a new
+    connection is closed at once.
 
 DIAGNOSTICS
     A warning and the connection closed, without a reply, for a
     protocol violation (SMTPD_POLICY_README), except a request with
     over-long attributes: the service's too_long() reply; one warning when the
     connection cap is reached, and an info line when there is room
-    again. The handler's log line per decision.
+    again. A warning when a connection is closed because its client
+    takes no replies, and for an internal error (a bug: that connection
+    only is closed, without a reply). The handler's log line per
+    decision.
 """
 
 import asyncio
@@ -40,11 +62,16 @@ import os
 import socket
 import stat
 import time
-from typing import Callable
+from functools import partial
+from typing import Callable, Coroutine
 
+from greylist.callout import BUDGET_S
 from greylist.config import Config, parse_listener
 from greylist.core.message import Session
+from greylist.handlers.learn import table_lookup
 from greylist.handlers.policy import Answer, PolicyHandler
+from greylist.handlers.postscreen import Lookup, Verdict, socketmap_address
+from greylist.learning import live_entry
 from greylist.log import Log
 from greylist.protocols.policy import READ_SIZE, ProtocolError, RequestTooLong, format_reply
 from greylist.protocols.postscreen import check as check_postscreen
@@ -56,6 +83,16 @@ DUNNO_REPLY = format_reply("DUNNO")
 # The listen(2) backlog: Postfix's smtpd processes connect at most once
 # each (default_process_limit 100); asyncio's default is 100 too.
 BACKLOG = 512
+# Input a connection may send ahead of its replies before it is read no
+# more: smtpd, postscreen and cleanup wait for each reply
+# (SMTPD_POLICY_README, socketmap_table(5)), so only a client that
+# pipelines, or reads no replies, gets this far; four policy reads.
+MAX_HELD_BYTES = 4 * READ_SIZE
+# How often the connections' last activity is looked at (at most a
+# quarter of greylist_idle_timeout): an idle connection, or one whose
+# client takes no reply, is closed at most this much after the timeout.
+SWEEP_S = 1.0
+SWEEP_MIN_S = 0.05
 
 
 class ListenerError(Exception):
@@ -191,9 +228,9 @@ def inherited(environ: dict[str, str]) -> list[tuple[str, socket.socket]]:
 
 
 class Server:
-    """One service on a daemon's connections: each connection gets the
-    service's decoder and session, and answer() answers each request
-    (subclasses)."""
+    """One service on a daemon's connections: each connection (Connection)
+    gets the service's decoder and session, and respond() answers each
+    request (subclasses)."""
 
     def __init__(self, service, committer: Committer, cfg: Config,
                  log: Log, metrics=None, clock: Callable[[], float] = time.time,
@@ -204,19 +241,28 @@ class Server:
         self.log = log
         self.metrics = metrics
         self.clock = clock
-        # Each open connection's task and writer; stopping: no new request.
+        # Each open connection and its transport; stopping: no new request.
         # (Shared between the servers of a daemon: one cap for all.)
-        self.connections: dict[asyncio.Task, asyncio.StreamWriter] = (
+        self.connections: dict[Connection, asyncio.Transport] = (
             {} if connections is None else connections)
         self.stopping = False
         self._full = False
         self._servers: list[asyncio.AbstractServer] = []
+        self._own: set[Connection] = set()   # this server's connections, for the sweep
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
-    read_size = READ_SIZE
-
-    async def answer(self, request, session) -> bytes:
-        """The framed reply to one request; raises ProtocolError."""
+    def respond(self, request, session) -> "bytes | Pending":
+        """The framed reply to one request, when it is known at once;
+        otherwise Pending: (future, finish), where finish(future), once
+        the future is done, returns the reply or another Pending. Raises
+        ProtocolError (finish too)."""
         raise NotImplementedError
+
+    def _task(self, coroutine: Coroutine) -> "Pending":
+        """Pending for a coroutine that returns the reply: the rare requests
+        that wait more than once (a table write, a callout's budget)."""
+        return self.loop.create_task(coroutine), _result
 
     def reconfigure(self, service, cfg: Config) -> None:
         """Use new settings (SIGHUP); connections keep their sessions."""
@@ -224,16 +270,20 @@ class Server:
 
     async def start(self, sockets: list[socket.socket]) -> None:
         """Serve the protocol on these listening sockets."""
+        self.loop = loop = asyncio.get_running_loop()
         for sock in sockets:
             sock.setblocking(False)
+            # backlog again: asyncio listens anew, with 100 by default.
             if sock.family == socket.AF_UNIX:
-                # backlog again: asyncio listens anew, with 100 by default.
-                server = await asyncio.start_unix_server(self._accept, sock=sock,
-                                                         limit=READ_SIZE, backlog=BACKLOG)
+                server = await loop.create_unix_server(self._connection, sock=sock,
+                                                       backlog=BACKLOG)
             else:
-                server = await asyncio.start_server(self._accept, sock=sock, limit=READ_SIZE,
-                                                    backlog=BACKLOG)
+                server = await loop.create_server(self._connection, sock=sock,
+                                                  backlog=BACKLOG)
             self._servers.append(server)
+
+    def _connection(self) -> "Connection":
+        return Connection(self)
 
     def stop_accepting(self) -> None:
         """Close the listening sockets; connections go on."""
@@ -243,136 +293,393 @@ class Server:
     async def drain(self, timeout_s: float) -> None:
         """Let each connection finish the request it is on, and take no
         new one: idle connections are closed now, busy ones after their
-        reply; after timeout_s the rest are cut. No task is cancelled, so
-        no request is abandoned half-way."""
+        reply; after timeout_s the rest are cut. No request waiting for
+        the store thread is cancelled, so none is abandoned half-way."""
         self.stopping = True
         deadline = time.monotonic() + timeout_s
-        for task, writer in list(self.connections.items()):
-            if not getattr(task, "busy", False):
-                writer.close()
+        for connection in list(self.connections):
+            if not connection.busy():
+                connection.close()
         while self.connections and time.monotonic() < deadline:
-            await asyncio.wait(list(self.connections), timeout=deadline - time.monotonic())
-        for writer in list(self.connections.values()):
-            writer.transport.abort()
+            await asyncio.wait([each.ended() for each in self.connections],
+                               timeout=deadline - time.monotonic())
+        for transport in list(self.connections.values()):
+            transport.abort()
         if self.connections:
-            await asyncio.wait(list(self.connections), timeout=1.0)
+            await asyncio.wait([each.ended() for each in self.connections], timeout=1.0)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if len(self.connections) >= self.cfg.max_connections:
+    def _admit(self, connection: "Connection") -> bool:
+        """Count a new connection in, unless the cap is reached or the
+        daemon is stopping."""
+        connections = self.connections
+        if len(connections) >= self.cfg.max_connections:
             if not self._full:
                 self._full = True
                 self.log.warning("connection limit reached (greylist_max_connections = %d); "
                                  "closing new connections until one ends"
                                  % self.cfg.max_connections)
-            writer.close()
-            return
+            return False
         if self.stopping:
-            writer.close()
-            return
-        self.connections[task] = writer
+            return False
+        connections[connection] = connection.transport
+        self._own.add(connection)
         if self.metrics is not None:
-            self.metrics.connections(len(self.connections))
-        try:
-            await self._serve(reader, writer, task)
-        finally:
-            self.connections.pop(task, None)
-            if self.metrics is not None:
-                self.metrics.connections(len(self.connections))
-            if self._full and len(self.connections) < self.cfg.max_connections:
-                self._full = False
-                self.log.info("connections below the limit again (%d open)"
-                              % len(self.connections))
-            writer.close()
+            self.metrics.connections(len(connections))
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self._sweep_s(), self._sweep)
+        return True
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     task: asyncio.Task) -> None:
-        decoder = self.service.Decoder()
-        session = self.service.new_session()
-        log = self.log
-        task.busy = False
-        try:
-            while True:
-                try:
-                    attrs = decoder.next()
-                except RequestTooLong as exc:
-                    # Discarded whole: the fail-open reply; the connection
-                    # goes on.
-                    writer.write(self.service.too_long(exc))
-                    continue
-                if attrs is None:
-                    try:
-                        # asyncio.timeout, not wait_for: no task per read.
-                        async with asyncio.timeout(self.cfg.idle_timeout_s):
-                            data = await reader.read(self.read_size)
-                    except TimeoutError:
-                        log.debug(1, "closing a connection idle for %d s"
-                                  % self.cfg.idle_timeout_s)
-                        return
-                    if not data:
-                        if not self.stopping:
-                            decoder.eof()
-                        return
-                    decoder.feed(data)
-                    continue
-                task.busy = True
-                began = time.monotonic()
-                writer.write(await self.answer(attrs, session))
-                # A reply the socket took at once needs no drain.
-                if writer.transport.get_write_buffer_size():
-                    try:
-                        async with asyncio.timeout(self.cfg.idle_timeout_s):
-                            await writer.drain()
-                    except TimeoutError:
-                        log.warning("closing a connection whose client reads no replies")
-                        return
-                task.busy = False
-                if self.metrics is not None:
-                    self.metrics.latency(time.monotonic() - began)
-                if self.stopping:
+    def _forget(self, connection: "Connection") -> None:
+        """A connection has ended: count it out."""
+        connections = self.connections
+        if connections.pop(connection, None) is None:
+            return
+        self._own.discard(connection)
+        if self.metrics is not None:
+            self.metrics.connections(len(connections))
+        if self._full and len(connections) < self.cfg.max_connections:
+            self._full = False
+            self.log.info("connections below the limit again (%d open)" % len(connections))
+
+    def _sweep_s(self) -> float:
+        return max(SWEEP_MIN_S, min(SWEEP_S, self.cfg.idle_timeout_s / 4))
+
+    def _sweep(self) -> None:
+        """Close the connections idle for greylist_idle_timeout, and those
+        whose client has not taken a reply for as long."""
+        idle_s = self.cfg.idle_timeout_s
+        now = time.monotonic()
+        for connection in list(self._own):
+            if connection.task is not None:
+                continue  # Waiting for the store thread: not idle.
+            if connection.stalled_at is not None:
+                if now - connection.stalled_at >= idle_s:
+                    self.log.warning("closing a connection whose client reads no replies")
+                    connection.transport.abort()
+            elif now - connection.last >= idle_s:
+                if not connection.closing:
+                    self.log.debug(1, "closing a connection idle for %d s" % idle_s)
+                connection.close_idle()
+        self._sweeper = (self.loop.call_later(self._sweep_s(), self._sweep)
+                         if self._own else None)
+
+
+# What respond() returns for a request that waits: a future, and what
+# turns it into the reply (or into the next Pending).
+Pending = tuple[asyncio.Future, Callable[[asyncio.Future], "bytes | Pending"]]
+
+
+def _result(task: asyncio.Future):
+    return task.result()
+
+
+class Connection(asyncio.Protocol):
+    """One connection of a Server: its decoder, session and flow control.
+
+    data_received() feeds the decoder and answers each complete request
+    in order: at once when respond() has the reply (no coroutine, no
+    task, no timer), else when the future it waits for is done (a
+    callback), and meanwhile this connection answers nothing else;
+    input that comes meanwhile is held, up to MAX_HELD_BYTES, and then
+    reading pauses. A transport that stops taking replies
+    (pause_writing) stops the answering too.
+    """
+
+    __slots__ = ("server", "transport", "decoder", "session", "last", "began", "task",
+                 "finish", "held", "held_size", "reading", "stalled_at", "eof", "closing",
+                 "lost", "_ended")
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.decoder = None          # None: refused (over the cap, or stopping)
+        self.session = None
+        self.last = 0.0              # monotonic time of the last input or reply
+        self.began = 0.0             # when the request of task arrived
+        # The future the request under way waits for, and what makes its reply.
+        self.task: asyncio.Future | None = None
+        self.finish = None
+        self.held: list[bytes] = []  # input that came while answering was held up
+        self.held_size = 0
+        self.reading = True
+        self.stalled_at: float | None = None    # since when the transport takes no replies
+        self.eof = False
+        self.closing = False
+        self.lost = False
+        self._ended: asyncio.Future | None = None
+
+    # asyncio's calls.
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        server = self.server
+        if not server._admit(self):
+            self.closing = True
+            transport.close()
+            return
+        self.decoder = server.service.Decoder()
+        self.session = server.service.new_session()
+        self.last = time.monotonic()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.last = now = time.monotonic()
+        if self.task is not None or self.stalled_at is not None:
+            self._hold(data)
+            return
+        self.decoder.feed(data)
+        self._answer(now)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if not self.closing and self.task is None and self.stalled_at is None:
+            self._end()
+        return True  # Keep the transport: replies may still be due.
+
+    def pause_writing(self) -> None:
+        self.stalled_at = time.monotonic()
+
+    def resume_writing(self) -> None:
+        self.stalled_at = None
+        self.last = now = time.monotonic()
+        if self.task is None and not self.closing:
+            self._resume(now)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = self.closing = True
+        if self.decoder is None:
+            return
+        if exc is not None:
+            self.server.log.debug(1, "client went away")
+        if self.task is None:
+            self._forget()
+
+    # Answering.
+
+    def _answer(self, began: float) -> None:
+        """Answer the complete requests in the decoder, in order, until one
+        must wait (for the store thread, or for the client to read)."""
+        server = self.server
+        decoder = self.decoder
+        transport = self.transport
+        while True:
+            try:
+                request = decoder.next()
+                if request is None:
+                    break
+                reply = server.respond(request, self.session)
+            except RequestTooLong as exc:
+                # Discarded whole: the fail-open reply; the connection
+                # goes on.
+                transport.write(server.service.too_long(exc))
+                if self.stalled_at is not None or transport.is_closing():
                     return
-        except ProtocolError as exc:
-            log.warning("%s; disconnecting without a reply" % exc)
-        except (ConnectionError, OSError):
-            log.debug(1, "client went away")
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            # A bug: this connection ends without a reply (smtpd then uses
-            # its default_action), the others go on.
-            log.warning("internal error on a connection: %s: %s; disconnecting"
-                        % (type(exc).__name__, exc))
+                continue
+            except ProtocolError as exc:
+                server.log.warning("%s; disconnecting without a reply" % exc)
+                self.close()
+                return
+            except Exception as exc:
+                self._failed(exc)
+                return
+            if type(reply) is not bytes:
+                # The next request waits for this one.
+                self.began = began
+                self._wait(reply)
+                return
+            transport.write(reply)
+            if server.metrics is not None:
+                server.metrics.latency(time.monotonic() - began)
+            if server.stopping:
+                self.close()
+                return
+            if self.stalled_at is not None or transport.is_closing():
+                return
+        if self.eof:
+            self._end()
+
+    def _wait(self, pending: Pending) -> None:
+        self.task, self.finish = pending
+        self.task.add_done_callback(self._answered)
+
+    def _answered(self, future: asyncio.Future) -> None:
+        """The future of the request under way is done: its reply, or the
+        next wait. Even a connection that was lost meanwhile finishes
+        the request (its log line, its table writes)."""
+        finish, self.task, self.finish = self.finish, None, None
+        server = self.server
+        reply = None
+        if future.cancelled():
+            self.close()  # The loop is shutting down.
+        else:
+            try:
+                reply = finish(future)
+            except ProtocolError as exc:
+                server.log.warning("%s; disconnecting without a reply" % exc)
+                self.close()
+            except Exception as exc:
+                self._failed(exc)
+        if reply is not None:
+            if type(reply) is not bytes:
+                self._wait(reply)
+                return
+            if not self.closing:
+                self.transport.write(reply)
+                self.last = now = time.monotonic()
+                if server.metrics is not None:
+                    server.metrics.latency(now - self.began)
+                if server.stopping:
+                    self.close()
+                elif self.stalled_at is None:
+                    self._resume(now)
+        if self.lost:
+            self._forget()
+
+    def _resume(self, now: float) -> None:
+        """Answering may go on: take the input held meanwhile."""
+        if self.server.stopping:
+            self.close()
+            return
+        if self.held:
+            data = b"".join(self.held) if len(self.held) > 1 else self.held[0]
+            self.held, self.held_size = [], 0
+            self.decoder.feed(data)
+        if not self.reading:
+            self.reading = True
+            self.transport.resume_reading()
+        self._answer(now)
+
+    def _hold(self, data: bytes) -> None:
+        """Keep input until answering goes on; past MAX_HELD_BYTES, read no
+        more (the client waits, as for a full socket buffer)."""
+        self.held.append(data)
+        self.held_size += len(data)
+        if self.held_size >= MAX_HELD_BYTES and self.reading:
+            self.reading = False
+            self.transport.pause_reading()
+
+    def _end(self) -> None:
+        """End of input, with every request answered."""
+        if not self.server.stopping:
+            try:
+                self.decoder.eof()
+            except ProtocolError as exc:
+                self.server.log.warning("%s; disconnecting without a reply" % exc)
+        self.close()
+
+    def _failed(self, exc: BaseException) -> None:
+        # A bug: this connection ends without a reply (smtpd then uses its
+        # default_action), the others go on.
+        self.server.log.warning("internal error on a connection: %s: %s; disconnecting"
+                                % (type(exc).__name__, exc))
+        self.close()
+
+    # Ending.
+
+    def busy(self) -> bool:
+        """Whether a request is under way: waiting for the store thread, or
+        its reply for the client to read."""
+        return self.task is not None or self.stalled_at is not None
+
+    def close(self) -> None:
+        """Close after the replies written so far have gone."""
+        self.closing = True
+        self.transport.close()
+
+    def close_idle(self) -> None:
+        """Close an idle connection; replies it never read are dropped."""
+        self.closing = True
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+    def ended(self) -> asyncio.Future:
+        """A future done when the connection has ended."""
+        if self._ended is None:
+            self._ended = self.server.loop.create_future()
+            if self.lost and self.task is None:
+                self._ended.set_result(None)
+        return self._ended
+
+    def _forget(self) -> None:
+        self.server._forget(self)
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
+
+
+def _read_only(values: list) -> tuple[list, object]:
+    """A plan's change that only reads its one key."""
+    return [None], values[0]
+
 
 class PolicyServer(Server):
     """The SMTPD policy service on a daemon's connections."""
 
-    async def answer(self, attrs: dict[str, str], session: Session) -> bytes:
-        """The reply to one request, its plan run in the store thread."""
+    def respond(self, attrs: dict[str, str], session: Session):
+        """The reply to one request; its plan is read in the event loop
+        when it can, else run in the store thread (Pending)."""
         service = self.service
         handler: PolicyHandler = service.handler
         now = int(self.clock())
         step = handler.prepare(attrs, session, now, service.whitelists.exemptions(now))
-        if not isinstance(step, Answer):
-            try:
-                outcome = await self.committer.plan(step.keys, step.change)
-            except StoreError as exc:
-                service.store_failed(exc)
-                if self.metrics is not None:
-                    self.metrics.store_failure()
-                outcome = None
-            step = handler.complete(step, outcome, session)
-        answer = step
+        if isinstance(step, Answer):
+            return self._rest(service, step)
+        future = self.committer.plan(step.keys, step.change)
+        if not future.done():
+            return future, partial(self._completed, service, session, step)
+        return self._completed(service, session, step, future)
+
+    def _completed(self, service, session: Session, step, future: asyncio.Future):
+        """The answer of a request whose plan is done."""
+        try:
+            outcome = future.result()
+        except StoreError as exc:
+            service.store_failed(exc)
+            if self.metrics is not None:
+                self.metrics.store_failure()
+            outcome = None
+        return self._rest(service, service.handler.complete(step, outcome, session))
+
+    def _rest(self, service, answer: Answer):
+        """An answer's client-table write and postscreen table plan, then
+        its log line and reply."""
         if answer.table_write is not None and service.table is not None:
-            try:
-                await self.committer.write(service.table, *answer.table_write)
-            except StoreError as exc:
-                service.table_failed(exc)
+            return self._task(self._tables(service, answer))
         if answer.postscreen is not None and service.postscreen is not None:
             key, change = answer.postscreen
+            future = self.committer.plan([key], change, service.postscreen)
+            if not future.done():
+                return future, partial(self._screened, service, answer)
+            return self._screened(service, answer, future)
+        return self._finish(service, answer)
+
+    async def _tables(self, service, answer: Answer) -> bytes:
+        """_rest() for an answer with a client-table write (through the
+        store thread)."""
+        try:
+            await self.committer.write(service.table, *answer.table_write)
+        except StoreError as exc:
+            service.table_failed(exc)
+        if answer.postscreen is not None and service.postscreen is not None:
+            key, change = answer.postscreen
+            future = self.committer.plan([key], change, service.postscreen)
             try:
-                await self.committer.plan([key], change, service.postscreen)
-            except StoreError as exc:
-                service.table_failed(exc)
+                await future
+            except StoreError:
+                pass  # _screened() reports it.
+            return self._screened(service, answer, future)
+        return self._finish(service, answer)
+
+    def _screened(self, service, answer: Answer, future: asyncio.Future) -> bytes:
+        try:
+            future.result()
+        except StoreError as exc:
+            service.table_failed(exc)
+        return self._finish(service, answer)
+
+    def _finish(self, service, answer: Answer) -> bytes:
         service.record(answer)
         if self.metrics is not None:
             self.metrics.answer(answer)
@@ -385,40 +692,60 @@ class PostscreenServer(Server):
     callout.BUDGET_S; a later one is "ignore" (postscreen's own tests
     decide), and the read is left to finish on its own."""
 
-    async def answer(self, attrs: dict[str, str], session) -> bytes:
-        return self.service.format(await verdict(self.service, self.committer,
-                                                 check_postscreen(attrs), self.clock,
-                                                 self.metrics))
+    def respond(self, attrs: dict[str, str], session):
+        service = self.service
+        found = verdict(service, self.committer, check_postscreen(attrs), self.clock,
+                        self.metrics)
+        if isinstance(found, Verdict):
+            return service.format(found)
+        return self._task(_formatted(service, found))
 
 
-async def verdict(service, committer: Committer, address: str, clock, metrics=None):
-    """The callout verdict for a client address, its read in the store thread
-    within the budget; logged."""
-    from greylist.callout import BUDGET_S
-    from greylist.handlers.postscreen import Lookup
+async def _formatted(service, later) -> bytes:
+    return service.format(await later)
+
+
+def verdict(service, committer: Committer, address: str, clock, metrics=None):
+    """The callout verdict for a client address, logged, when it is known
+    at once (its read done in the event loop, the common case); else a
+    coroutine that waits for the store thread within the budget and
+    returns it."""
     now = int(clock())
     step = service.handler.prepare(address, now, service.whitelists.exemptions(now))
     if isinstance(step, Lookup):
-        try:
-            future = committer.plan(step.keys, step.change)
-            if future.done():
-                # Read in the event loop already (the common case): no
-                # timer to arm.
-                step = future.result()
-            else:
-                async with asyncio.timeout(BUDGET_S):
-                    step = await future
-        except TimeoutError:
-            service.store_failed(StoreError("the database did not answer within %d ms"
-                                            % (1000 * BUDGET_S)))
-            step = service.handler.failed(address)
-        except StoreError as exc:
-            service.store_failed(exc)
-            if metrics is not None:
-                metrics.store_failure()
-            step = service.handler.failed(address)
+        future = committer.plan(step.keys, step.change)
+        if not future.done():
+            return _verdict_later(service, address, future, metrics)
+        step = _verdict_of(service, address, future, metrics)
     service.log.info(step.line())
     return step
+
+
+async def _verdict_later(service, address: str, future: asyncio.Future, metrics) -> Verdict:
+    try:
+        async with asyncio.timeout(BUDGET_S):
+            await future
+    except TimeoutError:
+        service.store_failed(StoreError("the database did not answer within %d ms"
+                                        % (1000 * BUDGET_S)))
+        step = service.handler.failed(address)
+    except StoreError:
+        step = _verdict_of(service, address, future, metrics)
+    else:
+        step = future.result()
+    service.log.info(step.line())
+    return step
+
+
+def _verdict_of(service, address: str, future: asyncio.Future, metrics) -> Verdict:
+    """The verdict of a done read; the failure verdict for a store failure."""
+    try:
+        return future.result()
+    except StoreError as exc:
+        service.store_failed(exc)
+        if metrics is not None:
+            metrics.store_failure()
+        return service.handler.failed(address)
 
 
 class LearnServer(Server):
@@ -427,20 +754,18 @@ class LearnServer(Server):
     store thread, so that the writes of many connections share commits,
     and the reply (always the same one) follows them."""
 
-    read_size = 16384
-
     # The callout service that answers the socketmap's postscreen map.
     postscreen = None
 
-    async def answer(self, request, session) -> bytes:
+    def respond(self, request, session):
         service = self.service
         now = int(self.clock())
         if isinstance(request, tuple):
             if self.postscreen is not None and request[0] == self.cfg.socketmap_postscreen_name:
-                return await self._screen(request[1])
+                return self._screen(request[1])
             if request[0] in (self.cfg.socketmap_clients_name,
                               self.cfg.socketmap_correspondents_name):
-                return await self._table(request[0], request[1])
+                return self._table(request[0], request[1])
             found, line = service.handler.lookup(request[0], request[1], session, now)
             reply = NOTFOUND
         else:
@@ -451,42 +776,62 @@ class LearnServer(Server):
         # thread (and one commit per store).
         waiting = [(plan, self.committer.plan([plan.key], plan.change, store))
                    for plan in found if (store := service.target(plan)) is not None]
-        for plan, future in waiting:
-            try:
-                result = await future
-            except StoreError as exc:
-                service.store_failed(exc)
-                if self.metrics is not None:
-                    self.metrics.store_failure()
-                continue
-            service.learned(plan, result)
+        return self._learning(service, waiting, reply)
+
+    def _learning(self, service, waiting: list, reply: bytes):
+        """Take the plans' results in order, until one is not done."""
+        for index, (plan, future) in enumerate(waiting):
+            if not future.done():
+                return future, partial(self._learnt, service, waiting[index:], reply)
+            self._learned(service, plan, future)
         return reply
 
-    async def _table(self, name: str, key: str) -> bytes:
-        """A clients or correspondents map lookup, read in the store thread."""
-        from greylist.handlers.learn import table_lookup
-        from greylist.learning import live_entry
+    def _learnt(self, service, waiting: list, reply: bytes, future: asyncio.Future):
+        self._learned(service, waiting[0][0], future)
+        return self._learning(service, waiting[1:], reply)
+
+    def _learned(self, service, plan, future: asyncio.Future) -> None:
+        try:
+            result = future.result()
+        except StoreError as exc:
+            service.store_failed(exc)
+            if self.metrics is not None:
+                self.metrics.store_failure()
+            return
+        service.learned(plan, result)
+
+    def _table(self, name: str, key: str):
+        """A clients or correspondents map lookup, read in the event loop
+        or the store thread."""
         service = self.service
         found = table_lookup(name, key, self.cfg)
         store = None if found is None else service.table_store(found[0])
         if store is None:
             return NOTFOUND
+        future = self.committer.plan([found[1]], _read_only, store)
+        if not future.done():
+            return future, partial(self._entry, service, found[2])
+        return self._entry(service, found[2], future)
+
+    def _entry(self, service, kind, future: asyncio.Future) -> bytes:
         try:
-            values = await self.committer.plan([found[1]], lambda values: ([None], values[0]),
-                                               store)
+            values = future.result()
         except StoreError as exc:
             service.store_failed(exc)
             return NOTFOUND
-        return live_entry(values, found[2], int(self.clock()))
+        return live_entry(values, kind, int(self.clock()))
 
-    async def _screen(self, key: str) -> bytes:
+    def _screen(self, key: str):
         """A postscreen_access_list lookup: "OK permit" for a client the
         callout would pass, else NOTFOUND."""
-        from greylist.handlers.postscreen import socketmap_address
         address = socketmap_address(key)
         if address is None:
             return NOTFOUND
-        found = await verdict(self.postscreen, self.committer, address, self.clock,
-                              self.metrics)
-        return PERMIT if found.action == "pass" else NOTFOUND
+        found = verdict(self.postscreen, self.committer, address, self.clock, self.metrics)
+        if isinstance(found, Verdict):
+            return PERMIT if found.action == "pass" else NOTFOUND
+        return self._task(_permitted(found))
 
+
+async def _permitted(later) -> bytes:
+    return PERMIT if (await later).action == "pass" else NOTFOUND

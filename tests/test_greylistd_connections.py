@@ -1,0 +1,248 @@
+"""greylistd's connections (transports/listener.py Connection): order,
+flow control and bounds of one connection.
+
+Every test runs a real greylistd (tests/daemon.py) on a real LMDB file,
+on its unix socket only; every loop is bounded in count and in time.
+The requests that wait for the store thread are new triples (a write
+and its durable commit); the ones answered at once in the event loop
+are requests that are not RCPT (DUNNO without the database).
+"""
+
+import os
+import select
+import shutil
+import socket
+import tempfile
+import pathlib
+import time
+
+import pytest
+
+from tests import daemon as daemons
+from tests.reliability import REPLY, request, split_replies, triple, triple_request
+
+IO_S = 10.0
+DEFER_NEW = "DEFER_IF_PERMIT Greylisted, please try again in 2 seconds"
+# A request answered without the database (screen(): not RCPT).
+AT_ONCE = request("192.0.2.1", "a@example.org", "b@example.net", state="DATA")
+BAD_LOG = ("Traceback", "internal error", "fatal:")
+
+
+@pytest.fixture
+def site():
+    """A short directory for the daemon (unix socket names are capped)."""
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="glc-", dir="/tmp"))
+    os.chmod(directory, 0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def receive_replies(sock: socket.socket, count: int, timeout: float = IO_S) -> bytes:
+    """Bytes until count replies (empty lines) came, or the peer closed."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while data.count(b"\n\n") < count:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("%d replies of %d within %s s: %r"
+                               % (data.count(b"\n\n"), count, timeout, data[-200:]))
+        sock.settimeout(left)
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def memory_kb(pid: int, field: str = "VmHWM") -> int:
+    with open("/proc/%d/status" % pid) as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError("no %s for pid %d" % (field, pid))
+
+
+def assert_clean(daemon) -> None:
+    assert daemon.output() == ""
+    bad = [line for line in daemon.log().splitlines() if any(b in line for b in BAD_LOG)]
+    assert bad == []
+
+
+def test_pipelined_requests_are_answered_in_order_while_the_first_waits_for_its_commit(site):
+    """New triples wait for the store thread; the requests behind them on
+    the same connection, answerable at once, still get their replies
+    after them, in request order, and every new triple is recorded."""
+    with daemons.start(site) as daemon:
+        with daemon.connect() as sock:
+            for round_ in range(5):
+                numbers = [100 * round_ + n for n in range(4)]
+                burst = b"".join(triple_request(n) + AT_ONCE + AT_ONCE for n in numbers)
+                sock.sendall(burst)  # one write: the daemon reads them together
+                actions = split_replies(receive_replies(sock, 3 * len(numbers)))
+                assert actions == [DEFER_NEW, "DUNNO", "DUNNO"] * len(numbers), actions
+            # The connection goes on with single requests.
+            sock.sendall(AT_ONCE)
+            assert split_replies(receive_replies(sock, 1)) == ["DUNNO"]
+        assert daemon.stop() == 0
+    log = daemon.log()
+    for round_ in range(5):
+        for n in range(4):
+            rcpt = triple(100 * round_ + n)[2]
+            assert log.count("rcpt=%s" % rcpt) == 1, rcpt
+    assert_clean(daemon)
+
+
+def test_a_request_split_across_writes_after_a_waiting_one_is_answered(site):
+    """Input held while a request waits for the store thread is taken up
+    again when it has its reply, also a request that arrives in pieces."""
+    with daemons.start(site) as daemon:
+        with daemon.connect() as sock:
+            second = triple_request(2)
+            sock.sendall(triple_request(1) + second[:40])
+            time.sleep(0.05)
+            sock.sendall(second[40:] + AT_ONCE[:10])
+            time.sleep(0.05)
+            sock.sendall(AT_ONCE[10:])
+            actions = split_replies(receive_replies(sock, 3))
+            assert actions == [DEFER_NEW, DEFER_NEW, "DUNNO"], actions
+        assert daemon.stop() == 0
+    assert_clean(daemon)
+
+
+def test_a_client_that_sends_without_reading_replies_is_closed_not_buffered(site):
+    """A client that sends requests and never reads: once its replies fill
+    the socket and the transport's buffer, the daemon answers no more,
+    holds at most MAX_HELD_BYTES of its input and then reads no more, and
+    closes the connection greylist_idle_timeout later, with a warning.
+    Its memory stays bounded; other connections are served meanwhile."""
+    with daemons.start(site, "greylist_idle_timeout = 2s\n") as daemon:
+        before_kb = memory_kb(daemon.pid)
+        chunk = AT_ONCE * 2000  # about 0.5 MB of requests
+        sent = 0
+        closed_at = stalled_at = None
+        began = time.monotonic()
+        with daemon.connect() as sock:
+            sock.setblocking(False)
+            view = memoryview(chunk)
+            offset = 0
+            # Send until the daemon takes no more, then until it closes:
+            # at most 60 s and 100000 sends.
+            for _ in range(100000):
+                if time.monotonic() - began > 60:
+                    break
+                try:
+                    taken = sock.send(view[offset:])
+                except BlockingIOError:
+                    if stalled_at is None:
+                        stalled_at = time.monotonic()
+                    select.select([], [sock], [], 0.2)
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    closed_at = time.monotonic()
+                    break
+                sent += taken
+                offset = (offset + taken) % len(chunk)
+                stalled_at = None
+        assert closed_at is not None, "still open after %.1f s, %d bytes sent" % (
+            time.monotonic() - began, sent)
+        assert stalled_at is not None
+        # The idle timeout (2 s) after the daemon stopped reading, one sweep
+        # late at most, and a margin for a loaded machine.
+        assert closed_at - stalled_at <= 2 + 1 + 4, closed_at - stalled_at
+        # What it read: the replies that filled the socket and the
+        # transport (about 14 bytes each for about 300 bytes of request),
+        # and the input held; not the client's every byte.
+        assert sent < 64 * 1024 * 1024, sent
+        grown_kb = memory_kb(daemon.pid) - before_kb
+        assert grown_kb < 32 * 1024, grown_kb
+        warned = [line for line in daemon.log().splitlines()
+                  if "closing a connection whose client reads no replies" in line]
+        assert len(warned) == 1 and ": warning: " in warned[0], warned
+        # The daemon serves on.
+        with daemon.connect() as fresh:
+            fresh.sendall(triple_request(7))
+            assert split_replies(receive_replies(fresh, 1)) == [DEFER_NEW]
+        assert daemon.stop() == 0
+    assert_clean(daemon)
+
+
+def test_a_slow_reader_gets_every_reply_in_order(site):
+    """A client that pipelines many requests and reads slowly gets them
+    all, in order: a transport that stops taking replies only pauses
+    the connection."""
+    count = 3000
+    with daemons.start(site) as daemon:
+        with daemon.connect() as sock:
+            requests = [AT_ONCE if n % 100 else triple_request(1000 + n) for n in range(count)]
+            payload = b"".join(requests)
+            sock.setblocking(False)
+            offset, data = 0, b""
+            deadline = time.monotonic() + 60
+            for _ in range(200000):
+                if data.count(b"\n\n") >= count or time.monotonic() > deadline:
+                    break
+                writing = [sock] if offset < len(payload) else []
+                readable, writable, _ = select.select([sock], writing, [], 0.2)
+                if writable:
+                    try:
+                        offset += sock.send(payload[offset:offset + 65536])
+                    except BlockingIOError:
+                        pass
+                if readable:
+                    time.sleep(0.002)  # a slow reader
+                    try:
+                        chunk = sock.recv(4096)
+                    except BlockingIOError:
+                        continue
+                    assert chunk, "closed after %d replies" % data.count(b"\n\n")
+                    data += chunk
+        actions = split_replies(data)
+        assert actions is not None and len(actions) == count, data[-200:]
+        expected = ["DUNNO" if n % 100 else DEFER_NEW for n in range(count)]
+        assert actions == expected
+        assert daemon.stop() == 0
+    assert_clean(daemon)
+
+
+def test_end_of_input_after_pipelined_requests_answers_them_all_first(site):
+    """A client that sends its requests and shuts its side down gets every
+    reply, the waiting ones included, then the close; an unfinished
+    request at the end is a warning, without a reply."""
+    with daemons.start(site) as daemon:
+        reply = daemon.ask(triple_request(1) + AT_ONCE + triple_request(2) + AT_ONCE)
+        assert split_replies(reply) == [DEFER_NEW, "DUNNO", DEFER_NEW, "DUNNO"]
+        reply = daemon.ask(triple_request(3) + AT_ONCE[:30])
+        assert split_replies(reply) == [DEFER_NEW]
+        assert REPLY.fullmatch(reply)
+        warned = [line for line in daemon.log().splitlines() if ": warning: " in line]
+        assert len(warned) == 1 and "premature end of input" in warned[0], warned
+        assert daemon.stop() == 0
+    assert_clean(daemon)
+
+
+def test_a_pass_that_writes_the_client_table_keeps_its_place_in_line(site):
+    """A retry that passes and earns its client the client table waits
+    twice (its commit, then the table write); the requests behind it on
+    the same connection are answered after it, in order, and the table
+    has the client."""
+    from greylist.stores.lmdb import LmdbStore
+    extra = "greylist_delay = 1s\ngreylist_client_awl_passes = 1\n"
+    with daemons.start(site, extra) as daemon:
+        with daemon.connect() as sock:
+            sock.sendall(triple_request(1))
+            assert split_replies(receive_replies(sock, 1))[0].startswith("DEFER_IF_PERMIT")
+            time.sleep(1.5)
+            sock.sendall(triple_request(1) + triple_request(2) + AT_ONCE)
+            actions = split_replies(receive_replies(sock, 3))
+            assert len(actions) == 3, actions
+            assert not actions[0].startswith("DEFER"), actions
+            assert actions[1].startswith("DEFER_IF_PERMIT") and actions[2] == "DUNNO", actions
+        assert daemon.stop() == 0
+    table = LmdbStore(str(site / "db-clients"))
+    try:
+        table.open()
+        entries = list(table.items())
+    finally:
+        table.close()
+    assert len(entries) == 1, entries
+    assert_clean(daemon)
