@@ -269,3 +269,16 @@ def test_an_endless_attribute_is_discarded_up_to_the_skip_cap_holding_one_chunk(
     else:
         pytest.fail("no ProtocolError after %d bytes" % fed)
     assert MAX_SKIP_BYTES - READ_SIZE <= fed <= MAX_SKIP_BYTES + READ_SIZE
+
+
+def test_a_malformed_line_past_the_request_cap_is_malformed_in_any_chunking():
+    # Found by CI: a short line without "=" after the request cap was cut
+    # out as "too long" (named with the bytes after it), not malformed.
+    long_line = b"long=" + b"v" * (LINE - 5) + b"\n"
+    stream = long_line * 4 + b"no equals sign\n\n"
+    assert len(long_line * 4) > REQUEST
+    for chunks in ([stream], [stream[:-1], stream[-1:]], [stream[:len(stream) // 2],
+                                                          stream[len(stream) // 2:]]):
+        requests, error = decode(chunks)
+        assert requests == [] and error is not None and "malformed line" in error, (
+            chunks, requests, error)

@@ -167,9 +167,11 @@ class Decoder:
                 return attrs
             self._counted()
             if newline - start > self.max_line or newline >= self.max_request:
-                # A whole line over a cap: cut it out.
-                self._dropped.append((_name(buf[start:start + self.max_line],
-                                            self.max_line), newline - start))
+                # A whole line over a cap: cut it out. Only its own bytes
+                # name it, and, being whole, it must have its "=" (a
+                # malformed line past the request cap is still one).
+                self._dropped.append((_name(buf[start:newline], self.max_line, whole=True),
+                                      newline - start))
                 self._skip(newline - start)
                 buf = buf[:start] + buf[newline + 1:]
                 continue
@@ -224,11 +226,16 @@ class Decoder:
         raise ProtocolError("premature end of input in line %s" % _show(buf[last + 1:]))
 
 
-def _name(head: bytes, cap: int) -> str:
+def _name(head: bytes, cap: int, whole: bool = False) -> str:
     """The name of an attribute line that is discarded, from its first
-    bytes; ProtocolError if it cannot be an attribute."""
+    bytes (whole: all of them); ProtocolError if it cannot be an
+    attribute."""
+    if whole and b"\0" in head:
+        # As _parse() says of a line it keeps.
+        raise ProtocolError("NUL byte in line %s" % _show(head))
+    head = head[:cap]
     name, sep, _ = head.partition(b"=")
-    if not name or (not sep and len(head) >= cap) or b"\0" in name:
+    if not name or (not sep and (whole or len(head) >= cap)) or b"\0" in name:
         raise ProtocolError("malformed line %s: expected name=value" % _show(head))
     return name.decode("utf-8", "surrogateescape")
 
