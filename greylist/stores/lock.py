@@ -49,21 +49,26 @@ def lock(fd: int, mode: int, wait: bool = True, timeout_s: float | None = None) 
     if timeout_s is not None:
         _lock_within(fd, mode, timeout_s)
         return
-    try:
-        fcntl.lockf(fd, mode if wait else mode | fcntl.LOCK_NB)
-    except OSError as exc:
-        if not wait and exc.errno in (errno.EAGAIN, errno.EACCES):
-            raise LockBusy() from None
-        raise
+    if wait:
+        fcntl.lockf(fd, mode)
+    elif not _try(fd, mode):
+        raise LockBusy()
 
 
-def _lock_within(fd: int, mode: int, timeout_s: float) -> None:
+def _try(fd: int, mode: int) -> bool:
+    """Take the lock if nobody is in the way; whether it was taken."""
     try:
         fcntl.lockf(fd, mode | fcntl.LOCK_NB)
-        return
+        return True
     except OSError as exc:
         if exc.errno not in (errno.EAGAIN, errno.EACCES):
             raise
+        return False
+
+
+def _lock_within(fd: int, mode: int, timeout_s: float) -> None:
+    if _try(fd, mode):
+        return
     if timeout_s <= 0:
         raise LockBusy()  # (An ITIMER_REAL of 0 would never ring.)
     if _thread.get_ident() == _MAIN_THREAD:
@@ -105,13 +110,7 @@ def _poll(fd: int, mode: int, timeout_s: float) -> None:
     tries, 0.5 to 10 ms apart."""
     deadline = None
     pause = _FIRST_TRY_S
-    while True:
-        try:
-            fcntl.lockf(fd, mode | fcntl.LOCK_NB)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
+    while not _try(fd, mode):
         now = time.monotonic()
         if deadline is None:
             deadline = now + timeout_s  # Only once the first try failed.
