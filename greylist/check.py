@@ -19,7 +19,8 @@ DESCRIPTION
                     unless greylist_allow_root = yes.
 
     It prints "FILE: ok" on stdout, or each problem as "FILE: problem"
-    on stderr, and returns the exit status, 0 or 1. FILE is the settings
+    on stderr, and returns the exit status, 0 or 1; it prints nothing
+    when stderr is spawn(8)'s socket (log.stderr_is_a_client()). FILE is the settings
     file, or "(defaults)" without one.
 """
 
@@ -37,12 +38,17 @@ def check(path: str | None, load: Callable[[], Config]) -> int:
     try:
         cfg = load()
     except ConfigError as exc:
-        problems = [str(exc)]
+        cfg, problems = None, [str(exc)]
     else:
         problems = problems_of(cfg)
-        if os.geteuid() == 0 and not cfg.allow_root:
-            print("%s: note: a run as root is refused (greylist_allow_root = no); "
-                  "spawn(8) runs it as the service's user" % name)
+    # Nothing into spawn(8)'s socket (descriptors 0 to 2), should master.cf
+    # run --check by mistake: the exit status says it then.
+    from greylist.log import stderr_is_a_client
+    if stderr_is_a_client():
+        return 1 if problems else 0
+    if cfg is not None and os.geteuid() == 0 and not cfg.allow_root:
+        print("%s: note: a run as root is refused (greylist_allow_root = no); "
+              "spawn(8) runs it as the service's user" % name)
     for problem in problems:
         print("%s: %s" % (name, problem), file=sys.stderr)
     if not problems:

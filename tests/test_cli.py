@@ -361,3 +361,20 @@ def test_greylistd_check_reads_the_same_file_and_binds_nothing(checked):
                            str(cf)], capture_output=True, timeout=30, env=env,
                           stdin=subprocess.DEVNULL)
     assert done.returncode == 1 and b"greylist_policy_listen" in done.stderr, done
+
+
+def test_check_writes_nothing_into_a_spawn_socket(checked):
+    # As spawn(8) connects it, stdin, stdout and stderr are one socket:
+    # nothing of --check may reach Postfix there, not even "ok".
+    import socket
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        (checked / "greylist.cf").write_text("greylist_dealy = 10s\n")
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        done = subprocess.run([sys.executable, "-m", "greylist", "--check", "-c",
+                               str(checked / "greylist.cf")], stdin=theirs, stdout=theirs,
+                              stderr=theirs, timeout=30, env=env)
+        theirs.close()
+        ours.settimeout(10)
+        assert done.returncode == 1
+        assert ours.recv(4096) == b""
