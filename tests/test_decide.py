@@ -326,3 +326,19 @@ def test_a_bot_that_never_retries_gets_no_sender_retry():
     pooled = decide(Records(sender=note), T + DELAY + 60, CFG, pooled=True)
     assert pooled.reason == "sender-retry"
     assert pooled.writes.sender is None and pooled.writes.client is None
+
+
+@given(_records, _records, _records, _times, st.booleans(), st.booleans())
+def test_after_a_deferred_recipient_only_an_exemption_passes(t, s, c, now, accepted, pooled):
+    """One message is accepted or deferred as a whole: once a recipient
+    was deferred, a pass by the greylisting records is held (deferred,
+    its writes kept), and only manual entries and pairs pass."""
+    records = Records(triple=t, sender=s, client=c)
+    alone = decide(records, now, CFG, accepted, False, pooled)
+    held = decide(records, now, CFG, accepted, True, pooled)
+    if held.action == "DUNNO":
+        assert held.reason in ("manual-client", "manual-sender", "correspondent"), held
+        assert held == alone
+    elif alone.action == "DUNNO" and alone.reason != "sender-retry":
+        assert held.reason == "held:" + alone.reason and not held.proven
+        assert held.writes == alone.writes and held.action == deferred(DELAY)

@@ -104,6 +104,46 @@ def test_a_retried_message_with_a_new_first_recipient_is_not_split(tmp_path):
     assert site.ask(rcpt="dave@example.net", instance="m2", **pool) == "DUNNO"
 
 
+def test_a_new_first_recipient_holds_the_rest_of_its_message(tmp_path):
+    """The trace's split (Exim, seed 1): eva deferred in one message; a
+    second message from the same host, sven first (new, deferred), then
+    eva (past the delay) and noah (sender entry made by eva's pass).
+    Accepting eva and noah split it: they are held, the proof is kept,
+    and at the retry the whole message passes."""
+    site = Site(tmp_path)
+    assert site.ask(rcpt="eva@example.net", instance="a1").startswith("DEFER_IF_PERMIT")
+    site.later(582)
+    assert site.ask(rcpt="sven@example.net", instance="b1").startswith("DEFER_IF_PERMIT")
+    assert site.reason() == "new"
+    assert site.ask(rcpt="eva@example.net", instance="b1") == \
+        "DEFER_IF_PERMIT Greylisted, please try again in 300 seconds"
+    assert site.reason() == "held:delay-passed"
+    assert site.ask(rcpt="noah@example.net", instance="b1").startswith("DEFER_IF_PERMIT")
+    assert site.reason() == "held:awl-sender"
+    # The pass was recorded: eva's triple passed, the sender entry made.
+    assert site.store.get(b"192.0.2/alice@example.org/eva@example.net").endswith(b":passed")
+    assert site.store.get(b"192.0.2/alice@example.org").endswith(b":sender")
+    # The retry of the second message (sven first again): all pass.
+    site.later(60)
+    for rcpt in ("sven", "eva", "noah"):
+        assert site.ask(rcpt=rcpt + "@example.net", instance="b2") == "DUNNO", rcpt
+    assert site.reason() == "awl-sender"
+
+
+def test_exempt_recipients_are_not_held(tmp_path):
+    """postmaster@ (a static exemption) and a manual sender entry pass on
+    their own even after a deferred recipient of the same message."""
+    site = Site(tmp_path)
+    assert site.ask(rcpt="dave@example.net", instance="m1").startswith("DEFER_IF_PERMIT")
+    assert site.ask(rcpt="postmaster@example.net", instance="m1") == "DUNNO"
+    assert site.ask(rcpt="dave@example.net", instance="m2",
+                    sender="friend@example.org").startswith("DEFER_IF_PERMIT")
+    site.store.put(b"192.0.2/friend@example.org", b"1:%d:%d:0:manual" % (T, T))
+    assert site.ask(rcpt="heidi@example.net", instance="m2",
+                    sender="friend@example.org") == "DUNNO"
+    assert site.reason() == "manual-sender"
+
+
 def test_a_bot_sending_new_messages_from_one_network_is_never_let_through(tmp_path):
     """Found in review: one sender, one /24, a new message every minute,
     no retry at all: every one is deferred."""

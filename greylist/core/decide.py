@@ -28,6 +28,14 @@ DESCRIPTION
         no triple               DEFER_IF_PERMIT new
         pending, age < delay    DEFER_IF_PERMIT early-retry
         pending, age >= delay   DUNNO delay-passed
+    A recipient that would pass by one of these greylisting records
+    (awl-client, awl-sender, known, delay-passed, message) after another recipient
+    of the same message was deferred is deferred too, as "held:REASON",
+    with the writes of its pass (the proof is kept, so the message passes
+    whole at its retry): one message is accepted or deferred as a whole.
+    Only the exemptions are not held: manual entries, correspondent pairs
+    and the static exemptions of lists.py, which are accepted on their
+    own.
     On a pass the triple is stored as passed, a sender entry is made,
     and the client's pass count goes up (at most once per hour, as in
     postgrey, so one message with many recipients counts once). In learn
@@ -72,6 +80,7 @@ SENDER_RETRY = "sender-retry"
 NEW = "new"
 EARLY_RETRY = "early-retry"
 LEARN = "learn:"          # prefix of the would-be defer's reason
+HELD = "held:"            # prefix of a pass held with its message's defer
 NULL_SENDER = "null sender"
 NO_RECIPIENT = "no recipient"
 PROTOCOL_STATE = "protocol_state="   # followed by the state
@@ -81,6 +90,9 @@ DATABASE_FAILURE = "database-failure"
 # a recipient of the message.
 PROVING = frozenset((AWL_CLIENT, AWL_SENDER, KNOWN, DELAY_PASSED, MESSAGE,
                      CORRESPONDENT_PAIR, SENDER_RETRY))
+# Passes that are held (deferred) when a recipient of the same message
+# was deferred before: all but the exemptions (manual entries, pairs).
+HOLDABLE = frozenset((AWL_CLIENT, AWL_SENDER, KNOWN, DELAY_PASSED, MESSAGE))
 # At most one pass an hour counts toward the client auto-whitelist.
 CLIENT_COUNT_INTERVAL_S = 3600
 # A first sight later than now by more than this is a clock that ran
@@ -173,14 +185,25 @@ def decide(records: Records, now: int, cfg: Config,
     """Return the decision for a triple whose stored records are records.
 
     message_deferred: a recipient of the same message (instance) was
-    deferred; then the client's trying note is no retry, only the same
-    SMTP transaction going on (a client that stalls between RCPTs for
-    greylist_delay must not pass its later ones). pooled: the client group
-    is a sending pool (pools.py); only a pool's trying note lets a new
-    recipient pass (sender-retry): for any other client a bot that sends
-    one new message after another with one sender, and never retries,
-    would pass them all.
+    deferred; then a pass by the greylisting records is held (see
+    DESCRIPTION), and the client's trying note is no retry, only the
+    same SMTP transaction going on (a client that stalls between RCPTs
+    for greylist_delay must not pass its later ones). pooled: the client
+    group is a sending pool (pools.py); only a pool's trying note lets a
+    new recipient pass (sender-retry): for any other client a bot that
+    sends one new message after another with one sender, and never
+    retries, would pass them all.
     """
+    decision = _decide(records, now, cfg, message_accepted, message_deferred, pooled)
+    if message_deferred and decision.reason in HOLDABLE:
+        # Deferred with the message; its writes keep the proof.
+        return new(Decision, (_defer(cfg.delay_s, cfg), HELD + decision.reason,
+                              decision.age, decision.writes, False))
+    return decision
+
+
+def _decide(records: Records, now: int, cfg: Config, message_accepted: bool,
+            message_deferred: bool, pooled: bool) -> Decision:
     triple = _live(records.triple, TRIPLE_STATES, now, cfg)
     sender = _live(records.sender, SENDER_STATES, now, cfg)
     client = _live(records.client, CLIENT_STATES, now, cfg)
