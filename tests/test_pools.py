@@ -20,8 +20,19 @@ DOMAIN = Config(client_match="domain")
     ("167.89.10.1", "o1.ptr1234.sendgrid.net", "sendgrid.net"),
     ("205.139.110.61", "us-smtp-delivery-61.mimecast.com", "mimecast.com"),
     ("41.74.196.1", "za-smtp-1.mimecast.co.za", "mimecast.co.za"),
+    # One provider, one pool: Mailchimp's older rsgsv.net hosts.
+    ("205.201.131.5", "mail5.atl11.rsgsv.net", "mcsv.net"),
+    # A pool's published networks, whatever the name (white-label names of
+    # dedicated addresses: o11.sgmail.github.com is 167.89.101.202).
+    ("167.89.101.202", "o11.sgmail.github.com", "sendgrid.net"),
+    ("149.72.154.232", "o1.em.shop.example", "sendgrid.net"),
+    ("198.2.180.4", "unknown", "mcsv.net"),
+    ("167.89.128.1", "o1.em.shop.example", "167.89.128"),     # past the /17
+    # An access host (a dynamic-looking verified name) is one machine.
+    ("100.65.220.132", "100-65-220-132.dyn.dsl1.example", "100.65.220.132"),
+    ("100.81.43.137", "p64512b89.dip0.t-ip3.example", "100.81.43.137"),
+    ("2001:db8:1:2::7", "dyn-7.isp.example", "2001:db8:1:2"),  # IPv6: the /64
     # Everyone else: the /24.
-    ("100.65.220.132", "100-65-220-132.dyn.dsl1.example", "100.65.220"),
     ("192.0.2.7", "mx.example.org", "192.0.2"),
     ("192.0.2.7", "unknown", "192.0.2"),
     ("192.0.2.7", "notgoogle.com", "192.0.2"),
@@ -88,15 +99,16 @@ def test_a_pools_bounce_addresses_share_one_sender_key():
     """Mailchimp gives each message its own bounce address and host part:
     from the pool, they are one sender (so one retry proves them all)."""
     from greylist.core.triple import triple_from_request
-    def sender(address, name="mail130-7.atl41.mcsv.net"):
-        return triple_from_request({"client_address": "198.2.130.7", "client_name": name,
+    def sender(address, name="mail130-7.atl41.mcsv.net", client="198.2.130.7"):
+        return triple_from_request({"client_address": client, "client_name": name,
                                     "sender": address, "recipient": "x@example.net"},
                                    POOL).sender
     a = sender("bounce-mc.us5_1234567.987654-0a1b2c3d4e@mail12.atl91.mcsv.net")
     b = sender("bounce-mc.us5_1234567.987655-0f0000000a@mail99.atl3.mcsv.net")
     assert a == b == "bounce-mc.us5_#.#-#@mcsv.net"
     # Not from a pool, or not under a pool domain: left alone.
-    assert sender("bounce-0a1b2c3d4e@mail12.atl91.mcsv.net", "mx.example.org") == \
+    assert sender("bounce-0a1b2c3d4e@mail12.atl91.mcsv.net", "mx.example.org",
+                  "192.0.2.7") == \
         "bounce-0a1b2c3d4e@mail12.atl91.mcsv.net"
     assert sender("alice.0a1b2c3d4e@example.org") == "alice.0a1b2c3d4e@example.org"
     # Short hex-looking words stay: only IDs of ten or more.
@@ -110,3 +122,25 @@ def test_domain_mode_does_not_take_pool_hosts_for_dynamic_ones():
                         DOMAIN) == "outlook.com"
     assert client_group("54.240.10.219", "a10-219.smtp-out.amazonses.com",
                         DOMAIN) == "amazonses.com"
+
+
+def test_pool_network_agrees_with_ipaddress_at_every_edge():
+    """The /16-indexed lookup against ipaddress, at each network's first
+    and last address and one past each end, and at random addresses."""
+    import ipaddress
+    import random
+    from greylist.core.pools import POOL_NETWORKS, pool_network
+    networks = [(ipaddress.ip_network(n), pool) for pool, ns in POOL_NETWORKS for n in ns]
+
+    def expected(address):
+        found = [pool for net, pool in networks if ipaddress.ip_address(address) in net]
+        return found[0] if found else None
+    probes = []
+    for net, _ in networks:
+        first, last = int(net.network_address), int(net.broadcast_address)
+        probes += [first, last, first - 1, last + 1]
+    rng = random.Random(16)
+    probes += [rng.randrange(1 << 32) for _ in range(2000)]
+    for number in probes:
+        address = str(ipaddress.IPv4Address(number % (1 << 32)))
+        assert pool_network(address) == expected(address), address

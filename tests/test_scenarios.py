@@ -144,6 +144,35 @@ def test_exempt_recipients_are_not_held(tmp_path):
     assert site.reason() == "manual-sender"
 
 
+def test_a_rotating_bot_in_one_access_slash_24_is_not_let_through(site):
+    """bench/trace.py's rotating bots: each retry from another host of the
+    ISP; two in one /24 the delay apart passed as one client. A verified
+    name that looks dynamic is one machine: grouped by its address."""
+    def bot(n):
+        return dict(client="100.65.220.%d" % n, client_name="100-65-220-%d.dyn.dsl1.example" % n)
+    assert site.ask(**bot(132)).startswith("DEFER_IF_PERMIT")
+    site.later(1200)
+    assert site.ask(**bot(77)).startswith("DEFER_IF_PERMIT")
+    assert site.reason() == "new"
+    # The same machine retrying (a home server on a dynamic address) passes.
+    assert site.ask(instance="r2", **bot(132)) == "DUNNO"
+    # A named MTA still counts by its /24 (two hosts of one farm).
+    farm = dict(client_name="mx1.example.org", sender="bob@example.org")
+    assert site.ask(client="192.0.2.20", **farm).startswith("DEFER_IF_PERMIT")
+    site.later(300)
+    assert site.ask(client="192.0.2.21", **farm) == "DUNNO"
+
+
+def test_a_dedicated_sendgrid_address_is_in_the_sendgrid_pool(site):
+    """Dedicated addresses carry their customer's white-label name and lie
+    in different /24s of SendGrid's networks: one pool all the same."""
+    name = dict(client_name="o1.em.shop.example", sender="bounces+123-ab-x=y@em1.shop.example")
+    assert site.ask(client="167.89.101.202", **name).startswith("DEFER_IF_PERMIT")
+    site.later(900)
+    assert site.ask(client="149.72.154.232", **name) == "DUNNO"
+    assert site.reason() == "delay-passed"
+
+
 def test_a_bot_sending_new_messages_from_one_network_is_never_let_through(tmp_path):
     """Found in review: one sender, one /24, a new message every minute,
     no retry at all: every one is deferred."""

@@ -6,9 +6,14 @@ DESCRIPTION
 
     client      The client group, per greylist_client_match:
                 pool    (the default) the pool domain (core/pools.py) of a
-                        verified client_name under one, so that a
-                        provider's retries from other hosts match; any
-                        other client as prefix
+                        verified client_name under one, or of an IPv4
+                        address in a pool's published networks, so that
+                        a provider's retries from other hosts match; an
+                        IPv4 client whose verified name looks dynamic
+                        (pools.looks_dynamic: an access host, one machine)
+                        by its whole address, so that a bot's "retry"
+                        from another host of its ISP's /24 does not
+                        match; any other client as prefix
                 prefix  the IPv4 address cut to greylist_ipv4_prefix bits
                         and the IPv6 address to greylist_ipv6_prefix bits,
                         written as access(5) writes partial addresses:
@@ -58,7 +63,7 @@ import re
 from typing import NamedTuple
 
 from greylist.config import Config
-from greylist.core.pools import pool_of, pool_set
+from greylist.core.pools import POOL_ALIASES, looks_dynamic, pool_network, pool_of, pool_set
 from greylist.core.record import new
 
 # LMDB's compile-time maximum key size (mdb_env_get_maxkeysize) less the NUL.
@@ -139,12 +144,10 @@ def client_group(address: str, client_name: str | None, cfg: Config) -> str:
     match = cfg.client_match
     if address == UNKNOWN_CLIENT or match == "exact":
         return address
-    if match == "pool" and client_name and client_name != UNKNOWN_CLIENT:
-        pool = pool_of(client_name.casefold(), pool_set(cfg.pool_domains))
-        if pool is not None:
-            return pool
-    elif match == "domain" and client_name and client_name != UNKNOWN_CLIENT:
-        from greylist.core.pools import looks_dynamic
+    if match == "pool":
+        return _pool_group(address, client_name, cfg.pool_domains, cfg.ipv4_prefix,
+                           cfg.ipv6_prefix)
+    if match == "domain" and client_name and client_name != UNKNOWN_CLIENT:
         name = client_name.casefold().rstrip(".")
         # Pool hosts' names carry their addresses by design (Microsoft's
         # mail-oln040092066048..., SES's a10-219...): not dynamic.
@@ -153,15 +156,38 @@ def client_group(address: str, client_name: str | None, cfg: Config) -> str:
         domain = None if dynamic else registered_domain(name)
         if domain is not None:
             return domain
+    return _prefix(address, cfg.ipv4_prefix, cfg.ipv6_prefix)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pool_group(address: str, client_name: str | None, pool_domains: tuple[str, ...],
+                ipv4_prefix: int, ipv6_prefix: int) -> str:
+    """The group of greylist_client_match = pool. Cached: a client's
+    requests come in runs, and this is on every request's path."""
+    if client_name and client_name != UNKNOWN_CLIENT:
+        pool = pool_of(client_name.casefold(), pool_set(pool_domains))
+        if pool is not None:
+            return POOL_ALIASES.get(pool, pool)
+    pool = pool_network(address)
+    if pool is not None:
+        return pool
+    if client_name and client_name != UNKNOWN_CLIENT and ":" not in address \
+            and looks_dynamic(client_name, address):
+        return address
+    return _prefix(address, ipv4_prefix, ipv6_prefix)
+
+
+def _prefix(address: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
+    """The address cut to its prefix, as access(5) writes partial addresses."""
     if ":" in address:
-        if cfg.ipv6_prefix == 128:
+        if ipv6_prefix == 128:
             return address
         import ipaddress
-        words = ipaddress.IPv6Address(address).exploded.split(":")[:cfg.ipv6_prefix // 16]
+        words = ipaddress.IPv6Address(address).exploded.split(":")[:ipv6_prefix // 16]
         return ":".join(word.lstrip("0") or "0" for word in words)
-    if cfg.ipv4_prefix == 32:
+    if ipv4_prefix == 32:
         return address
-    return ".".join(address.split(".")[:cfg.ipv4_prefix // 8])
+    return ".".join(address.split(".")[:ipv4_prefix // 8])
 
 
 @functools.cache
