@@ -66,6 +66,9 @@ CASES = [
     ("198.18.2.1", "ignore", None, "unproven", "198.18.2.1"),      # awl entry expired
     ("198.18.3.1", "ignore", None, "unproven", "198.18.3.1"),      # 4 passes of 5
     ("198.18.9.9", "ignore", None, "unproven", "198.18.9.9"),      # nothing known
+    # Grouped by its address (a dynamic-looking name in pool mode): found.
+    ("198.18.4.7", "pass", PS_TTL, "awl-client", "198.18.4.7"),
+    ("198.18.4.8", "ignore", None, "unproven", "198.18.4.8"),
     ("10.1.2.3", "pass", PS_TTL, "trusted", "10.1.2.3"),
     ("::ffff:10.1.2.3", "pass", PS_TTL, "trusted", "10.1.2.3"),
     ("2001:db8:ffff::1", "pass", PS_TTL, "trusted", "2001:db8:ffff::1"),
@@ -358,7 +361,7 @@ def site():
     with greylistctl (198.51.100, 2001:db8:1:2, 192.0.2), awl entries
     written directly (203.0.113 and 2001:db8:2:3 seen now; 198.18.1 with
     an hour of its lifetime left; 198.18.2 expired; 198.18.3 one pass
-    short)."""
+    short; 198.18.4.7 by its address)."""
     with short_directory() as directory:
         (directory / "whitelist_clients").write_text(WHITELIST)
         now = int(time.time())
@@ -366,7 +369,7 @@ def site():
             b"203.0.113": record(now), b"2001:db8:2:3": record(now, 6),
             b"198.18.1": record(now - (MAX_AGE - 3600)),
             b"198.18.2": record(now - MAX_AGE - 600),
-            b"198.18.3": record(now, 4)})
+            b"198.18.3": record(now, 4), b"198.18.4.7": record(now)})
         with running(directory, SETTINGS.format(directory=directory),
                      daemon.free_port()) as found:
             found.now = now

@@ -23,7 +23,9 @@ DESCRIPTION
     The client group is the one greylist_client_match gives the address
     without a client name: postscreen knows none, so with
     greylist_client_match = domain only the prefix fallback groups are
-    found. prepare() answers at once where it can, or returns a Lookup
+    found; the client's own address is read too (one read, two keys),
+    where pool mode keeps the record of a client with a dynamic-looking
+    name. prepare() answers at once where it can, or returns a Lookup
     whose pure change() reads the group's client record and writes
     nothing; decide() turns that record into the verdict.
 
@@ -96,11 +98,19 @@ class PostscreenHandler:
         reason = exemptions.client_reason(address)
         if reason is not None:
             return Verdict("pass", self.cfg.postscreen_ttl_s, reason, address)
-        key = client_key(client_group(address, None, self.cfg))
+        group = client_group(address, None, self.cfg)
+        keys = [client_key(group)]
+        if group != address:
+            # A client grouped by its own address (a dynamic-looking name,
+            # greylist_client_match = pool) has its record there.
+            keys.append(client_key(address))
 
         def change(values: list[bytes | None]) -> tuple[list[bytes | None], Verdict]:
-            return [None], self.decide(address, values[0], now)
-        return Lookup(address, [key], change)
+            verdict = self.decide(address, values[0], now)
+            if verdict.action == "ignore" and len(values) > 1:
+                verdict = self.decide(address, values[1], now)
+            return [None] * len(values), verdict
+        return Lookup(address, keys, change)
 
     def decide(self, address: str, value: bytes | None, now: int) -> Verdict:
         """The verdict for a client whose group's record is value."""
