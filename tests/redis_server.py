@@ -57,15 +57,23 @@ class ServerError(Exception):
     """A server did not start or did not answer."""
 
 
+# Ports handed out in this process: Sentinels picks five before any
+# server binds one, and the kernel may give a just-closed port again (CI:
+# a sentinel got the master's port, "Address already in use").
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """A free high TCP port on 127.0.0.1 (above 20000, below 60000)."""
-    for _ in range(50):
+    """A free high TCP port on 127.0.0.1 (above 20000, below 60000), never
+    one this process handed out before."""
+    for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        if 20000 <= port < 60000:
+        if 20000 <= port < 60000 and port not in _GIVEN:
+            _GIVEN.add(port)
             return port
-    return port
+    raise ServerError("no free port on 127.0.0.1 in 200 tries")
 
 
 def missing() -> str | None:
