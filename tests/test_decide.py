@@ -342,3 +342,13 @@ def test_after_a_deferred_recipient_only_an_exemption_passes(t, s, c, now, accep
     elif alone.action == "DUNNO" and alone.reason != "sender-retry":
         assert held.reason == "held:" + alone.reason and not held.proven
         assert held.writes == alone.writes and held.action == deferred(DELAY)
+
+
+def test_nothing_is_held_in_learn_mode():
+    """Found in review: with greylist_failure_action = DEFER_IF_PERMIT a
+    database failure marks the message deferred; learn mode must not then
+    defer the rest of it."""
+    learn = CFG._replace(learn=True)
+    known = Records(triple=Record(T, T, 1, PASSED))
+    assert decide(known, T + 100, learn, False, True).reason == "known"
+    assert decide(known, T + 100, CFG, False, True).reason == "held:known"

@@ -774,8 +774,9 @@ def _whitelist(store: Store, cfg: Config, log: Log, args: dict) -> int:
         if not host and cfg.client_match == "domain":
             group = registered_domain(client.casefold())
         elif not host and cfg.client_match == "pool":
-            from greylist.core.pools import pool_of, pool_set
+            from greylist.core.pools import POOL_ALIASES, pool_of, pool_set
             group = pool_of(client.casefold(), pool_set(cfg.pool_domains))
+            group = POOL_ALIASES.get(group, group)
         if group is None:
             print("greylistctl: %s is not an IP address%s" % (
                 client, "" if host else {"domain": " or a registered domain",

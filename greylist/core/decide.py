@@ -35,7 +35,8 @@ DESCRIPTION
     whole at its retry): one message is accepted or deferred as a whole.
     Only the exemptions are not held: manual entries, correspondent pairs
     and the static exemptions of lists.py, which are accepted on their
-    own.
+    own. In learn mode nothing is held (nothing is deferred by greylisting
+    there; a message can be "deferred" only by greylist_failure_action).
     On a pass the triple is stored as passed, a sender entry is made,
     and the client's pass count goes up (at most once per hour, as in
     postgrey, so one message with many recipients counts once). In learn
@@ -195,7 +196,7 @@ def decide(records: Records, now: int, cfg: Config,
     retries, would pass them all.
     """
     decision = _decide(records, now, cfg, message_accepted, message_deferred, pooled)
-    if message_deferred and decision.reason in HOLDABLE:
+    if message_deferred and decision.reason in HOLDABLE and not cfg.learn:
         # Deferred with the message; its writes keep the proof.
         return new(Decision, (_defer(cfg.delay_s, cfg), HELD + decision.reason,
                               decision.age, decision.writes, False))

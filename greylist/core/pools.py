@@ -26,13 +26,17 @@ DESCRIPTION
     /24s. Only networks that hold the provider's mail servers alone are
     listed, never a cloud's or an access ISP's.
 
-    looks_dynamic() tells whether a verified name looks like an access
-    host (the address's own digits in the name, dyn/dsl/dhcp/pool/cable/
-    ppp-style labels). With greylist_client_match = pool such an IPv4
-    client is grouped by its whole address (one machine: a rotating bot's
-    next host in the same /24 is another client); with domain, by prefix
-    rather than by its domain, so that bots behind one ISP never become
-    one client.
+    access_label() tells whether a verified name has a label of an access
+    network (dyn, dsl, dhcp, pool, cable, ppp and the like): with
+    greylist_client_match = pool such an IPv4 client is grouped by its
+    whole address (one machine: a rotating bot's next host in the same
+    /24 is another client). The address's digits alone do not count
+    there: mail farms name their hosts so too (out203-205-221-239.mail
+    .qq.com, static.88-198-12-34.clients.your-server.de), and their
+    retries come from neighbouring addresses. looks_dynamic() adds the
+    address's own digits in the name; with domain, such a name is
+    grouped by prefix rather than by its domain, so that bots behind one
+    ISP never become one client.
 
     This module is part of the pure core: no I/O, no clock, no logging.
 """
@@ -142,7 +146,8 @@ def _network_table() -> dict[str, tuple[tuple[int, int, str], ...]]:
         for network in networks:
             base, _, bits = network.partition("/")
             a, b, c, _ = base.split(".")
-            assert 16 <= int(bits) <= 24, network
+            if not 16 <= int(bits) <= 24:
+                raise ValueError("POOL_NETWORKS: %s is not a /16 to /24" % network)
             span = 1 << (24 - int(bits))
             table.setdefault(a + "." + b, []).append((int(c), int(c) + span - 1, pool))
     return {key: tuple(sorted(ranges)) for key, ranges in table.items()}
@@ -159,11 +164,25 @@ def pool_network(address: str) -> str | None:
     ranges = _network_table().get(address[:second])
     if ranges is None:
         return None
-    third = int(address[second + 1:address.find(".", second + 1)])
+    third = address[second + 1:address.find(".", second + 1)]
+    if not (third.isascii() and third.isdigit()):
+        return None
+    third = int(third)
     for low, high, pool in ranges:
         if low <= third <= high:
             return pool
     return None
+
+
+def access_label(client_name: str) -> bool:
+    """Whether a name has a label of _DYNAMIC_LABELS, with digits after it
+    or not, between dots and dashes (dyn, dsl12, ppp-7): the mark of an
+    access network. No regular expression: it would be compiled in every
+    process under spawn(8)."""
+    for token in client_name.casefold().replace("-", ".").split("."):
+        if token.rstrip("0123456789") in _DYNAMIC_LABELS:
+            return True
+    return False
 
 
 @functools.lru_cache(maxsize=4096)
@@ -174,12 +193,11 @@ def looks_dynamic(client_name: str, address: str) -> bool:
     outside the pools, and a client's requests come in runs.
     """
     name = client_name.casefold()
-    # A label of _DYNAMIC_LABELS, with digits after it or not, between
-    # dots and dashes (dyn, dsl12, ppp-7); no regular expression, which
-    # would be compiled in every process under spawn(8).
-    for token in name.replace("-", ".").split("."):
-        if token.rstrip("0123456789") in _DYNAMIC_LABELS:
-            return True
+    if access_label(name):
+        return True
+    if not name.isascii():
+        # Only ASCII digits and separators count (the old [0-9] classes).
+        name = "".join(c if c.isascii() else " " for c in name)
     if ":" in address:
         return False
     octets = address.split(".")

@@ -6,14 +6,17 @@ DESCRIPTION
 
     client      The client group, per greylist_client_match:
                 pool    (the default) the pool domain (core/pools.py) of a
-                        verified client_name under one, or of an IPv4
-                        address in a pool's published networks, so that
-                        a provider's retries from other hosts match; an
-                        IPv4 client whose verified name looks dynamic
-                        (pools.looks_dynamic: an access host, one machine)
-                        by its whole address, so that a bot's "retry"
-                        from another host of its ISP's /24 does not
-                        match; any other client as prefix
+                        verified client_name under one, or, in a request,
+                        of an IPv4 address in a pool's published
+                        networks, so that a provider's retries from other
+                        hosts match; an IPv4 client whose verified name
+                        has an access-network label (pools.access_label:
+                        dyn, dsl, dhcp, cable, ppp...; one machine) by
+                        its whole address, so that a bot's "retry" from
+                        another host of its ISP's /24 does not match; any
+                        other client as prefix. Without a client name
+                        (None: greylistctl by address, the postscreen
+                        callout) always as prefix.
                 prefix  the IPv4 address cut to greylist_ipv4_prefix bits
                         and the IPv6 address to greylist_ipv6_prefix bits,
                         written as access(5) writes partial addresses:
@@ -63,7 +66,8 @@ import re
 from typing import NamedTuple
 
 from greylist.config import Config
-from greylist.core.pools import POOL_ALIASES, looks_dynamic, pool_network, pool_of, pool_set
+from greylist.core.pools import (POOL_ALIASES, access_label, looks_dynamic, pool_network,
+                                 pool_of, pool_set)
 from greylist.core.record import new
 
 # LMDB's compile-time maximum key size (mdb_env_get_maxkeysize) less the NUL.
@@ -164,15 +168,18 @@ def _pool_group(address: str, client_name: str | None, pool_domains: tuple[str, 
                 ipv4_prefix: int, ipv6_prefix: int) -> str:
     """The group of greylist_client_match = pool. Cached: a client's
     requests come in runs, and this is on every request's path."""
-    if client_name and client_name != UNKNOWN_CLIENT:
+    if client_name is None:
+        # No request (greylistctl by address, the postscreen callout): the
+        # prefix, never a whole pool for one of its addresses.
+        return _prefix(address, ipv4_prefix, ipv6_prefix)
+    if client_name != UNKNOWN_CLIENT:
         pool = pool_of(client_name.casefold(), pool_set(pool_domains))
         if pool is not None:
             return POOL_ALIASES.get(pool, pool)
     pool = pool_network(address)
     if pool is not None:
         return pool
-    if client_name and client_name != UNKNOWN_CLIENT and ":" not in address \
-            and looks_dynamic(client_name, address):
+    if client_name != UNKNOWN_CLIENT and ":" not in address and access_label(client_name):
         return address
     return _prefix(address, ipv4_prefix, ipv6_prefix)
 
@@ -282,7 +289,7 @@ def pool_sender(sender: str, cfg: Config) -> str:
     pool = pool_of(domain, pool_set(cfg.pool_domains))
     if pool is None:
         return sender
-    return _regex(_HEX_ID).sub("#", local) + "@" + pool
+    return _regex(_HEX_ID).sub("#", local) + "@" + POOL_ALIASES.get(pool, pool)
 
 
 class Keys(NamedTuple):
