@@ -24,7 +24,7 @@ DESCRIPTION
     without a client name: postscreen knows none, so with
     greylist_client_match = domain only the prefix fallback groups are
     found; the client's own address is read too (one read, two keys),
-    where pool mode keeps the record of a client with a dynamic-looking
+    where pool mode keeps the record of a client with an access-label
     name. prepare() answers at once where it can, or returns a Lookup
     whose pure change() reads the group's client record and writes
     nothing; decide() turns that record into the verdict.
@@ -101,7 +101,7 @@ class PostscreenHandler:
         group = client_group(address, None, self.cfg)
         keys = [client_key(group)]
         if group != address:
-            # A client grouped by its own address (a dynamic-looking name,
+            # A client grouped by its own address (an access-network label,
             # greylist_client_match = pool) has its record there.
             keys.append(client_key(address))
 
