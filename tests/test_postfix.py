@@ -154,6 +154,28 @@ def test_multi_recipient_message_is_delivered_with_one_header_after_the_delay(po
         assert message.count("X-Greylist: delayed ") == 1
 
 
+def test_a_message_is_not_split_when_its_new_recipient_comes_first(postfix):
+    """Issue 16 in real Postfix: pam's triple is past the delay from an
+    earlier message; a new message lists quinn (new) first, then pam.
+    Both get 450 (pam held, her pass recorded), and at the retry both
+    are accepted and delivered: the message is never split."""
+    sender = "sue@example.org"
+    assert rcpt_reply(postfix.swaks(sender, "pam@example.test")).startswith("450 ")
+    started = time.monotonic()
+    time.sleep(max(0.0, DELAY_S + 0.5 - (time.monotonic() - started)))
+    first = postfix.swaks(sender, "quinn@example.test,pam@example.test")
+    rejected = [line for line in first.stdout.splitlines() if line.startswith("<** 450 4.7.1")]
+    assert len(rejected) == 2, first.stdout
+    assert not [line for line in first.stdout.splitlines() if line.startswith("<-  250 2.1.5")]
+    log = postfix.log_text()
+    assert "reason=held:delay-passed age=" in log and "rcpt=pam@example.test" in log, log
+    retry = postfix.swaks(sender, "quinn@example.test,pam@example.test",
+                          ["--header", "Subject: not split"])
+    assert retry.returncode == 0, retry.stdout
+    for rcpt in ("quinn", "pam"):
+        assert "Subject: not split" in postfix.wait_for_delivery(rcpt)
+
+
 def test_whitelisted_client_is_accepted_at_its_first_attempt(postfix):
     result = postfix.swaks("gina@example.org", "henry@example.test",
                            ["--xclient-addr", WHITELISTED, "--header", "Subject: listed"])
