@@ -43,14 +43,15 @@ def check(path: str | None, load: Callable[[], Config]) -> int:
         problems = problems_of(cfg)
     # Nothing into spawn(8)'s socket (descriptors 0 to 2), should master.cf
     # run --check by mistake: the exit status says it then.
-    from greylist.log import stderr_is_a_client
+    from greylist.log import stderr_is_a_client, to_stderr
     if stderr_is_a_client():
         return 1 if problems else 0
     if cfg is not None and os.geteuid() == 0 and not cfg.allow_root:
         print("%s: note: a run as root is refused (greylist_allow_root = no); "
               "spawn(8) runs it as the service's user" % name)
+    sys.stdout.flush()
     for problem in problems:
-        print("%s: %s" % (name, problem), file=sys.stderr)
+        to_stderr("%s: %s" % (name, problem))
     if not problems:
         print("%s: ok" % name)
     return 1 if problems else 0

@@ -84,13 +84,7 @@ class Log:
         stderr is the client's socket as spawn(8) connects it: an
         administrator sees why a program stops, Postfix never does."""
         self._write(syslog.LOG_CRIT, "fatal: " + message)
-        if stderr_is_a_client():
-            return
-        try:
-            os.write(2, ("%s: fatal: %s\n" % (self.ident, message)).encode(
-                "utf-8", "backslashreplace"))
-        except OSError:
-            pass
+        to_stderr("%s: fatal: %s" % (self.ident, message))
 
     def debug(self, level: int, message: str) -> None:
         """Log message if -v was given at least level times."""
@@ -150,6 +144,18 @@ class Log:
         self._file_id = (st.st_ino, st.st_dev)
         self._checked_at = now
         return self._fd
+
+
+def to_stderr(line: str) -> None:
+    """Write line to stderr for an administrator, unless stderr is the
+    client's socket as spawn(8) connects it (stderr_is_a_client()): the
+    one place where greylist writes there."""
+    if stderr_is_a_client():
+        return
+    try:
+        os.write(2, (line + "\n").encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass
 
 
 def stderr_is_a_client() -> bool:
