@@ -633,13 +633,7 @@ class PolicyServer(Server):
 
     def _completed(self, service, session: Session, step, future: asyncio.Future):
         """The answer of a request whose plan is done."""
-        try:
-            outcome = future.result()
-        except StoreError as exc:
-            service.store_failed(exc)
-            if self.metrics is not None:
-                self.metrics.store_failure()
-            outcome = None
+        outcome = _plan_result(service, future, self.metrics)
         return self._rest(service, service.handler.complete(step, outcome, session))
 
     def _rest(self, service, answer: Answer):
@@ -739,13 +733,24 @@ async def _verdict_later(service, address: str, future: asyncio.Future, metrics)
 
 def _verdict_of(service, address: str, future: asyncio.Future, metrics) -> Verdict:
     """The verdict of a done read; the failure verdict for a store failure."""
+    verdict = _plan_result(service, future, metrics)
+    return service.handler.failed(address) if verdict is None else verdict
+
+
+def _plan_result(service, future: asyncio.Future, metrics, failed=None):
+    """The result of a done plan, or failed for a store failure, which is
+    noted (the service's warning, the failure counter)."""
     try:
         return future.result()
     except StoreError as exc:
         service.store_failed(exc)
         if metrics is not None:
             metrics.store_failure()
-        return service.handler.failed(address)
+        return failed
+
+
+# A learner's result may be None (nothing written): its failure is this.
+_FAILED = object()
 
 
 class LearnServer(Server):
@@ -791,14 +796,9 @@ class LearnServer(Server):
         return self._learning(service, waiting[1:], reply)
 
     def _learned(self, service, plan, future: asyncio.Future) -> None:
-        try:
-            result = future.result()
-        except StoreError as exc:
-            service.store_failed(exc)
-            if self.metrics is not None:
-                self.metrics.store_failure()
-            return
-        service.learned(plan, result)
+        result = _plan_result(service, future, self.metrics, _FAILED)
+        if result is not _FAILED:
+            service.learned(plan, result)
 
     def _table(self, name: str, key: str):
         """A clients or correspondents map lookup, read in the event loop
