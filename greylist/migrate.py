@@ -404,14 +404,23 @@ _FIRST_LAST = re.compile(rb"([0-9]{1,19}),([0-9]{1,19})(?:,.{0,600})?", re.DOTAL
 _HASHED = re.compile(rb"[0-9a-f]{40}")
 
 
-def map_triple(key: bytes, value: bytes, pg: Postgrey, cfg: Config, now: int) -> Mapped:
-    """Map one postgrey.db record (see DESCRIPTION)."""
+def _numbers(key: bytes, value: bytes, form: str) -> "tuple[int, int] | Mapped":
+    """The two numbers of a postgrey value of the form form, or the
+    Mapped outcome of a value that is not one or of a hashed key."""
     match = _FIRST_LAST.fullmatch(value)
     if match is None:
-        return Mapped("malformed", "value is not FIRST,LAST")
-    first, last = int(match.group(1)), int(match.group(2))
+        return Mapped("malformed", "value is not " + form)
     if _HASHED.fullmatch(key):
         return Mapped("unmappable", "hashed key (postgrey --privacy)")
+    return int(match.group(1)), int(match.group(2))
+
+
+def map_triple(key: bytes, value: bytes, pg: Postgrey, cfg: Config, now: int) -> Mapped:
+    """Map one postgrey.db record (see DESCRIPTION)."""
+    numbers = _numbers(key, value, "FIRST,LAST")
+    if isinstance(numbers, Mapped):
+        return numbers
+    first, last = numbers
     text = key.decode("utf-8", "surrogateescape")
     fields = text.split("/")
     net, prefix = fields[0], None
@@ -470,12 +479,10 @@ def _group(net: str, prefix: int | None, pg: Postgrey, cfg: Config) -> str:
 
 def map_client(key: bytes, value: bytes, pg: Postgrey, cfg: Config, now: int) -> Mapped:
     """Map one postgrey_clients.db record (see DESCRIPTION)."""
-    match = _FIRST_LAST.fullmatch(value)
-    if match is None:
-        return Mapped("malformed", "value is not COUNT,LAST")
-    count, last = int(match.group(1)), int(match.group(2))
-    if _HASHED.fullmatch(key):
-        return Mapped("unmappable", "hashed key (postgrey --privacy)")
+    numbers = _numbers(key, value, "COUNT,LAST")
+    if isinstance(numbers, Mapped):
+        return numbers
+    count, last = numbers
     try:
         address = client_address(key.decode("ascii"))
     except (BadAddress, UnicodeDecodeError):
