@@ -166,47 +166,24 @@ def test_a_misspelled_setting_is_logged_where_greylist_log_says_and_shown_on_a_t
         tmp_path, module):
     """Issue 15: with no syslog socket a settings error vanished, even when
     the same file set greylist_log; by hand it said nothing at all."""
-    import os
-    import pty
-    import subprocess
-    import sys
     settings = tmp_path / "bad.cf"
     settings.write_text("greylist_dealy = 10s\ngreylist_log = %s/log\n" % tmp_path)
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
-    master, slave = pty.openpty()
-    try:
-        done = subprocess.run([sys.executable, "-m", module, "-c", str(settings)],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
-                              env=env, timeout=30)
-        os.close(slave)
-        slave = -1
-        shown = b""
-        while True:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            shown += chunk
-    finally:
-        if slave >= 0:
-            os.close(slave)
-        os.close(master)
-    assert done.returncode == 1 and done.stdout == b""
+    status, out, shown = on_a_terminal(["-c", str(settings)], module=module)
+    assert status == 1 and out == b""
     assert b"fatal: " in shown and b"unknown setting 'greylist_dealy'" in shown
     assert "fatal: %s, line 1: unknown setting 'greylist_dealy'" % settings in \
         (tmp_path / "log").read_text()
 
 
-def on_a_terminal(argv: list[str], cwd=None) -> tuple[int, bytes, bytes]:
-    """Run greylist with stderr on a pseudo-terminal, as by hand; return
-    (status, stdout, what the terminal showed)."""
+def on_a_terminal(argv: list[str], cwd=None, module: str = "greylist"
+                  ) -> tuple[int, bytes, bytes]:
+    """Run module (greylist) with stderr on a pseudo-terminal, as by hand;
+    return (status, stdout, what the terminal showed)."""
     import pty
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     master, slave = pty.openpty()
     try:
-        done = subprocess.run([sys.executable, "-m", "greylist", *argv],
+        done = subprocess.run([sys.executable, "-m", module, *argv],
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
                               env=env, timeout=30, cwd=cwd)
         os.close(slave)

@@ -19,12 +19,18 @@ def request(client="192.0.2.10", sender="alice@example.org", rcpt="bob@example.n
             "sender=%s\nrecipient=%s\n\n" % (client, sender, rcpt)).encode()
 
 
+def make_site(directory, delay="1h"):
+    """A directory with gl.cf: the database gl and the log file log in it."""
+    os.chmod(directory, 0o755)
+    (directory / "gl.cf").write_text("greylist_database = %s/gl\ngreylist_log = %s/log\n"
+                                     "greylist_delay = %s\n%s"
+                                     % (directory, directory, delay, ALLOW_ROOT))
+    return directory
+
+
 @pytest.fixture
 def site(tmp_path):
-    os.chmod(tmp_path, 0o755)
-    (tmp_path / "gl.cf").write_text("greylist_database = %s/gl\ngreylist_log = %s/log\n"
-                                    "greylist_delay = 1h\n%s" % (tmp_path, tmp_path, ALLOW_ROOT))
-    return tmp_path
+    return make_site(tmp_path)
 
 
 class Live:

@@ -29,18 +29,15 @@ from greylist.config import load
 from greylist.core import record as records
 from greylist.core.tables import MANUAL_PERMIT
 from greylist.stores.lmdb import LmdbStore
+from tests.test_ctl import ALLOW_ROOT, make_site
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-ALLOW_ROOT = "greylist_allow_root = yes\n" if os.geteuid() == 0 else ""
 DAY = 86400
 
 
 @pytest.fixture
 def site(tmp_path):
-    os.chmod(tmp_path, 0o755)
-    (tmp_path / "gl.cf").write_text("greylist_database = %s/gl\ngreylist_log = %s/log\n"
-                                    "greylist_delay = 1h\n%s" % (tmp_path, tmp_path, ALLOW_ROOT))
-    return tmp_path
+    return make_site(tmp_path)
 
 
 def settings(site, extra=""):

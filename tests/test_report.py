@@ -17,15 +17,12 @@ import pytest
 
 from greylist.config import Config
 from greylist.report import MAX_LINE, run
-from tests.test_ctl import ALLOW_ROOT, ROOT, Live, request
+from tests.test_ctl import ALLOW_ROOT, ROOT, Live, make_site, request
 
 
 @pytest.fixture
 def site(tmp_path):
-    os.chmod(tmp_path, 0o755)
-    (tmp_path / "gl.cf").write_text("greylist_database = %s/gl\ngreylist_log = %s/log\n"
-                                    "greylist_delay = 1s\n%s" % (tmp_path, tmp_path, ALLOW_ROOT))
-    return tmp_path
+    return make_site(tmp_path, "1s")
 
 
 @pytest.fixture
