@@ -49,6 +49,8 @@ TIMEOUT_MS = 300
 # half a second for the process itself.
 REPLY_BOUND_S = TIMEOUT_MS / 1000 + 0.5
 DELAY_S = 2
+# Longer than the Redis store's first back-off after a failure.
+BACKOFF_WAIT_S = 0.6
 
 
 # ----------------------------------------------------------------------
@@ -454,6 +456,49 @@ def test_update_batch_and_get_many_batch_do_what_one_by_one_would(server, ops, r
         assert redis_store.get_many_batch(reads) == [memory.get_many(keys) for keys in reads]
     finally:
         redis_store.close()
+
+
+def test_a_read_that_fails_midway_leaves_no_reply_behind(server):
+    # Connection.reads() keeps one connection and sends a turn's MGETs in
+    # one write. When the first reply is an error (NOPERM: an ACL user
+    # that may read only some keys), the second is still unread on that
+    # connection: it must be dropped, or the next read would be answered
+    # with the stale reply (the value of "a" where "b" was asked for).
+    from greylist.stores.base import StoreError
+    from greylist.stores.redisstore import Connection, RedisStore
+    admin = server.client()
+    try:
+        admin.flushall()
+        admin.execute_command("ACL", "SETUSER", "partial", "reset", "on", ">partial-pw",
+                              "~greylist:db:{*", "+mget", "+set", "+ping", "+hello",
+                              "+client")
+        owner = RedisStore(Connection(server.unix_url, timeout_s=2.0), "db")
+        owner.put(b"a", b"value-a")
+        owner.put(b"b", b"value-b")
+        owner.close()
+        secret = pathlib.Path(tempfile.mkdtemp(prefix="gl-redis-pw-", dir="/tmp"))
+        try:
+            (secret / "pw").write_text("partial partial-pw\n")
+            os.chmod(secret / "pw", 0o600)
+            store = RedisStore(Connection(server.unix_url, timeout_s=2.0,
+                                          password_file=str(secret / "pw")), "db")
+            other = RedisStore(store.connection, "other")   # not readable by "partial"
+            try:
+                assert store.get_many([b"a"]) == [b"value-a"]
+                with pytest.raises(StoreError, match="NOPERM"):
+                    store.connection.reads([("MGET", other.stored(b"x")),
+                                            ("MGET", store.stored(b"a"))])
+                time.sleep(BACKOFF_WAIT_S)   # the store's back-off after a failure
+                assert store.get_many([b"b"]) == [b"value-b"]
+                assert store.get_many_batch([[b"a"], [b"b", None]]) == \
+                    [[b"value-a"], [b"value-b", None]]
+            finally:
+                store.close()
+        finally:
+            shutil.rmtree(secret, ignore_errors=True)
+    finally:
+        admin.execute_command("ACL", "DELUSER", "partial")
+        admin.close()
 
 
 # ----------------------------------------------------------------------
