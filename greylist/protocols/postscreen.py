@@ -26,6 +26,9 @@ DIAGNOSTICS
     closes the connection without a reply.
 """
 
+import functools
+import ipaddress
+
 from greylist.protocols.policy import ProtocolError
 
 REQUIRED = ("client_address", "server_address", "client_port", "server_port")
@@ -37,23 +40,33 @@ def check(attrs: dict[str, str]) -> str:
     for name in REQUIRED:
         if not attrs.get(name):
             raise ProtocolError("postscreen request without %s" % name)
-    import ipaddress
-    for name in ("client_address", "server_address"):
-        value = attrs[name]
-        try:
-            if "%" in value:
-                raise ValueError(value)
-            ipaddress.ip_address(value)
-        except ValueError:
+    client = _canonical(attrs["client_address"])
+    for name, canonical in (("client_address", client),
+                            ("server_address", _canonical(attrs["server_address"]))):
+        if canonical is None:
             raise ProtocolError("postscreen request: %s is not an IP address: %s"
-                                % (name, repr(value)[:100])) from None
+                                % (name, repr(attrs[name])[:100]))
     for name in ("client_port", "server_port"):
         value = attrs[name]
         if not (value.isascii() and value.isdigit() and len(value) <= 5
                 and int(value) <= 65535):
             raise ProtocolError("postscreen request: %s is not a port: %s"
                                 % (name, repr(value)[:100]))
-    address = ipaddress.ip_address(attrs["client_address"])
+    return client
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical(value: str) -> str | None:
+    """The canonical form of an IP address (an IPv4-mapped IPv6 address as
+    IPv4), or None if value is not one. Cached: postscreen asks about the
+    same clients, and its own address, over and over; a parse is most of
+    a callout's own work."""
+    if "%" in value or len(value) > 64:
+        return None
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        return None
     if address.version == 6 and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return str(address)
