@@ -224,6 +224,8 @@ class Connection:
         this machine. Errors and back-off as call(); after any error the
         connection is dropped, since replies may be left unread on it."""
         import redis
+        if not commands:
+            return []
         client = self.client()
         with self._reader_mutex:
             try:
