@@ -458,6 +458,21 @@ def test_update_batch_and_get_many_batch_do_what_one_by_one_would(server, ops, r
         redis_store.close()
 
 
+def test_reading_nothing_does_not_even_connect(server):
+    from greylist.stores.redisstore import Connection
+    admin = server.client()
+    try:
+        before = admin.info("clients")["connected_clients"]
+        connection = Connection(server.unix_url, timeout_s=2.0)
+        try:
+            assert connection.reads([]) == []
+            assert admin.info("clients")["connected_clients"] == before
+        finally:
+            connection.close()
+    finally:
+        admin.close()
+
+
 def test_a_read_that_fails_midway_leaves_no_reply_behind(server):
     # Connection.reads() keeps one connection and sends a turn's MGETs in
     # one write. When the first reply is an error (NOPERM: an ACL user
