@@ -21,8 +21,8 @@ DESCRIPTION
     one durable commit, and its reply is written only after that
     commit.
 
-    A connection is an asyncio BufferedProtocol (Connection), not a
-    stream and a coroutine: data_received() feeds the decoder and answers each
+    A connection is an asyncio Protocol (Connection), not a stream and
+    a coroutine: data_received() feeds the decoder and answers each
     complete request at once when its reply is known without the store
     thread (a known record read in the event loop by Committer.plan, an
     exemption, a request that is not RCPT): no coroutine, no task, no
@@ -251,8 +251,6 @@ class Server:
         self._own: set[Connection] = set()   # this server's connections, for the sweep
         self._sweeper: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        # The receive buffer of all its connections (Connection.get_buffer).
-        self.receive = memoryview(bytearray(READ_SIZE))
 
     def respond(self, request, session) -> "bytes | Pending":
         """The framed reply to one request, when it is known at once;
@@ -375,14 +373,8 @@ def _result(task: asyncio.Future):
     return task.result()
 
 
-class Connection(asyncio.BufferedProtocol):
+class Connection(asyncio.Protocol):
     """One connection of a Server: its decoder, session and flow control.
-
-    A BufferedProtocol: the transport receives into the server's one
-    buffer (recv_into), whose bytes buffer_updated() copies out at once,
-    in the loop's thread. A plain Protocol's transport would recv(2) up
-    to 256 KiB into a new object each time: with glibc an mmap and a
-    munmap per read, about 20 us of a request's 170 on this machine.
 
     data_received() feeds the decoder and answers each complete request
     in order: at once when respond() has the reply (no coroutine, no
@@ -428,12 +420,6 @@ class Connection(asyncio.BufferedProtocol):
         self.decoder = server.service.Decoder()
         self.session = server.service.new_session()
         self.last = time.monotonic()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.server.receive
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self.server.receive[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
