@@ -26,9 +26,7 @@ DIAGNOSTICS
     closes the connection without a reply.
 """
 
-import functools
-import ipaddress
-
+from greylist.core.triple import UNKNOWN_CLIENT, BadAddress, client_address
 from greylist.protocols.policy import ProtocolError
 
 REQUIRED = ("client_address", "server_address", "client_port", "server_port")
@@ -40,12 +38,8 @@ def check(attrs: dict[str, str]) -> str:
     for name in REQUIRED:
         if not attrs.get(name):
             raise ProtocolError("postscreen request without %s" % name)
-    client = _canonical(attrs["client_address"])
-    for name, canonical in (("client_address", client),
-                            ("server_address", _canonical(attrs["server_address"]))):
-        if canonical is None:
-            raise ProtocolError("postscreen request: %s is not an IP address: %s"
-                                % (name, repr(attrs[name])[:100]))
+    client = _address(attrs, "client_address")
+    _address(attrs, "server_address")
     for name in ("client_port", "server_port"):
         value = attrs[name]
         if not (value.isascii() and value.isdigit() and len(value) <= 5
@@ -55,21 +49,17 @@ def check(attrs: dict[str, str]) -> str:
     return client
 
 
-@functools.lru_cache(maxsize=4096)
-def _canonical(value: str) -> str | None:
-    """The canonical form of an IP address (an IPv4-mapped IPv6 address as
-    IPv4), or None if value is not one. Cached: postscreen asks about the
-    same clients, and its own address, over and over; a parse is most of
-    a callout's own work."""
-    if "%" in value or len(value) > 64:
-        return None
+def _address(attrs: dict[str, str], name: str) -> str:
+    """The canonical form of an address attribute (triple.client_address,
+    an IPv4-mapped IPv6 address as IPv4); "unknown" is not one here."""
     try:
-        address = ipaddress.ip_address(value)
-    except ValueError:
-        return None
-    if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return str(address)
+        address = client_address(attrs[name])
+    except BadAddress:
+        address = UNKNOWN_CLIENT
+    if address == UNKNOWN_CLIENT:
+        raise ProtocolError("postscreen request: %s is not an IP address: %s"
+                            % (name, repr(attrs[name])[:100]))
+    return address
 
 
 def format_reply(action: str, ttl: int | None = None, service: str = "") -> bytes:
