@@ -223,27 +223,22 @@ class Connection:
         object, pipeline, pool checkout), about 100 us of CPU a call on
         this machine. Errors and back-off as call(); after any error the
         connection is dropped, since replies may be left unread on it."""
-        import redis
         if not commands:
             return []
-        client = self.client()
-        with self._reader_mutex:
-            try:
-                conn = self._reader
-                if conn is None:
-                    conn = self._reader = _checkout(client.connection_pool)
-                conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-                replies = [conn.read_response() for _ in commands]
-            except (redis.exceptions.RedisError, OSError) as exc:
-                self._drop_reader(client)
-                self.failed()
-                raise StoreError("redis %s: %s" % (self.url, describe(exc))) from None
-            except BaseException:
-                self._drop_reader(client)
-                raise
-        if self.failing:
-            self.failing, self._backoff = False, 0.0
-        return replies
+
+        def body(client):
+            with self._reader_mutex:
+                try:
+                    conn = self._reader
+                    if conn is None:
+                        conn = self._reader = _checkout(client.connection_pool)
+                    conn.send_packed_command(conn.pack_commands(commands),
+                                             check_health=False)
+                    return [conn.read_response() for _ in commands]
+                except BaseException:
+                    self._drop_reader(client)
+                    raise
+        return self.call(body)
 
     def _drop_reader(self, client) -> None:
         conn, self._reader = self._reader, None
