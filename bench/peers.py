@@ -492,8 +492,10 @@ def redis_warnings(path: str) -> dict:
     return {"count": len(found), "examples": sorted(set(found))[:3]}
 
 
-# Commands that redis-py sends queued after MULTI, in the write of EXEC.
-IN_TRANSACTION = ("multi", "set", "del")
+# Commands that are not a round trip of their own: those sent queued after
+# MULTI, in the write of EXEC, and the GETs and SETs that greylist's
+# compare-and-set script runs inside Redis (its EVALSHA is the round trip).
+IN_TRANSACTION = ("multi", "set", "del", "get")
 
 
 def redis_delta(before: dict | None, after: dict | None, requests: int) -> dict | None:

@@ -70,9 +70,10 @@ def host_name() -> str:
 _connections: dict = {}
 
 
-def redis_table(cfg: Config, table: str):
+def redis_table(cfg: Config, table: str, log: Log | None = None):
     """A table of the Redis database of cfg, on the process's one
-    connection to it, with the expiry of the table's entries."""
+    connection to it, with the expiry of the table's entries (log: where
+    the connection's one-time notices go)."""
     from greylist.core import tables
     from greylist.core.decide import expire_at
     from greylist.core.record import decode
@@ -81,6 +82,8 @@ def redis_table(cfg: Config, table: str):
     if where not in _connections:
         _connections[where] = Connection(cfg.database, cfg.redis_timeout_ms / 1000,
                                          cfg.redis_password_file)
+    if log is not None and _connections[where].notice is None:
+        _connections[where].notice = log.warning
     if table == "db":
         def expiry(value: bytes) -> int | None:
             record = decode(value)
@@ -99,7 +102,7 @@ def database(cfg: Config, log: Log | None = None, readonly: bool = False,
     """Return the database as stored, and as keyed by handlers."""
     cfg = resolve(cfg)
     if is_redis(cfg):
-        raw = redis_table(cfg, "db")
+        raw = redis_table(cfg, "db", log)
     else:
         raw = LmdbStore(cfg.database, readonly=readonly,
                         warn=None if log is None else log.warning, private=True,

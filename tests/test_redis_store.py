@@ -374,13 +374,16 @@ def test_a_record_whose_lifetime_has_passed_is_not_kept(server):
     db.close()
 
 
-def test_concurrent_updates_lose_nothing_even_when_they_give_up(server):
-    # Atomicity of WATCH/MULTI/EXEC: every increment that returned counted,
+@pytest.mark.parametrize("scripting", [True, False], ids=["script", "watch"])
+def test_concurrent_updates_lose_nothing_even_when_they_give_up(server, scripting):
+    # Atomicity of the compare-and-set (the script, and WATCH/MULTI/EXEC
+    # where scripts are refused): every increment that returned counted,
     # and each failed one raised (see the contract's xfail: they give up).
     import threading
     from greylist.stores.base import StoreError
     from greylist.stores.redisstore import Connection, RedisStore
     store = RedisStore(Connection(server.unix_url, timeout_s=5.0), "db")
+    store.connection.scripting = scripting
     done, failed, errors = [], [], []
     start = threading.Barrier(8, timeout=30)
 
@@ -408,6 +411,84 @@ def test_concurrent_updates_lose_nothing_even_when_they_give_up(server):
     store.close()
 
 
+def commands_run(server) -> dict[str, int]:
+    """Calls of each command so far (INFO commandstats)."""
+    admin = server.client()
+    try:
+        return {name[len("cmdstat_"):]: stats["calls"]
+                for name, stats in admin.info("commandstats").items()}
+    finally:
+        admin.close()
+
+
+@pytest.mark.parametrize("scripting", [True, False], ids=["script", "watch"])
+def test_a_write_on_a_stale_snapshot_is_refused_and_decided_again(server, scripting):
+    # The change first runs on the values of the store's last read; the
+    # compare-and-set must refuse its write when another host (another
+    # connection) changed a key since, and the change runs again on the
+    # current values. Trusting the snapshot would overwrite "theirs".
+    from greylist.stores.redisstore import Connection, RedisStore
+    mine = RedisStore(Connection(server.unix_url, timeout_s=2.0), "db")
+    mine.connection.scripting = scripting
+    theirs = RedisStore(Connection(server.unix_url, timeout_s=2.0), "db")
+    runs = []
+
+    def change(olds):
+        runs.append(list(olds))
+        return ([b"mine", b"mine"] if olds[0] is None else [None, None]), olds[0]
+    try:
+        assert mine.get_many([b"t", b"t2"]) == [None, None]
+        theirs.put(b"t", b"theirs")
+        assert mine.update_many([b"t", b"t2"], change) == b"theirs"
+        assert runs == [[None, None], [b"theirs", None]]
+        assert theirs.get_many([b"t", b"t2"]) == [b"theirs", None]
+        # A key that only was read counts too: t2 changed, t did not.
+        runs.clear()
+        mine.delete(b"t")
+        assert mine.get_many([b"t", b"t2"]) == [None, None]
+        theirs.put(b"t2", b"other")
+        assert mine.update_many([b"t", b"t2"], lambda olds: (
+            runs.append(list(olds)) or [b"mine", None], None)) is None
+        assert runs == [[None, None], [None, b"other"]]
+        assert theirs.get_many([b"t", b"t2"]) == [b"mine", b"other"]
+    finally:
+        mine.close()
+        theirs.close()
+
+
+def test_a_new_triple_is_two_round_trips_and_survives_a_script_flush(server):
+    # run_plan of a change that writes: the snapshot's MGET, then one
+    # EVALSHA, nothing else; after SCRIPT FLUSH (a restarted or new
+    # server) the script is loaded again by EVAL, and the write happens.
+    from greylist.stores.base import run_plan
+    from greylist.stores.redisstore import Connection, RedisStore
+    store = RedisStore(Connection(server.unix_url, timeout_s=2.0), "db")
+
+    def change(olds):
+        return [b"1:%d" % i if old is None else None for i, old in enumerate(olds)], "done"
+    try:
+        store.get(b"warm")          # connect: HELLO and the rest of the set-up
+        store.update_many([b"warm"], lambda olds: ([b"x"], None))   # the script loaded
+        before = commands_run(server)
+        assert run_plan(store, [b"g/a", b"g/b", None, b"p"], change) == "done"
+        after = commands_run(server)
+        ran = {name: after[name] - before.get(name, 0) for name in after
+               if after[name] != before.get(name, 0)
+               and name not in ("info", "hello", "client")}  # the counting itself
+        assert ran == {"mget": 1, "evalsha": 1, "get": 3, "set": 3}, ran  # GET, SET in Lua
+        assert store.get_many([b"g/a", b"g/b", b"p"]) == [b"1:0", b"1:1", b"1:3"]
+        admin = server.client()
+        try:
+            admin.script_flush()
+        finally:
+            admin.close()
+        assert run_plan(store, [b"g/c"], change) == "done"
+        assert store.get(b"g/c") == b"1:0"
+        assert commands_run(server)["eval"] >= 1
+    finally:
+        store.close()
+
+
 BATCH_KEYS = st.sampled_from([b"a", b"b", b"c/x", None])
 
 
@@ -431,7 +512,9 @@ def _change(kind: str, width: int):
                               st.sampled_from(["write", "write", "read", "raise", "empty"])),
                     max_size=6),
        reads=st.lists(st.lists(BATCH_KEYS, max_size=3), max_size=4))
-def test_update_batch_and_get_many_batch_do_what_one_by_one_would(server, ops, reads):
+@pytest.mark.parametrize("scripting", [True, False], ids=["script", "watch"])
+def test_update_batch_and_get_many_batch_do_what_one_by_one_would(server, ops, reads,
+                                                                   scripting):
     # RedisStore's one-transaction update_batch and one-round-trip
     # get_many_batch against Store's own (one update_many, one get_many
     # at a time) on the reference MemoryStore.
@@ -443,10 +526,13 @@ def test_update_batch_and_get_many_batch_do_what_one_by_one_would(server, ops, r
     finally:
         admin.close()
     redis_store = RedisStore(Connection(server.unix_url, timeout_s=2.0), "db")
+    redis_store.connection.scripting = scripting
     memory = MemoryStore()
     try:
         for store in (redis_store, memory):
             store.put(b"a", b"old")
+        if reads:   # a snapshot first, as greylistd's turn reads before it writes
+            redis_store.get_many_batch(reads)
         batch = [(keys, _change(kind, len(keys))) for keys, kind in ops]
         got = redis_store.update_batch(batch)
         want = memory.update_batch(batch)
@@ -667,14 +753,15 @@ def test_a_wrong_password_fails_open_and_names_the_error_the_right_one_works(
     settings = write_settings(short_dir / "right", "gl", secured_server.unix_url,
                               "greylist_redis_password_file = %s\n" % right)
     assert deferred(greylist(settings).ask("198.51.100.9", "c@example.org", timeout=20)[0])
-    # An ACL user with only what greylist needs: its own keys, reads,
-    # writes, transactions and SCAN.
+    # An ACL user with only what greylist needs (greylist(8)): its own
+    # keys, reads, writes, transactions, SCAN, and EVALSHA and EVAL for
+    # the compare-and-set script.
     admin = secured_server.client(password="right-password")
     try:
         admin.execute_command("ACL", "SETUSER", "mta", "on", ">mta-password",
                               "resetkeys", "~greylist:*", "resetchannels", "-@all",
                               "+@read", "+@write", "+@transaction", "+@connection",
-                              "+scan", "+info")
+                              "+scan", "+info", "+evalsha", "+eval")
     finally:
         admin.close()
     user = password_file(short_dir, "mta mta-password")
@@ -685,6 +772,22 @@ def test_a_wrong_password_fails_open_and_names_the_error_the_right_one_works(
     assert warnings_of(settings) == []
     status, out = ctl(settings, "stats")
     assert status == 0 and "\n  pending: 2\n" in out, out
+    # The ACL of 0.4, without scripts: greylisting goes on (WATCH and
+    # MULTI/EXEC), and the administrator is told once.
+    admin = secured_server.client(password="right-password")
+    try:
+        admin.execute_command("ACL", "SETUSER", "mta", "-evalsha", "-eval")
+    finally:
+        admin.close()
+    settings = write_settings(short_dir / "noscript", "gl", secured_server.unix_url,
+                              "greylist_redis_password_file = %s\n" % user)
+    process = greylist(settings)
+    assert deferred(process.ask("198.51.100.9", "f@example.org", timeout=20)[0])
+    assert deferred(process.ask("198.51.100.9", "g@example.org")[0])
+    found = warnings_of(settings)
+    assert len(found) == 1 and "scripts refused" in found[0] and "NOPERM" in found[0], found
+    status, out = ctl(settings, "stats")
+    assert status == 0 and "\n  pending: 4\n" in out, out
     # A user without the commands greylist needs (no WATCH, no SET).
     admin = secured_server.client(password="right-password")
     try:
@@ -699,7 +802,9 @@ def test_a_wrong_password_fails_open_and_names_the_error_the_right_one_works(
     action, took = greylist(settings).ask("198.51.100.9", "r@example.org", timeout=20)
     assert action == "DUNNO"
     found = warnings_of(settings)
-    assert len(found) == 1 and "NOPERM" in found[0], found
+    # Scripts refused (told once), then WATCH refused: the failure.
+    assert len(found) == 2 and "scripts refused" in found[0], found
+    assert "NOPERM" in found[1] and "watch" in found[1], found
     # The same user with a wrong password.
     bad_user = password_file(short_dir, "mta not-the-password")
     settings = write_settings(short_dir / "baduser", "gl", secured_server.unix_url,

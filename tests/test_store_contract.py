@@ -386,9 +386,11 @@ def test_run_plan_decides_again_on_what_another_writer_stored_after_the_snapshot
         return ([b"mine"] if olds[0] is None else [None]), olds[0]
 
     # The snapshot saw nothing and would write; under the update the
-    # other write is seen and kept.
+    # other write is seen and kept. (An optimistic store may run the
+    # change once more in between, on the snapshot, before its write is
+    # refused: Redis's compare-and-set.)
     assert run_plan(racing, [b"t"], change) == b"theirs"
-    assert runs == [[None], [b"theirs"]]
+    assert runs[0] == [None] and runs[-1] == [b"theirs"] and len(runs) <= 3, runs
     assert store.get(b"t") == b"theirs"
 
 

@@ -24,10 +24,17 @@ DESCRIPTION
     cluster slot; TAG has a fixed length, so the stored key gives k back.
 
     get_many() is one MGET, sent on a connection that the store keeps
-    (Connection.reads). update_many() is WATCH, MGET, the pure
-    change, then MULTI/SET/EXEC, retried up to WATCH_RETRIES times when
-    another writer changed a watched key: an atomic read-decide-write
-    with the decision core unchanged. Each value is stored with an
+    (Connection.reads). update_many() runs the pure change on the values
+    that the store's last read returned for the same keys (a plan's
+    snapshot: run_plan reads, then updates only when the change writes),
+    else on one MGET, and sends the writes as one compare-and-set script
+    (CAS_SCRIPT, EVALSHA): Redis sets them only if every key read still
+    holds the value the change saw, atomically, and otherwise returns
+    the current values, on which the change runs again, up to
+    WATCH_RETRIES times. A new triple is so two round trips, its MGET
+    and the script, the decision core unchanged and never in Lua.
+    update_batch() does the same for many changes in one script. Each
+    value is stored with an
     absolute expiry (SET ... EXAT) from expire_at(value), the same
     lifetimes that LMDB's cleanup applies (core/decide.py expired(); a
     property test ties the two), so no cleanup pass is needed; a value
@@ -61,10 +68,11 @@ from greylist.stores.base import Change, Store, StoreError, Values
 
 T = TypeVar("T")
 
-# Optimistic transactions (WATCH) retried at most this often, with a
-# random pause of up to WATCH_PAUSE_S between tries: concurrent writers of
-# the same keys (two hosts racing on one new triple) are rare, but a
-# retry must not come back in lock step.
+# Optimistic writes (the compare-and-set script; WATCH in delete_if)
+# retried at most this often, with a random pause of up to WATCH_PAUSE_S
+# between WATCH tries: concurrent writers of the same keys (two hosts
+# racing on one new triple) are rare, but a retry must not come back in
+# lock step.
 WATCH_RETRIES = 50
 WATCH_PAUSE_S = 0.002
 BACKOFF_MIN_S = 0.5
@@ -73,6 +81,40 @@ TIMEOUT_S = 0.3
 PREFIX = b"greylist:"
 # "{" + 8 hex digits + "}".
 _TAG_BYTES = 10
+
+# Compare-and-set. KEYS: the names the changes read; ARGV[1..n]: the
+# value each change saw ("" for absent: a stored value is never empty);
+# then for each key its new value ("" for none) and its EXAT ("0" for
+# none). Writes only if every key still holds what was seen, and returns
+# 1; else writes nothing and returns {0, the current values}. Atomic, as
+# every script is; the decision stays in Python.
+CAS_SCRIPT = b"""\
+local n = #KEYS
+local now, same = {}, true
+for i = 1, n do
+  local v = redis.call('GET', KEYS[i])
+  now[i] = v
+  if (v or '') ~= ARGV[i] then same = false end
+end
+if not same then
+  local reply = {0}
+  for i = 1, n do reply[i + 1] = now[i] end
+  return reply
+end
+for i = 1, n do
+  local v = ARGV[n + 2 * i - 1]
+  if v ~= '' then
+    local at = ARGV[n + 2 * i]
+    if at == '0' then
+      redis.call('SET', KEYS[i], v)
+    else
+      redis.call('SET', KEYS[i], v, 'EXAT', at)
+    end
+  end
+end
+return 1
+"""
+CAS_SHA = hashlib.sha1(CAS_SCRIPT).hexdigest().encode("ascii")
 
 
 class RedisError(Exception):
@@ -152,8 +194,12 @@ class Connection:
     fail-fast back-off of the module description."""
 
     def __init__(self, url: str, timeout_s: float = TIMEOUT_S,
-                 password_file: str = "") -> None:
+                 password_file: str = "", notice: Callable[[str], None] | None = None
+                 ) -> None:
         self.url = url
+        # Told once when the server refuses scripts (see compare_and_set).
+        self.notice = notice
+        self.scripting = True
         self.where = parse_url(url)
         self.timeout_s = timeout_s
         self.password_file = password_file
@@ -161,7 +207,8 @@ class Connection:
         self._mutex = threading.Lock()
         # The connection that reads() keeps, and who may use it.
         self._reader = None
-        self._reader_mutex = threading.Lock()
+        # Reentrant: a WATCH ... EXEC holds it across its exchanges.
+        self._reader_mutex = threading.RLock()
         self._down_until = 0.0
         self._backoff = 0.0
         self.failing = False
@@ -225,20 +272,84 @@ class Connection:
         connection is dropped, since replies may be left unread on it."""
         if not commands:
             return []
+        return self.call(lambda client: self._exchange(client, commands))
+
+    def compare_and_set(self, names: list[bytes], args: list[bytes]):
+        """CAS_SCRIPT on names with args, on the kept connection: 1, or
+        [0, the current values]. Loaded by EVAL when Redis does not have
+        it (a new server, SCRIPT FLUSH, a failover). A server that
+        refuses scripts (an ACL without EVALSHA and EVAL, or the commands
+        renamed away) gets the same compare-and-set as WATCH, MGET,
+        MULTI/SET/EXEC from then on, one round trip more, and the
+        administrator is told once."""
+        import redis
+        evalsha = ("EVALSHA", CAS_SHA, len(names), *names, *args)
 
         def body(client):
-            with self._reader_mutex:
+            if not self.scripting:
+                return self._watched_cas(client, names, args)
+            try:
                 try:
-                    conn = self._reader
-                    if conn is None:
-                        conn = self._reader = _checkout(client.connection_pool)
-                    conn.send_packed_command(conn.pack_commands(commands),
-                                             check_health=False)
-                    return [conn.read_response() for _ in commands]
-                except BaseException:
-                    self._drop_reader(client)
+                    return self._exchange(client, [evalsha])[0]
+                except redis.exceptions.NoScriptError:
+                    return self._exchange(
+                        client, [("EVAL", CAS_SCRIPT, len(names), *names, *args)])[0]
+            except redis.exceptions.ResponseError as exc:
+                text = str(exc).lower()
+                if not ("'evalsha'" in text or "'eval'" in text):
                     raise
+                self.scripting = False
+                if self.notice is not None:
+                    self.notice("redis %s: scripts refused (%s); writing with WATCH and "
+                                "MULTI/EXEC instead, one round trip more (allow EVALSHA "
+                                "and EVAL: greylist(8))" % (self.url, describe(exc)))
+                return self._watched_cas(client, names, args)
         return self.call(body)
+
+    def _watched_cas(self, client, names: list[bytes], args: list[bytes]):
+        """CAS_SCRIPT's compare-and-set without a script: WATCH and MGET
+        (one round trip), then MULTI/SET/EXEC (one more), retried when a
+        watched key changed before EXEC."""
+        count = len(names)
+        expected = args[:count]
+        sets: list[tuple] = []
+        for i, name in enumerate(names):
+            value, at = args[count + 2 * i], args[count + 2 * i + 1]
+            if value:
+                sets.append(("SET", name, value) if at == b"0"
+                            else ("SET", name, value, "EXAT", at))
+        for _ in range(WATCH_RETRIES):
+            # The connection is this thread's from WATCH to EXEC: another
+            # thread's EXEC would end the watch.
+            with self._reader_mutex:
+                values = self._exchange(client, [("WATCH", *names), ("MGET", *names)])[1]
+                if [b"" if v is None else v for v in values] != expected:
+                    self._exchange(client, [("UNWATCH",)])
+                    return [0, *values]
+                done = self._exchange(client, [("MULTI",), *sets, ("EXEC",)])[-1]
+            if done is not None:
+                for each in done:
+                    if isinstance(each, Exception):
+                        raise each
+                return 1
+            _pause()
+        raise StoreError("redis %s: %d concurrent changes of the same keys; giving up"
+                         % (self.url, WATCH_RETRIES))
+
+    def _exchange(self, client, commands: list[tuple]) -> list:
+        """Send commands in one write on the kept connection and read their
+        replies; on any error drop the connection (replies may be left
+        unread on it) and raise."""
+        with self._reader_mutex:
+            try:
+                conn = self._reader
+                if conn is None:
+                    conn = self._reader = _checkout(client.connection_pool)
+                conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                return [conn.read_response() for _ in commands]
+            except BaseException:
+                self._drop_reader(client)
+                raise
 
     def _drop_reader(self, client) -> None:
         conn, self._reader = self._reader, None
@@ -326,6 +437,11 @@ class RedisStore(Store):
         self.path = self.name
         self.prefix = PREFIX + table.encode("ascii") + b":"
         self.expire_at = expire_at
+        # The values that the last read returned, by Redis key: what a
+        # plan's change saw, and the expected values of its
+        # compare-and-set (which checks them, so a stale one costs only a
+        # retry).
+        self._seen: dict[bytes, bytes | None] = {}
 
     @property
     def failing(self) -> bool:
@@ -346,118 +462,100 @@ class RedisStore(Store):
         self.connection.close()
 
     def get_many(self, keys: list[bytes | None]) -> Values:
-        wanted = [k for k in keys if k is not None]
+        wanted = [self.stored(k) for k in keys if k is not None]
         if not wanted:
             return [None] * len(keys)
-        found = iter(self.connection.reads(
-            [("MGET", *[self.stored(k) for k in wanted])])[0])
+        values = self.connection.reads([("MGET", *wanted)])[0]
+        self._seen = dict(zip(wanted, values))
+        found = iter(values)
         return [None if k is None else next(found) for k in keys]
 
     def update_many(self, keys: list[bytes | None], change: Change) -> T:
-        import redis
-        wanted = [(i, self.stored(k)) for i, k in enumerate(keys) if k is not None]
-        names = [name for _, name in wanted]
-
-        def body(client):
-            with client.pipeline(transaction=True) as pipe:
-                for _ in range(WATCH_RETRIES):
-                    try:
-                        if names:
-                            pipe.watch(*names)
-                        olds: Values = [None] * len(keys)
-                        if names:
-                            for (i, _), value in zip(wanted, pipe.mget(names)):
-                                olds[i] = value
-                        news, result = change(olds)
-                        writes = [(self.stored(k), v) for k, v in zip(keys, news)
-                                  if k is not None and v is not None]
-                        for k, v in writes:
-                            if not v:
-                                raise ValueError("empty value for %r" % k)
-                        if not writes:
-                            pipe.reset()
-                            return result
-                        pipe.multi()
-                        for k, v in writes:
-                            when = self.expire_at(v)
-                            if when is None:
-                                pipe.set(k, v)
-                            else:
-                                pipe.set(k, v, exat=max(when, 1))
-                        pipe.execute()
-                        return result
-                    except redis.exceptions.WatchError:
-                        _pause()
-                        continue
-            raise StoreError("redis %s: %d concurrent changes of the same keys; giving up"
-                             % (self.connection.url, WATCH_RETRIES))
-        return self.connection.call(body)
+        return self._apply([(keys, change)], strict=True)[0]
 
     def get_many_batch(self, batches: list[list[bytes | None]]) -> list[Values]:
         """get_many() of each list of keys, in one round trip (a pipeline of
         MGETs): greylistd's store thread reads a turn's plans so."""
         stored = self.stored
-        replies = self.connection.reads(
-            [("MGET", *([stored(k) for k in keys if k is not None] or [self.prefix]))
-             for keys in batches])
+        commands = [[stored(k) for k in keys if k is not None] for keys in batches]
+        replies = self.connection.reads([("MGET", *(names or [self.prefix]))
+                                         for names in commands])
+        seen: dict[bytes, bytes | None] = {}
         found = []
-        for keys, values in zip(batches, replies):
+        for keys, names, values in zip(batches, commands, replies):
+            seen.update(zip(names, values))
             values = iter(values)
             found.append([None if k is None else next(values) for k in keys])
+        self._seen = seen
         return found
 
     def update_batch(self, ops: list[tuple[list[bytes | None], Change]]) -> list[object]:
-        """Each (keys, change) in order, as update_many would, in one
-        optimistic transaction: WATCH every key, one MGET, the changes in
-        order (each seeing the writes of those before it), then one
-        MULTI/SET/EXEC; retried when another writer raced it."""
-        import redis
-        names = list(dict.fromkeys(self.stored(k) for keys, _ in ops for k in keys
-                                   if k is not None))
+        """Each (keys, change) in order, as update_many would (each seeing
+        the writes of those before it), with one compare-and-set of all
+        their keys: one round trip after the turn's reads."""
+        return self._apply(ops, strict=False)
 
-        def body(client):
-            with client.pipeline(transaction=True) as pipe:
-                for _ in range(WATCH_RETRIES):
-                    try:
-                        if names:
-                            pipe.watch(*names)
-                        current = dict(zip(names, pipe.mget(names))) if names else {}
-                        results: list[object] = []
-                        writes: dict[bytes, bytes] = {}
-                        for keys, change in ops:
-                            olds = [None if k is None else current[self.stored(k)]
-                                    for k in keys]
-                            try:
-                                news, result = change(olds)
-                                mine = [(self.stored(k), v) for k, v in zip(keys, news)
-                                        if k is not None and v is not None]
-                                for _, v in mine:
-                                    if not v:
-                                        raise ValueError("empty value")
-                            except Exception as exc:  # The op's own error.
-                                results.append(exc)
-                                continue
-                            for name, v in mine:
-                                current[name] = writes[name] = v
-                            results.append(result)
-                        if not writes:
-                            pipe.reset()
-                            return results
-                        pipe.multi()
-                        for name, v in writes.items():
-                            when = self.expire_at(v)
-                            if when is None:
-                                pipe.set(name, v)
-                            else:
-                                pipe.set(name, v, exat=max(when, 1))
-                        pipe.execute()
-                        return results
-                    except redis.exceptions.WatchError:
-                        _pause()
-                        continue
-            raise StoreError("redis %s: %d concurrent changes of the same keys; giving up"
-                             % (self.connection.url, WATCH_RETRIES))
-        return self.connection.call(body)
+    def _apply(self, ops: list[tuple[list[bytes | None], Change]], strict: bool) -> list:
+        """Run the changes in order on the values seen (the last read's,
+        else one MGET), then compare-and-set their writes; on a mismatch
+        run them again on the values the script returned. strict: an
+        op's own error is raised (update_many), else it is that op's
+        result (update_batch)."""
+        stored = self.stored
+        names = list(dict.fromkeys(stored(k) for keys, _ in ops for k in keys
+                                   if k is not None))
+        seen = self._seen
+        current = {name: seen[name] for name in names} if all(
+            name in seen for name in names) else None
+        # Whether current was read now, not taken from an earlier read.
+        fresh = False
+        for _ in range(WATCH_RETRIES):
+            if current is None:
+                current = dict(zip(names, self.connection.reads([("MGET", *names)])[0]
+                                   if names else []))
+                fresh = True
+            state = dict(current)
+            results: list[object] = []
+            writes: dict[bytes, bytes] = {}
+            for keys, change in ops:
+                olds = [None if k is None else state[stored(k)] for k in keys]
+                try:
+                    news, result = change(olds)
+                    mine = [(stored(k), v) for k, v in zip(keys, news)
+                            if k is not None and v is not None]
+                    for name, v in mine:
+                        if not v:
+                            raise ValueError("empty value for %r" % self.key(name))
+                except Exception as exc:  # The op's own error.
+                    if strict:
+                        raise
+                    results.append(exc)
+                    continue
+                for name, v in mine:
+                    state[name] = writes[name] = v
+                results.append(result)
+            if not writes:
+                if fresh:
+                    return results
+                # Nothing to write on values read earlier: decide on
+                # values read now.
+                current = None
+                continue
+            args = [b"" if current[name] is None else current[name] for name in names]
+            for name in names:
+                value = writes.get(name)
+                if value is None:
+                    args += (b"", b"0")
+                else:
+                    when = self.expire_at(value)
+                    args += (value, b"0" if when is None else b"%d" % max(when, 1))
+            reply = self.connection.compare_and_set(names, args)
+            if reply == 1:
+                self._seen = state
+                return results
+            current, fresh = dict(zip(names, reply[1:])), True
+        raise StoreError("redis %s: %d concurrent changes of the same keys; giving up"
+                         % (self.connection.url, WATCH_RETRIES))
 
     def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         """Up to limit pairs in key order after after: one SCAN of the table
