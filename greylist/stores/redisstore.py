@@ -298,8 +298,9 @@ class Connection:
                 text = str(exc).lower()
                 if not ("'evalsha'" in text or "'eval'" in text):
                     raise
-                self.scripting = False
-                if self.notice is not None:
+                with self._mutex:   # told once, whichever thread saw it first
+                    told, self.scripting = not self.scripting, False
+                if not told and self.notice is not None:
                     self.notice("redis %s: scripts refused (%s); writing with WATCH and "
                                 "MULTI/EXEC instead, one round trip more (allow EVALSHA "
                                 "and EVAL: greylist(8))" % (self.url, describe(exc)))
@@ -394,6 +395,8 @@ def describe(exc: Exception) -> str:
     text = str(exc)
     if "caused error:" in text:
         text = text.split("caused error:", 1)[1].strip()
+    # Redis quotes the first arguments of an unknown command: keys, values.
+    text = text.split(", with args beginning with:", 1)[0]
     name = type(exc).__name__
     code = _CODES.get(name)
     if name == "AuthenticationError":
@@ -527,35 +530,45 @@ class RedisStore(Store):
                         if not v:
                             raise ValueError("empty value for %r" % self.key(name))
                 except Exception as exc:  # The op's own error.
-                    if strict:
+                    if not strict:
+                        results.append(exc)
+                        continue
+                    if fresh:
                         raise
-                    results.append(exc)
-                    continue
+                    # Raised on values read earlier: it must hold on the
+                    # values read now.
+                    break
                 for name, v in mine:
                     state[name] = writes[name] = v
                 results.append(result)
-            if not writes:
+            else:
+                if writes:
+                    args = self._cas_args(names, current, writes)
+                    reply = self.connection.compare_and_set(names, args)
+                    if reply == 1:
+                        self._seen = state
+                        return results
+                    current, fresh = dict(zip(names, reply[1:])), True
+                    continue
                 if fresh:
                     return results
-                # Nothing to write on values read earlier: decide on
-                # values read now.
-                current = None
-                continue
-            args = [b"" if current[name] is None else current[name] for name in names]
-            for name in names:
-                value = writes.get(name)
-                if value is None:
-                    args += (b"", b"0")
-                else:
-                    when = self.expire_at(value)
-                    args += (value, b"0" if when is None else b"%d" % max(when, 1))
-            reply = self.connection.compare_and_set(names, args)
-            if reply == 1:
-                self._seen = state
-                return results
-            current, fresh = dict(zip(names, reply[1:])), True
+            # Nothing to write, or an error, on values read earlier:
+            # decide on values read now.
+            current = None
         raise StoreError("redis %s: %d concurrent changes of the same keys; giving up"
                          % (self.connection.url, WATCH_RETRIES))
+
+    def _cas_args(self, names: list[bytes], current: dict, writes: dict) -> list[bytes]:
+        """CAS_SCRIPT's ARGV: the values seen, then each key's write and EXAT."""
+        args = [b"" if current[name] is None else current[name] for name in names]
+        for name in names:
+            value = writes.get(name)
+            if value is None:
+                args += (b"", b"0")
+            else:
+                when = self.expire_at(value)
+                args += (value, b"0" if when is None else b"%d" % max(when, 1))
+        return args
 
     def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         """Up to limit pairs in key order after after: one SCAN of the table
