@@ -14,7 +14,13 @@ DESCRIPTION
                     and is writable; each existing data file (database
                     and tables) is in Postfix's LMDB 0.9 format, not a
                     symbolic link, readable and writable (stores/lmdbfile.py).
-                    A Redis database is not connected to.
+                    For Redis: connected to (within
+                    greylist_redis_timeout), authenticated, a key of
+                    greylist's own read, and the compare-and-set script
+                    run on no key, which writes nothing; a note when the
+                    server refuses scripts (writes then take WATCH and
+                    MULTI/EXEC, one round trip more). Not as root: the
+                    password file must belong to the user a run has.
     root            a note, not a problem: a run as root is refused
                     unless greylist_allow_root = yes.
 
@@ -49,6 +55,15 @@ def check(path: str | None, load: Callable[[], Config]) -> int:
     if cfg is not None and os.geteuid() == 0 and not cfg.allow_root:
         print("%s: note: a run as root is refused (greylist_allow_root = no); "
               "spawn(8) runs it as the service's user" % name)
+    if cfg is not None and is_redis(cfg) and not problems:
+        if os.geteuid() == 0:
+            print("%s: note: the Redis database is not checked as root (its password "
+                  "file belongs to the user a run has): run --check as that user" % name)
+        else:
+            found, notes = redis_problems(cfg)
+            problems += found
+            for note in notes:
+                print("%s: note: %s" % (name, note))
     sys.stdout.flush()
     for problem in problems:
         to_stderr("%s: %s" % (name, problem))
@@ -99,6 +114,27 @@ def log_problems(target: str) -> list[str]:
     if not os.access(target, os.W_OK):
         return ["greylist_log: %s is not writable" % target]
     return []
+
+
+def redis_problems(cfg: Config) -> tuple[list[str], list[str]]:
+    """Why a run could not use the Redis database, and notes."""
+    from greylist.stores.base import StoreError
+    from greylist.stores.redisstore import Connection, RedisStore
+    notes: list[str] = []
+    connection = Connection(cfg.database, cfg.redis_timeout_ms / 1000,
+                            cfg.redis_password_file, notice=notes.append)
+    store = RedisStore(connection, "db")
+    try:
+        store.get_many([b"greylist-check"])
+        connection.compare_and_set([], [])
+        if not connection.scripting:
+            # What writes use instead: allowed too?
+            connection.reads([("WATCH", store.stored(b"greylist-check")), ("UNWATCH",)])
+    except StoreError as exc:
+        return ["greylist_database: %s" % exc], notes
+    finally:
+        connection.close()
+    return [], notes
 
 
 def database_problems(cfg: Config) -> list[str]:

@@ -1141,3 +1141,61 @@ def _lmdb_items(base: str) -> list[tuple[bytes, bytes]]:
         return list(store.items())
     finally:
         store.close()
+
+
+# ----------------------------------------------------------------------
+# greylist --check on a Redis database.
+
+def test_check_logs_in_reads_and_runs_the_script_and_notes_refused_scripts(
+        secured_server, short_dir):
+    # redis_problems() is what --check runs (not as root: see below): each
+    # ACL and fault gives its problem or note, and nothing is written.
+    from greylist.check import redis_problems
+    from greylist.config import load
+    admin = secured_server.client(password="right-password")
+    try:
+        admin.flushall()
+        admin.execute_command("ACL", "SETUSER", "full", "on", ">full-pw", "resetkeys",
+                              "~greylist:*", "-@all", "+@read", "+@write", "+@transaction",
+                              "+@connection", "+scan", "+info", "+evalsha", "+eval")
+        admin.execute_command("ACL", "SETUSER", "old", "on", ">old-pw", "resetkeys",
+                              "~greylist:*", "-@all", "+@read", "+@write", "+@transaction",
+                              "+@connection", "+scan", "+info")
+        admin.execute_command("ACL", "SETUSER", "reader", "on", ">reader-pw", "resetkeys",
+                              "~greylist:*", "-@all", "+@connection", "+mget", "+get")
+
+        def checked(name: str, secret: str, database: str = secured_server.unix_url):
+            (short_dir / name).mkdir()
+            extra = "" if not secret else "greylist_redis_password_file = %s\n" % \
+                password_file(short_dir / name, secret)
+            return redis_problems(load(write_settings(short_dir / name, "gl", database, extra),
+                                       {}))
+        assert checked("full", "full full-pw") == ([], [])
+        problems, notes = checked("old", "old old-pw")
+        assert problems == [] and len(notes) == 1 and "scripts refused" in notes[0], notes
+        problems, notes = checked("reader", "reader reader-pw")
+        assert len(problems) == 1 and "NOPERM" in problems[0] and "watch" in problems[0], \
+            problems
+        problems, _ = checked("wrong", "wrong-password")
+        assert len(problems) == 1 and "WRONGPASS" in problems[0], problems
+        problems, _ = checked("gone", "", "redis:unix:%s/no-such.sock" % short_dir)
+        assert len(problems) == 1 and problems[0].startswith("greylist_database: redis"), \
+            problems
+        assert admin.dbsize() == 0   # nothing written
+        # The command line: as root a note (the password file belongs to the
+        # run's user), else the same checks.
+        (short_dir / "cli").mkdir()
+        settings = write_settings(short_dir / "cli", "gl", secured_server.unix_url,
+                                  "greylist_redis_password_file = %s\n"
+                                  % password_file(short_dir / "cli", "old old-pw"))
+        done = subprocess.run(program("greylist", "greylist") + ["--check", "-c", settings],
+                              capture_output=True, text=True, timeout=60, env=environment())
+        assert done.returncode == 0 and done.stdout.endswith("%s: ok\n" % settings), done
+        if os.geteuid() == 0:
+            assert "not checked as root" in done.stdout, done.stdout
+        else:
+            assert "note: redis" in done.stdout and "scripts refused" in done.stdout, done
+    finally:
+        for user in ("full", "old", "reader"):
+            admin.execute_command("ACL", "DELUSER", user)
+        admin.close()

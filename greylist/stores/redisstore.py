@@ -311,6 +311,8 @@ class Connection:
         """CAS_SCRIPT's compare-and-set without a script: WATCH and MGET
         (one round trip), then MULTI/SET/EXEC (one more), retried when a
         watched key changed before EXEC."""
+        if not names:
+            return 1   # nothing to compare or set
         count = len(names)
         expected = args[:count]
         sets: list[tuple] = []
