@@ -23,6 +23,7 @@ unix socket in a temporary directory, and stopped by PID in the fixtures'
 teardown. Without redis-server the tests skip; under CI they fail.
 """
 
+import contextlib
 import os
 import pathlib
 import select
@@ -374,28 +375,24 @@ def test_a_record_whose_lifetime_has_passed_is_not_kept(server):
     db.close()
 
 
-@pytest.mark.parametrize("scripting", [True, False], ids=["script", "watch"])
-def test_concurrent_updates_lose_nothing_even_when_they_give_up(server, scripting):
-    # Atomicity of the compare-and-set (the script, and WATCH/MULTI/EXEC
-    # where scripts are refused): every increment that returned counted,
-    # and each failed one raised (see the contract's xfail: they give up).
+def increment_in_threads(store, each: int, tolerated=()) -> tuple[int, int]:
+    """Eight threads increment the counter "n" each times at once through
+    update_many; returns (increments that returned, those that raised one
+    of tolerated). Fails on any other error and on a thread still running
+    after 60 s."""
     import threading
-    from greylist.stores.base import StoreError
-    from greylist.stores.redisstore import Connection, RedisStore
-    store = RedisStore(Connection(server.unix_url, timeout_s=5.0), "db")
-    store.connection.scripting = scripting
     done, failed, errors = [], [], []
     start = threading.Barrier(8, timeout=30)
 
     def worker():
         try:
             start.wait()
-            for _ in range(40):
+            for _ in range(each):
                 try:
                     store.update_many([b"n"], lambda olds: (
                         [b"%d" % (int(olds[0] or b"0") + 1)], None))
                     done.append(1)
-                except StoreError:
+                except tolerated:
                     failed.append(1)
         except BaseException as exc:  # noqa: BLE001 (reported below)
             errors.append(exc)
@@ -406,8 +403,21 @@ def test_concurrent_updates_lose_nothing_even_when_they_give_up(server, scriptin
     for thread in threads:
         thread.join(timeout=60)
     assert not any(thread.is_alive() for thread in threads) and errors == []
-    assert len(done) + len(failed) == 8 * 40
-    assert store.get(b"n") == b"%d" % len(done)
+    return len(done), len(failed)
+
+
+@pytest.mark.parametrize("scripting", [True, False], ids=["script", "watch"])
+def test_concurrent_updates_lose_nothing_even_when_they_give_up(server, scripting):
+    # Atomicity of the compare-and-set (the script, and WATCH/MULTI/EXEC
+    # where scripts are refused): every increment that returned counted,
+    # and each failed one raised (see the contract's xfail: they give up).
+    from greylist.stores.base import StoreError
+    from greylist.stores.redisstore import Connection, RedisStore
+    store = RedisStore(Connection(server.unix_url, timeout_s=5.0), "db")
+    store.connection.scripting = scripting
+    done, failed = increment_in_threads(store, 40, StoreError)
+    assert done + failed == 8 * 40
+    assert store.get(b"n") == b"%d" % done
     store.close()
 
 
@@ -470,48 +480,19 @@ def test_refused_scripts_are_told_once_and_writes_go_on(server):
     # An ACL without EVALSHA and EVAL: eight threads on one connection
     # write through WATCH and MULTI/EXEC, lose nothing, and the
     # administrator is told once; the log line quotes no key or value.
-    import threading
     from greylist.stores.redisstore import Connection, RedisStore, describe
     import redis
-    admin = server.client()
     notices = []
-    try:
-        admin.flushall()
-        admin.execute_command("ACL", "SETUSER", "noscript", "reset", "on", ">noscript-pw",
-                              "~greylist:*", "+@all", "-evalsha", "-eval")
-        secret = pathlib.Path(tempfile.mkdtemp(prefix="gl-redis-pw-", dir="/tmp"))
+    with acl_user(server, "noscript", "~greylist:*", "+@all", "-evalsha", "-eval") as secret:
+        store = RedisStore(Connection(server.unix_url, timeout_s=5.0, password_file=secret,
+                                      notice=notices.append), "db")
         try:
-            (secret / "pw").write_text("noscript noscript-pw\n")
-            os.chmod(secret / "pw", 0o600)
-            store = RedisStore(Connection(server.unix_url, timeout_s=5.0,
-                                          password_file=str(secret / "pw"),
-                                          notice=notices.append), "db")
-            start = threading.Barrier(8, timeout=30)
-            errors = []
-
-            def worker():
-                try:
-                    start.wait()
-                    for _ in range(10):
-                        store.update_many([b"n"], lambda olds: (
-                            [b"%d" % (int(olds[0] or b"0") + 1)], None))
-                except BaseException as exc:  # noqa: BLE001 (reported below)
-                    errors.append(exc)
-            threads = [threading.Thread(target=worker) for _ in range(8)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(timeout=60)
-            assert not any(thread.is_alive() for thread in threads) and errors == []
+            assert increment_in_threads(store, 10) == (80, 0)
             assert store.get(b"n") == b"80"
-            assert len(notices) == 1 and "scripts refused" in notices[0], notices
-            assert "NOPERM" in notices[0] and "greylist:" not in notices[0], notices
-            store.close()
         finally:
-            shutil.rmtree(secret, ignore_errors=True)
-    finally:
-        admin.execute_command("ACL", "DELUSER", "noscript")
-        admin.close()
+            store.close()
+    assert len(notices) == 1 and "scripts refused" in notices[0], notices
+    assert "NOPERM" in notices[0] and "greylist:" not in notices[0], notices
     # A renamed command's error quotes its first arguments: not logged.
     text = describe(redis.exceptions.ResponseError(
         "unknown command 'EVALSHA', with args beginning with: 'f00' '1' "
@@ -622,6 +603,24 @@ def test_reading_nothing_does_not_even_connect(server):
         admin.close()
 
 
+@contextlib.contextmanager
+def acl_user(server, name: str, *rules: str):
+    """An ACL user NAME (password NAME-pw) of server with rules, for the
+    block; yields its password file. The user and the file are removed
+    after."""
+    admin = server.client()
+    secret = pathlib.Path(tempfile.mkdtemp(prefix="gl-redis-pw-", dir="/tmp"))
+    try:
+        admin.execute_command("ACL", "SETUSER", name, "reset", "on", ">%s-pw" % name, *rules)
+        (secret / "pw").write_text("%s %s-pw\n" % (name, name))
+        os.chmod(secret / "pw", 0o600)
+        yield str(secret / "pw")
+    finally:
+        shutil.rmtree(secret, ignore_errors=True)
+        admin.execute_command("ACL", "DELUSER", name)
+        admin.close()
+
+
 def test_a_read_that_fails_midway_leaves_no_reply_behind(server):
     # Connection.reads() keeps one connection and sends a turn's MGETs in
     # one write. When the first reply is an error (NOPERM: an ACL user
@@ -630,39 +629,26 @@ def test_a_read_that_fails_midway_leaves_no_reply_behind(server):
     # with the stale reply (the value of "a" where "b" was asked for).
     from greylist.stores.base import StoreError
     from greylist.stores.redisstore import Connection, RedisStore
-    admin = server.client()
-    try:
-        admin.flushall()
-        admin.execute_command("ACL", "SETUSER", "partial", "reset", "on", ">partial-pw",
-                              "~greylist:db:{*", "+mget", "+set", "+ping", "+hello",
-                              "+client")
-        owner = RedisStore(Connection(server.unix_url, timeout_s=2.0), "db")
-        owner.put(b"a", b"value-a")
-        owner.put(b"b", b"value-b")
-        owner.close()
-        secret = pathlib.Path(tempfile.mkdtemp(prefix="gl-redis-pw-", dir="/tmp"))
+    owner = RedisStore(Connection(server.unix_url, timeout_s=2.0), "db")
+    owner.put(b"a", b"value-a")
+    owner.put(b"b", b"value-b")
+    owner.close()
+    with acl_user(server, "partial", "~greylist:db:{*", "+mget", "+set", "+ping",
+                  "+hello", "+client") as secret:
+        store = RedisStore(Connection(server.unix_url, timeout_s=2.0, password_file=secret),
+                           "db")
+        other = RedisStore(store.connection, "other")   # not readable by "partial"
         try:
-            (secret / "pw").write_text("partial partial-pw\n")
-            os.chmod(secret / "pw", 0o600)
-            store = RedisStore(Connection(server.unix_url, timeout_s=2.0,
-                                          password_file=str(secret / "pw")), "db")
-            other = RedisStore(store.connection, "other")   # not readable by "partial"
-            try:
-                assert store.get_many([b"a"]) == [b"value-a"]
-                with pytest.raises(StoreError, match="NOPERM"):
-                    store.connection.reads([("MGET", other.stored(b"x")),
-                                            ("MGET", store.stored(b"a"))])
-                time.sleep(BACKOFF_WAIT_S)   # the store's back-off after a failure
-                assert store.get_many([b"b"]) == [b"value-b"]
-                assert store.get_many_batch([[b"a"], [b"b", None]]) == \
-                    [[b"value-a"], [b"value-b", None]]
-            finally:
-                store.close()
+            assert store.get_many([b"a"]) == [b"value-a"]
+            with pytest.raises(StoreError, match="NOPERM"):
+                store.connection.reads([("MGET", other.stored(b"x")),
+                                        ("MGET", store.stored(b"a"))])
+            time.sleep(BACKOFF_WAIT_S)   # the store's back-off after a failure
+            assert store.get_many([b"b"]) == [b"value-b"]
+            assert store.get_many_batch([[b"a"], [b"b", None]]) == \
+                [[b"value-a"], [b"value-b", None]]
         finally:
-            shutil.rmtree(secret, ignore_errors=True)
-    finally:
-        admin.execute_command("ACL", "DELUSER", "partial")
-        admin.close()
+            store.close()
 
 
 # ----------------------------------------------------------------------
