@@ -126,7 +126,7 @@ def redis_problems(cfg: Config) -> tuple[list[str], list[str]]:
     store = RedisStore(connection, "db")
     try:
         store.get_many([b"greylist-check"])
-        connection.compare_and_set([], [])
+        connection.compare_and_set([], {}, {})
         if not connection.scripting:
             # What writes use instead: allowed too?
             connection.reads([("WATCH", store.stored(b"greylist-check")), ("UNWATCH",)])

@@ -205,10 +205,11 @@ class Connection:
         self.password_file = password_file
         self._client = None
         self._mutex = threading.Lock()
-        # The connection that reads() keeps, and who may use it.
-        self._reader = None
+        # The connection that every read and write of the hot path uses
+        # (_exchange), and who may use it.
+        self._kept = None
         # Reentrant: a WATCH ... EXEC holds it across its exchanges.
-        self._reader_mutex = threading.RLock()
+        self._kept_mutex = threading.RLock()
         self._down_until = 0.0
         self._backoff = 0.0
         self.failing = False
@@ -274,23 +275,28 @@ class Connection:
             return []
         return self.call(lambda client: self._exchange(client, commands))
 
-    def compare_and_set(self, names: list[bytes], args: list[bytes]):
-        """CAS_SCRIPT on names with args, on the kept connection: 1, or
-        [0, the current values]. Loaded by EVAL when Redis does not have
-        it (a new server, SCRIPT FLUSH, a failover). A server that
-        refuses scripts (an ACL without EVALSHA and EVAL, or the commands
-        renamed away) gets the same compare-and-set as WATCH, MGET,
-        MULTI/SET/EXEC from then on, one round trip more, and the
-        administrator is told once."""
+    def compare_and_set(self, names: list[bytes], seen: dict, writes: dict):
+        """Set writes (name: (value, EXAT or None)) if each of names still
+        holds its value in seen (None: absent), atomically, on the kept
+        connection: 1, or [0, the current values of names]. By CAS_SCRIPT,
+        loaded by EVAL when Redis does not have it (a new server, SCRIPT
+        FLUSH, a failover). A server that refuses scripts (an ACL without
+        EVALSHA and EVAL, or the commands renamed away) gets the same
+        compare-and-set as WATCH, MGET, MULTI/SET/EXEC from then on, one
+        round trip more, and the administrator is told once."""
         import redis
-        evalsha = ("EVALSHA", CAS_SHA, len(names), *names, *args)
 
         def body(client):
             if not self.scripting:
-                return self._watched_cas(client, names, args)
+                return self._watched_cas(client, names, seen, writes)
+            args = [b"" if seen[name] is None else seen[name] for name in names]
+            for name in names:
+                value, when = writes.get(name, (b"", None))
+                args += (value, b"0" if when is None else b"%d" % max(when, 1))
             try:
                 try:
-                    return self._exchange(client, [evalsha])[0]
+                    return self._exchange(
+                        client, [("EVALSHA", CAS_SHA, len(names), *names, *args)])[0]
                 except redis.exceptions.NoScriptError:
                     return self._exchange(
                         client, [("EVAL", CAS_SCRIPT, len(names), *names, *args)])[0]
@@ -304,29 +310,25 @@ class Connection:
                     self.notice("redis %s: scripts refused (%s); writing with WATCH and "
                                 "MULTI/EXEC instead, one round trip more (allow EVALSHA "
                                 "and EVAL: greylist(8))" % (self.url, describe(exc)))
-                return self._watched_cas(client, names, args)
+                return self._watched_cas(client, names, seen, writes)
         return self.call(body)
 
-    def _watched_cas(self, client, names: list[bytes], args: list[bytes]):
-        """CAS_SCRIPT's compare-and-set without a script: WATCH and MGET
-        (one round trip), then MULTI/SET/EXEC (one more), retried when a
-        watched key changed before EXEC."""
+    def _watched_cas(self, client, names: list[bytes], seen: dict, writes: dict):
+        """compare_and_set() without a script: WATCH and MGET (one round
+        trip), then MULTI/SET/EXEC (one more), retried when a watched key
+        changed before EXEC."""
         if not names:
             return 1   # nothing to compare or set
-        count = len(names)
-        expected = args[:count]
-        sets: list[tuple] = []
-        for i, name in enumerate(names):
-            value, at = args[count + 2 * i], args[count + 2 * i + 1]
-            if value:
-                sets.append(("SET", name, value) if at == b"0"
-                            else ("SET", name, value, "EXAT", at))
+        expected = [seen[name] for name in names]
+        sets = [("SET", name, value) if when is None
+                else ("SET", name, value, "EXAT", max(when, 1))
+                for name, (value, when) in writes.items()]
         for _ in range(WATCH_RETRIES):
             # The connection is this thread's from WATCH to EXEC: another
             # thread's EXEC would end the watch.
-            with self._reader_mutex:
+            with self._kept_mutex:
                 values = self._exchange(client, [("WATCH", *names), ("MGET", *names)])[1]
-                if [b"" if v is None else v for v in values] != expected:
+                if values != expected:
                     self._exchange(client, [("UNWATCH",)])
                     return [0, *values]
                 done = self._exchange(client, [("MULTI",), *sets, ("EXEC",)])[-1]
@@ -343,19 +345,19 @@ class Connection:
         """Send commands in one write on the kept connection and read their
         replies; on any error drop the connection (replies may be left
         unread on it) and raise."""
-        with self._reader_mutex:
+        with self._kept_mutex:
             try:
-                conn = self._reader
+                conn = self._kept
                 if conn is None:
-                    conn = self._reader = _checkout(client.connection_pool)
+                    conn = self._kept = _checkout(client.connection_pool)
                 conn.send_packed_command(conn.pack_commands(commands), check_health=False)
                 return [conn.read_response() for _ in commands]
             except BaseException:
-                self._drop_reader(client)
+                self._drop_kept(client)
                 raise
 
-    def _drop_reader(self, client) -> None:
-        conn, self._reader = self._reader, None
+    def _drop_kept(self, client) -> None:
+        conn, self._kept = self._kept, None
         if conn is not None:
             try:
                 conn.disconnect()
@@ -372,8 +374,8 @@ class Connection:
     def close(self) -> None:
         with self._mutex:
             if self._client is not None:
-                with self._reader_mutex:
-                    self._drop_reader(self._client)
+                with self._kept_mutex:
+                    self._drop_kept(self._client)
                 try:
                     self._client.close()
                 except Exception:  # noqa: BLE001 (closing a broken client)
@@ -545,8 +547,8 @@ class RedisStore(Store):
                 results.append(result)
             else:
                 if writes:
-                    args = self._cas_args(names, current, writes)
-                    reply = self.connection.compare_and_set(names, args)
+                    reply = self.connection.compare_and_set(names, current, {
+                        name: (v, self.expire_at(v)) for name, v in writes.items()})
                     if reply == 1:
                         self._seen = state
                         return results
@@ -559,18 +561,6 @@ class RedisStore(Store):
             current = None
         raise StoreError("redis %s: %d concurrent changes of the same keys; giving up"
                          % (self.connection.url, WATCH_RETRIES))
-
-    def _cas_args(self, names: list[bytes], current: dict, writes: dict) -> list[bytes]:
-        """CAS_SCRIPT's ARGV: the values seen, then each key's write and EXAT."""
-        args = [b"" if current[name] is None else current[name] for name in names]
-        for name in names:
-            value = writes.get(name)
-            if value is None:
-                args += (b"", b"0")
-            else:
-                when = self.expire_at(value)
-                args += (value, b"0" if when is None else b"%d" % max(when, 1))
-        return args
 
     def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         """Up to limit pairs in key order after after: one SCAN of the table
