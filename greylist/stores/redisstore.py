@@ -254,8 +254,6 @@ class Connection:
         client = self.client()
         try:
             result = body(client)
-        except redis.exceptions.WatchError:
-            raise
         except (redis.exceptions.RedisError, OSError) as exc:
             self.failed()
             raise StoreError("redis %s: %s" % (self.url, describe(exc))) from None
