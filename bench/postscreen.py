@@ -5,7 +5,7 @@ Usage:
                              [--requests N] [--groups G] [--warm W]
                              [--connections K,...] [--rounds R]
                              [--python PATH] [--ours-path DIR]
-                             [--tmpdir DIR] [--limit S]
+                             [--tmpdir DIR] [--limit S] [--pace R]
 
 DESCRIPTION
     postscreen calls out to its policy service before its own tests, with
@@ -72,6 +72,16 @@ DESCRIPTION
     ceiling's, wrong replies; the target of the issue, p99 under 1 ms for
     a known client in the daemon, at each K; the no-write check and the
     reasons.
+
+    By default each connection sends its next request as soon as the last
+    reply is in: the most a server can do, and the latency it has when
+    saturated. postscreen calls out once per new SMTP connection, so a
+    mail host sees far fewer: --pace R sends R requests a second on each
+    connection on a fixed schedule (the driver sleeps until a request is
+    due), for the latency at a given load. A request that is due while a
+    late reply still holds the connection is sent when that reply is in
+    and its latency is counted from its due time, so a server that falls
+    behind is charged for the wait it caused.
 
 LIMITS
     Every phase has a time limit (--limit): at the deadline the servers
@@ -166,7 +176,14 @@ def plan(k: int, sizes: dict, pass_reply: bytes | None) -> dict:
 
 # The drivers: one process per connection, one request in flight each.
 
-def _drive(endpoint: tuple, requests: list, expected: list, start, ready, results) -> None:
+def _drive(endpoint: tuple, requests: list, expected: list, start, ready, results,
+           interval_ns: int = 0) -> None:
+    """One connection's requests, one in flight. interval_ns 0: each request
+    as soon as the last reply is in (closed loop). Else request i is due
+    interval_ns * i after the start: the driver sleeps until it is due,
+    and its latency is counted from the write; a request that a late
+    reply kept back past its due time is sent at once and counted from
+    its due time (the wait is the server's, not the schedule's)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = {"send": array("q"), "recv": array("q"), "wrong": 0, "examples": [],
            "error": "", "cpu_s": 0.0}
@@ -185,12 +202,20 @@ def _drive(endpoint: tuple, requests: list, expected: list, start, ready, result
         return
     ready.send(True)
     start.wait()
-    write, read, now = os.write, os.read, time.perf_counter_ns
+    write, read, now, sleep = os.write, os.read, time.perf_counter_ns, time.sleep
     send_times, recv_times = out["send"], out["recv"]
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    due = now()
     try:
         for request_bytes, want in zip(requests, expected):
             t0 = now()
+            if interval_ns:
+                due += interval_ns
+                if due > t0:
+                    sleep((due - t0) / NS)
+                    t0 = now()
+                else:
+                    t0 = due
             sent = write(wfd, request_bytes)
             while sent < len(request_bytes):
                 sent += write(wfd, request_bytes[sent:])
@@ -222,9 +247,12 @@ def _drive(endpoint: tuple, requests: list, expected: list, start, ready, result
     results.send(out)
 
 
-def run_phase(endpoints: list, conns: list, limit_s: float, on_timeout) -> list:
+def run_phase(endpoints: list, conns: list, limit_s: float, on_timeout,
+              pace: float = 0.0) -> list:
     """Drive conns[i] = (requests, expected) over endpoints[i]; one result
-    each. At the deadline on_timeout() kills the servers, so that reads end."""
+    each; pace: requests a second on each connection (0: closed loop, see
+    _drive). At the deadline on_timeout() kills the servers, so that reads end."""
+    interval_ns = int(NS / pace) if pace else 0
     ctx = multiprocessing.get_context("fork")
     start = ctx.Event()
     procs, readies, readers = [], [], []
@@ -232,7 +260,8 @@ def run_phase(endpoints: list, conns: list, limit_s: float, on_timeout) -> list:
         ready_r, ready_w = ctx.Pipe(duplex=False)
         res_r, res_w = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_drive,
-                           args=(endpoint, requests, expected, start, ready_w, res_w),
+                           args=(endpoint, requests, expected, start, ready_w, res_w,
+                                 interval_ns),
                            daemon=True)
         proc.start()
         ready_w.close()
@@ -643,7 +672,7 @@ def log_problems(workdir: str) -> list:
 def run_case(prog: Prog, k: int, sizes: dict, args, top: str) -> list:
     """Start prog with k connections on a fresh database: warm up, time the
     known requests, then the unknown ones; one row per kind."""
-    base = {"program": prog.name, "form": prog.form, "connections": k}
+    base = {"program": prog.name, "form": prog.form, "connections": k, "pace": args.pace}
     ok, why = prog.available()
     if not ok:
         return [dict(base, kind=kind, available=False, reason=why)
@@ -663,7 +692,8 @@ def run_case(prog: Prog, k: int, sizes: dict, args, top: str) -> list:
             row = dict(base, kind=kind, available=True,
                        requests=sum(len(r) for r, _ in the_plan[kind]))
             cpu0 = _cpu(prog.pids())
-            row.update(summarise(run_phase(endpoints, the_plan[kind], args.limit, prog.kill)))
+            row.update(summarise(run_phase(endpoints, the_plan[kind], args.limit, prog.kill,
+                                           args.pace)))
             cpu1 = _cpu(prog.pids())
             row["server_cpu_us_per_request"] = round(
                 (cpu1 - cpu0) / max(1, row["replies"]) * 1e6, 1)
@@ -790,9 +820,11 @@ def targets(rows: list) -> list:
         if r["program"] != "greylistd" or r["kind"] != "known" or not r.get("rate"):
             continue
         p99s = [p for p in r.get("p99_ms_all_rounds", [r["p99_ms"]]) if p is not None]
-        out.append({"target": "p99 < %g ms, known client, greylistd, %d connection%s"
+        out.append({"target": "p99 < %g ms, known client, greylistd, %d connection%s%s"
                               % (TARGET_P99_MS, r["connections"],
-                                 "" if r["connections"] == 1 else "s"),
+                                 "" if r["connections"] == 1 else "s",
+                                 ", %g requests a second on each" % r["pace"]
+                                 if r.get("pace") else ", saturated"),
                     "connections": r["connections"], "p99_ms": r["p99_ms"],
                     "p99_ms_all_rounds": p99s,
                     "rounds_met": sum(p < TARGET_P99_MS for p in p99s),
@@ -815,6 +847,10 @@ def print_report(report: dict, stream) -> None:
       "case %d untimed warm-up requests, then %d known and %d unknown timed requests; "
       "%d round(s), the median (low) by rate reported\n\n"
       % (s["groups"], s["warm"], s["requests"], s["requests"], report["rounds"]))
+    if report.get("pace"):
+        w("pace: %g requests a second on each connection, on a fixed schedule; latency "
+          "from the write, or from the due time when a late reply kept a request back\n\n"
+          % report["pace"])
     head = ("kind    form    program              K  requests/s   p50 ms   p99 ms  p99.9ms"
             "   max ms  K/rate ms  cpu us  x ceiling  wrong")
     w(head + "\n" + "-" * len(head) + "\n")
@@ -905,6 +941,9 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="rounds of every case; the median (low) "
                    "is reported (3; quick 1)")
     p.add_argument("--limit", type=float, help="time limit per phase, s (60; quick 20)")
+    p.add_argument("--pace", type=float, default=0.0,
+                   help="requests a second on each connection, on a fixed schedule "
+                        "(default 0: each request as soon as the last reply is in)")
     p.add_argument("--json", default=None, help="write the report to FILE (- for stdout)")
     p.add_argument("--check", action="store_true", help="exit 1 on a failure (see LIMITS)")
     args = p.parse_args(argv)
@@ -915,9 +954,10 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     args.ours_path = os.path.abspath(args.ours_path)
     args.connections = [int(k) for k in args.connections.split(",") if k]
     if args.requests < 1 or not 1 <= args.groups <= 65536 or args.warm < 0 \
-            or not 1 <= args.rounds <= 9 or any(k < 1 or k > 256 for k in args.connections):
+            or not 1 <= args.rounds <= 9 or any(k < 1 or k > 256 for k in args.connections) \
+            or not 0 <= args.pace <= 100000:
         p.error("requests at least 1, groups 1 to 65536, warm at least 0, rounds 1 to 9, "
-                "connections 1 to 256")
+                "connections 1 to 256, pace 0 to 100000")
     return args
 
 
@@ -927,7 +967,7 @@ def main(argv: list | None = None) -> int:
     top = tempfile.mkdtemp(prefix="bench-postscreen-", dir=args.tmpdir)
     os.chmod(top, 0o755)
     import run as bench_run   # machine(); run.py imports the other bench modules
-    report: dict = {"sizes": sizes, "machine": bench_run.machine(),
+    report: dict = {"sizes": sizes, "pace": args.pace, "machine": bench_run.machine(),
                     "versions": versions(args.python, args.ours_path),
                     "load_before": "%.2f %.2f %.2f" % os.getloadavg()}
     started = time.monotonic()

@@ -358,6 +358,61 @@ def test_bench_postscreen_quick_run_checks_replies_and_no_write(tmp_path):
         % (row["reasons_logged"], row["reasons_expected"])]
 
 
+SLOW_RESPONDER = """
+import os, sys, time
+buf = b""
+while True:
+    chunk = os.read(0, 4096)
+    if not chunk:
+        break
+    buf += chunk
+    while b"\\n\\n" in buf:
+        _, buf = buf.split(b"\\n\\n", 1)
+        time.sleep(float(sys.argv[1]))
+        os.write(1, b"action=ignore\\n\\n")
+"""
+
+
+def _paced_phase(pace, server_s, n):
+    """bench/postscreen.py's drivers at a pace against a responder that
+    takes server_s a reply, after one request that waits for its start-up:
+    (latencies in seconds, elapsed seconds)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import postscreen
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_RESPONDER, str(server_s)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    try:
+        request = postscreen.request("192.0.2.7", 4000)
+        endpoint = ("pipe", proc.stdin.fileno(), proc.stdout.fileno())
+        postscreen.run_phase([endpoint], [([request], [postscreen.IGNORE])], 30, proc.kill)
+        (res,) = postscreen.run_phase([endpoint], [([request] * n, [postscreen.IGNORE] * n)],
+                                      30, proc.kill, pace=pace)
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+        proc.stdout.close()
+    assert not res["error"] and res["wrong"] == 0 and len(res["recv"]) == n, res
+    lat = [(b - a) / 1e9 for a, b in zip(res["send"], res["recv"])]
+    return lat, (res["recv"][-1] - res["send"][0]) / 1e9
+
+
+def test_bench_postscreen_pace_keeps_the_schedule_and_charges_a_late_server():
+    # --pace: requests leave on a fixed schedule (not faster), latency is
+    # counted from the write when the server kept up...
+    lat, elapsed = _paced_phase(pace=200, server_s=0, n=21)
+    assert elapsed >= 20 / 200 * 0.95, elapsed
+    assert sorted(lat)[len(lat) // 2] < 0.004, lat
+    # ...and from the due time when a slow reply held the next request
+    # back: a server taking 20 ms against a 5 ms schedule falls 15 ms
+    # further behind with each request, and the latencies show it (a
+    # closed loop would report 20 ms each).
+    lat, _ = _paced_phase(pace=200, server_s=0.02, n=11)
+    assert lat[0] < 0.04 and lat[-1] > 0.02 + 9 * 0.015 * 0.8, lat
+
+
 def test_bench_redis_quick_run_counts_round_trips(tmp_path):
     # bench/redis_bench.py --quick: greylist (spawn form, 1 process) and
     # greylistd (16 connections) on a redis-server of their own, known and
