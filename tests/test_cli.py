@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -355,3 +356,35 @@ def test_check_writes_nothing_into_a_spawn_socket(checked):
         ours.settimeout(10)
         assert done.returncode == 1
         assert ours.recv(4096) == b""
+
+
+@pytest.mark.parametrize("module, request_bytes", [
+    ("greylist", b"request=smtpd_access_policy\nprotocol_state=RCPT\n"
+                 b"client_address=192.0.2.9\nsender=a@example.org\nrecipient=b@example.net\n\n"),
+    ("greylist.cli.socketmap", b"24:sender alice@example.org,"),
+])
+def test_a_client_that_resets_the_spawn_socket_ends_the_process_quietly(home, module,
+                                                                       request_bytes):
+    # smtpd or cleanup killed (postfix stop) with our last reply unread:
+    # the read of spawn(8)'s socket fails with ECONNRESET, which is the
+    # end of the connection, not an internal error with a traceback.
+    import select
+    ours, theirs = socket.socketpair()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", module, "-v", "-c",
+                             str(home / "greylist.cf")],
+                            stdin=theirs, stdout=theirs, stderr=theirs, env=env)
+    theirs.close()
+    try:
+        ours.sendall(request_bytes)
+        assert select.select([ours], [], [], 20)[0], "no reply"
+        time.sleep(0.2)       # the whole reply is in; it stays unread
+        ours.close()          # unread data: the server's next read gets ECONNRESET
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    log = (home / "log").read_text()
+    assert "client went away" in log, log
+    assert "internal error" not in log and "Traceback" not in log, log

@@ -70,7 +70,14 @@ def serve(instream: BinaryIO, outstream: BinaryIO, service: PolicyService,
             # Reader.read(), inline: one call less per request.
             attrs = decoder.next()
             if attrs is None:
-                data = read1(READ_SIZE)
+                try:
+                    data = read1(READ_SIZE)
+                except ConnectionError:
+                    # A socket of spawn(8) reset by a client that was
+                    # killed (postfix stop) before it read our last reply.
+                    log.debug(1, "client went away, exiting")
+                    service.close()
+                    return 0
                 if data:
                     decoder.feed(data)
                     continue
@@ -93,8 +100,9 @@ def serve(instream: BinaryIO, outstream: BinaryIO, service: PolicyService,
         try:
             outstream.write(reply)
             outstream.flush()
-        except BrokenPipeError:
+        except ConnectionError:   # BrokenPipeError, ConnectionResetError
             log.debug(1, "client went away before the reply")
+            service.close()
             return 0
         service.after_reply()
 
