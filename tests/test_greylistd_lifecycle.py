@@ -786,3 +786,76 @@ def test_a_fatal_error_is_not_written_to_a_client_socket_on_stderr(site):
         ours.settimeout(5)
         assert (done.returncode, ours.recv(4096)) == (1, b"")
     assert "fatal: cannot listen" in (pathlib.Path(site) / "bad.log").read_text()
+
+
+# 10. A database locked by another process at start, or replaced while locked.
+
+HOLD_EXCLUSIVE = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+                  "fcntl.lockf(fd, fcntl.LOCK_EX); print('held', flush=True); "
+                  "time.sleep(float(sys.argv[2]))")
+
+
+def hold_exclusive(path: pathlib.Path, seconds: float) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_EXCLUSIVE, str(path), str(seconds)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def release(holder: subprocess.Popen) -> None:
+    holder.kill()
+    holder.wait(timeout=10)
+    holder.stdout.close()
+
+
+def test_greylistd_started_while_another_process_holds_the_lock_serves_fail_open(site):
+    # The trial commit at open found the lock busy and failed on its own
+    # message (NameError): greylistd exited 1 with a traceback.
+    from greylist.stores.lmdbenv import Environment
+    made = Environment(str(site / "db"))
+    made.open()
+    made.close()
+    holder = hold_exclusive(site / "db.lmdb", 60)
+    try:
+        with daemons.start(site, "greylist_lock_timeout = 300ms\n") as daemon:
+            with daemon.connect() as held:
+                assert exchange(held, triple_request(1)) == "DUNNO"
+            assert daemon.alive()
+            found = warnings(daemon.log())
+            assert found and all("locked by another process" in line for line in found), found
+            release(holder)
+            # The file is used again once the lock is free (after the
+            # reopen delay): greylisting resumes without a restart.
+            assert wait_for(lambda: daemon.ask(triple_request(2)).startswith(
+                b"action=DEFER_IF_PERMIT"), timeout=30, interval=0.5)
+            assert daemon.stop() == 0
+            assert_clean(daemon)
+    finally:
+        if holder.poll() is None:
+            release(holder)
+
+
+def test_reopening_a_replaced_database_never_holds_up_the_other_connections(site):
+    # The event loop's reads reopened a replaced file themselves, with the
+    # lock wait and the trial commit of an open: every connection waited.
+    with daemons.start(site, "greylist_delay = 1h\n") as daemon:
+        first, other = daemon.connect(), daemon.connect()
+        with first, other:
+            assert exchange(first, triple_request(1)).startswith(DEFER_NEW)
+            db = daemon.database.with_suffix(".lmdb")
+            shutil.copy(db, str(db) + ".new")
+            holder = hold_exclusive(pathlib.Path(str(db) + ".new"), 60)
+            try:
+                os.rename(str(db) + ".new", db)   # restored from a copy, a new inode
+                time.sleep(1.5)                   # past the same-file check interval
+                first.sendall(triple_request(2))  # this one reopens, and waits
+                time.sleep(0.3)
+                began = time.monotonic()
+                data = request("192.0.2.1", "x@example.org", "y@example.net", state="DATA")
+                assert exchange(other, data) == "DUNNO"
+                assert time.monotonic() - began < 0.5
+                assert REPLY.fullmatch(read_reply(first, timeout=30))
+            finally:
+                release(holder)
+        assert daemon.stop() == 0
+        assert_clean(daemon)

@@ -129,12 +129,23 @@ class Environment:
     def try_read(self, body: Callable[[lmdb.Environment], T]) -> tuple[bool, T | None]:
         """Run a read body now if nobody is in the way: (True, result), or
         (False, None) when another thread of this process is in a
-        transaction or another process holds an exclusive lock. Never
-        waits (greylistd's event loop reads known records so)."""
+        transaction, another process holds an exclusive lock, or the file
+        is not open or was replaced (opening is the store thread's, with
+        its lock waits and trial commit). Never waits (greylistd's event
+        loop reads known records so)."""
         if not self._mutex.acquire(blocking=False):
             return False, None
         try:
-            env = self._open(SHARED)
+            env = self._env
+            if env is None:
+                # Opening waits (directory checks, a lock, the trial commit
+                # in a child): for the store thread, never the event loop.
+                return False, None
+            now = time.monotonic()
+            if now >= self._checked_at + self.same_file_interval_s:
+                if not self._same_file():
+                    return False, None   # Replaced: the store thread reopens.
+                self._checked_at = now
             try:
                 try:
                     lock(self.fd, SHARED, wait=False)
@@ -185,7 +196,14 @@ class Environment:
             env, fd = self._open_files()
             if self.write_check:
                 from greylist.stores.writecheck import trial
-                problem = trial(self.path, env, fd, self.lock_timeout_s or 2.0)[0]
+                try:
+                    problem = trial(self.path, env, fd, self.lock_timeout_s or 2.0)[0]
+                except OSError as exc:   # No pipe or fork: as good as failed.
+                    problem = "%s: no trial write: %s" % (self.path, exc.strerror)
+                except BaseException:
+                    env.close()
+                    os.close(fd)
+                    raise
                 if problem is not None:
                     env.close()
                     os.close(fd)

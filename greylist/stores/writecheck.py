@@ -58,13 +58,14 @@ def trial(path: str, env: lmdb.Environment, fd: int, lock_timeout_s: float,
         _child(path, env, fd, lock_timeout_s, read_all, write_end)
     os.close(write_end)
     try:
-        return _outcome(path, pid, lock_timeout_s + (CHECK_S if read_all else TRIAL_S),
-                        read_end)
+        return _outcome(path, pid, lock_timeout_s,
+                        lock_timeout_s + (CHECK_S if read_all else TRIAL_S), read_end)
     finally:
         os.close(read_end)
 
 
-def _outcome(path: str, pid: int, limit_s: float, read_end: int) -> tuple[str | None, int]:
+def _outcome(path: str, pid: int, lock_timeout_s: float, limit_s: float,
+             read_end: int) -> tuple[str | None, int]:
     deadline = time.monotonic() + limit_s
     pause = 0.001
     while True:
