@@ -191,6 +191,51 @@ def test_sighup_reloads_settings_and_whitelists_without_dropping_connections(sit
         assert_clean(daemon)
 
 
+def postscreen_table(site: pathlib.Path) -> list[str]:
+    """The addresses in the postscreen table (db-postscreen), read-only."""
+    import lmdb
+    path = site / "db-postscreen.lmdb"
+    if not path.exists():
+        return []
+    env = lmdb.open(str(path), subdir=False, lock=False, readonly=True)
+    try:
+        with env.begin() as txn:
+            return [key.rstrip(b"\0").decode() for key, _ in txn.cursor()]
+    finally:
+        env.close()
+
+
+def test_after_sighup_the_policy_service_still_writes_the_postscreen_table(site):
+    # The reload built the new policy service without the postscreen
+    # table: clients that earned the auto-whitelist afterwards were never
+    # exported to postscreen_access_list, silently.
+    def earn(sock, client):
+        asked = request(client, "a@example.org", "b@example.net")
+        assert exchange(sock, asked).startswith(DEFER_NEW)
+        time.sleep(1.2)
+        assert exchange(sock, asked) == "DUNNO"
+
+    extra = "greylist_delay = 1s\ngreylist_client_awl_passes = 1\n"
+    with daemons.start(site, extra) as daemon:
+        with daemon.connect() as sock:
+            earn(sock, "192.0.2.10")
+            assert wait_for(lambda: "192.0.2.10" in postscreen_table(site))
+            # Start-only settings that a reload cannot apply are named.
+            daemon.settings_path.write_text(
+                daemon.settings_path.read_text()
+                + "greylist_log = %s/other.log\ngreylist_commit_batch = 7\n" % site)
+            os.kill(daemon.pid, signal.SIGHUP)
+            assert wait_for(lambda: log_lines(daemon, "reload: settings and whitelists"))
+            restart = log_lines(daemon, "needs a restart")
+            assert len(restart) == 1, restart
+            assert "log, commit_batch changed" in restart[0], restart
+            earn(sock, "203.0.113.20")
+            assert wait_for(lambda: "203.0.113.20" in postscreen_table(site))
+        assert not (site / "other.log").exists()
+        assert daemon.stop() == 0
+        assert_clean(daemon)
+
+
 # 2. SIGTERM with requests in flight.
 
 class Sender(threading.Thread):

@@ -80,8 +80,10 @@ CLEANUP_TICK_S = 1.0
 # Settings that a reload does not change: they need a restart.
 RESTART_ONLY = ("database", "policy_listen", "metrics_listen", "socketmap_listen",
                 "outbound_listen", "postscreen_listen", "socket_mode", "socket_group",
-                "user", "privacy", "secret_file", "client_table", "correspondent_table",
-                "postscreen_table")
+                "user", "allow_root", "privacy", "secret_file", "client_table",
+                "correspondent_table", "postscreen_table", "cleanup_state", "log",
+                "log_hostname", "commit_batch", "lock_timeout_ms", "redis_timeout_ms",
+                "redis_password_file")
 # Service names of listeners (LISTEN_FDNAMES), and their settings.
 SERVICES = (("policy", "policy_listen"), ("socketmap", "socketmap_listen"),
             ("outbound", "outbound_listen"), ("postscreen", "postscreen_listen"),
@@ -318,7 +320,8 @@ class Daemon:
         service = PolicyService(type(current.handler)(cfg, current.handler.host),
                                 current.store, current.table,
                                 Whitelists(cfg, self.log.warning), self.log, current.clock,
-                                current.cleaner, current.warning_interval_s)
+                                current.cleaner, current.warning_interval_s,
+                                current.postscreen)
         server.reconfigure(service, cfg)
         for other in self.servers[1:]:
             other.reconfigure(self._renewed(other.service, cfg), cfg)
