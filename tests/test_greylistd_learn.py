@@ -4,6 +4,7 @@ the outbound policy, many connections at once, and bad input."""
 import socket
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -44,16 +45,38 @@ def receive(sock: socket.socket, size: int) -> bytes:
     return data
 
 
+def wait_for_log(learner, text: str, timeout: float = 10) -> bool:
+    """Whether text is in the learner's log within timeout (its lines
+    follow the reply: the write is committed first)."""
+    deadline = time.monotonic() + timeout
+    while text not in learner.log():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def test_postmap_queries_the_daemon_and_then_reads_what_it_learned(learner, tmp_path, postmap):
+    # Each postmap -q is a connection of its own: a recipient with no
+    # sender looked up before it (as for the null sender) teaches nothing.
     result = subprocess.run([postmap, "-q", "Bob+Tag@Remote.TEST",
                              "socketmap:unix:%s:rcpt" % (tmp_path / "learn")],
                             capture_output=True, text=True, timeout=30)
     assert (result.returncode, result.stdout) == (1, "")
-    result = subprocess.run([postmap, "-q", "bob@remote.test",
-                             "lmdb:%s-correspondents" % learner.database],
+    table = "lmdb:%s-correspondents" % learner.database
+    result = subprocess.run([postmap, "-q", "bob@remote.test", table],
+                            capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout) == (1, "")
+    # A sender, then the recipient, on one connection: learned, and
+    # postmap reads the table.
+    with connect(tmp_path / "learn") as sock:
+        for lookup in ("sender alice@example.com", "rcpt Bob+Tag@Remote.TEST"):
+            sock.sendall(netstring(lookup))
+            assert receive(sock, 12) == b"9:NOTFOUND ,"
+    assert wait_for_log(learner, "learn: correspondent=Bob+Tag@Remote.TEST new")
+    result = subprocess.run([postmap, "-q", "bob@remote.test", table],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and result.stdout.strip().isdigit()
-    assert "learn: correspondent=Bob+Tag@Remote.TEST new" in learner.log()
 
 
 def test_a_framing_error_closes_only_its_own_connection(learner, tmp_path):

@@ -127,9 +127,29 @@ def test_each_recipient_is_paired_with_the_sender_looked_up_before_it():
 
 
 def test_the_table_is_learned_when_there_is_one(cfg):
-    handler = SocketmapHandler(cfg)
-    found, _ = handler.lookup("rcpt", "Bob@Remote.test", SocketmapSession(), T)
-    assert [(plan.store, plan.key) for plan in found] == [("table", b"bob@remote.test")]
+    handler, session = SocketmapHandler(cfg), SocketmapSession()
+    handler.lookup("sender", "alice@example.com", session, T)
+    found, _ = handler.lookup("rcpt", "Bob@Remote.test", session, T)
+    assert [(plan.store, plan.key) for plan in found] == [
+        ("table", b"bob@remote.test"), ("database", b"@alice@example.com/bob@remote.test")]
+
+
+def test_a_null_sender_message_teaches_nothing_not_even_the_table(cfg):
+    # A vacation reply (Sieve, through pickup and cleanup-out) to spam goes
+    # to the spam's envelope sender: learned into the correspondent table,
+    # that address would skip greylisting for every local user. And a
+    # reply to a colleague would teach a local address that spam forges.
+    handler = SocketmapHandler(cfg._replace(local_domains=()))   # the default
+    session = SocketmapSession()
+    handler.lookup("sender", "alice@example.com", session, T)
+    handler.lookup("rcpt", "bob@remote.test", session, T)
+    handler.lookup("header", "Subject: hello", session, T)
+    for address in ("spammer@spam.test", "carol@example.com"):
+        assert handler.lookup("rcpt", address, session, T) == (
+            [], "not learning %s: no sender lookup for this message (the null sender, "
+                "or a recipient from its headers)" % address)
+    # A lookup without any sender before it, as on a fresh connection.
+    assert handler.lookup("rcpt", "spammer@spam.test", SocketmapSession(), T)[0] == []
 
 
 def test_a_sender_is_forgotten_after_its_time():
@@ -224,6 +244,16 @@ def test_unauthenticated_mail_teaches_nothing_unless_allowed():
     assert outbound(messages) == []
     assert outbound(messages, CFG._replace(outbound_require_sasl=False)) == [
         b"@alice@example.com/bob@remote.test"]
+
+
+def test_an_outbound_message_with_the_null_sender_teaches_nothing(cfg):
+    # An authenticated client's MAIL FROM:<> (an auto-reply it sends).
+    handler, session = OutboundHandler(cfg), OutboundSession()
+    assert handler.request(request("RCPT", sender="", recipient="spammer@spam.test"),
+                           session, T) == ([], None)
+    assert handler.request(request("END-OF-MESSAGE", sender="", recipient="spammer@spam.test",
+                                   recipient_count="1"), session, T) == (
+        [], "not learning message 1a: the null sender")
 
 
 def test_an_outbound_request_of_another_kind_is_a_protocol_error():
@@ -424,7 +454,8 @@ def test_a_broken_database_still_gets_notfound(settings, cfg):
 
 
 def test_memory_stays_bounded_under_a_stream_of_lookups(settings, cfg):
-    data = b"".join(netstring("rcpt user%d@remote%d.test" % (n, n % 7)) for n in range(3000))
+    data = netstring("sender alice@example.com") + b"".join(
+        netstring("rcpt user%d@remote%d.test" % (n, n % 7)) for n in range(3000))
     code = ("import resource, subprocess, sys\n"
             "p = subprocess.run([sys.executable, '-m', 'greylist.cli.socketmap', '-c', %r],"
             " input=sys.stdin.buffer.read(), capture_output=True)\n"
@@ -433,7 +464,7 @@ def test_memory_stays_bounded_under_a_stream_of_lookups(settings, cfg):
     result = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True,
                             timeout=120, env=dict(os.environ, PYTHONPATH=os.getcwd()))
     status, length, rss_kb = result.stdout.split()
-    assert (int(status), int(length)) == (0, 3000 * 12)
+    assert (int(status), int(length)) == (0, 3001 * 12)
     assert int(rss_kb) < 60 * 1024
     assert LmdbStore(cfg.correspondent_table).info()["entries"] == 3000
 

@@ -25,9 +25,12 @@ DESCRIPTION
     greylist_socketmap_header_name), which cleanup makes for each header
     line after the envelope: the first one forgets the sender. Without
     that hook, a sender is forgotten SENDER_TTL_S after it was looked
-    up. Recipients that cleanup extracts from headers (sendmail -t) come
-    after the headers: they are learned, but not paired. Other map names
-    get "NOTFOUND " and one warning per name.
+    up. A recipient with no sender to pair it with teaches nothing, not
+    even the correspondent table: it is the null sender's (an auto-reply
+    to a spammer's forged return path would otherwise let that address
+    skip greylisting for everyone), or one that cleanup extracted from
+    the headers (sendmail -t), which come after the header lookups.
+    Other map names get "NOTFOUND " and one warning per name.
 
     OutboundHandler serves the policy service of the submission smtpd
     (check_policy_service { unix:private/greylist-out,
@@ -39,7 +42,8 @@ DESCRIPTION
     that a later restriction rejected is never learned, and a message
     rejected after RCPT, which never reaches END-OF-MESSAGE, teaches
     nothing. Unless greylist_outbound_require_sasl = no, only mail with
-    a sasl_username is learned. The local sender is the envelope sender.
+    a sasl_username is learned. The local sender is the envelope sender;
+    a message with the null sender teaches nothing.
 
 DIAGNOSTICS
     ProtocolError for a policy request that is not smtpd_access_policy.
@@ -96,7 +100,12 @@ class OutboundSession:
 
 def plans(sender: str | None, correspondent: str, now: int, cfg: Config) -> list[Plan]:
     """The plans that learn correspondent (already screened) for sender."""
-    if sender is not None and _domain(sender) == _domain(correspondent):
+    if sender is None:
+        # Mail without a sender (auto-replies, read receipts, Sieve
+        # rejects) is software answering whatever came in, spam included:
+        # nothing a user chose to write to.
+        return []
+    if _domain(sender) == _domain(correspondent):
         # Mail within the sender's own domain says nothing about outside
         # senders, and a pair learned from it would pass a forged local
         # sender: never learned, even when greylist_local_domains is empty.
@@ -108,7 +117,7 @@ def plans(sender: str | None, correspondent: str, now: int, cfg: Config) -> list
                           "correspondent=%s" % correspondent))
     # The local sender may be in a local domain (it usually is), but it
     # must be a plausible address and no automatic sender.
-    if sender is not None and correspondents.screen(sender, cfg) in (
+    if correspondents.screen(sender, cfg) in (
             None, correspondents.LOCAL_DOMAIN):
         found.append(Plan(DATABASE, correspondents.pair(sender, correspondent, cfg),
                           correspondents.pair_change(now, cfg),
@@ -145,6 +154,9 @@ class SocketmapHandler:
             sender = session.sender
             if sender is not None and not 0 <= now - session.sender_at <= SENDER_TTL_S:
                 sender = session.sender = None
+            if sender is None:
+                return [], ("not learning %s: no sender lookup for this message (the "
+                            "null sender, or a recipient from its headers)" % _shown(key))
             return plans(sender, key, now, cfg), None
         if name in (cfg.socketmap_postscreen_name, cfg.socketmap_clients_name,
                     cfg.socketmap_correspondents_name):
@@ -220,6 +232,8 @@ class OutboundHandler:
             return [], ("not learning message %s: %d recipients seen at RCPT, "
                         "recipient_count=%s" % (_shown(instance or ""), len(recipients),
                                                 _shown(count)))
+        if sender is None:
+            return [], "not learning message %s: the null sender" % _shown(instance or "")
         found: list[Plan] = []
         skipped = []
         for recipient in dict.fromkeys(recipients):
