@@ -116,6 +116,35 @@ def log_problems(target: str) -> list[str]:
     return []
 
 
+# SET ... EXAT, in every write, came with Redis 6.2 (Valkey reports 7.2).
+MIN_REDIS = (6, 2)
+
+
+def _redis_version(info) -> tuple[int, ...] | None:
+    """The redis_version of an INFO server reply (as redis-py parses it, a
+    dict, or the raw text), or None."""
+    if isinstance(info, dict):
+        info = "redis_version:%s" % info.get("redis_version", "")
+    text = info.decode("ascii", "replace") if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        if line.startswith("redis_version:"):
+            parts = line.partition(":")[2].strip().split(".")[:3]
+            if parts and all(part.isdigit() and len(part) <= 6 for part in parts):
+                return tuple(int(part) for part in parts)
+    return None
+
+
+def _info_server(connection) -> bytes:
+    """INFO server, or b"" where it is refused (an ACL without INFO, which
+    greylist does not need): outside Connection.call, so that a refusal
+    does not start the back-off of the checks after it."""
+    import redis
+    try:
+        return connection.client().execute_command("INFO", "server")
+    except (redis.exceptions.RedisError, OSError):
+        return b""
+
+
 def redis_problems(cfg: Config) -> tuple[list[str], list[str]]:
     """Why a run could not use the Redis database, and notes."""
     from greylist.stores.base import StoreError
@@ -126,6 +155,10 @@ def redis_problems(cfg: Config) -> tuple[list[str], list[str]]:
     store = RedisStore(connection, "db")
     try:
         store.get_many([b"greylist-check"])
+        version = _redis_version(_info_server(connection))
+        if version is not None and version < MIN_REDIS:
+            return ["greylist_database: Redis %s; greylist needs %d.%d or later (its "
+                    "writes use SET EXAT)" % (".".join(map(str, version)), *MIN_REDIS)], notes
         connection.compare_and_set([], {}, {})
         if not connection.scripting:
             # What writes use instead: allowed too?

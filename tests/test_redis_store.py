@@ -769,6 +769,84 @@ def test_a_sentinel_failover_is_followed(sentinels, short_dir, greylist):
         replica.close()
 
 
+def test_one_sentinel_that_does_not_answer_costs_one_timeout_not_seconds(sentinels):
+    # Found in review: the sentinels' connections had redis-py's default
+    # retries (ten, with pauses up to 1 s): a master lookup with one
+    # sentinel stopped took 3 to 15 s, in every new spawn(8) process and
+    # at every reconnect, and greylistd's store thread with it.
+    from greylist.stores.redisstore import Connection, RedisStore
+    first = sentinels.sentinels[0]
+    first.pause()
+    try:
+        store = RedisStore(Connection(sentinels.url, timeout_s=TIMEOUT_MS / 1000), "db")
+        began = time.monotonic()
+        assert store.get_many([b"k"]) == [None]   # the next sentinel answered
+        took = time.monotonic() - began
+        store.close()
+    finally:
+        first.resume()
+    assert took < TIMEOUT_MS / 1000 + REPLY_BOUND_S, took
+
+
+def test_items_walks_the_table_page_by_page(server):
+    # Found in review: items() (greylistctl dump, stats, whitelist list)
+    # read the whole table into one list before it yielded the first pair.
+    from greylist.stores.privacy import HashedKeys
+    from greylist.stores.redisstore import Connection, RedisStore
+    store = RedisStore(Connection(server.unix_url, timeout_s=5.0), "db")
+    admin = server.client()
+    try:
+        names = [store.stored(b"c%d/s@example.org/r@example.net" % i) for i in range(20000)]
+        for start in range(0, len(names), 5000):
+            admin.mset({name: b"1:1:1:1:passed" for name in names[start:start + 5000]})
+        admin.config_resetstat()
+        walk = iter(store.items(batch=1000))
+        next(walk)
+        assert admin.info("commandstats")["cmdstat_mget"]["calls"] <= 2
+        assert 1 + sum(1 for _ in walk) >= 20000
+        # In privacy mode too: one SCAN of the table, not one per page.
+        admin.config_resetstat()
+        keyed = HashedKeys(store, "/nonexistent/secret")   # items() needs no hashing
+        assert sum(1 for _ in keyed.items(1000)) >= 20000
+        assert admin.info("commandstats")["cmdstat_scan"]["calls"] <= 3 * 20000 // 1000
+    finally:
+        admin.close()
+        store.close()
+
+
+def test_a_database_url_with_a_password_is_refused_without_the_password(tmp_path):
+    # Found in review: redis://user:password@host was taken for a host
+    # named "user:password@host", and the password was in every warning.
+    from greylist.config import ConfigError
+    for url in ("redis://default:s3cret-pw@127.0.0.1:6379/0",
+                "redis-sentinel://:s3cret-pw@127.0.0.1:26379/mymaster"):
+        settings = tmp_path / "greylist.cf"
+        settings.write_text("greylist_database = %s\n" % url)
+        with pytest.raises(ConfigError) as refused:
+            load(str(settings), {})
+        assert "s3cret-pw" not in str(refused.value), refused.value
+        assert "greylist_redis_password_file" in str(refused.value), refused.value
+
+
+def test_check_reads_the_server_version():
+    from greylist.check import MIN_REDIS, _redis_version
+    assert MIN_REDIS == (6, 2)   # SET EXAT
+    assert _redis_version(b"# Server\r\nredis_version:7.0.15\r\nos:Linux\r\n") == (7, 0, 15)
+    assert _redis_version(b"redis_version:6.0.16\r\n") < MIN_REDIS
+    assert _redis_version(b"") is None and _redis_version("redis_version:x.y") is None
+    assert _redis_version({"redis_version": "7.2.4", "valkey_version": "8.0.1"}) == (7, 2, 4)
+
+
+def test_check_finds_the_version_of_a_real_server(server):
+    from greylist.check import MIN_REDIS, _info_server, _redis_version
+    from greylist.stores.redisstore import Connection
+    connection = Connection(server.unix_url, 1.0)
+    try:
+        assert _redis_version(_info_server(connection)) >= MIN_REDIS
+    finally:
+        connection.close()
+
+
 def password_file(directory: pathlib.Path, text: str, mode: int = 0o600) -> str:
     path = directory / ("password-%d" % len(list(directory.glob("password-*"))))
     path.write_text(text + "\n")

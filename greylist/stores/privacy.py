@@ -144,6 +144,10 @@ class HashedKeys(Store):
         # Stored keys are hashes already: the cursor is one of them.
         return self.store.scan(after, limit)
 
+    def items(self, batch: int = 100):
+        # The store's own walk (on Redis one SCAN, not one per page).
+        return self.store.items(batch)
+
     def delete_if(self, keys: list[bytes],
                   doomed: Callable[[bytes, bytes | None], bool]) -> int:
         return self.store.delete_if([self.hash(k) for k in keys], doomed)

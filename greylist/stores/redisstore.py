@@ -135,6 +135,14 @@ def parse_url(url: str) -> dict:
         if not path.startswith("/"):
             raise RedisError("%s: the socket must be an absolute path" % url)
         return {"unix": path}
+    if "@" in url.partition("://")[2].partition("/")[0]:
+        # redis://user:password@host: the usual form elsewhere; here the
+        # password belongs in a file only the run's user can read, and the
+        # URL is logged with every failure.
+        scheme, _, rest = url.partition("://")
+        raise RedisError("%s://...@%s: a user or password in the URL is not used; put "
+                         "them in greylist_redis_password_file"
+                         % (scheme, rest.rpartition("@")[2]))
     if url.startswith("redis://"):
         rest = url[len("redis://"):]
         where, _, db = rest.partition("/")
@@ -241,8 +249,13 @@ class Connection:
         where = self.where
         if "sentinels" in where:
             from redis.sentinel import Sentinel
-            sentinel = Sentinel(where["sentinels"], socket_timeout=self.timeout_s,
-                                socket_connect_timeout=self.timeout_s)
+            # The sentinels' own connections get no retries either
+            # (redis-py's default retries each one ten times, with pauses:
+            # seconds for one sentinel that is down). A master lookup
+            # still asks them in turn: at most one timeout per sentinel.
+            sentinel = Sentinel(where["sentinels"], sentinel_kwargs={
+                "socket_timeout": self.timeout_s, "socket_connect_timeout": self.timeout_s,
+                "retry": Retry(NoBackoff(), 0), "health_check_interval": 0})
             return sentinel.master_for(where["master"], **options)
         if "unix" in where:
             return redis.Redis(unix_socket_path=where["unix"], **options)
@@ -576,19 +589,21 @@ class RedisStore(Store):
         return self.connection.call(body)
 
     def items(self, batch: int = 1000):
-        """All pairs, in no particular order: one SCAN of the table."""
-        def body(client):
-            found = []
-            names = []
-            for name in client.scan_iter(match=self.prefix + b"*", count=batch):
-                names.append(name)
-                if len(names) >= batch:
-                    found.extend(zip(names, client.mget(names)))
-                    names = []
+        """All pairs, in no particular order: one SCAN of the table, page
+        by page (a SCAN and an MGET each), so that memory does not grow
+        with the table. A key that SCAN returns twice (the table was
+        rehashed meanwhile) is yielded twice."""
+        match, cursor = self.prefix + b"*", 0
+        while True:
+            cursor, names = self.connection.call(
+                lambda client: client.scan(cursor, match=match, count=batch))
             if names:
-                found.extend(zip(names, client.mget(names)))
-            return [(self.key(name), value) for name, value in found if value is not None]
-        yield from self.connection.call(body)
+                values = self.connection.call(lambda client: client.mget(names))
+                for name, value in zip(names, values):
+                    if value is not None:
+                        yield self.key(name), value
+            if not cursor:
+                return
 
     def delete_if(self, keys: list[bytes],
                   doomed: Callable[[bytes, bytes | None], bool]) -> int:
