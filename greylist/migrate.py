@@ -30,12 +30,19 @@ DESCRIPTION
     temporary directory (never through a symlink, regular files only,
     at most MAX_COPY_BYTES), recover() runs db_recover there (a postgrey
     that was killed leaves its last changes in the log only: db_dump of
-    its postgrey.db alone shows none of them), and dump() runs db_dump
+    its postgrey.db alone shows none of them) after check_log() read the
+    logs with db_printlog: a log names the files that a replay creates
+    and writes, absolute names too, so whoever controls postgrey's
+    directory could otherwise have greylistctl (root, for a dry run)
+    write files anywhere; a log that names any file but postgrey's own
+    (postgrey.db, postgrey_clients.db, Berkeley DB's __db.N.N names for
+    a database being created, all in the environment's directory) is
+    not replayed, and the import stops. dump() runs db_dump
     on the copy, without a shell, for at most TOOL_TIMEOUT_S seconds and
     MAX_DUMP_BYTES of output. parse_dump() reads db_dump's output (both
     its formats, bytevalue and -p print). The tools are looked up on
-    PATH as db_dump or db5.3_dump, db_recover or db5.3_recover (Debian's
-    db-util).
+    PATH as db_dump or db5.3_dump, db_recover or db5.3_recover,
+    db_printlog or db5.3_printlog (Debian's db-util).
 
     map_triple() and map_client() turn postgrey's records into greylist's
     (pure); import_postgrey() writes them through the store interface,
@@ -124,6 +131,12 @@ TRIPLES = "postgrey.db"
 CLIENTS = "postgrey_clients.db"
 DUMP_TOOLS = ("db_dump", "db5.3_dump")
 RECOVER_TOOLS = ("db_recover", "db5.3_recover")
+PRINTLOG_TOOLS = ("db_printlog", "db5.3_printlog")
+# db_printlog's lines of a file name ("\tname: len:  12 data: postgrey.db\\0")
+# and the names postgrey's own environment logs.
+_LOGGED_NAME = re.compile(r"\t(\w*name): (.*)")
+_LOGGED_DATA = re.compile(r"len:\s+([0-9]+)(?: data: (.*))?")
+_OWN_NAME = re.compile(r"(?:postgrey|postgrey_clients)\.db|__db\.[0-9a-f]{1,8}\.[0-9a-f]{1,8}")
 _LOG_FILE = re.compile(r"log\.[0-9]{10}")
 
 
@@ -291,8 +304,52 @@ def _drain(proc: subprocess.Popen, out: int, tool: str, deadline: float,
         raise MigrateError("%s ran for more than %g s; stopped" % (tool, timeout_s)) from None
 
 
-def recover(staged: str, tool: str | None = None, timeout_s: float = TOOL_TIMEOUT_S) -> None:
-    """Run db_recover in the staged copy (its logs into its files)."""
+def foreign_names(printed: IO[bytes]) -> list[str]:
+    """The file names in db_printlog output that are not postgrey's own
+    (see check_log), at most three."""
+    found: list[str] = []
+    for raw in printed:
+        match = _LOGGED_NAME.fullmatch(raw.decode("utf-8", "replace").rstrip("\n"))
+        if match is None or match.group(1) == "appname":
+            continue
+        field, value = match.groups()
+        data = _LOGGED_DATA.fullmatch(value)
+        if data is None:
+            bad = value
+        elif field == "dirname":
+            bad = None if data.group(1) == "0" else value
+        else:
+            name = (data.group(2) or "").removesuffix("\\0")
+            bad = None if _OWN_NAME.fullmatch(name) else name
+        if bad is not None and bad not in found:
+            found.append(bad[:100])
+            if len(found) == 3:
+                break
+    return found
+
+
+def check_log(staged: str, tool: str | None = None,
+              timeout_s: float = TOOL_TIMEOUT_S) -> None:
+    """MigrateError unless every file that the staged logs name is
+    postgrey's own, in the environment's directory (db_printlog)."""
+    if not any(_LOG_FILE.fullmatch(name) for name in os.listdir(staged)):
+        return
+    out = os.path.join(staged, "log.printed")
+    run_tool([tool or find_tool(PRINTLOG_TOOLS), "-h", staged], out, timeout_s)
+    with open(out, "rb") as printed:
+        foreign = foreign_names(printed)
+    os.unlink(out)
+    if foreign:
+        raise MigrateError("postgrey's transaction log names files that are not postgrey's "
+                           "(%s): it is not replayed, nothing is imported; check who can "
+                           "write postgrey's directory" % ", ".join(map(repr, foreign)))
+
+
+def recover(staged: str, tool: str | None = None, timeout_s: float = TOOL_TIMEOUT_S,
+            printlog: str | None = None) -> None:
+    """Run db_recover in the staged copy (its logs into its files), once
+    check_log() found only postgrey's own files named in them."""
+    check_log(staged, printlog, timeout_s)
     run_tool([tool or find_tool(RECOVER_TOOLS), "-h", staged], None, timeout_s)
 
 

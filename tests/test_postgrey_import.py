@@ -35,7 +35,7 @@ NOW = int(time.time())
 def tools_reason() -> str | None:
     if not os.path.exists(POSTGREY):
         return "postgrey is not installed (Debian: postgrey)"
-    for names in (migrate.DUMP_TOOLS, migrate.RECOVER_TOOLS):
+    for names in (migrate.DUMP_TOOLS, migrate.RECOVER_TOOLS, migrate.PRINTLOG_TOOLS):
         try:
             migrate.find_tool(names)
         except migrate.MigrateError as exc:
@@ -577,3 +577,44 @@ def test_import_into_a_redis_database(pgdir):
         if server is not None:
             server.stop()
         shutil.rmtree(top, ignore_errors=True)
+
+
+# A transactional environment like postgrey's, with one more database at
+# an absolute name, its changes in the log only (the process ends without
+# closing it, as when postgrey is killed).
+FORGED_LOG = r"""
+use strict;
+use BerkeleyDB;
+my ($home, $target) = @ARGV;
+my $env = BerkeleyDB::Env->new(-Home => $home, -Flags => DB_CREATE | DB_INIT_TXN
+    | DB_INIT_LOG | DB_INIT_LOCK | DB_INIT_MPOOL) or die "env: $BerkeleyDB::Error";
+my $db = BerkeleyDB::Btree->new(-Filename => "postgrey.db", -Env => $env,
+    -Flags => DB_CREATE | DB_AUTO_COMMIT) or die "db: $BerkeleyDB::Error";
+my $evil = BerkeleyDB::Btree->new(-Filename => $target, -Env => $env,
+    -Flags => DB_CREATE | DB_AUTO_COMMIT) or die "evil: $BerkeleyDB::Error";
+$evil->db_put("x", "\n* * * * * root touch /tmp/owned\n") == 0 or die "put";
+$db->db_put("192.0.2.0/a\@example.org/b\@example.net", "1,2") == 0 or die "put";
+$env->txn_checkpoint(0, 0, 0) if 0;
+POSIX::_exit(0);
+"""
+
+
+def test_a_log_that_names_files_outside_postgreys_directory_is_not_replayed(site, pgdir):
+    # Found in review: db_recover replays the files a log names, absolute
+    # names too; whoever controls postgrey's directory could have
+    # greylistctl (root, for a dry run) create files anywhere.
+    require(tools_reason())
+    outside = pgdir.parent / "outside"
+    outside.mkdir()
+    done = subprocess.run(["perl", "-MPOSIX", "-e", FORGED_LOG, str(pgdir),
+                           str(outside / "evil.db")], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (outside / "evil.db").exists()
+    (outside / "evil.db").unlink()      # a replay would create it again
+    status, out = ctl(site, "import-postgrey", str(pgdir), "--dry-run")
+    assert status == 1, out
+    assert "postgrey's transaction log names files that are not postgrey's" in out, out
+    assert str(outside / "evil.db") in out, out
+    assert os.listdir(outside) == []
+    assert "import-postgrey from" in (site / "log").read_text()
