@@ -31,7 +31,9 @@ DESCRIPTION
     their level. A logging failure is never allowed to fail the service.
 """
 
+import errno
 import os
+import stat
 import syslog
 import time
 from typing import Callable
@@ -137,13 +139,38 @@ class Log:
                 pass
         self.close()
         # Never through a symbolic link (issue 15: root's greylistctl
-        # followed one): a link at the name loses the lines instead.
-        self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                           | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
-        st = os.fstat(self._fd)
+        # followed one): a link at the name loses the lines instead. Never
+        # a FIFO or device either (O_NONBLOCK: an open of a FIFO with no
+        # reader does not wait), which would hang root's commands.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self._path, flags)
+        except FileNotFoundError:
+            fd = os.open(self._path, flags | os.O_CREAT | os.O_EXCL, 0o640)
+            _give_to_directory_owner(fd, self._path)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file", self._path)
+        self._fd = fd
         self._file_id = (st.st_ino, st.st_dev)
         self._checked_at = now
         return self._fd
+
+
+def _give_to_directory_owner(fd: int, path: str) -> None:
+    """A log file that root just created in a directory of another user
+    (the greylist user's log directory) becomes that user's: a fatal
+    error at start, logged as root, must not leave a file that the
+    unprivileged processes can no longer write."""
+    if os.geteuid() != 0:
+        return
+    try:
+        st = os.stat(os.path.dirname(os.path.abspath(path)))
+        if st.st_uid != 0:
+            os.fchown(fd, st.st_uid, st.st_gid)
+    except OSError:
+        pass
 
 
 def to_stderr(line: str) -> None:
