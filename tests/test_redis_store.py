@@ -29,6 +29,7 @@ import pathlib
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -1263,3 +1264,25 @@ def test_check_logs_in_reads_and_runs_the_script_and_notes_refused_scripts(
         for user in ("full", "old", "reader"):
             admin.execute_command("ACL", "DELUSER", user)
         admin.close()
+
+
+def test_greylistctl_as_root_on_redis_becomes_greylist_user(short_dir):
+    # Found in review: on Redis greylistctl stayed root, and the privacy
+    # secret its first command created was root's: every greylist process
+    # (as greylist_user) then failed to read it. (The switch itself is
+    # greylistctl's, tested on LMDB; a process of this suite's Python,
+    # under /root, cannot import once it is nobody.)
+    import pwd
+    from greylist.cli.greylistctl import _policy_user
+    if os.geteuid() != 0:
+        pytest.skip("greylistctl switches users only as root")
+    nobody = pwd.getpwnam("nobody")
+    settings = short_dir / "greylist.cf"
+    base = "greylist_database = redis:unix:%s/redis.sock\n" % short_dir
+    settings.write_text(base + "greylist_user = nobody\n")
+    assert _policy_user(load(str(settings), {}), True) == (nobody.pw_uid, nobody.pw_gid)
+    settings.write_text(base + "greylist_user = no-such-user-here\n")
+    assert _policy_user(load(str(settings), {}), True) == \
+        "greylist_user no-such-user-here: no such user"
+    settings.write_text(base)
+    assert _policy_user(load(str(settings), {}), True) is None

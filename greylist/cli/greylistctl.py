@@ -223,8 +223,13 @@ def _policy_user(cfg, writes: bool) -> tuple[int, int] | str | None:
     can write) and refuses to change anything: files it created would be
     root's, and the policy processes could not write them (issue 15).
     """
-    if os.geteuid() != 0 or is_redis(cfg):
+    if os.geteuid() != 0:
         return None
+    if is_redis(cfg):
+        # No directory to own: greylist_user, when set, so that the
+        # privacy secret it may create is that user's (found in review:
+        # made as root, it failed every greylist process afterwards).
+        return _named_user(cfg) if cfg.user else None
     directory = os.path.dirname(os.path.abspath(cfg.database))
     try:
         st = os.stat(directory)
@@ -235,18 +240,22 @@ def _policy_user(cfg, writes: bool) -> tuple[int, int] | str | None:
     if cfg.allow_root:
         return None
     if cfg.user:
-        import pwd
-        try:
-            user = pwd.getpwnam(cfg.user)
-        except KeyError:
-            return "greylist_user %s: no such user" % cfg.user
-        return user.pw_uid, user.pw_gid
+        return _named_user(cfg)
     if not writes:
         return None
     return ("refusing to change the database in %s as root: the directory is root's, so "
             "the files created there would be root's and the policy processes could not "
             "write them; give the directory to the policy user (chown USER %s), set "
             "greylist_user, or run greylistctl as that user" % (directory, directory))
+
+
+def _named_user(cfg) -> tuple[int, int] | str:
+    import pwd
+    try:
+        user = pwd.getpwnam(cfg.user)
+    except KeyError:
+        return "greylist_user %s: no such user" % cfg.user
+    return user.pw_uid, user.pw_gid
 
 
 def _become(cfg, user: tuple[int, int] | None) -> None:
