@@ -139,16 +139,11 @@ class Environment:
         if not self._mutex.acquire(blocking=False):
             return False, None
         try:
-            env = self._env
+            env = self._still_open(SHARED)
             if env is None:
                 # Opening waits (directory checks, a lock, the trial commit
                 # in a child): for the store thread, never the event loop.
                 return False, None
-            now = time.monotonic()
-            if now >= self._checked_at + self.same_file_interval_s:
-                if not self._same_file():
-                    return False, None   # Replaced: the store thread reopens.
-                self._checked_at = now
             try:
                 try:
                     lock(self.fd, SHARED, wait=False)
@@ -179,13 +174,24 @@ class Environment:
                              "answering without the database"
                              % (self.path, self.lock_timeout_s)) from None
 
+    def _still_open(self, mode: int) -> lmdb.Environment | None:
+        """The open environment while it is the file at the path (for a
+        read looked at once per same_file_interval_s), else None."""
+        if self._env is None:
+            return None
+        now = time.monotonic()
+        if mode == SHARED and now < self._checked_at + self.same_file_interval_s:
+            return self._env
+        if self._same_file():
+            self._checked_at = now
+            return self._env
+        return None
+
     def _open(self, mode: int = EXCLUSIVE) -> lmdb.Environment:
+        env = self._still_open(mode)
+        if env is not None:
+            return env
         if self._env is not None:
-            if mode == SHARED and time.monotonic() < self._checked_at + self.same_file_interval_s:
-                return self._env
-            if self._same_file():
-                self._checked_at = time.monotonic()
-                return self._env
             # Deleted or replaced: Postfix daemons restart then (dict.c);
             # we reopen, so writes never go to a file nobody reads.
             self._close()
