@@ -98,13 +98,11 @@ class OutboundSession:
         self.recipients: list[str] = []
 
 
-def plans(sender: str | None, correspondent: str, now: int, cfg: Config) -> list[Plan]:
-    """The plans that learn correspondent (already screened) for sender."""
-    if sender is None:
-        # Mail without a sender (auto-replies, read receipts, Sieve
-        # rejects) is software answering whatever came in, spam included:
-        # nothing a user chose to write to.
-        return []
+def plans(sender: str, correspondent: str, now: int, cfg: Config) -> list[Plan]:
+    """The plans that learn correspondent (already screened) for sender.
+    The callers never learn from mail without a sender (auto-replies, read
+    receipts, Sieve rejects): software answering whatever came in, spam
+    included, not mail a user chose to write."""
     if _domain(sender) == _domain(correspondent):
         # Mail within the sender's own domain says nothing about outside
         # senders, and a pair learned from it would pass a forged local
