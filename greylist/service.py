@@ -20,6 +20,7 @@ DIAGNOSTICS
     DUNNO because an attribute was over the decoder's caps.
 """
 
+import copy
 import time
 from typing import Callable
 
@@ -59,6 +60,13 @@ class PolicyService:
         self.postscreen = postscreen   # the postscreen table, or None
         self._warned_at: float | None = None
         self._table_warned_at: float | None = None
+
+    def renewed(self, handler: PolicyHandler, whitelists: Whitelists) -> "PolicyService":
+        """This service with a new handler and whitelists (greylistd's
+        SIGHUP): the same stores, tables, cleaner, clock and warnings."""
+        new = copy.copy(self)
+        new.handler, new.cfg, new.whitelists = handler, handler.cfg, whitelists
+        return new
 
     def open_store(self) -> None:
         """Open the store now, so that a broken database is reported at start."""

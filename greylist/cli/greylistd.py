@@ -317,11 +317,8 @@ class Daemon:
         current = server.service
         if current.cleaner is not None:
             current.cleaner.cfg = cfg
-        service = PolicyService(type(current.handler)(cfg, current.handler.host),
-                                current.store, current.table,
-                                Whitelists(cfg, self.log.warning), self.log, current.clock,
-                                current.cleaner, current.warning_interval_s,
-                                current.postscreen)
+        service = current.renewed(type(current.handler)(cfg, current.handler.host),
+                                  Whitelists(cfg, self.log.warning))
         server.reconfigure(service, cfg)
         for other in self.servers[1:]:
             other.reconfigure(self._renewed(other.service, cfg), cfg)
