@@ -328,14 +328,13 @@ def foreign_names(printed: IO[bytes]) -> list[str]:
     return found
 
 
-def check_log(staged: str, tool: str | None = None,
-              timeout_s: float = TOOL_TIMEOUT_S) -> None:
+def check_log(staged: str, timeout_s: float = TOOL_TIMEOUT_S) -> None:
     """MigrateError unless every file that the staged logs name is
     postgrey's own, in the environment's directory (db_printlog)."""
     if not any(_LOG_FILE.fullmatch(name) for name in os.listdir(staged)):
         return
     out = os.path.join(staged, "log.printed")
-    run_tool([tool or find_tool(PRINTLOG_TOOLS), "-h", staged], out, timeout_s)
+    run_tool([find_tool(PRINTLOG_TOOLS), "-h", staged], out, timeout_s)
     with open(out, "rb") as printed:
         foreign = foreign_names(printed)
     os.unlink(out)
@@ -345,11 +344,10 @@ def check_log(staged: str, tool: str | None = None,
                            "write postgrey's directory" % ", ".join(map(repr, foreign)))
 
 
-def recover(staged: str, tool: str | None = None, timeout_s: float = TOOL_TIMEOUT_S,
-            printlog: str | None = None) -> None:
+def recover(staged: str, tool: str | None = None, timeout_s: float = TOOL_TIMEOUT_S) -> None:
     """Run db_recover in the staged copy (its logs into its files), once
     check_log() found only postgrey's own files named in them."""
-    check_log(staged, printlog, timeout_s)
+    check_log(staged, timeout_s)
     run_tool([tool or find_tool(RECOVER_TOOLS), "-h", staged], None, timeout_s)
 
 
