@@ -124,13 +124,14 @@ def _redis_version(info) -> tuple[int, ...] | None:
     """The redis_version of an INFO server reply (as redis-py parses it, a
     dict, or the raw text), or None."""
     if isinstance(info, dict):
-        info = "redis_version:%s" % info.get("redis_version", "")
-    text = info.decode("ascii", "replace") if isinstance(info, bytes) else str(info)
-    for line in text.splitlines():
-        if line.startswith("redis_version:"):
-            parts = line.partition(":")[2].strip().split(".")[:3]
-            if parts and all(part.isdigit() and len(part) <= 6 for part in parts):
-                return tuple(int(part) for part in parts)
+        value = str(info.get("redis_version", ""))
+    else:
+        text = info.decode("ascii", "replace") if isinstance(info, bytes) else str(info)
+        value = next((line.partition(":")[2].strip() for line in text.splitlines()
+                      if line.startswith("redis_version:")), "")
+    parts = value.split(".")[:3]
+    if all(part.isdigit() and len(part) <= 6 for part in parts):
+        return tuple(int(part) for part in parts)
     return None
 
 
