@@ -29,7 +29,8 @@ import pytest
 
 from tests import daemon as daemons
 from tests.conftest import require
-from tests.reliability import REPLY, request, triple, triple_request, warnings
+from tests.reliability import (REPLY, postmap_list, request, triple, triple_request,
+                               warnings)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # greylistd's DRAIN_S, and what a stop may take beyond it.
@@ -191,21 +192,15 @@ def test_sighup_reloads_settings_and_whitelists_without_dropping_connections(sit
         assert_clean(daemon)
 
 
-def postscreen_table(site: pathlib.Path) -> list[str]:
-    """The addresses in the postscreen table (db-postscreen), read-only."""
-    import lmdb
-    path = site / "db-postscreen.lmdb"
-    if not path.exists():
+def postscreen_table(site: pathlib.Path, postmap: str) -> list[str]:
+    """The addresses in the postscreen table (db-postscreen), as Postfix's
+    postmap reads them."""
+    if not (site / "db-postscreen.lmdb").exists():
         return []
-    env = lmdb.open(str(path), subdir=False, lock=False, readonly=True)
-    try:
-        with env.begin() as txn:
-            return [key.rstrip(b"\0").decode() for key, _ in txn.cursor()]
-    finally:
-        env.close()
+    return [key for key, _ in postmap_list(postmap, str(site / "db-postscreen"))]
 
 
-def test_after_sighup_the_policy_service_still_writes_the_postscreen_table(site):
+def test_after_sighup_the_policy_service_still_writes_the_postscreen_table(site, postmap):
     # The reload built the new policy service without the postscreen
     # table: clients that earned the auto-whitelist afterwards were never
     # exported to postscreen_access_list, silently.
@@ -219,7 +214,7 @@ def test_after_sighup_the_policy_service_still_writes_the_postscreen_table(site)
     with daemons.start(site, extra) as daemon:
         with daemon.connect() as sock:
             earn(sock, "192.0.2.10")
-            assert wait_for(lambda: "192.0.2.10" in postscreen_table(site))
+            assert wait_for(lambda: "192.0.2.10" in postscreen_table(site, postmap))
             # Start-only settings that a reload cannot apply are named.
             daemon.settings_path.write_text(
                 daemon.settings_path.read_text()
@@ -230,7 +225,7 @@ def test_after_sighup_the_policy_service_still_writes_the_postscreen_table(site)
             assert len(restart) == 1, restart
             assert "log, commit_batch changed" in restart[0], restart
             earn(sock, "203.0.113.20")
-            assert wait_for(lambda: "203.0.113.20" in postscreen_table(site))
+            assert wait_for(lambda: "203.0.113.20" in postscreen_table(site, postmap))
         assert not (site / "other.log").exists()
         assert daemon.stop() == 0
         assert_clean(daemon)
