@@ -6,7 +6,8 @@ DESCRIPTION
     asks for its postscreen map: each request's client address is
     checked (protocols/postscreen.py), the handler (handlers/postscreen.py)
     answers, reading the client's group record in one short read
-    transaction when it must, and the verdict is logged and sent. The
+    transaction when it must (and in pool and domain modes the address's
+    entry in the postscreen table after it), and the verdict is logged and sent. The
     database is opened with a lock budget of BUDGET_S: postscreen gives
     up after postscreen_policy_timeout and uses its default action, so a
     late answer is worse than "ignore", which is what a database that is
@@ -47,10 +48,12 @@ class PostscreenService:
 
     def __init__(self, handler: PostscreenHandler, store: Store, whitelists: Whitelists,
                  log: Log, clock: Callable[[], float] = time.time,
-                 warning_interval_s: float = STORE_WARNING_INTERVAL_S) -> None:
+                 warning_interval_s: float = STORE_WARNING_INTERVAL_S,
+                 table: Store | None = None) -> None:
         self.handler = handler
         self.cfg = handler.cfg
         self.store = store
+        self.table = table   # the postscreen table (handlers/postscreen.py)
         self.whitelists = whitelists
         self.log = log
         self.clock = clock
@@ -73,9 +76,14 @@ class PostscreenService:
         """The verdict for a canonical client address, logged."""
         now = int(self.clock())
         step = self.handler.prepare(address, now, self.whitelists.exemptions(now))
-        if isinstance(step, Lookup):
+        # At most two reads: the client records, then (pool and domain
+        # modes) the postscreen table's entry of the address.
+        while isinstance(step, Lookup):
+            store = self.table if step.table else self.store
             try:
-                _, step = step.change(self.store.get_many(step.keys))
+                # No table (greylistctl before it exists): nothing listed.
+                _, step = step.change([None] * len(step.keys) if store is None
+                                      else store.get_many(step.keys))
             except StoreError as exc:
                 self.store_failed(exc)
                 step = self.handler.failed(address)

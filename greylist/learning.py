@@ -154,14 +154,24 @@ class SocketmapService(LearnService):
         if store is None:
             return socketmap.NOTFOUND
         try:
-            value = store.get(found[1])
+            values = store.get_many(found[1])
         except StoreError as exc:
             self.store_failed(exc)
             return socketmap.NOTFOUND
-        return live_entry(value, found[2], int(self.clock()))
+        return live_entry(values, found[2], int(self.clock()))
 
 
-def live_entry(value: bytes | None, lifetime_s: int, now: int) -> bytes:
+def live_entry(values: list[bytes | None], lifetime_s: int, now: int) -> bytes:
+    """The reply for the first of a lookup's table entries that lives:
+    "OK STAMP" (or "OK manual"); NOTFOUND if none does."""
+    for value in values:
+        found = _live_entry(value, lifetime_s, now)
+        if found != socketmap.NOTFOUND:
+            return found
+    return socketmap.NOTFOUND
+
+
+def _live_entry(value: bytes | None, lifetime_s: int, now: int) -> bytes:
     """The reply for a table entry: "OK STAMP" while it lives, else NOTFOUND."""
     from greylist.core.tables import stamp_expire_at
     if value == b"OK manual":

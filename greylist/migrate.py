@@ -106,8 +106,8 @@ from greylist.config import Config
 from greylist.core import record as records
 from greylist.core.decide import expired
 from greylist.core.record import CLIENT, PASSED, PENDING, SENDER, Record
-from greylist.core.triple import (BadAddress, Triple, client_address, client_group,
-                                  client_key, keys, normalise_sender, table_key)
+from greylist.core.triple import (BadAddress, Triple, auto_table_key, client_address,
+                                  client_group, client_key, keys, normalise_sender)
 
 # Seconds each db_recover or db_dump run may take.
 TOOL_TIMEOUT_S = 300.0
@@ -550,7 +550,7 @@ def map_client(key: bytes, value: bytes, pg: Postgrey, cfg: Config, now: int) ->
     group = client_group(address, None, cfg)
     table = None
     if cfg.client_awl_passes and count >= cfg.client_awl_passes:
-        table = (table_key(address, group), b"%d" % last)
+        table = (auto_table_key(address, group, cfg.client_match), b"%d" % last)
     return Mapped("ok", entries=((client_key(group), entry),), table=table)
 
 

@@ -103,7 +103,7 @@ class PolicyService:
         """Write an answer's client-table entry, log it; return its action."""
         if answer.table_write is not None and self.table is not None:
             try:
-                self.table.put(*answer.table_write)
+                run_plan(self.table, [answer.table_write[0]], answer.table_write[1])
             except StoreError as exc:
                 self.table_failed(exc)
         if answer.postscreen is not None and self.postscreen is not None:

@@ -246,4 +246,4 @@ def postscreen_service(cfg: Config, log: Log, clock: Callable[[], float] = time.
     from greylist.handlers.postscreen import PostscreenHandler
     return PostscreenService(PostscreenHandler(cfg), found.keyed,
                              Whitelists(cfg, log.warning, tuning.whitelist_check_s), log,
-                             clock, tuning.warning_interval_s)
+                             clock, tuning.warning_interval_s, found.postscreen)

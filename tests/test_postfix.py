@@ -87,13 +87,24 @@ def postfix():
         yield postfix
 
 
+def client_table_instance(match: str):
+    """Clients whitelisted after one pass, grouped by greylist_client_match
+    = match, and smtpd reading the client table."""
+    return instance("greylist_client_awl_passes = 1\ngreylist_client_match = %s\n" % match, {
+        "smtpd_recipient_restrictions":
+            "reject_unauth_destination, check_client_access lmdb:{db}/greylist-clients, "
+            "check_policy_service unix:private/policy"})
+
+
 @pytest.fixture(scope="module")
 def postfix_with_client_table():
-    """Clients whitelisted after one pass, and smtpd reading the client table."""
-    with instance("greylist_client_awl_passes = 1\n", {
-            "smtpd_recipient_restrictions":
-                "reject_unauth_destination, check_client_access lmdb:{db}/greylist-clients, "
-                "check_policy_service unix:private/policy"}) as postfix:
+    with client_table_instance("prefix") as postfix:
+        yield postfix
+
+
+@pytest.fixture(scope="module")
+def postfix_with_pool_client_table():
+    with client_table_instance("pool") as postfix:
         yield postfix
 
 
@@ -245,6 +256,40 @@ def test_auto_whitelisted_client_is_accepted_by_smtpd_from_the_client_table(
     assert rcpt_reply(fresh).startswith("250 "), fresh.stdout
     assert "Subject: awl" in postfix.wait_for_delivery("other")
     assert "sender=new@example.net" not in postfix.log_text()
+
+
+def test_in_pool_mode_the_client_table_accepts_the_host_and_not_its_access_neighbour(
+        postfix_with_pool_client_table):
+    # Found in review: the table's "198.51.100" let smtpd accept an
+    # access-network host of the /24, which pool mode greylists apart.
+    postfix = postfix_with_pool_client_table
+    server = ["--xclient-addr", "198.51.100.20", "--xclient-name", "mx.shop.test"]
+    first = rcpt_reply(postfix.swaks("kim@example.org", "lee@example.test", server))
+    started = time.monotonic()
+    assert first.startswith("450 4.7.1 "), first
+    time.sleep(max(0.0, DELAY_S + 0.5 - (time.monotonic() - started)))
+    retry = postfix.swaks("kim@example.org", "lee@example.test", server)
+    assert rcpt_reply(retry).startswith("250 "), retry.stdout
+    table = "lmdb:" + postfix.database + "-clients"
+    for key, found in (("198.51.100.20", True), ("198.51.100", False)):
+        queried = subprocess.run(["postmap", "-q", key, table], capture_output=True,
+                                 text=True, timeout=10)
+        assert (queried.returncode == 0 and queried.stdout.strip().isdigit()) == found, key
+    # The access host is greylisted: smtpd found no table entry, the
+    # policy service keys it by its address.
+    access = postfix.swaks("bot@example.net", "lee@example.test",
+                           ["--xclient-addr", "198.51.100.7",
+                            "--xclient-name", "dsl-198-51-100-7.isp.test"])
+    assert rcpt_reply(access).startswith("450 4.7.1 "), access.stdout
+    # Another mail server of the /24: the policy service accepts it on
+    # the group's entry.
+    other = postfix.swaks("new@example.net", "other@example.test",
+                          ["--xclient-addr", "198.51.100.99", "--xclient-name", "mx2.shop.test",
+                           "--header", "Subject: pool awl"])
+    assert rcpt_reply(other).startswith("250 "), other.stdout
+    assert "Subject: pool awl" in postfix.wait_for_delivery("other")
+    assert re.search(r"action=DUNNO reason=awl-client .*client=198\.51\.100\.99 "
+                     r"sender=new@example\.net", postfix.log_text())
 
 
 @pytest.fixture(scope="module")

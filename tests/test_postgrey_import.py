@@ -204,7 +204,8 @@ def test_real_postgrey_database_is_imported_and_answered_from(site, pgdir):
         live.close()
     lines = (site / "log").read_text()
     assert "reason=awl-sender" in lines and "reason=awl-client" in lines
-    table = subprocess.run(["postmap", "-q", "198.51.100", "lmdb:%s/gl-clients" % site],
+    # The host's address (greylist_client_match = pool: not its /24).
+    table = subprocess.run(["postmap", "-q", "198.51.100.7", "lmdb:%s/gl-clients" % site],
                            capture_output=True, text=True, timeout=10)
     assert table.returncode == 0 and table.stdout.strip() == str(NOW - 3 * 3600)
 
@@ -397,7 +398,7 @@ def test_map_triple_keeps_postgreys_times():
 
 @pytest.mark.parametrize("key, value, outcome, entries, table", [
     (b"192.0.2.11", b"5,%d" % NOW, "ok", ((b"192.0.2", Record(NOW, NOW, 5, "client")),),
-     (b"192.0.2", b"%d" % NOW)),
+     (b"192.0.2.11", b"%d" % NOW)),   # pool mode: the host's own table entry
     (b"192.0.2.11", b"1,%d" % NOW, "ok", ((b"192.0.2", Record(NOW, NOW, 1, "client")),), None),
     (b"2001:db8:1:2:0:0:0:5", b"5,%d" % NOW, "ok",
      ((b"2001:db8:1:2", Record(NOW, NOW, 5, "client")),), (b"2001:db8:1:2::5", b"%d" % NOW)),

@@ -69,6 +69,12 @@ CASES = [
     # Grouped by its address (a dynamic-looking name in pool mode): found.
     ("198.18.4.7", "pass", PS_TTL, "awl-client", "198.18.4.7"),
     ("198.18.4.8", "ignore", None, "unproven", "198.18.4.8"),
+    # Its /24's automatic entry is proof only for the hosts that the policy
+    # service saw (the postscreen table): pool mode keeps an access-network
+    # neighbour (dsl-203-0-113-8...) apart from the /24's mail servers.
+    ("203.0.113.8", "ignore", None, "unproven-host", "203.0.113.8"),
+    ("2001:db8:2:3::2", "ignore", None, "unproven-host", "2001:db8:2:3::2"),
+    ("198.18.5.1", "ignore", None, "unproven-host", "198.18.5.1"),  # table entry expired
     ("10.1.2.3", "pass", PS_TTL, "trusted", "10.1.2.3"),
     ("::ffff:10.1.2.3", "pass", PS_TTL, "trusted", "10.1.2.3"),
     ("2001:db8:ffff::1", "pass", PS_TTL, "trusted", "2001:db8:ffff::1"),
@@ -361,7 +367,9 @@ def site():
     with greylistctl (198.51.100, 2001:db8:1:2, 192.0.2), awl entries
     written directly (203.0.113 and 2001:db8:2:3 seen now; 198.18.1 with
     an hour of its lifetime left; 198.18.2 expired; 198.18.3 one pass
-    short; 198.18.4.7 by its address)."""
+    short; 198.18.4.7 by its address; 198.18.5 seen now), and the
+    postscreen table's hosts (203.0.113.7, 2001:db8:2:3::1, 198.18.1.77
+    seen now, 198.18.5.1 a lifetime ago)."""
     with short_directory() as directory:
         (directory / "whitelist_clients").write_text(WHITELIST)
         now = int(time.time())
@@ -369,7 +377,12 @@ def site():
             b"203.0.113": record(now), b"2001:db8:2:3": record(now, 6),
             b"198.18.1": record(now - (MAX_AGE - 3600)),
             b"198.18.2": record(now - MAX_AGE - 600),
-            b"198.18.3": record(now, 4), b"198.18.4.7": record(now)})
+            b"198.18.3": record(now, 4), b"198.18.4.7": record(now),
+            b"198.18.5": record(now)})
+        # The hosts the policy service saw proven (handlers/policy.py).
+        put(directory / "db-postscreen", {
+            b"203.0.113.7": b"permit %d" % now, b"2001:db8:2:3::1": b"permit %d" % now,
+            b"198.18.1.77": b"permit %d" % now, b"198.18.5.1": b"permit %d" % (now - MAX_AGE)})
         with running(directory, SETTINGS.format(directory=directory),
                      daemon.free_port()) as found:
             found.now = now
@@ -427,6 +440,9 @@ def test_ttls_follow_the_settings_and_the_lifetimes():
     with short_directory() as directory:
         now = int(time.time())
         put(directory / "db", {b"198.18.%d" % i: record(now - age) for i, age in enumerate(ages)})
+        # Each host seen by the policy service when its group was.
+        put(directory / "db-postscreen", {b"198.18.%d.1" % i: b"permit %d" % (now - age)
+                                          for i, age in enumerate(ages)})
         settings = daemon.write_settings(directory, daemon.free_port(),
                                          "greylist_postscreen_ttl = 2h\ngreylist_max_age = 10d\n"
                                          "greylist_trusted_networks = 10.0.0.0/8\n")
@@ -484,7 +500,7 @@ def test_unknown_attributes_are_ignored(callout):
         # A client_name does not make a whitelist name entry match: postscreen knows none.
         assert ask(sock, request("172.18.0.1", extra=extra)) == reply("ignore")
     with callout.client() as policy:
-        assert policy.query("203.0.113.9", SERVER, 1, 25,
+        assert policy.query("203.0.113.7", SERVER, 1, 25,
                             extra={"helo_name": "x", "sender": "a@b.test"}) \
             == Result("pass", PS_TTL)
     assert not [line for line in callout.lines(mark) if "warning" in line]
@@ -683,6 +699,7 @@ def assert_ignored_while_locked(transport: Transport, database) -> None:
 def test_a_locked_database_is_answered_ignore_within_the_budget(name):
     with short_directory() as directory:
         put(directory / "db", {b"203.0.113": record(int(time.time()))})
+        put(directory / "db-postscreen", {b"203.0.113.7": b"permit %d" % time.time()})
         with running(directory, "greylist_trusted_networks = 10.0.0.0/8\n"
                      "greylist_postscreen_drop_networks = 192.0.2.0/25\n") as found:
             assert_ignored_while_locked(found.transports[name], found.database)
@@ -704,6 +721,7 @@ def test_a_spawned_program_started_while_the_database_is_locked_answers_within_t
     waited for the lock."""
     with short_directory() as directory:
         put(directory / "db", {b"203.0.113": record(int(time.time()))})
+        put(directory / "db-postscreen", {b"203.0.113.7": b"permit %d" % time.time()})
         settings = daemon.write_settings(directory, daemon.free_port())
         spawner = Spawner(directory, settings)
         try:

@@ -58,6 +58,7 @@ from greylist.config import Config, ConfigError, is_redis, load, log_target, par
 from greylist.core import record as records
 from greylist.core.decide import expire_at, expired
 from greylist.core.message import Session
+from greylist.core.tables import MANUAL_OK
 from greylist.core.triple import (BadAddress, client_address, client_group, client_key,
                                   keys, normalise_sender, registered_domain, sender_key,
                                   table_key, triple_from_request)
@@ -113,7 +114,6 @@ Options:
 """
 
 BUSY_WAIT_S = 60.0
-MANUAL_OK = b"OK manual"
 # The suffix of the key where a manual entry keeps what it displaced.
 KEPT_SUFFIX = "/#auto"
 EX_TEMPFAIL = 75
@@ -401,7 +401,7 @@ def _unscreen(screened: Store, store: Store, cfg: Config, group: str | None = No
 
 def _postscreen(store: Store, cfg: Config, log: Log, client: str) -> int:
     from greylist.callout import PostscreenService
-    from greylist.handlers.postscreen import PostscreenHandler
+    from greylist.handlers.postscreen import UNPROVEN_HOST, PostscreenHandler
     from greylist.protocols.policy import ProtocolError
     from greylist.protocols.postscreen import check
     try:
@@ -411,8 +411,9 @@ def _postscreen(store: Store, cfg: Config, log: Log, client: str) -> int:
         print("greylistctl: %s is not an IP address" % client)
         return 2
     quiet = Log("greylistctl", "/dev/null")
+    table = _screened(cfg, readonly=True)
     service = PostscreenService(PostscreenHandler(cfg), store, Whitelists(cfg, log.warning),
-                                quiet)
+                                quiet, table=table)
     verdict = service.verdict(address)
     group = client_group(address, None, cfg)
     value = store.get(client_key(group))
@@ -420,7 +421,6 @@ def _postscreen(store: Store, cfg: Config, log: Log, client: str) -> int:
     print("client group: %s" % group)
     print("client entry: %s" % ("absent" if record is None else _describe(
         record, int(time.time()), cfg)))
-    table = _screened(cfg, readonly=True)
     if table is not None:
         entry = table.get(address.encode("ascii"))
         print("postscreen table: %s" % ("absent" if entry is None
@@ -429,6 +429,11 @@ def _postscreen(store: Store, cfg: Config, log: Log, client: str) -> int:
     print("callout answer: action=%s%s\nreason: %s" % (
         verdict.action, "" if verdict.ttl is None else " ttl=%d" % verdict.ttl,
         verdict.reason))
+    if verdict.reason == UNPROVEN_HOST:
+        print("(the client group's automatic entry is proof for the hosts that the policy "
+              "service saw with their names, which the postscreen table lists; "
+              "greylist_client_match = %s keeps access-network hosts apart)"
+              % cfg.client_match)
     return 0
 
 

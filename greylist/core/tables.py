@@ -16,6 +16,20 @@ DESCRIPTION
 """
 
 MANUAL_PERMIT = b"permit manual"
+# The client table's value of a manual entry (greylistctl whitelist add).
+MANUAL_OK = b"OK manual"
+
+
+def stamp_change(now: int):
+    """The change of a client table entry for a client that earned (or
+    refreshed) the auto-whitelist: the time stamp, unless the entry is a
+    manual one, which stays (its automatic value is kept aside by
+    greylistctl and is not refreshed while the manual entry stands)."""
+    def change(values: list[bytes | None]) -> tuple[list[bytes | None], bool]:
+        if values[0] == MANUAL_OK:
+            return [None], False
+        return [b"%d" % now], True
+    return change
 
 
 def permit_change(now: int, manual: bool, max_age_s: int):

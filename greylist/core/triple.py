@@ -373,6 +373,42 @@ def table_key(address: str, group: str) -> bytes:
     return (address if ":" in address else group).encode("utf-8")
 
 
+def auto_table_key(address: str, group: str, client_match: str) -> bytes:
+    """Return the client table key of an automatic entry (a client that the
+    policy service saw earn the auto-whitelist).
+
+    As table_key(), except with greylist_client_match = pool or domain:
+    those modes keep an access-network host (dsl-1-2-3-4.example.net)
+    apart from the mail servers of its /24 or domain, and a key for the
+    whole prefix or domain would let check_client_access match it too. So
+    the entry is the host's own address there; only a pool's group (a
+    domain name in pool mode) stays whole, as only hosts whose verified
+    names lie in the pool match it.
+    """
+    if client_match == "pool" and ":" not in address and any(c.isalpha() for c in group):
+        return group.encode("utf-8")
+    if client_match in ("pool", "domain"):
+        return address.encode("utf-8")
+    return table_key(address, group)
+
+
+def stale_group_key(key: bytes, client_match: str) -> bool:
+    """Whether a client table key of an automatic entry is one that
+    auto_table_key() no longer writes: a partial IPv4 address (a prefix)
+    in pool and domain modes, a domain in domain mode. Versions before 0.5
+    wrote them; check_client_access would match them for every host of
+    the prefix or domain. Manual entries ("OK manual") are not asked."""
+    if client_match not in ("pool", "domain") or b":" in key:
+        return False
+    parts = key.split(b".")
+    if len(parts) <= 3 and all(part.isdigit() for part in parts):
+        return True
+    return client_match == "domain" and any(c in _LETTERS for c in key)
+
+
+_LETTERS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
 def _bounded(text: str) -> bytes:
     encoded = text.encode("utf-8")
     if len(encoded) <= MAX_KEY_BYTES:

@@ -168,11 +168,18 @@ class SocketmapHandler:
         return [], None
 
 
-def table_lookup(name: str, key: str, cfg: Config) -> tuple[str, bytes, int] | None:
+def table_lookup(name: str, key: str, cfg: Config) -> tuple[str, list[bytes], int] | None:
     """For a lookup in the clients or correspondents map of the socketmap
     server (how Postfix reads those tables when they live in Redis):
-    (TABLE_CLIENTS or TABLE, the table key, the entries' lifetime), or
-    None for a key that the table cannot hold."""
+    (TABLE_CLIENTS or TABLE, the table keys to read, the entries'
+    lifetime), or None for a key that the table cannot hold. The first
+    key with a live entry answers.
+
+    smtpd sends a socketmap the full client address and name only (no
+    partial forms), so the map does what check_client_access does with
+    an LMDB table: the address's own entry first (a host entry, or an
+    automatic entry in pool and domain modes), then its group's (a
+    prefix or a manual group entry)."""
     if name == cfg.socketmap_clients_name:
         from greylist.core.triple import (BadAddress, UNKNOWN_CLIENT, client_address,
                                           client_group, registered_domain, table_key)
@@ -180,20 +187,24 @@ def table_lookup(name: str, key: str, cfg: Config) -> tuple[str, bytes, int] | N
             address = client_address(key)
         except BadAddress:
             # check_client_access also looks up the client's name: domain
-            # groups are keyed by the registered domain.
-            if cfg.client_match != "domain":
-                return None
-            domain = registered_domain(key.casefold().rstrip("."))
-            return None if domain is None else (TABLE_CLIENTS, domain.encode("ascii"),
-                                                cfg.max_age_s)
+            # and pool groups are keyed by their domain.
+            group = None
+            if cfg.client_match == "domain":
+                group = registered_domain(key.casefold().rstrip("."))
+            elif cfg.client_match == "pool":
+                from greylist.core.pools import POOL_ALIASES, pool_of, pool_set
+                group = pool_of(key.casefold(), pool_set(cfg.pool_domains))
+                group = POOL_ALIASES.get(group, group)
+            return None if group is None else (TABLE_CLIENTS, [group.encode("ascii")],
+                                               cfg.max_age_s)
         if address == UNKNOWN_CLIENT:
             return None
-        return (TABLE_CLIENTS, table_key(address, client_group(address, None, cfg)),
-                cfg.max_age_s)
+        found = [address.encode("ascii"), table_key(address, client_group(address, None, cfg))]
+        return TABLE_CLIENTS, list(dict.fromkeys(found)), cfg.max_age_s
     if name == cfg.socketmap_correspondents_name:
         if correspondents.screen(key, cfg) in (correspondents.NULL, correspondents.IMPLAUSIBLE):
             return None
-        return TABLE, correspondents.table_key(key, cfg), cfg.correspondent_lifetime_s
+        return TABLE, [correspondents.table_key(key, cfg)], cfg.correspondent_lifetime_s
     return None
 
 

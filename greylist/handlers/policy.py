@@ -52,8 +52,8 @@ from greylist.core.record import TRYING, decode, encode, new
 from greylist.core.evaluate import precheck, render
 from greylist.core.lists import Exemptions
 from greylist.core.message import Session
-from greylist.core.triple import (UNKNOWN_CLIENT, BadAddress, Triple, escape, keys,
-                                  table_key, triple_from_request)
+from greylist.core.triple import (UNKNOWN_CLIENT, BadAddress, Triple, auto_table_key,
+                                  escape, keys, triple_from_request)
 from greylist.protocols.policy import ProtocolError
 from greylist.stores.base import NO_WRITES
 
@@ -78,7 +78,8 @@ class Answer(NamedTuple):
     line: str                      # the log line
     debug: bool = False            # log it only with -v
     warnings: tuple[str, ...] = ()
-    table_write: tuple[bytes, bytes] | None = None
+    # A plan (key, change) for the client table (core/tables.py).
+    table_write: tuple[bytes, Callable] | None = None
     # A plan (key, change) for the postscreen table (core/tables.py).
     postscreen: tuple[bytes, Callable] | None = None
 
@@ -165,7 +166,9 @@ class PolicyHandler:
         table = screened = None
         earned = client is not None and whitelisted_client(client, cfg)
         if cfg.client_table and earned:
-            table = (table_key(address, pending.triple.client), b"%d" % pending.now)
+            from greylist.core.tables import stamp_change
+            table = (auto_table_key(address, pending.triple.client, cfg.client_match),
+                     stamp_change(pending.now))
         if cfg.postscreen_table and (earned or decision.reason in (AWL_CLIENT, MANUAL_CLIENT)) \
                 and address != UNKNOWN_CLIENT:
             # A proven client: postscreen may let this address through.

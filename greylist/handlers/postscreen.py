@@ -29,6 +29,22 @@ DESCRIPTION
     whose pure change() reads the group's client record and writes
     nothing; decide() turns that record into the verdict.
 
+    With greylist_client_match = pool or domain, a prefix's record is
+    not proof for every address of the prefix: those modes key an
+    access-network host (dsl-1-2-3-4.example.net) apart from the mail
+    servers of its /24 or domain, and postscreen cannot tell which one
+    asks. So past a manual entry and the address's own record, a client
+    passes (awl-client) only when the postscreen table
+    (greylist_postscreen_table, written by the policy service, which
+    knows the client's name) lists the address itself: the change then
+    returns a second Lookup, of that table (table=True). The ttl is no
+    longer than that entry lives, nor than the prefix's entry when it
+    has one. A client whose prefix is proven but that the table does not
+    list is "ignore" (unproven-host). This also passes the mail servers
+    of a domain group, which the records alone cannot. Manual group
+    entries (greylistctl whitelist add) still pass the whole prefix:
+    they are the administrator's choice.
+
     This module never touches a store or a stream.
 
 DIAGNOSTICS
@@ -50,6 +66,7 @@ ENFORCE_NETWORK = "enforce-network"
 MANUAL_CLIENT = "manual-client"
 AWL_CLIENT = "awl-client"
 UNPROVEN = "unproven"
+UNPROVEN_HOST = "unproven-host"
 DATABASE_FAILURE = "database-failure"
 
 
@@ -69,12 +86,15 @@ class Verdict(NamedTuple):
 
 
 class Lookup(NamedTuple):
-    """A verdict that needs the client record: keys to read, and the pure
-    change (values -> ([None], Verdict)), which never writes."""
+    """A verdict that needs a record: keys to read, and the pure change
+    (values -> ([None...], Verdict or the next Lookup)), which never
+    writes; table: the keys are the postscreen table's, not the
+    database's."""
 
     address: str
     keys: list[bytes]
     change: Callable
+    table: bool = False
 
 
 class PostscreenHandler:
@@ -82,6 +102,9 @@ class PostscreenHandler:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        # Whether an automatic entry of a wider group needs the address in
+        # the postscreen table (see DESCRIPTION).
+        self.per_host = cfg.client_match in ("pool", "domain")
         self.drop = [ipaddress.ip_network(n, strict=False)
                      for n in cfg.postscreen_drop_networks]
         self.enforce = [ipaddress.ip_network(n, strict=False)
@@ -105,12 +128,43 @@ class PostscreenHandler:
             # greylist_client_match = pool) has its record there.
             keys.append(client_key(address))
 
-        def change(values: list[bytes | None]) -> tuple[list[bytes | None], Verdict]:
+        def change(values: list[bytes | None]) -> tuple[list[bytes | None], "Verdict | Lookup"]:
             verdict = self.decide(address, values[0], now)
-            if verdict.action == "ignore" and len(values) > 1:
-                verdict = self.decide(address, values[1], now)
+            if len(values) > 1:
+                own = self.decide(address, values[1], now)
+                if own.action == "pass":
+                    verdict = own
+                elif self.per_host and verdict.reason != MANUAL_CLIENT:
+                    verdict = self.host_lookup(verdict, now)
             return [None] * len(values), verdict
         return Lookup(address, keys, change)
+
+    def host_lookup(self, group: Verdict, now: int) -> "Verdict | Lookup":
+        """Pool and domain modes, past the records: the Lookup of the
+        address in the postscreen table, which lists the hosts that the
+        policy service saw proven. Its change passes a listed host, with a
+        ttl no longer than the table entry lives nor (when the prefix's
+        automatic entry passes too) than that entry lives. group: the
+        verdict of the prefix's record."""
+        cfg, address = self.cfg, group.address
+        unproven = Verdict("ignore", None, UNPROVEN_HOST if group.action == "pass"
+                           else UNPROVEN, address)
+        if not cfg.postscreen_table:
+            return unproven
+        from greylist.core.tables import MANUAL_PERMIT, permit_stamp
+
+        def change(values: list[bytes | None]) -> tuple[list[bytes | None], Verdict]:
+            value = values[0]
+            if value == MANUAL_PERMIT:
+                return [None], Verdict("pass", cfg.postscreen_ttl_s, MANUAL_CLIENT, address)
+            stamp = permit_stamp(value)
+            age = None if stamp is None else max(now - stamp, 0)
+            if age is None or age >= cfg.max_age_s:
+                return [None], unproven
+            ttl = min(cfg.postscreen_ttl_s, cfg.max_age_s - age,
+                      group.ttl if group.action == "pass" else cfg.max_age_s)
+            return [None], Verdict("pass", ttl, AWL_CLIENT, address)
+        return Lookup(address, [address.encode("ascii")], change, table=True)
 
     def decide(self, address: str, value: bytes | None, now: int) -> Verdict:
         """The verdict for a client whose group's record is value."""

@@ -7,7 +7,10 @@ DESCRIPTION
     entries whose time stamp is more than greylist_max_age old, the
     correspondent table those more than greylist_correspondent_lifetime
     old, the postscreen table "permit STAMP" entries more than
-    greylist_max_age old (core/tables.py). A pass starts when the last
+    greylist_max_age old (core/tables.py). With greylist_client_match =
+    pool or domain the client table also loses the automatic entries of
+    whole prefixes or domains that versions before 0.5 wrote there
+    (core/triple.py, stale_group_key). A pass starts when the last
     full pass completed greylist_cleanup_interval ago.
 
     The pass is shared by all processes. Its position, counts and the
@@ -49,6 +52,7 @@ from greylist.config import Config
 from greylist.core import record as records
 from greylist.core.decide import expired
 from greylist.core.tables import permit_expired
+from greylist.core.triple import stale_group_key
 from greylist.stores.base import Store, StoreError
 from greylist.stores.lmdbfile import check_directory
 from greylist.stores.lock import EXCLUSIVE, LockBusy, lock, unlock
@@ -225,12 +229,12 @@ class Cleaner:
             deleted = 0
             try:
                 items = self.stores[table].scan(after or None, self.batch)
-                doomed = [k for k, v in items if self._doomed(table, v, now)]
+                doomed = [k for k, v in items if self._doomed(table, v, now, k)]
                 for start in range(0, len(doomed), self.delete_batch):
                     began = time.monotonic()
                     deleted += self.stores[table].delete_if(
                         doomed[start:start + self.delete_batch],
-                        lambda k, v: v is not None and self._doomed(table, v, now))
+                        lambda k, v: v is not None and self._doomed(table, v, now, k))
                     self.longest_write_s = max(self.longest_write_s,
                                                time.monotonic() - began)
             except StoreError as exc:
@@ -277,7 +281,7 @@ class Cleaner:
         self._next_check = now + self.cfg.cleanup_interval_s
         return state._replace(last_completed=now, position=None)
 
-    def _doomed(self, table: int, value: bytes, now: int) -> bool:
+    def _doomed(self, table: int, value: bytes, now: int, key: bytes = b"") -> bool:
         if table == DATABASE:
             # expired() keeps manual entries for ever.
             record = records.decode(value)
@@ -287,6 +291,9 @@ class Cleaner:
         # The tables: numeric time stamps; anything else is left alone.
         lifetime = (self.cfg.max_age_s if table == CLIENT_TABLE
                     else self.cfg.correspondent_lifetime_s)
+        if table == CLIENT_TABLE and value.isdigit() and stale_group_key(
+                key, self.cfg.client_match):
+            return True
         return value.isdigit() and now - int(value) > lifetime
 
     def count(self, now: int) -> tuple[int, int]:

@@ -10,12 +10,12 @@ DESCRIPTION
 
     plan(keys, change, store)  a handler's plan (stores/base.py
                         run_plan) on the database or another store of the
-                        daemon (a learner's correspondent table): the
-                        thread reads the keys in a snapshot and runs the
-                        pure change; if that writes nothing, the result
-                        is returned at once, without joining a commit.
-                        Otherwise the plan joins the batch of its store.
-    write(store, key, value)  a plain write (a client-table entry).
+                        daemon (the client table, a learner's
+                        correspondent table): the thread reads the keys
+                        in a snapshot and runs the pure change; if that
+                        writes nothing, the result is returned at once,
+                        without joining a commit. Otherwise the plan
+                        joins the batch of its store.
     call(function)      any other store work (a cleanup step), run in
                         the thread between batches.
 
@@ -54,7 +54,7 @@ from greylist.stores.base import Store, StoreError, writes
 BATCH_MAX = 256
 BATCH_S = 0.010
 
-_PLAN, _WRITING, _WRITE, _CALL, _STOP = range(5)
+_PLAN, _WRITING, _CALL, _STOP = range(4)
 
 
 class Committer:
@@ -111,10 +111,6 @@ class Committer:
                 return self._submit(_WRITING, (keys, change, store))
         return self._submit(_PLAN, (keys, change, store))
 
-    def write(self, store: Store, key: bytes, value: bytes) -> asyncio.Future:
-        """Store value under key in store (through this thread)."""
-        return self._submit(_WRITE, (store, key, value))
-
     def call(self, function: Callable[[], object]) -> asyncio.Future:
         """Run function() in the store thread; the future has its result."""
         return self._submit(_CALL, function)
@@ -170,9 +166,6 @@ class Committer:
                 elif kind == _WRITING:
                     batches.setdefault(id(work[2]), (work[2], []))[1].append(
                         (work[0], work[1], future))
-                elif kind == _WRITE:
-                    store, key, value = work
-                    self._settle(future, store.put, (key, value))
                 else:
                     self._settle(future, work)
             for store, batch in batches.values():

@@ -610,8 +610,8 @@ class Connection(asyncio.Protocol):
 
 
 def _read_only(values: list) -> tuple[list, object]:
-    """A plan's change that only reads its one key."""
-    return [None], values[0]
+    """A plan's change that only reads its keys."""
+    return [None] * len(values), values
 
 
 class PolicyServer(Server):
@@ -652,8 +652,9 @@ class PolicyServer(Server):
     async def _tables(self, service, answer: Answer) -> bytes:
         """_rest() for an answer with a client-table write (through the
         store thread)."""
+        key, change = answer.table_write
         try:
-            await self.committer.write(service.table, *answer.table_write)
+            await self.committer.plan([key], change, service.table)
         except StoreError as exc:
             service.table_failed(exc)
         if answer.postscreen is not None and service.postscreen is not None:
@@ -701,38 +702,56 @@ async def _formatted(service, later) -> bytes:
 
 def verdict(service, committer: Committer, address: str, clock, metrics=None):
     """The callout verdict for a client address, logged, when it is known
-    at once (its read done in the event loop, the common case); else a
+    at once (its reads done in the event loop, the common case); else a
     coroutine that waits for the store thread within the budget and
     returns it."""
     now = int(clock())
     step = service.handler.prepare(address, now, service.whitelists.exemptions(now))
-    if isinstance(step, Lookup):
-        future = committer.plan(step.keys, step.change)
+    # At most two reads: the client records, then (pool and domain modes)
+    # the postscreen table's entry of the address.
+    while isinstance(step, Lookup):
+        future = _lookup(service, committer, step)
         if not future.done():
-            return _verdict_later(service, address, future, metrics)
+            return _verdict_later(service, committer, address, future, metrics)
         step = _verdict_of(service, address, future, metrics)
     service.log.info(step.line())
     return step
 
 
-async def _verdict_later(service, address: str, future: asyncio.Future, metrics) -> Verdict:
+def _lookup(service, committer: Committer, step: Lookup) -> asyncio.Future:
+    """The plan of a callout Lookup, on the store it names."""
+    if not step.table:
+        return committer.plan(step.keys, step.change)
+    if service.table is None:  # nothing listed
+        future = committer.loop.create_future()
+        future.set_result(step.change([None] * len(step.keys))[1])
+        return future
+    return committer.plan(step.keys, step.change, service.table)
+
+
+async def _verdict_later(service, committer: Committer, address: str,
+                         future: asyncio.Future, metrics) -> Verdict:
     try:
         async with asyncio.timeout(BUDGET_S):
             await future
+            step = _verdict_of(service, address, future, metrics)
+            while isinstance(step, Lookup):
+                future = _lookup(service, committer, step)
+                await future
+                step = _verdict_of(service, address, future, metrics)
     except TimeoutError:
         service.store_failed(StoreError("the database did not answer within %d ms"
                                         % (1000 * BUDGET_S)))
         step = service.handler.failed(address)
     except StoreError:
         step = _verdict_of(service, address, future, metrics)
-    else:
-        step = future.result()
     service.log.info(step.line())
     return step
 
 
-def _verdict_of(service, address: str, future: asyncio.Future, metrics) -> Verdict:
-    """The verdict of a done read; the failure verdict for a store failure."""
+def _verdict_of(service, address: str, future: asyncio.Future, metrics):
+    """The verdict (or next Lookup) of a done read; the failure verdict for
+    a store failure."""
     verdict = _plan_result(service, future, metrics)
     return service.handler.failed(address) if verdict is None else verdict
 
@@ -808,7 +827,7 @@ class LearnServer(Server):
         store = None if found is None else service.table_store(found[0])
         if store is None:
             return NOTFOUND
-        future = self.committer.plan([found[1]], _read_only, store)
+        future = self.committer.plan(found[1], _read_only, store)
         if not future.done():
             return future, partial(self._entry, service, found[2])
         return self._entry(service, found[2], future)
