@@ -16,14 +16,18 @@ DESCRIPTION
     answers pass for a client group that greylisting has proven (a
     manual entry, reason manual-client, or an auto-whitelisted client
     record, awl-client) and ignore for any other client (unproven), after
-    one read of the group's record and without writing.
+    one read of the group's record (and with greylist_client_match = pool,
+    the default, one of the client's entry in the postscreen table), and
+    without writing.
 
     Each database is made before its program starts, with greylist's own
     tools: `greylistctl -c SETTINGS whitelist add 198.51.100.1` (the
     manual group 198.51.100/24) and G auto-whitelisted client records
     (greylist.stores.lmdb.LmdbStore.put_many, the key from
     greylist.core.triple.client_key(client_group(...)), the value
-    "1:NOW:NOW:PASSES:client") for the /24 groups 10.X.Y. Two kinds of
+    "1:NOW:NOW:PASSES:client") for the /24 groups 10.X.Y, and "permit
+    NOW" in the postscreen table for their hosts 10.X.Y.1-254 (as the
+    policy service writes it for the hosts it saw proven). Two kinds of
     requests:
 
       known    one in ten from 198.51.100/24, the others from the G
@@ -349,9 +353,23 @@ try:
         store.put_many([(key, value) for key in keys[i:i + 5000]])
 finally:
     store.close()
+# Pool and domain modes: a prefix's entry passes only the hosts that the
+# policy service saw proven, which the postscreen table lists.
+hosts = 0
+if cfg.postscreen_table and cfg.client_match in ("pool", "domain"):
+    table = LmdbStore(cfg.postscreen_table)
+    permit = b"permit %d" % now
+    try:
+        for g in range(groups):
+            table.put_many([(b"10.%d.%d.%d" % (g >> 8 & 255, g & 255, host), permit)
+                            for host in range(1, 255)])
+            hosts += 254
+    finally:
+        table.close()
 print(json.dumps({"ttl": cfg.postscreen_ttl_s, "max_age_s": cfg.max_age_s,
                   "awl_passes": cfg.client_awl_passes, "value": value.decode(),
-                  "first_key": keys[0].decode(), "distinct_keys": len(set(keys))}))
+                  "first_key": keys[0].decode(), "distinct_keys": len(set(keys)),
+                  "table_hosts": hosts}))
 """
 
 _STATE = r"""
