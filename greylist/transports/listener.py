@@ -127,19 +127,10 @@ def bind(specs: tuple[str, ...], mode: int, uid: int, gid: int) -> list[Listener
 
 
 def _bind_unix(spec: str, path: str, mode: int, uid: int, gid: int) -> Listener:
-    directory = os.path.dirname(path)
-    try:
-        st = os.stat(directory)
-    except OSError as exc:
-        raise ListenerError("%s: directory %s: %s" % (spec, directory, exc.strerror)) from None
-    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-        raise ListenerError("%s: refusing world-writable directory %s" % (spec, directory))
+    directory = os.path.dirname(path) or "."
+    _check_socket_directory(spec, directory, uid)
     lock_path = path + ".lock"
-    try:
-        lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          0o600)
-    except OSError as exc:
-        raise ListenerError("%s: cannot open %s: %s" % (spec, lock_path, exc.strerror)) from None
+    lock_fd = _open_lock(spec, lock_path, uid)
     try:
         fcntl.lockf(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -168,9 +159,8 @@ def _bind_unix(spec: str, path: str, mode: int, uid: int, gid: int) -> Listener:
             finally:
                 os.umask(old_umask)
             if uid != -1 or gid != -1:
-                os.chown(path, uid, gid, follow_symlinks=False)
                 os.fchown(lock_fd, uid, gid)
-            os.chmod(path, mode, follow_symlinks=False)
+            _set_owner_and_mode(spec, path, mode, uid, gid)
             sock.listen(BACKLOG)
         except BaseException:
             sock.close()
@@ -182,6 +172,67 @@ def _bind_unix(spec: str, path: str, mode: int, uid: int, gid: int) -> Listener:
         os.close(lock_fd)
         raise
     return Listener(spec, sock, lock_fd)
+
+
+def _check_socket_directory(spec: str, directory: str, uid: int) -> None:
+    """Refuse a socket directory that another user can write: one could
+    put links where the lock file and the socket go, and have root (who
+    binds before the privilege drop) chown their targets. Its owner must
+    be root, this process's user or the user it drops to (uid)."""
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise ListenerError("%s: directory %s: %s" % (spec, directory, exc.strerror)) from None
+    if st.st_mode & (stat.S_IWOTH | stat.S_IWGRP):
+        raise ListenerError("%s: refusing socket directory %s: %s can write it (mode %04o); "
+                            "use a directory that only its owner can write"
+                            % (spec, directory, "anyone" if st.st_mode & stat.S_IWOTH
+                               else "its group", stat.S_IMODE(st.st_mode)))
+    if st.st_uid not in (0, os.geteuid(), uid):
+        raise ListenerError("%s: refusing socket directory %s: it belongs to uid %d, "
+                            "neither root nor greylistd's user" % (spec, directory, st.st_uid))
+
+
+def _open_lock(spec: str, lock_path: str, uid: int) -> int:
+    """Open (or create, mode 0600) the lock file of a unix listener: never
+    through a symbolic link, never a FIFO or device, never a file with
+    other names (a hard link to someone's file) or another owner."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                     | os.O_NONBLOCK, 0o600)
+    except OSError as exc:
+        reason = ("it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror)
+        raise ListenerError("%s: cannot open %s: %s" % (spec, lock_path, reason)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 \
+                or st.st_uid not in (os.geteuid(), uid):
+            raise ListenerError("%s: refusing lock file %s: not a regular file of greylistd's "
+                                "own with one name (owner uid %d, %d links); remove it"
+                                % (spec, lock_path, st.st_uid, st.st_nlink))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _set_owner_and_mode(spec: str, path: str, mode: int, uid: int, gid: int) -> None:
+    """chown and chmod the socket just bound at path, through a descriptor
+    of the file checked to be that socket (O_PATH, then /proc/self/fd):
+    the directory's owner cannot swap in another file between the check
+    and the change."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+            raise ListenerError("%s: %s changed after bind(2); not changing its owner or "
+                                "mode" % (spec, path))
+        link = "/proc/self/fd/%d" % fd
+        if uid != -1 or gid != -1:
+            os.chown(link, uid, gid)
+        os.chmod(link, mode)
+    finally:
+        os.close(fd)
 
 
 def _bind_inet(spec: str, host: str, port: int) -> Listener:
