@@ -128,6 +128,8 @@ BATCH = 256
 MERGE_CAP = 100_000
 
 TRIPLES = "postgrey.db"
+# The directory of a staged copy (stage()) that holds postgrey's files.
+ENV = "env"
 CLIENTS = "postgrey_clients.db"
 DUMP_TOOLS = ("db_dump", "db5.3_dump")
 RECOVER_TOOLS = ("db_recover", "db5.3_recover")
@@ -166,11 +168,15 @@ def find_tool(names: tuple[str, ...], path: str | None = None) -> str:
 
 
 def stage(dbdir: str, owner: tuple[int, int] | None = None,
-          max_bytes: int = MAX_COPY_BYTES) -> str:
-    """Copy postgrey's database files from dbdir into a new private
-    temporary directory and return its name; owner (uid, gid) gets the
-    copy (greylistctl drops root after staging). The caller removes it
-    (unstage). MigrateError if dbdir or postgrey.db cannot be read."""
+          max_bytes: int = MAX_COPY_BYTES, tool_user: tuple[int, int] | None = None) -> str:
+    """Copy postgrey's database files from dbdir into the directory ENV of
+    a new private temporary directory and return the latter's name; owner
+    (uid, gid) gets both (greylistctl drops root after staging). With
+    tool_user (root staying root), ENV is that user's, for the Berkeley DB
+    tools that run as it (run_tool), and the staged directory stays
+    root's, mode 0711: the tools reach ENV by name, and cannot touch the
+    outputs that root reads beside it. The caller removes it (unstage).
+    MigrateError if dbdir or postgrey.db cannot be read."""
     try:
         dirfd = os.open(dbdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -178,11 +184,13 @@ def stage(dbdir: str, owner: tuple[int, int] | None = None,
                                          if os.path.islink(dbdir) else "")) from None
     staged = tempfile.mkdtemp(prefix="greylistctl-postgrey-")
     try:
+        env = os.path.join(staged, ENV)
+        os.mkdir(env, 0o700)
         names = sorted(name for name in os.listdir(dirfd)
                        if name in (TRIPLES, CLIENTS) or _LOG_FILE.fullmatch(name))
         if TRIPLES not in names:
             raise MigrateError("%s: no %s there (postgrey's --dbdir?)" % (dbdir, TRIPLES))
-        todir = os.open(staged, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        todir = os.open(env, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             left = max_bytes
             for name in names:
@@ -190,8 +198,12 @@ def stage(dbdir: str, owner: tuple[int, int] | None = None,
         finally:
             os.close(todir)
         if owner is not None:
+            os.chown(staged, *owner)
+        if owner is not None or tool_user is not None:
             for name in names + [""]:
-                os.chown(os.path.join(staged, name), *owner)
+                os.chown(os.path.join(env, name), *(tool_user or owner))
+        if tool_user is not None:
+            os.chmod(staged, 0o711)
     except OSError as exc:
         unstage(staged)
         raise MigrateError("copying %s: %s" % (dbdir, exc)) from None
@@ -243,10 +255,11 @@ def unstage(staged: str) -> None:
 
 
 def run_tool(argv: list[str], out_path: str | None, timeout_s: float = TOOL_TIMEOUT_S,
-             max_bytes: int = MAX_DUMP_BYTES) -> None:
+             max_bytes: int = MAX_DUMP_BYTES, user: tuple[int, int] | None = None) -> None:
     """Run argv without a shell, its output to out_path (created, never
-    through a symlink), at most max_bytes of it and timeout_s seconds;
-    MigrateError when it fails, runs too long or writes too much."""
+    through a symlink), at most max_bytes of it and timeout_s seconds, as
+    user (uid, gid; no supplementary groups) if given; MigrateError when
+    it fails, runs too long or writes too much."""
     tool = os.path.basename(argv[0])
     out = -1
     if out_path is not None:
@@ -258,8 +271,10 @@ def run_tool(argv: list[str], out_path: str | None, timeout_s: float = TOOL_TIME
     try:
         with tempfile.TemporaryFile() as errors:
             try:
+                drop = {} if user is None else {"user": user[0], "group": user[1],
+                                                "extra_groups": []}
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=errors, close_fds=True)
+                                        stderr=errors, close_fds=True, **drop)
             except OSError as exc:
                 raise MigrateError("%s: %s" % (tool, exc.strerror)) from None
             try:
@@ -328,13 +343,16 @@ def foreign_names(printed: IO[bytes]) -> list[str]:
     return found
 
 
-def check_log(staged: str, timeout_s: float = TOOL_TIMEOUT_S) -> None:
+def check_log(staged: str, timeout_s: float = TOOL_TIMEOUT_S,
+              user: tuple[int, int] | None = None) -> None:
     """MigrateError unless every file that the staged logs name is
-    postgrey's own, in the environment's directory (db_printlog)."""
-    if not any(_LOG_FILE.fullmatch(name) for name in os.listdir(staged)):
+    postgrey's own, in the environment's directory (db_printlog, run as
+    user if given)."""
+    env = os.path.join(staged, ENV)
+    if not any(_LOG_FILE.fullmatch(name) for name in os.listdir(env)):
         return
     out = os.path.join(staged, "log.printed")
-    run_tool([find_tool(PRINTLOG_TOOLS), "-h", staged], out, timeout_s)
+    run_tool([find_tool(PRINTLOG_TOOLS), "-h", env], out, timeout_s, user=user)
     with open(out, "rb") as printed:
         foreign = foreign_names(printed)
     os.unlink(out)
@@ -344,22 +362,26 @@ def check_log(staged: str, timeout_s: float = TOOL_TIMEOUT_S) -> None:
                            "write postgrey's directory" % ", ".join(map(repr, foreign)))
 
 
-def recover(staged: str, tool: str | None = None, timeout_s: float = TOOL_TIMEOUT_S) -> None:
+def recover(staged: str, tool: str | None = None, timeout_s: float = TOOL_TIMEOUT_S,
+            user: tuple[int, int] | None = None) -> None:
     """Run db_recover in the staged copy (its logs into its files), once
-    check_log() found only postgrey's own files named in them."""
-    check_log(staged, timeout_s)
-    run_tool([tool or find_tool(RECOVER_TOOLS), "-h", staged], None, timeout_s)
+    check_log() found only postgrey's own files named in them; both as
+    user if given."""
+    check_log(staged, timeout_s, user)
+    run_tool([tool or find_tool(RECOVER_TOOLS), "-h", os.path.join(staged, ENV)], None,
+             timeout_s, user=user)
 
 
 def dump(staged: str, name: str, tool: str | None = None,
-         timeout_s: float = TOOL_TIMEOUT_S, max_bytes: int = MAX_DUMP_BYTES) -> str | None:
-    """Run db_dump on the staged copy of name; return the dump file's
-    name, or None if postgrey had no such file."""
-    if not os.path.exists(os.path.join(staged, name)):
+         timeout_s: float = TOOL_TIMEOUT_S, max_bytes: int = MAX_DUMP_BYTES,
+         user: tuple[int, int] | None = None) -> str | None:
+    """Run db_dump (as user if given) on the staged copy of name; return
+    the dump file's name, or None if postgrey had no such file."""
+    source = os.path.join(staged, ENV, name)
+    if not os.path.exists(source):
         return None
     out = os.path.join(staged, name + ".dump")
-    run_tool([tool or find_tool(DUMP_TOOLS), os.path.join(staged, name)], out,
-             timeout_s, max_bytes)
+    run_tool([tool or find_tool(DUMP_TOOLS), source], out, timeout_s, max_bytes, user)
     return out
 
 

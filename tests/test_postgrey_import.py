@@ -285,18 +285,48 @@ def test_missing_db_tools_are_an_error_and_nothing_is_written(site, pgdir, tmp_p
     assert not (site / "gl.lmdb").exists()
 
 
-def test_missing_db_dump_after_db_recover(site, pgdir, tmp_path):
+@pytest.fixture
+def tools():
+    """A directory for fake Berkeley DB tools that any user can run (not
+    under tmp_path, whose parents are 0700: greylistctl as root runs the
+    tools as nobody)."""
+    top = pathlib.Path(tempfile.mkdtemp(prefix="greylist-test-tools-"))
+    os.chmod(top, 0o755)
+    yield top
+    shutil.rmtree(top)
+
+
+def with_tools(site, pgdir, tools, *args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=str(tools))
+    return subprocess.run([sys.executable, "-m", "greylist.cli.greylistctl", "-c",
+                           str(site / "gl.cf"), "import-postgrey", str(pgdir), *args],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_missing_db_dump_after_db_recover(site, pgdir, tools):
     (pgdir / "postgrey.db").write_bytes(b"not read")
-    tools = tmp_path / "bin"
-    tools.mkdir()
     (tools / "db_recover").write_text("#!/bin/sh\nexit 0\n")
     (tools / "db_recover").chmod(0o755)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=str(tools))
-    done = subprocess.run([sys.executable, "-m", "greylist.cli.greylistctl", "-c",
-                           str(site / "gl.cf"), "import-postgrey", str(pgdir)],
-                          capture_output=True, text=True, timeout=60, env=env)
+    done = with_tools(site, pgdir, tools)
     assert (done.returncode, done.stdout) == (1, "greylistctl: import-postgrey: db_dump not "
                                               "found on PATH (Debian: apt-get install db-util)\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="greylistctl stays root only when run as root")
+def test_greylistctl_staying_root_runs_the_db_tools_as_nobody(site, pgdir, tools):
+    # Found in review: a dry run as root (and greylist_allow_root) ran
+    # db_printlog, db_recover and db_dump as root on files that postgrey's
+    # account controls.
+    (pgdir / "postgrey.db").write_bytes(b"not read")
+    (tools / "db_recover").write_text(
+        "#!/bin/sh\necho uid=$(/usr/bin/id -u) groups=\"$(/usr/bin/id -G)\" >&2\nexit 1\n")
+    (tools / "db_recover").chmod(0o755)
+    nobody = pwd.getpwnam("nobody")
+    for args in (("--dry-run",), ()):
+        done = with_tools(site, pgdir, tools, *args)
+        assert (done.returncode, done.stdout) == (
+            1, "greylistctl: import-postgrey: db_recover failed (exit status 1): uid=%d "
+            "groups=%d\n" % (nobody.pw_uid, nobody.pw_gid)), args
 
 
 def test_symbolic_links_and_missing_files_are_refused(site, pgdir, tmp_path):

@@ -114,6 +114,8 @@ Options:
 """
 
 BUSY_WAIT_S = 60.0
+# Who runs the Berkeley DB tools of import-postgrey when greylistctl stays root.
+TOOL_USER = "nobody"
 # The suffix of the key where a manual entry keeps what it displaced.
 KEPT_SUFFIX = "/#auto"
 EX_TEMPFAIL = 75
@@ -479,9 +481,14 @@ def _import(store: Store, cfg: Config, log: Log, source: str) -> int:
     return 0
 
 
-def _stage_postgrey(cfg: Config, args: dict, user: tuple[int, int] | None) -> str | int:
+def _stage_postgrey(cfg: Config, args: dict, user: tuple[int, int] | None
+                    ) -> tuple[str, tuple[int, int] | None] | int:
     """Check postgrey's options and copy its files (migrate.stage()) for
-    user (_policy_user()); the staged directory, or an exit status."""
+    user (_policy_user()); (the staged directory, the user the Berkeley DB
+    tools run as), or an exit status.
+
+    Staying root (a dry run, greylist_allow_root), greylistctl runs the
+    tools as nobody: they parse files that postgrey's account controls."""
     from greylist import migrate
     try:
         migrate.options(args["--delay"], args["--max-age"], args["--retry-window"],
@@ -489,25 +496,37 @@ def _stage_postgrey(cfg: Config, args: dict, user: tuple[int, int] | None) -> st
     except migrate.MigrateError as exc:
         print("greylistctl: import-postgrey: %s" % exc)
         return 2
+    tools = None
+    if user is None and os.geteuid() == 0:
+        import pwd
+        try:
+            nobody = pwd.getpwnam(TOOL_USER)
+        except KeyError:
+            print("greylistctl: import-postgrey: no user %s to run the Berkeley DB tools "
+                  "as (they are never run as root); set greylist_user" % TOOL_USER)
+            return 1
+        tools = (nobody.pw_uid, nobody.pw_gid)
     try:
-        return migrate.stage(args["DBDIR"], user)
+        return migrate.stage(args["DBDIR"], user, tool_user=tools), tools
     except migrate.MigrateError as exc:
         print("greylistctl: import-postgrey: %s" % exc)
         return 1
 
 
-def _import_postgrey(store: Store, cfg: Config, log: Log, args: dict, staged: str) -> int:
+def _import_postgrey(store: Store, cfg: Config, log: Log, args: dict,
+                     staging: tuple[str, tuple[int, int] | None]) -> int:
     """Import postgrey's staged database (migrate.py) into the database."""
     from greylist import migrate
+    staged, tools = staging
     dry_run = args["--dry-run"]
     pg = migrate.options(args["--delay"], args["--max-age"], args["--retry-window"],
                          args["--ipv4cidr"], args["--ipv6cidr"], args["--lookup-by-host"])
     table = None
     try:
         table = _table(cfg, writable=not dry_run)
-        migrate.recover(staged)
-        triples = migrate.dump(staged, migrate.TRIPLES)
-        clients = migrate.dump(staged, migrate.CLIENTS)
+        migrate.recover(staged, user=tools)
+        triples = migrate.dump(staged, migrate.TRIPLES, user=tools)
+        clients = migrate.dump(staged, migrate.CLIENTS, user=tools)
         tallies = migrate.import_postgrey(store, table, triples, clients, pg, cfg,
                                           int(time.time()), dry_run)
     except migrate.MigrateError as exc:
