@@ -40,6 +40,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 from docopt import DocoptExit, docopt
 
@@ -74,6 +75,9 @@ Options:
 
 # How long a stop waits for requests in flight and the pending commit.
 DRAIN_S = 10.0
+# Of DRAIN_S, what the store thread is left at least (a commit waits for
+# a lock greylist_lock_timeout at most, 2 s by default).
+STORE_STOP_S = 3.0
 # How often a cleanup step is looked at (the step itself checks whether
 # a pass is due, as in the policy processes).
 CLEANUP_TICK_S = 1.0
@@ -203,9 +207,13 @@ class Daemon:
         for metric_server in metric_servers:
             metric_server.close()
         tick.cancel()
-        await server.drain(DRAIN_S)
-        # The store thread finishes what is queued (the pending commit).
-        done = await loop.run_in_executor(None, committer.stop, DRAIN_S)
+        # One bound for the whole stop: the connections' requests, then
+        # what is queued in the store thread (the pending commit), with
+        # at least STORE_STOP_S for the latter.
+        deadline = time.monotonic() + DRAIN_S
+        await server.drain(DRAIN_S - STORE_STOP_S)
+        done = await loop.run_in_executor(None, committer.stop,
+                                          max(deadline - time.monotonic(), STORE_STOP_S))
         if not done:
             self.log.warning("the store thread did not finish within %d s" % DRAIN_S)
         await loop.run_in_executor(None, self._close, server.service, found)
