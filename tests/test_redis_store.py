@@ -1286,3 +1286,31 @@ def test_greylistctl_as_root_on_redis_becomes_greylist_user(short_dir):
         "greylist_user no-such-user-here: no such user"
     settings.write_text(base)
     assert _policy_user(load(str(settings), {}), True) is None
+
+
+def test_a_delete_that_keeps_losing_its_race_fails_instead_of_skipping(server, monkeypatch):
+    # Found in review: after WATCH_RETRIES lost races delete_if() skipped
+    # the key without a word, and greylistctl whitelist remove said done.
+    from greylist.stores import redisstore
+    from greylist.stores.base import StoreError
+    from greylist.wiring import redis_table
+    monkeypatch.setattr(redisstore, "WATCH_RETRIES", 3)
+    table = redis_table(Config(database=server.unix_url), "clients")
+    other = redis_table(Config(database=server.unix_url), "clients")
+    table.put(b"192.0.2.7", b"OK manual")
+    table.put(b"192.0.2.8", b"OK manual")
+    rewrites = []
+
+    def doomed(key, value):
+        # Another writer changes the key between the read and the EXEC.
+        if key == b"192.0.2.8":
+            rewrites.append(key)
+            other.put(key, b"OK manual")
+        return True
+    with pytest.raises(StoreError, match="3 concurrent changes of b'192.0.2.8'; giving up "
+                       "after 1 deleted"):
+        table.delete_if([b"192.0.2.7", b"192.0.2.8"], doomed)
+    assert len(rewrites) == 3
+    assert table.get(b"192.0.2.7") is None and table.get(b"192.0.2.8") == b"OK manual"
+    table.close()
+    other.close()

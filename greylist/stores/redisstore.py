@@ -630,6 +630,12 @@ class RedisStore(Store):
                         except redis.exceptions.WatchError:
                             _pause()
                             continue
+                    else:
+                        # Never a silent skip: the caller (greylistctl
+                        # whitelist remove) would report a delete undone.
+                        raise StoreError("redis %s: %d concurrent changes of %r; giving up "
+                                         "after %d deleted" % (self.connection.url,
+                                                               WATCH_RETRIES, k[:100], deleted))
             return deleted
         return self.connection.call(body)
 
