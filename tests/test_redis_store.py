@@ -1314,3 +1314,32 @@ def test_a_delete_that_keeps_losing_its_race_fails_instead_of_skipping(server, m
     assert table.get(b"192.0.2.7") is None and table.get(b"192.0.2.8") == b"OK manual"
     table.close()
     other.close()
+
+
+def test_scan_takes_a_key_that_redis_returns_twice_once(server, monkeypatch):
+    # SCAN may return a key more than once while Redis rehashes the
+    # keyspace; a page must still hold limit distinct keys, in order.
+    from greylist.wiring import redis_table
+    table = redis_table(Config(database=server.unix_url), "clients")
+    keys = [b"192.0.2.%d" % i for i in range(10)]
+    for key in keys:
+        table.put(key, b"OK manual")
+
+    class Twice:
+        def __init__(self, client):
+            self.client = client
+
+        def scan_iter(self, **kwargs):
+            for name in self.client.scan_iter(**kwargs):
+                yield name
+                yield name
+
+        def __getattr__(self, name):
+            return getattr(self.client, name)
+    call = table.connection.call
+    monkeypatch.setattr(table.connection, "call", lambda body: call(lambda c: body(Twice(c))))
+    first = table.scan(None, 4)
+    assert [k for k, _ in first] == sorted(keys)[:4]
+    rest = table.scan(first[-1][0], 100)
+    assert [k for k, _ in rest] == sorted(keys)[4:]
+    table.close()

@@ -575,13 +575,25 @@ class RedisStore(Store):
 
     def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         """Up to limit pairs in key order after after: one SCAN of the table
-        per call (for greylistctl and the contract; items() walks it once)."""
-        import heapq
+        per call (for greylistctl and the contract; items() walks it once).
+        A key that SCAN returns twice (Redis rehashed meanwhile) is taken
+        once: the limit smallest distinct keys, kept in a sorted list."""
+        import bisect
 
         def body(client):
-            keys = (self.key(name) for name in client.scan_iter(
-                match=self.prefix + b"*", count=1000))
-            chosen = heapq.nsmallest(limit, (k for k in keys if after is None or k > after))
+            chosen: list[bytes] = []
+            for name in client.scan_iter(match=self.prefix + b"*", count=1000):
+                k = self.key(name)
+                if after is not None and k <= after:
+                    continue
+                if len(chosen) == limit and (not chosen or k >= chosen[-1]):
+                    continue
+                at = bisect.bisect_left(chosen, k)
+                if at < len(chosen) and chosen[at] == k:
+                    continue
+                chosen.insert(at, k)
+                if len(chosen) > limit:
+                    chosen.pop()
             if not chosen:
                 return []
             values = client.mget([self.stored(k) for k in chosen])
