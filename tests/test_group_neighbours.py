@@ -192,3 +192,29 @@ def test_a_manual_host_entry_is_not_overwritten_by_the_hosts_automatic_one(tmp_p
     assert set(table) == {b"192.0.2.10", b"2001:db8::10"}
     for store in (found.raw, found.clients, found.postscreen):
         store.close()
+
+
+def test_greylistctl_postscreen_says_why_a_proven_prefixs_other_host_is_ignored(
+        tmp_path, capsys):
+    import time
+    from greylist.cli import greylistctl
+    from greylist.stores.lmdb import LmdbStore
+    cfg = settings(tmp_path, "pool")
+    now = int(time.time())
+    store = LmdbStore(cfg.database)
+    store.put(b"192.0.2", b"1:%d:%d:2:client" % (now - 7200, now - 60))
+    store.close()
+    table = LmdbStore(cfg.postscreen_table)
+    table.put(b"192.0.2.10", b"permit %d" % (now - 60))
+    table.close()
+    conf = tmp_path / "greylist.cf"
+    conf.write_text("greylist_database = %s\ngreylist_client_awl_passes = 2\n%s" % (
+        cfg.database, "greylist_allow_root = yes\n" if os.geteuid() == 0 else ""))
+    assert greylistctl.main(["-c", str(conf), "postscreen", "192.0.2.10"]) == 0
+    assert "callout answer: action=pass ttl=86400\nreason: awl-client\n" \
+        in capsys.readouterr().out
+    assert greylistctl.main(["-c", str(conf), "postscreen", "192.0.2.11"]) == 0
+    out = capsys.readouterr().out
+    assert "postscreen table: absent\ncallout answer: action=ignore\nreason: unproven-host\n" \
+        in out, out
+    assert "greylist_client_match = pool keeps access-network hosts apart" in out
