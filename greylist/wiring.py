@@ -74,9 +74,6 @@ def redis_table(cfg: Config, table: str, log: Log | None = None):
     """A table of the Redis database of cfg, on the process's one
     connection to it, with the expiry of the table's entries (log: where
     the connection's one-time notices go)."""
-    from greylist.core import tables
-    from greylist.core.decide import expire_at
-    from greylist.core.record import decode
     from greylist.stores.redisstore import Connection, RedisStore
     where = (cfg.database, cfg.redis_timeout_ms, cfg.redis_password_file)
     if where not in _connections:
@@ -84,17 +81,27 @@ def redis_table(cfg: Config, table: str, log: Log | None = None):
                                          cfg.redis_password_file)
     if log is not None and _connections[where].notice is None:
         _connections[where].notice = log.warning
+    return RedisStore(_connections[where], table, redis_expiry(cfg, table))
+
+
+def redis_expiry(cfg: Config, table: str) -> Callable[[bytes], int | None]:
+    """The expiry of a Redis table's values under cfg's lifetimes: the
+    first second at which LMDB's cleanup would drop a value (None: never).
+    greylistd sets it again at SIGHUP (its lifetimes may change)."""
+    from greylist.core import tables
+    from greylist.core.decide import expire_at
+    from greylist.core.record import decode
     if table == "db":
         def expiry(value: bytes) -> int | None:
             record = decode(value)
             return None if record is None else expire_at(record, cfg)
-    else:
-        lifetime = (cfg.correspondent_lifetime_s if table == "correspondents"
-                    else cfg.max_age_s)
+        return expiry
+    lifetime = (cfg.correspondent_lifetime_s if table == "correspondents"
+                else cfg.max_age_s)
 
-        def expiry(value: bytes) -> int | None:
-            return tables.stamp_expire_at(value, lifetime)
-    return RedisStore(_connections[where], table, expiry)
+    def stamped(value: bytes) -> int | None:
+        return tables.stamp_expire_at(value, lifetime)
+    return stamped
 
 
 def database(cfg: Config, log: Log | None = None, readonly: bool = False,

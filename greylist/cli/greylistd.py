@@ -75,6 +75,8 @@ Options:
 
 # How long a stop waits for requests in flight and the pending commit.
 DRAIN_S = 10.0
+# The SIGHUPs that arrived before the event loop handled the signal.
+_EARLY_HUP: list[int] = []
 # Of DRAIN_S, what the store thread is left at least (a commit waits for
 # a lock greylist_lock_timeout at most, 2 s by default).
 STORE_STOP_S = 3.0
@@ -100,6 +102,10 @@ class Fatal(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the daemon until SIGTERM or SIGINT; return the exit status."""
+    # A SIGHUP before the event loop takes it (a logrotate while greylistd
+    # binds, opens its files and starts its services) must not kill it:
+    # it is noted, and the reload done once greylistd serves.
+    signal.signal(signal.SIGHUP, lambda signum, frame: _EARLY_HUP.append(signum))
     try:
         args = docopt(USAGE, argv=argv, version=__version__)
     except DocoptExit as exc:
@@ -193,6 +199,9 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._reload(server, service))
+        if _EARLY_HUP:
+            _EARLY_HUP.clear()
+            self._reload(server, service)
         tick = loop.create_task(self._cleanup(committer, server))
         self.log.info("greylistd %s serving %s as uid %d"
                       % (__version__, ", ".join(listeners), os.getuid()))
@@ -324,7 +333,13 @@ class Daemon:
             cfg = cfg._replace(**{name: getattr(self.cfg, name) for name in changed})
         current = server.service
         if current.cleaner is not None:
-            current.cleaner.cfg = cfg
+            current.cleaner.reconfigure(cfg)
+        # Redis tables expire their values themselves, with the lifetimes
+        # of the settings.
+        found = self.stores
+        for store in (found.raw, found.clients, found.correspondents, found.postscreen):
+            if wiring.is_redis(cfg) and store is not None:
+                store.expire_at = wiring.redis_expiry(cfg, store.table)
         service = current.renewed(type(current.handler)(cfg, current.handler.host),
                                   Whitelists(cfg, self.log.warning))
         server.reconfigure(service, cfg)
@@ -377,9 +392,11 @@ def _preload(cfg: Config) -> None:
     /root, say)."""
     import concurrent.futures.thread  # noqa: F401  (run_in_executor at stop)
     import hashlib, hmac, ipaddress, secrets, string, traceback  # noqa: F401,E401
-    if cfg.client_match == "domain":
-        from greylist.core.triple import registered_domain
-        registered_domain("example.com")
+    # Whatever greylist_client_match is: a SIGHUP may turn domain mode on
+    # (the suffix list, and the codecs of internationalised names).
+    import encodings.idna, encodings.punycode  # noqa: F401,E401
+    from greylist.core.triple import registered_domain
+    registered_domain("example.com")
     if cfg.metrics_listen:
         import greylist.metrics  # noqa: F401
 

@@ -281,6 +281,13 @@ class Cleaner:
         self._next_check = now + self.cfg.cleanup_interval_s
         return state._replace(last_completed=now, position=None)
 
+    def reconfigure(self, cfg: Config) -> None:
+        """New settings (greylistd's SIGHUP): the next step judges with
+        them and works out again when the next pass is due, so that a
+        shorter greylist_cleanup_interval takes effect now."""
+        self.cfg = cfg
+        self._next_check = 0.0
+
     def _doomed(self, table: int, value: bytes, now: int, key: bytes = b"") -> bool:
         if table == DATABASE:
             # expired() keeps manual entries for ever.

@@ -451,6 +451,7 @@ class RedisStore(Store):
     def __init__(self, connection: Connection, table: str,
                  expire_at: Callable[[bytes], int | None] = lambda value: None) -> None:
         self.connection = connection
+        self.table = table
         self.name = "%s#%s" % (connection.url, table)
         self.path = self.name
         self.prefix = PREFIX + table.encode("ascii") + b":"
