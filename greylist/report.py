@@ -42,6 +42,7 @@ DIAGNOSTICS
 import calendar
 import os
 import re
+import stat
 import sys
 import time
 from typing import IO, NamedTuple
@@ -275,6 +276,14 @@ def open_log(name: str) -> IO[bytes]:
     except OSError as exc:
         raise ReportError("%s: %s%s" % (name, exc.strerror, " (a symbolic link?)"
                                         if os.path.islink(name) else "")) from None
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise ReportError("%s: %s" % (name, exc.strerror)) from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+        os.close(fd)
+        raise ReportError("%s: not a regular file" % name)
     stream = os.fdopen(fd, "rb")
     try:
         if stream.peek(2)[:2] == b"\x1f\x8b":
@@ -287,11 +296,13 @@ def open_log(name: str) -> IO[bytes]:
 
 
 def run(names: list[str], cfg: Config, delay: str | None, top: str | None,
-        out: IO[str] = sys.stdout, stdin: IO[bytes] | None = None,
+        out: IO[str] | None = None, stdin: IO[bytes] | None = None,
         clock=time.time) -> int:
     """greylistctl report: read the files names (none: stdin), print the
-    report to out; return the exit status (2 for a bad option)."""
+    report to out (default: standard output as it is now); return the
+    exit status (2 for a bad option)."""
     from greylist.config import ConfigError, _parse_count, _parse_time
+    out = sys.stdout if out is None else out
     try:
         delay_s = cfg.delay_s if delay is None else _parse_time("--delay", delay)
         shown = 10 if top is None else _parse_count("--top", top)

@@ -611,10 +611,13 @@ def _check(store: Store, cfg: Config) -> int:
         return 0
     from greylist.stores.lmdbenv import Environment
     damaged = 0
+    if not os.path.exists(cfg.database + ".lmdb"):
+        print("check: %s.lmdb: no such database" % cfg.database)
+        return 1
     for name in (cfg.database, cfg.client_table, cfg.correspondent_table,
                  cfg.postscreen_table):
         if not name or not os.path.exists(name + ".lmdb"):
-            continue
+            continue  # A table that no request has needed yet.
         # All in a child process: damage can make a read abort too.
         env = Environment(name, lock_timeout_s=cfg.lock_timeout_ms / 1000)
         try:
@@ -675,6 +678,10 @@ def _show(store: Store, cfg: Config, log: Log, args: dict,
     if args["--client-name"]:
         attrs["client_name"] = args["--client-name"]
     attrs = {name: value for name, value in attrs.items() if value not in ("", "<>")}
+    if "recipient" not in attrs:
+        print("greylistctl: show needs a RECIPIENT (the policy service answers DUNNO "
+              "without one)")
+        return 2
     now = int(clock())
     handler = PolicyHandler(cfg, host_name())
     exemptions = Whitelists(cfg, log.warning).exemptions(now)

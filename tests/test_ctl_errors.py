@@ -1,0 +1,41 @@
+"""greylistctl on input it cannot use: a clear line and an exit status,
+never a traceback (found in review, 2026-12-02)."""
+
+import os
+
+from greylist.cli import greylistctl
+
+ALLOW_ROOT = "greylist_allow_root = yes\n" if os.geteuid() == 0 else ""
+
+
+def settings(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    path = tmp_path / "greylist.cf"
+    path.write_text("greylist_database = %s/db\ngreylist_log = %s/log\n%s"
+                    % (tmp_path, tmp_path, ALLOW_ROOT))
+    return str(path)
+
+
+def test_show_without_a_recipient_says_so(tmp_path, capsys):
+    conf = settings(tmp_path)
+    for recipient in ("", "<>"):
+        assert greylistctl.main(["-c", conf, "show", "192.0.2.1", "a@example.org",
+                                 recipient]) == 2
+        assert capsys.readouterr().out == (
+            "greylistctl: show needs a RECIPIENT (the policy service answers DUNNO "
+            "without one)\n")
+
+
+def test_report_on_a_directory_says_so(tmp_path, capfd):
+    conf = settings(tmp_path)
+    assert greylistctl.main(["-c", conf, "report", str(tmp_path)]) == 1
+    captured = capfd.readouterr()
+    assert "%s: not a regular file" % tmp_path in captured.out + captured.err
+    assert "Traceback" not in captured.out + captured.err
+
+
+def test_check_of_a_database_that_does_not_exist_fails(tmp_path, capsys):
+    conf = settings(tmp_path)
+    assert greylistctl.main(["-c", conf, "check"]) == 1
+    assert capsys.readouterr().out == "check: %s/db.lmdb: no such database\n" % tmp_path
+    assert not (tmp_path / "db.lmdb").exists()
