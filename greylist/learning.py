@@ -161,11 +161,15 @@ class SocketmapService(LearnService):
         return live_entry(values, found[2], int(self.clock()))
 
 
-def live_entry(values: list[bytes | None], lifetime_s: int, now: int) -> bytes:
+def live_entry(values: list[bytes | None], lifetimes: list[int | None], now: int) -> bytes:
     """The reply for the first of a lookup's table entries that lives:
-    "OK STAMP" (or "OK manual"); NOTFOUND if none does."""
-    for value in values:
-        found = _live_entry(value, lifetime_s, now)
+    "OK STAMP" (or "OK manual"); NOTFOUND if none does. lifetimes: of
+    each entry's time stamp; None: only a manual entry counts there."""
+    for value, lifetime_s in zip(values, lifetimes):
+        if lifetime_s is None:
+            found = _live_entry(value, 0, now) if value == b"OK manual" else socketmap.NOTFOUND
+        else:
+            found = _live_entry(value, lifetime_s, now)
         if found != socketmap.NOTFOUND:
             return found
     return socketmap.NOTFOUND

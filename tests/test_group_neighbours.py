@@ -218,3 +218,72 @@ def test_greylistctl_postscreen_says_why_a_proven_prefixs_other_host_is_ignored(
     assert "postscreen table: absent\ncallout answer: action=ignore\nreason: unproven-host\n" \
         in out, out
     assert "greylist_client_match = pool keeps access-network hosts apart" in out
+
+
+def test_whitelist_remove_of_a_group_takes_its_hosts_out_of_the_client_table(tmp_path,
+                                                                             postmap):
+    # Found in review: remove deleted the group's key, which pool mode no
+    # longer writes, and left the hosts' entries for check_client_access.
+    from greylist.cli import greylistctl
+    cfg = settings(tmp_path, "pool")
+    clock = Clock(int(__import__("time").time()) - 7300)
+    start = clock.now
+    found = stores(cfg)
+    service = policy_service(cfg, Recorder(), clock, cleanup=False, found=found)
+    for hour, sender in enumerate(("x@remote.test", "w@remote.test")):
+        clock.now = start + hour * 3600
+        assert rcpt(service, MAIL_SERVER, sender).startswith("DEFER")
+        clock.now += 61
+        assert rcpt(service, MAIL_SERVER, sender) == "DUNNO"
+    service.close()
+    found.clients.put(b"192.0.2.20", b"OK manual")   # a manual host entry stays
+    for store in (found.raw, found.clients, found.postscreen):
+        store.close()
+    assert postmap_query(postmap, cfg.client_table, "192.0.2.10") is not None
+    conf = tmp_path / "greylist.cf"
+    conf.write_text("greylist_database = %s\ngreylist_client_awl_passes = 2\n%s" % (
+        cfg.database, "greylist_allow_root = yes\n" if os.geteuid() == 0 else ""))
+    assert greylistctl.main(["-c", str(conf), "whitelist", "remove", "192.0.2.10"]) == 0
+    assert postmap_query(postmap, cfg.client_table, "192.0.2.10") is None
+    assert postmap_query(postmap, cfg.client_table, "192.0.2.20") == "OK manual"
+
+
+@pytest.mark.parametrize("key, match, stale", [
+    (b"192.0.2/#auto", "pool", True),        # kept beside a manual group entry
+    (b"192.0.2.10/#auto", "pool", False),
+    (b"192.0.2.10/#auto", "domain", False),
+    (b"shop.test/#auto", "domain", True),
+    (b"outlook.com/#auto", "pool", False),
+    (b"2001:db8::1/#auto", "domain", False),
+    (b"192.0.2/#auto", "prefix", False),
+])
+def test_a_kept_automatic_value_is_judged_by_its_own_key(key, match, stale):
+    from greylist.core.triple import stale_group_key
+    assert stale_group_key(key, match) is stale
+
+
+def test_a_cleanup_dry_run_counts_the_stale_group_entries(tmp_path):
+    from greylist.stores.cleanup import Cleaner
+    from greylist.stores.lmdb import LmdbStore
+    cfg = settings(tmp_path, "pool")
+    database, table = LmdbStore(cfg.database), LmdbStore(cfg.client_table)
+    table.put(b"192.0.2", b"%d" % T)
+    table.put(b"192.0.2.10", b"%d" % T)
+    cleaner = Cleaner(database, table, cfg, Recorder(), Clock(T + 60))
+    assert cleaner.count(T + 60) == (1, 1)
+    cleaner.close()
+    table.close()
+
+
+def test_the_socketmap_clients_map_takes_only_a_manual_entry_at_a_pool_modes_prefix():
+    # An automatic stamp at "192.0.2" (older versions', or copied into
+    # Redis) would let the access host through the map.
+    from greylist.handlers.learn import table_lookup
+    from greylist.learning import live_entry
+    for match, found in (("pool", b"9:NOTFOUND ,"), ("domain", b"9:NOTFOUND ,"),
+                         ("prefix", b"13:OK %d," % T)):
+        cfg = Config(client_match=match)
+        _, keys, lifetimes = table_lookup("clients", "192.0.2.11", cfg)
+        assert keys == [b"192.0.2.11", b"192.0.2"]
+        assert live_entry([None, b"%d" % T], lifetimes, T + 60) == found, match
+        assert live_entry([None, b"OK manual"], lifetimes, T + 60) == b"12:OK OK manual,"

@@ -327,6 +327,14 @@ def test_greylistctl_staying_root_runs_the_db_tools_as_nobody(site, pgdir, tools
         assert (done.returncode, done.stdout) == (
             1, "greylistctl: import-postgrey: db_recover failed (exit status 1): uid=%d "
             "groups=%d\n" % (nobody.pw_uid, nobody.pw_gid)), args
+    # greylist_user = root: greylistctl "becomes" root, the tools do not.
+    cf = site / "gl.cf"
+    cf.write_text(cf.read_text().replace("greylist_allow_root = yes\n", "")
+                  + "greylist_user = root\n")
+    done = with_tools(site, pgdir, tools)
+    assert (done.returncode, done.stdout) == (
+        1, "greylistctl: import-postgrey: db_recover failed (exit status 1): uid=%d "
+        "groups=%d\n" % (nobody.pw_uid, nobody.pw_gid))
 
 
 def test_symbolic_links_and_missing_files_are_refused(site, pgdir, tmp_path):

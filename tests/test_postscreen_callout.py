@@ -73,7 +73,8 @@ CASES = [
     # service saw (the postscreen table): pool mode keeps an access-network
     # neighbour (dsl-203-0-113-8...) apart from the /24's mail servers.
     ("203.0.113.8", "ignore", None, "unproven-host", "203.0.113.8"),
-    ("2001:db8:2:3::2", "ignore", None, "unproven-host", "2001:db8:2:3::2"),
+    # IPv6: pool mode keys no host of a /64 apart, the /64's entry passes.
+    ("2001:db8:2:3::2", "pass", PS_TTL, "awl-client", "2001:db8:2:3::2"),
     ("198.18.5.1", "ignore", None, "unproven-host", "198.18.5.1"),  # table entry expired
     ("10.1.2.3", "pass", PS_TTL, "trusted", "10.1.2.3"),
     ("::ffff:10.1.2.3", "pass", PS_TTL, "trusted", "10.1.2.3"),

@@ -1343,3 +1343,31 @@ def test_scan_takes_a_key_that_redis_returns_twice_once(server, monkeypatch):
     rest = table.scan(first[-1][0], 100)
     assert [k for k, _ in rest] == sorted(keys)[4:]
     table.close()
+
+
+def test_greylistctl_import_leaves_the_group_entries_of_older_versions_behind(server,
+                                                                             short_dir):
+    # Pool mode (the default): an automatic "192.0.2" stamp, which versions
+    # before 0.5 wrote, would let every host of the /24 through the
+    # socketmap clients map; Redis has no cleanup pass to drop it.
+    from greylist.stores.lmdb import LmdbStore
+    from greylist.wiring import redis_table
+    lmdb_dir = short_dir / "old"
+    lmdb_dir.mkdir()
+    os.chmod(lmdb_dir, 0o755)
+    now = int(time.time())
+    database = LmdbStore(str(lmdb_dir / "gl"))
+    database.open()
+    database.close()
+    table = LmdbStore(str(lmdb_dir / "gl-clients"))
+    table.put(b"192.0.2", b"%d" % now)
+    table.put(b"192.0.2.10", b"%d" % now)
+    table.put(b"198.51.100", b"OK manual")
+    table.close()
+    redis_settings = write_settings(short_dir / "redis", "gl", server.unix_url)
+    status, out = ctl(redis_settings, "import", str(lmdb_dir / "gl"))
+    assert status == 0, out
+    assert "import: client table: 2 copied, 1 expired left behind" in out, out
+    clients = redis_table(load(redis_settings, {}), "clients")
+    assert dict(clients.items()) == {b"192.0.2.10": b"%d" % now, b"198.51.100": b"OK manual"}
+    clients.close()

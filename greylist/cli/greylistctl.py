@@ -352,6 +352,36 @@ def _manual_record(value: bytes | None) -> bool:
     return record is not None and record.state == records.MANUAL
 
 
+def _untable(table: Store, store: Store, cfg: Config, group: str) -> int:
+    """Pool and domain modes: remove the client table's automatic entries
+    of a prefix group's hosts (core/triple.py auto_table_key) once the
+    group's own entry no longer whitelists it; return how many. Manual
+    host entries ("OK manual") stay. A domain group's hosts cannot be
+    told from their addresses: theirs expire with their lifetime."""
+    from greylist.core.decide import whitelisted_client
+    if cfg.client_match not in ("pool", "domain"):
+        return 0
+    now = int(time.time())
+    value = store.get(client_key(group))
+    record = None if value is None else records.decode(value)
+    if record is not None and (record.state == records.MANUAL or (
+            whitelisted_client(record, cfg) and not expired(record, now, cfg))):
+        return 0
+    doomed = []
+    for key, stamp in table.items(MANUAL_BATCH):
+        if not stamp.isdigit():
+            continue
+        try:
+            address = client_address(key.decode("ascii"))
+        except (BadAddress, UnicodeDecodeError):
+            continue
+        if address.encode("ascii") == key and client_group(address, None, cfg) == group:
+            doomed.append(key)
+    if not doomed:
+        return 0
+    return table.delete_if(doomed, lambda k, v: v is not None and v.isdigit())
+
+
 def _unscreen(screened: Store, store: Store, cfg: Config, group: str | None = None) -> int:
     """Take back the postscreen table's entries that no manual entry
     covers any more; return how many changed.
@@ -466,10 +496,14 @@ def _import(store: Store, cfg: Config, log: Log, source: str) -> int:
             pairs.append((label, LmdbStore(name, readonly=True), target,
                           lambda value, lifetime=lifetime: (lambda at: at is None or at > now)(
                               stamp_expire_at(value, lifetime))))
+    from greylist.core.triple import stale_group_key
     for label, source_store, target, live in pairs:
         copied = skipped = 0
         for key, value in source_store.items(MANUAL_BATCH):
-            if live(value):
+            if label == "client table" and value.isdigit() and stale_group_key(
+                    key, cfg.client_match):
+                skipped += 1  # A group entry of an older version (cleanup drops them).
+            elif live(value):
                 target.put(key, value)
                 copied += 1
             else:
@@ -497,7 +531,7 @@ def _stage_postgrey(cfg: Config, args: dict, user: tuple[int, int] | None
         print("greylistctl: import-postgrey: %s" % exc)
         return 2
     tools = None
-    if user is None and os.geteuid() == 0:
+    if os.geteuid() == 0 and (user is None or user[0] == 0):  # greylist_user = root too
         import pwd
         try:
             nobody = pwd.getpwnam(TOOL_USER)
@@ -894,6 +928,8 @@ def _whitelist(store: Store, cfg: Config, log: Log, args: dict) -> int:
             # an automatic entry removes its time stamp.
             if not _restore(table, table_name, is_ok, table_live) and not was_manual:
                 table.delete(table_name)
+            if address is not None and not single:
+                _untable(table, store, cfg, group)
         if screened is not None and single:
             if not _manual_record(store.get(client_key(client_group(address, None, cfg)))):
                 _restore(screened, address.encode("ascii"), MANUAL_PERMIT.__eq__,

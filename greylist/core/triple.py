@@ -398,7 +398,12 @@ def stale_group_key(key: bytes, client_match: str) -> bool:
     in pool and domain modes, a domain in domain mode. Versions before 0.5
     wrote them; check_client_access would match them for every host of
     the prefix or domain. Manual entries ("OK manual") are not asked."""
-    if client_match not in ("pool", "domain") or b":" in key:
+    if client_match not in ("pool", "domain"):
+        return False
+    # An automatic value that a manual entry displaced (greylistctl keeps
+    # it under KEY/#auto) is judged by its own key.
+    key = key.removesuffix(b"/#auto")
+    if b":" in key:
         return False
     parts = key.split(b".")
     if len(parts) <= 3 and all(part.isdigit() for part in parts):

@@ -168,18 +168,21 @@ class SocketmapHandler:
         return [], None
 
 
-def table_lookup(name: str, key: str, cfg: Config) -> tuple[str, list[bytes], int] | None:
+def table_lookup(name: str, key: str, cfg: Config
+                 ) -> tuple[str, list[bytes], list[int | None]] | None:
     """For a lookup in the clients or correspondents map of the socketmap
     server (how Postfix reads those tables when they live in Redis):
-    (TABLE_CLIENTS or TABLE, the table keys to read, the entries'
-    lifetime), or None for a key that the table cannot hold. The first
-    key with a live entry answers.
+    (TABLE_CLIENTS or TABLE, the table keys to read, the lifetime of each
+    key's entries: None where only a manual entry counts), or None for a
+    key that the table cannot hold. The first key with a live entry
+    answers.
 
     smtpd sends a socketmap the full client address and name only (no
     partial forms), so the map does what check_client_access does with
     an LMDB table: the address's own entry first (a host entry, or an
     automatic entry in pool and domain modes), then its group's (a
-    prefix or a manual group entry)."""
+    prefix entry; in pool and domain modes a manual one only: their
+    automatic entries are the hosts', core/triple.py auto_table_key)."""
     if name == cfg.socketmap_clients_name:
         from greylist.core.triple import (BadAddress, UNKNOWN_CLIENT, client_address,
                                           client_group, registered_domain, table_key)
@@ -195,16 +198,25 @@ def table_lookup(name: str, key: str, cfg: Config) -> tuple[str, list[bytes], in
                 from greylist.core.pools import POOL_ALIASES, pool_of, pool_set
                 group = pool_of(key.casefold(), pool_set(cfg.pool_domains))
                 group = POOL_ALIASES.get(group, group)
-            return None if group is None else (TABLE_CLIENTS, [group.encode("ascii")],
-                                               cfg.max_age_s)
+            if group is None:
+                return None
+            # Pools stay whole (auto_table_key); a domain group's
+            # automatic entries are its hosts'.
+            return (TABLE_CLIENTS, [group.encode("ascii")],
+                    [None if cfg.client_match == "domain" else cfg.max_age_s])
         if address == UNKNOWN_CLIENT:
             return None
-        found = [address.encode("ascii"), table_key(address, client_group(address, None, cfg))]
-        return TABLE_CLIENTS, list(dict.fromkeys(found)), cfg.max_age_s
+        own = address.encode("ascii")
+        group = table_key(address, client_group(address, None, cfg))
+        if group == own:
+            return TABLE_CLIENTS, [own], [cfg.max_age_s]
+        per_host = cfg.client_match in ("pool", "domain")
+        return TABLE_CLIENTS, [own, group], [cfg.max_age_s,
+                                             None if per_host else cfg.max_age_s]
     if name == cfg.socketmap_correspondents_name:
         if correspondents.screen(key, cfg) in (correspondents.NULL, correspondents.IMPLAUSIBLE):
             return None
-        return TABLE, [correspondents.table_key(key, cfg)], cfg.correspondent_lifetime_s
+        return TABLE, [correspondents.table_key(key, cfg)], [cfg.correspondent_lifetime_s]
     return None
 
 

@@ -29,21 +29,23 @@ DESCRIPTION
     whose pure change() reads the group's client record and writes
     nothing; decide() turns that record into the verdict.
 
-    With greylist_client_match = pool or domain, a prefix's record is
-    not proof for every address of the prefix: those modes key an
-    access-network host (dsl-1-2-3-4.example.net) apart from the mail
-    servers of its /24 or domain, and postscreen cannot tell which one
-    asks. So past a manual entry and the address's own record, a client
-    passes (awl-client) only when the postscreen table
-    (greylist_postscreen_table, written by the policy service, which
-    knows the client's name) lists the address itself: the change then
-    returns a second Lookup, of that table (table=True). The ttl is no
-    longer than that entry lives, nor than the prefix's entry when it
-    has one. A client whose prefix is proven but that the table does not
-    list is "ignore" (unproven-host). This also passes the mail servers
-    of a domain group, which the records alone cannot. Manual group
-    entries (greylistctl whitelist add) still pass the whole prefix:
-    they are the administrator's choice.
+    With greylist_client_match = pool, an IPv4 prefix's automatic entry
+    is not proof for every address of the prefix: pool mode keys an
+    access-network host (dsl-1-2-3-4.example.net) by its address, apart
+    from the mail servers of its /24, and postscreen cannot tell which
+    one asks. So such an entry passes a client (awl-client) only when
+    the postscreen table (greylist_postscreen_table, written by the
+    policy service, which knows the client's name) lists the address
+    itself: the change then returns a second Lookup, of that table
+    (table=True), and the ttl is no longer than that entry lives either.
+    A client whose prefix is proven but that the table does not list,
+    or that there is no table to list (privacy mode), is "ignore"
+    (unproven-host). IPv6 prefixes (pool mode groups no IPv6 host apart)
+    and manual group entries (greylistctl whitelist add, the
+    administrator's choice) pass the whole prefix as before. With
+    greylist_client_match = domain, where the records cannot find a
+    domain group from an address, a client that they do not pass is
+    passed when the postscreen table lists it.
 
     This module never touches a store or a stream.
 
@@ -102,9 +104,12 @@ class PostscreenHandler:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        # Whether an automatic entry of a wider group needs the address in
-        # the postscreen table (see DESCRIPTION).
-        self.per_host = cfg.client_match in ("pool", "domain")
+        # Pool mode: an IPv4 prefix's automatic entry passes only the
+        # addresses that the postscreen table lists; domain mode: the table
+        # passes the hosts of domain groups, which the records cannot find
+        # from an address (see DESCRIPTION).
+        self.per_host_ipv4 = cfg.client_match == "pool"
+        self.domain_hosts = cfg.client_match == "domain" and bool(cfg.postscreen_table)
         self.drop = [ipaddress.ip_network(n, strict=False)
                      for n in cfg.postscreen_drop_networks]
         self.enforce = [ipaddress.ip_network(n, strict=False)
@@ -134,7 +139,9 @@ class PostscreenHandler:
                 own = self.decide(address, values[1], now)
                 if own.action == "pass":
                     verdict = own
-                elif self.per_host and verdict.reason != MANUAL_CLIENT:
+                elif verdict.reason == AWL_CLIENT and self.per_host_ipv4 and ":" not in address:
+                    verdict = self.host_lookup(verdict, now)
+                elif verdict.action != "pass" and self.domain_hosts:
                     verdict = self.host_lookup(verdict, now)
             return [None] * len(values), verdict
         return Lookup(address, keys, change)

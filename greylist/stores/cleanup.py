@@ -307,8 +307,8 @@ class Cleaner:
         """Walk everything without deleting; return (retained, dropped)."""
         retained = dropped = 0
         for table, store in self.stores.items():
-            for _, value in store.items(self.batch):
-                if self._doomed(table, value, now):
+            for key, value in store.items(self.batch):
+                if self._doomed(table, value, now, key):
                     dropped += 1
                 else:
                     retained += 1
