@@ -1371,3 +1371,42 @@ def test_greylistctl_import_leaves_the_group_entries_of_older_versions_behind(se
     clients = redis_table(load(redis_settings, {}), "clients")
     assert dict(clients.items()) == {b"192.0.2.10": b"%d" % now, b"198.51.100": b"OK manual"}
     clients.close()
+
+
+def test_greylistctl_import_into_privacy_mode_hashes_plaintext_keys(server, short_dir):
+    # Found in review: keys were copied as stored, so a plaintext LMDB
+    # database left addresses in a privacy-mode Redis, where no request
+    # found them either.
+    from greylist.stores.lmdb import LmdbStore
+    from greylist.stores.privacy import hashed, load_secret
+    from greylist.wiring import redis_table
+    lmdb_dir = short_dir / "plain"
+    lmdb_dir.mkdir()
+    os.chmod(lmdb_dir, 0o755)
+    now = int(time.time())
+    manual = records.encode(records.Record(now, now, 1, records.MANUAL))
+    source = LmdbStore(str(lmdb_dir / "gl"))
+    source.put(b"192.0.2", manual)
+    source.put(b"f" * 64, manual)     # a privacy-mode key already
+    source.close()
+    redis_dir = short_dir / "private"
+    redis_dir.mkdir()
+    os.chmod(redis_dir, 0o755)
+    redis_settings = write_settings(redis_dir, "gl", server.unix_url,
+                                    "greylist_privacy = yes\ngreylist_secret_file = %s\n"
+                                    % (redis_dir / "secret"))
+    status, out = ctl(redis_settings, "import", str(lmdb_dir / "gl"))
+    assert status == 0 and "import: database: 2 copied, 0 expired left behind" in out, out
+    cfg = load(redis_settings, {})
+    from greylist.config import resolve
+    secret = load_secret(resolve(cfg).secret_file)
+    db = redis_table(cfg, "db")
+    assert dict(db.items()) == {hashed(secret, b"192.0.2"): manual, b"f" * 64: manual}
+    status, out = ctl(redis_settings, "show", "192.0.2.1", "a@example.org", "b@example.net")
+    assert "reason: manual-client" in out, out
+    # Without privacy mode the hash is left behind, and said so.
+    plain_settings = write_settings(short_dir / "plainredis", "gl2", server.unix_url)
+    status, out = ctl(plain_settings, "import", str(lmdb_dir / "gl"))
+    assert status == 0 and "import: database: 1 copied" in out, out
+    assert "1 keys left behind that are privacy mode's keyed hashes" in out, out
+    db.close()

@@ -47,6 +47,7 @@ DIAGNOSTICS
 """
 
 import os
+import re
 import sys
 import time
 from typing import Callable
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
         if args["postscreen"]:
             return _postscreen(keyed, cfg, log, args["CLIENT"])
         if args["import"]:
-            return _import(store, cfg, log, args["LMDB"])
+            return _import(store, cfg, log, args["LMDB"], keyed)
         if args["dump"]:
             if args["--postscreen"]:
                 table = _screened(cfg, readonly=True)
@@ -469,8 +470,14 @@ def _postscreen(store: Store, cfg: Config, log: Log, client: str) -> int:
     return 0
 
 
-def _import(store: Store, cfg: Config, log: Log, source: str) -> int:
-    """Copy an LMDB database and its tables into the Redis database."""
+def _import(store: Store, cfg: Config, log: Log, source: str, keyed: Store | None = None
+            ) -> int:
+    """Copy an LMDB database and its tables into the Redis database.
+
+    In privacy mode (keyed: the database as handlers key it) a plaintext
+    key is written hashed; a key that is a hash already (a database of
+    privacy mode) is copied as it is. Without privacy mode, hashed keys
+    are left behind: no plaintext request would ever find them."""
     from greylist.config import resolve
     from greylist.core.decide import expire_at, expired
     from greylist.core.tables import stamp_expire_at
@@ -498,21 +505,33 @@ def _import(store: Store, cfg: Config, log: Log, source: str) -> int:
                               stamp_expire_at(value, lifetime))))
     from greylist.core.triple import stale_group_key
     for label, source_store, target, live in pairs:
-        copied = skipped = 0
+        copied = skipped = hashes = 0
         for key, value in source_store.items(MANUAL_BATCH):
             if label == "client table" and value.isdigit() and stale_group_key(
                     key, cfg.client_match):
                 skipped += 1  # A group entry of an older version (cleanup drops them).
-            elif live(value):
+            elif not live(value):
+                skipped += 1
+            elif label != "database" or cfg.privacy == (_HASHED.fullmatch(key) is not None):
                 target.put(key, value)
                 copied += 1
+            elif cfg.privacy:
+                (keyed or target).put(key, value)  # plaintext: hashed on the way
+                copied += 1
             else:
-                skipped += 1
+                hashes += 1
         source_store.close()
         print("import: %s: %d copied, %d expired left behind" % (label, copied, skipped))
         log.info("import from %s: %s: %d copied, %d expired left behind"
                  % (source, label, copied, skipped))
+        if hashes:
+            print("import: %s: %d keys left behind that are privacy mode's keyed hashes "
+                  "(greylist_privacy = no here)" % (label, hashes))
     return 0
+
+
+# A key as privacy mode stores it (stores/privacy.py): hex HMAC-SHA256.
+_HASHED = re.compile(rb"[0-9a-f]{64}")
 
 
 def _stage_postgrey(cfg: Config, args: dict, user: tuple[int, int] | None
