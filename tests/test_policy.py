@@ -353,3 +353,18 @@ def test_a_request_in_the_buffer_is_answered_without_another_read():
     reader.read()
     reader.read()
     assert stream.reads == 1
+
+
+@pytest.mark.parametrize("cut", [None, 20, 40, 66000, 70030, 70041])
+def test_a_nul_byte_in_an_over_long_line_ends_the_connection_however_it_arrives(cut):
+    # Found in review: past the line cap, a NUL was discarded with the
+    # rest of the line when the line came in pieces (RequestTooLong,
+    # answered), and was a ProtocolError when it came whole.
+    request = (b"request=smtpd_access_policy\nccert_subject=" + b"A" * 70000 + b"\0"
+               + b"B" * 10 + b"\nrecipient=x@example.org\n\n")
+    decoder = Decoder()
+    with pytest.raises(ProtocolError, match="NUL byte in line") as raised:
+        for chunk in ([request] if cut is None else [request[:cut], request[cut:]]):
+            decoder.feed(chunk)
+            assert decoder.next() is None
+    assert not isinstance(raised.value, RequestTooLong)

@@ -149,6 +149,10 @@ class Decoder:
                 self._line = start
                 if len(buf) - start > self.max_line:
                     # Discard the line as it arrives: only its name is kept.
+                    # A NUL anywhere in it ends the connection, as in a
+                    # line that arrives whole (the same for any chunking).
+                    if b"\0" in buf[start:]:
+                        raise ProtocolError("NUL byte in line %s" % _show(buf[start:]))
                     self._dropped.append((_name(buf[start:start + self.max_line],
                                                 self.max_line), len(buf) - start))
                     self._dropping = True
@@ -183,6 +187,8 @@ class Decoder:
         name, size = self._dropped[-1]
         newline = buf.find(b"\n")
         end = len(buf) if newline < 0 else newline
+        if b"\0" in buf[:end]:
+            raise ProtocolError("NUL byte in line %s" % _show_value(name))
         self._dropped[-1] = (name, size + end)
         self._skip(end)
         if newline < 0:
