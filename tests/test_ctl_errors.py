@@ -39,3 +39,11 @@ def test_check_of_a_database_that_does_not_exist_fails(tmp_path, capsys):
     assert greylistctl.main(["-c", conf, "check"]) == 1
     assert capsys.readouterr().out == "check: %s/db.lmdb: no such database\n" % tmp_path
     assert not (tmp_path / "db.lmdb").exists()
+
+
+def test_postscreen_names_the_database_error(tmp_path, capsys):
+    # It said "unavailable after an earlier error", the callout's own
+    # failure having gone to its quiet log.
+    conf = settings(tmp_path)
+    assert greylistctl.main(["-c", conf, "postscreen", "192.0.2.1"]) == 1
+    assert capsys.readouterr().out == "greylistctl: %s/db.lmdb: no such database\n" % tmp_path

@@ -443,6 +443,8 @@ def _postscreen(store: Store, cfg: Config, log: Log, client: str) -> int:
     except ProtocolError:
         print("greylistctl: %s is not an IP address" % client)
         return 2
+    # The callout logs a store failure and answers ignore: say it here.
+    store.open()
     quiet = Log("greylistctl", "/dev/null")
     table = _screened(cfg, readonly=True)
     service = PostscreenService(PostscreenHandler(cfg), store, Whitelists(cfg, log.warning),
