@@ -466,9 +466,11 @@ def _postscreen(store: Store, cfg: Config, log: Log, client: str) -> int:
         verdict.reason))
     if verdict.reason == UNPROVEN_HOST:
         print("(the client group's automatic entry is proof for the hosts that the policy "
-              "service saw with their names, which the postscreen table lists; "
-              "greylist_client_match = %s keeps access-network hosts apart)"
-              % cfg.client_match)
+              "service saw with their names, which %s; greylist_client_match = %s keeps "
+              "access-network hosts apart)"
+              % ("the postscreen table lists" if cfg.postscreen_table else
+                 "only a postscreen table could list (greylist_postscreen_table is none, "
+                 "or privacy mode)", cfg.client_match))
     return 0
 
 
