@@ -47,3 +47,16 @@ def test_postscreen_names_the_database_error(tmp_path, capsys):
     conf = settings(tmp_path)
     assert greylistctl.main(["-c", conf, "postscreen", "192.0.2.1"]) == 1
     assert capsys.readouterr().out == "greylistctl: %s/db.lmdb: no such database\n" % tmp_path
+
+
+def test_a_read_only_command_on_an_empty_database_file_says_so(tmp_path, capsys):
+    # Found in review: "Bad file descriptor" (a crash between creating the
+    # file and LMDB's first write leaves one).
+    conf = settings(tmp_path)
+    (tmp_path / "db.lmdb").write_bytes(b"")
+    os.chmod(tmp_path / "db.lmdb", 0o600)
+    for command in (["stats"], ["dump"]):
+        assert greylistctl.main(["-c", conf] + command) == 1, command
+        assert capsys.readouterr().out == (
+            "greylistctl: %s/db.lmdb: an empty file, no database yet (greylist initialises "
+            "it at its first write)\n" % tmp_path), command

@@ -106,6 +106,11 @@ def open_data_file(path: str, readonly: bool, private: bool) -> tuple[int, bool]
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise StoreError("refusing %s: not a regular file" % path)
+        if readonly and st.st_size == 0:
+            # LMDB initialises an empty file when it may write; a reader
+            # cannot (py-lmdb: "Bad file descriptor").
+            raise StoreError("%s: an empty file, no database yet (greylist initialises it "
+                             "at its first write)" % path)
         if not existed:
             # Whatever the umask: see the module description.
             os.fchmod(fd, 0o600 if private else _table_mode(path))
