@@ -1410,3 +1410,17 @@ def test_greylistctl_import_into_privacy_mode_hashes_plaintext_keys(server, shor
     assert status == 0 and "import: database: 1 copied" in out, out
     assert "1 keys left behind that are privacy mode's keyed hashes" in out, out
     db.close()
+
+
+def test_a_sentinel_failure_is_logged_without_redis_pys_object_reprs():
+    # Found in review: MasterNotFoundError's text quoted redis-py's client
+    # objects, several kilobytes a line.
+    from redis.sentinel import MasterNotFoundError
+    from greylist.stores.redisstore import MAX_ERROR_TEXT, describe
+    pool = "<redis.connection.ConnectionPool(<redis.connection.UnixDomainSocketConnection(%s)>)>"
+    text = describe(MasterNotFoundError(
+        "No master found for 'mymaster' : {%s}" % ", ".join(
+            "<redis.client.Redis(%s)>: ConnectionError('Error 111 connecting')"
+            % (pool % ("path=/tmp/s%d,db=0" % i * 20)) for i in range(3))))
+    assert text.startswith("MasterNotFoundError: No master found for 'mymaster' : {"), text
+    assert "ConnectionPool" not in text and len(text) <= MAX_ERROR_TEXT + 30, text

@@ -59,6 +59,7 @@ DIAGNOSTICS
 
 import hashlib
 import os
+import re
 import stat
 import threading
 import time
@@ -412,6 +413,11 @@ def describe(exc: Exception) -> str:
         text = text.split("caused error:", 1)[1].strip()
     # Redis quotes the first arguments of an unknown command: keys, values.
     text = text.split(", with args beginning with:", 1)[0]
+    # redis-py's Sentinel errors quote its client objects (kilobytes of
+    # repr): the reprs go, and the line stays short.
+    text = re.sub(r"<redis\.[^<>]*(?:<[^<>]*>[^<>]*)*>", "...", text)
+    if len(text) > MAX_ERROR_TEXT:
+        text = text[:MAX_ERROR_TEXT] + "..."
     name = type(exc).__name__
     code = _CODES.get(name)
     if name == "AuthenticationError":
@@ -423,6 +429,9 @@ def describe(exc: Exception) -> str:
         name = "%s (%s)" % (code, name)
     return "%s: %s" % (name, text) if text else name
 
+
+# The longest Redis error text that a log line quotes.
+MAX_ERROR_TEXT = 300
 
 # Redis's error codes, which redis-py turns into exception classes.
 _CODES = {"OutOfMemoryError": "OOM",
