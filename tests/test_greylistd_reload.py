@@ -31,6 +31,21 @@ def wait_for(predicate, timeout: float = WAIT_S) -> bool:
     return predicate()
 
 
+def has_open(pid: int, path: pathlib.Path) -> bool:
+    """Whether process pid has the file path open (/proc/PID/fd)."""
+    try:
+        names = os.listdir("/proc/%d/fd" % pid)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            if os.readlink("/proc/%d/fd/%s" % (pid, name)) == str(path):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def short_site(prefix: str) -> pathlib.Path:
     site = pathlib.Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     os.chmod(site, 0o755)
@@ -129,7 +144,9 @@ def test_a_sighup_while_greylistd_starts_is_a_reload_not_its_end():
         proc = subprocess.Popen(daemons.command(settings), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env=daemons.environment(), cwd=str(site))
-        time.sleep(1.0)
+        # Once greylistd has the database open, while the lock holds its
+        # start up.
+        assert wait_for(lambda: has_open(proc.pid, site / "db.lmdb")), proc.poll()
         log = site / "log"
         assert not (log.exists() and "serving" in log.read_text())
         os.kill(proc.pid, signal.SIGHUP)
