@@ -6,8 +6,9 @@ DESCRIPTION
     asks for its postscreen map: each request's client address is
     checked (protocols/postscreen.py), the handler (handlers/postscreen.py)
     answers, reading the client's group record in one short read
-    transaction when it must (and in pool and domain modes the address's
-    entry in the postscreen table after it), and the verdict is logged and sent. The
+    transaction when it must (then, for pool mode's IPv4 prefixes and in
+    domain mode, the address's entry in the postscreen table), and the
+    verdict is logged and sent. The
     database is opened with a lock budget of BUDGET_S: postscreen gives
     up after postscreen_policy_timeout and uses its default action, so a
     late answer is worse than "ignore", which is what a database that is
@@ -76,8 +77,8 @@ class PostscreenService:
         """The verdict for a canonical client address, logged."""
         now = int(self.clock())
         step = self.handler.prepare(address, now, self.whitelists.exemptions(now))
-        # At most two reads: the client records, then (pool and domain
-        # modes) the postscreen table's entry of the address.
+        # At most two reads: the client records, then (pool mode's IPv4
+        # prefixes, domain mode) the postscreen table's entry of the address.
         while isinstance(step, Lookup):
             store = self.table if step.table else self.store
             try:

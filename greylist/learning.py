@@ -165,22 +165,21 @@ def live_entry(values: list[bytes | None], lifetimes: list[int | None], now: int
     """The reply for the first of a lookup's table entries that lives:
     "OK STAMP" (or "OK manual"); NOTFOUND if none does. lifetimes: of
     each entry's time stamp; None: only a manual entry counts there."""
+    from greylist.core.tables import MANUAL_OK
     for value, lifetime_s in zip(values, lifetimes):
-        if lifetime_s is None:
-            found = _live_entry(value, 0, now) if value == b"OK manual" else socketmap.NOTFOUND
-        else:
-            found = _live_entry(value, lifetime_s, now)
-        if found != socketmap.NOTFOUND:
-            return found
+        if lifetime_s is not None or value == MANUAL_OK:
+            found = _live_entry(value, lifetime_s or 0, now)
+            if found != socketmap.NOTFOUND:
+                return found
     return socketmap.NOTFOUND
 
 
 def _live_entry(value: bytes | None, lifetime_s: int, now: int) -> bytes:
     """The reply for a table entry: "OK STAMP" while it lives, else NOTFOUND."""
-    from greylist.core.tables import stamp_expire_at
-    if value == b"OK manual":
+    from greylist.core.tables import MANUAL_OK, stamp_expire_at
+    if value == MANUAL_OK:
         # The reply's data is the table's value: "OK manual", an OK.
-        return socketmap.format_reply("OK", "OK manual")
+        return socketmap.format_reply("OK", MANUAL_OK.decode("ascii"))
     if value is None or not value.isdigit():
         return socketmap.NOTFOUND
     when = stamp_expire_at(value, lifetime_s)

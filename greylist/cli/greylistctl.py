@@ -47,7 +47,6 @@ DIAGNOSTICS
 """
 
 import os
-import re
 import sys
 import time
 from typing import Callable
@@ -474,8 +473,7 @@ def _postscreen(store: Store, cfg: Config, log: Log, client: str) -> int:
     return 0
 
 
-def _import(store: Store, cfg: Config, log: Log, source: str, keyed: Store | None = None
-            ) -> int:
+def _import(store: Store, cfg: Config, log: Log, source: str, keyed: Store) -> int:
     """Copy an LMDB database and its tables into the Redis database.
 
     In privacy mode (keyed: the database as handlers key it) a plaintext
@@ -508,6 +506,7 @@ def _import(store: Store, cfg: Config, log: Log, source: str, keyed: Store | Non
                           lambda value, lifetime=lifetime: (lambda at: at is None or at > now)(
                               stamp_expire_at(value, lifetime))))
     from greylist.core.triple import stale_group_key
+    from greylist.stores.privacy import looks_hashed
     for label, source_store, target, live in pairs:
         copied = skipped = hashes = 0
         for key, value in source_store.items(MANUAL_BATCH):
@@ -516,11 +515,11 @@ def _import(store: Store, cfg: Config, log: Log, source: str, keyed: Store | Non
                 skipped += 1  # A group entry of an older version (cleanup drops them).
             elif not live(value):
                 skipped += 1
-            elif label != "database" or cfg.privacy == (_HASHED.fullmatch(key) is not None):
+            elif label != "database" or cfg.privacy == looks_hashed(key):
                 target.put(key, value)
                 copied += 1
             elif cfg.privacy:
-                (keyed or target).put(key, value)  # plaintext: hashed on the way
+                keyed.put(key, value)  # plaintext: hashed on the way
                 copied += 1
             else:
                 hashes += 1
@@ -532,10 +531,6 @@ def _import(store: Store, cfg: Config, log: Log, source: str, keyed: Store | Non
             print("import: %s: %d keys left behind that are privacy mode's keyed hashes "
                   "(greylist_privacy = no here)" % (label, hashes))
     return 0
-
-
-# A key as privacy mode stores it (stores/privacy.py): hex HMAC-SHA256.
-_HASHED = re.compile(rb"[0-9a-f]{64}")
 
 
 def _stage_postgrey(cfg: Config, args: dict, user: tuple[int, int] | None

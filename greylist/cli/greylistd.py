@@ -75,11 +75,11 @@ Options:
 
 # How long a stop waits for requests in flight and the pending commit.
 DRAIN_S = 10.0
-# The SIGHUPs that arrived before the event loop handled the signal.
-_EARLY_HUP: list[int] = []
 # Of DRAIN_S, what the store thread is left at least (a commit waits for
 # a lock greylist_lock_timeout at most, 2 s by default).
 STORE_STOP_S = 3.0
+# The SIGHUPs that arrived before the event loop handled the signal.
+_EARLY_HUP: list[int] = []
 # How often a cleanup step is looked at (the step itself checks whether
 # a pass is due, as in the policy processes).
 CLEANUP_TICK_S = 1.0
@@ -336,10 +336,11 @@ class Daemon:
             current.cleaner.reconfigure(cfg)
         # Redis tables expire their values themselves, with the lifetimes
         # of the settings.
-        found = self.stores
-        for store in (found.raw, found.clients, found.correspondents, found.postscreen):
-            if wiring.is_redis(cfg) and store is not None:
-                store.expire_at = wiring.redis_expiry(cfg, store.table)
+        if wiring.is_redis(cfg):
+            found = self.stores
+            for store in (found.raw, found.clients, found.correspondents, found.postscreen):
+                if store is not None:
+                    store.expire_at = wiring.redis_expiry(cfg, store.table)
         service = current.renewed(type(current.handler)(cfg, current.handler.host),
                                   Whitelists(cfg, self.log.warning))
         server.reconfigure(service, cfg)

@@ -408,10 +408,8 @@ def stale_group_key(key: bytes, client_match: str) -> bool:
     parts = key.split(b".")
     if len(parts) <= 3 and all(part.isdigit() for part in parts):
         return True
-    return client_match == "domain" and any(c in _LETTERS for c in key)
-
-
-_LETTERS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    # A domain: a key with a letter (bytes.lower() changes ASCII letters).
+    return client_match == "domain" and key.lower() != key.upper()
 
 
 def _bounded(text: str) -> bytes:

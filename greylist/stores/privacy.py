@@ -94,6 +94,15 @@ def hashed(secret: bytes, key: bytes) -> bytes:
     return hmac.new(secret, key, hashlib.sha256).hexdigest().encode("ascii")
 
 
+def looks_hashed(key: bytes) -> bool:
+    """Whether a stored key has the form hashed() gives (64 hex digits):
+    a database key of privacy mode, as no plaintext key is."""
+    return len(key) == 64 and all(c in _HEX for c in key)
+
+
+_HEX = frozenset(b"0123456789abcdef")
+
+
 class HashedKeys(Store):
     """A store whose keys are hashed with the secret in a file."""
 

@@ -758,8 +758,8 @@ def verdict(service, committer: Committer, address: str, clock, metrics=None):
     returns it."""
     now = int(clock())
     step = service.handler.prepare(address, now, service.whitelists.exemptions(now))
-    # At most two reads: the client records, then (pool and domain modes)
-    # the postscreen table's entry of the address.
+    # At most two reads: the client records, then (pool mode's IPv4
+    # prefixes, domain mode) the postscreen table's entry of the address.
     while isinstance(step, Lookup):
         future = _lookup(service, committer, step)
         if not future.done():
@@ -770,14 +770,10 @@ def verdict(service, committer: Committer, address: str, clock, metrics=None):
 
 
 def _lookup(service, committer: Committer, step: Lookup) -> asyncio.Future:
-    """The plan of a callout Lookup, on the store it names."""
-    if not step.table:
-        return committer.plan(step.keys, step.change)
-    if service.table is None:  # nothing listed
-        future = committer.loop.create_future()
-        future.set_result(step.change([None] * len(step.keys))[1])
-        return future
-    return committer.plan(step.keys, step.change, service.table)
+    """The plan of a callout Lookup, on the store it names (the daemon has
+    the postscreen table whenever the handler asks for it: the setting
+    needs a restart)."""
+    return committer.plan(step.keys, step.change, service.table if step.table else None)
 
 
 async def _verdict_later(service, committer: Committer, address: str,
