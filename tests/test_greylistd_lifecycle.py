@@ -459,18 +459,20 @@ def test_started_as_root_without_greylist_user_is_fatal(site):
 
 # 4. Socket activation and sd_notify.
 
-# Puts the sockets given as argv[1] and argv[2] on fds 3 and 4, sets
-# LISTEN_PID to its own pid (kept by exec), and execs argv[3:].
+# Puts the argv[1] sockets given as argv[2:2 + argv[1]] on fds 3, 4 and
+# so on, sets LISTEN_PID to its own pid (kept by exec), and execs the rest.
 ACTIVATE = """\
 import fcntl, os, sys
-fds = [int(sys.argv[1]), int(sys.argv[2])]
+count = int(sys.argv[1])
+fds = [int(fd) for fd in sys.argv[2:2 + count]]
+targets = list(range(3, 3 + count))
 high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in fds]
-for target, fd in zip((3, 4), high):
+for target, fd in zip(targets, high):
     os.dup2(fd, target)
-for fd in set(fds + high) - {3, 4}:
+for fd in set(fds + high) - set(targets):
     os.close(fd)
 os.environ["LISTEN_PID"] = str(os.getpid())
-os.execv(sys.argv[3], sys.argv[3:])
+os.execv(sys.argv[2 + count], sys.argv[2 + count:])
 """
 
 
@@ -486,7 +488,7 @@ class Launched:
         os.chmod(self.settings_path, 0o644)
         argv = daemons.command(self.settings_path)
         if fds:
-            argv = [sys.executable, "-c", ACTIVATE, *map(str, fds), *argv]
+            argv = [sys.executable, "-c", ACTIVATE, str(len(fds)), *map(str, fds), *argv]
         self.output_path = site / "activated.out"
         with open(self.output_path, "wb") as output:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output,
@@ -557,6 +559,44 @@ def test_socket_activation_serves_the_inherited_sockets(site):
         assert launched.stop() == 0
         assert launched.output() == ""
         assert "]: stopped" in launched.log()
+    finally:
+        launched.stop()
+
+
+def test_socket_activation_binds_the_listeners_systemd_does_not_pass(site):
+    # A socket unit with the policy socket only: greylist_metrics_listen is
+    # still served (greylistd(8) suggests it), and a greylist_policy_listen
+    # beside the passed socket is ignored with one warning, not bound.
+    path = str(site / "activated")
+    policy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    policy.bind(path)
+    policy.listen(16)
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    settings = base_settings(site) + (
+        "greylist_metrics_listen = inet:127.0.0.1:%d\n"
+        "greylist_policy_listen = unix:%s/own-policy\n" % (port, site))
+    try:
+        launched = Launched(site, settings, {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "policy"},
+                            fds=(policy.fileno(),))
+    finally:
+        policy.close()
+    try:
+        line = launched.wait_serving()
+        assert "serving systemd:policy, inet:127.0.0.1:%d as uid" % port in line
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(IO_S)
+            sock.connect(path)
+            assert exchange(sock, triple_request(1)).startswith(DEFER_NEW)
+        assert metric(scrape(port), 'greylist_requests_total{action="DEFER_IF_PERMIT",'
+                                    'reason="new"}') == 1.0
+        assert not (site / "own-policy").exists()
+        warned = [line for line in launched.log().splitlines()
+                  if "greylist_policy_listen ignored: systemd passes the policy socket" in line]
+        assert len(warned) == 1
+        assert launched.stop() == 0
     finally:
         launched.stop()
 

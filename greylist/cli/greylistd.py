@@ -266,20 +266,31 @@ class Daemon:
     def _sockets(self, uid: int, gid: int) -> tuple[dict[str, list], list[str]]:
         """The listening sockets of each service (SERVICES), and their names."""
         socks: dict[str, list] = {name: [] for name, _ in SERVICES}
-        inherited = listener.inherited(os.environ)
-        if inherited:
-            for name, sock in inherited:
-                socks[name if name in socks else "policy"].append(sock)
-            return socks, ["systemd:%s" % name for name, _ in inherited]
-        if not any(getattr(self.cfg, setting) for name, setting in SERVICES
-                   if name != "metrics"):
+        names: list[str] = []
+        for name, sock in listener.inherited(os.environ):
+            socks[name if name in socks else "policy"].append(sock)
+            names.append("systemd:%s" % name)
+        # A service that systemd passes no socket for keeps its setting's
+        # listeners (metrics beside a socket unit's policy socket, say);
+        # one it passes sockets for ignores the setting, with a warning.
+        wanted = []
+        for name, setting in SERVICES:
+            if not getattr(self.cfg, setting):
+                continue
+            if socks[name]:
+                self.log.warning("greylist_%s ignored: systemd passes the %s socket"
+                                 % (setting, name))
+            else:
+                wanted.append((name, setting))
+        if not any(socks[name] for name, _ in SERVICES if name != "metrics") and \
+                not any(name != "metrics" for name, _ in wanted):
             raise Fatal("no listeners: set greylist_policy_listen (for example "
                         "unix:/run/greylist/policy), greylist_socketmap_listen, "
                         "greylist_outbound_listen or greylist_postscreen_listen, or start "
                         "greylistd from a systemd socket unit")
         self._listeners = []  # keeps their lock files open
         try:
-            for name, setting in SERVICES:
+            for name, setting in wanted:
                 bound = listener.bind(getattr(self.cfg, setting), self.cfg.socket_mode,
                                       uid, gid)
                 self._listeners.extend(bound)
@@ -288,7 +299,7 @@ class Daemon:
             for each in self._listeners:
                 each.sock.close()
             raise Fatal("cannot listen: %s" % exc) from None
-        return socks, [each.spec for each in self._listeners]
+        return socks, names + [each.spec for each in self._listeners]
 
     def _drop(self, uid: int, gid: int) -> None:
         """Drop root for good: groups, then gid, then uid (in that order:
