@@ -181,7 +181,7 @@ def test_sighup_reloads_settings_and_whitelists_without_dropping_connections(sit
         assert wait_for(lambda: len(log_lines(daemon, "reload: settings and whitelists "
                                                       "read again")) == 2)
         restart = log_lines(daemon, "needs a restart")
-        assert len(restart) == 1 and ": warning: reload: policy_listen changed" in restart[0]
+        assert len(restart) == 1 and ": warning: reload: greylist_policy_listen changed" in restart[0]
         assert exchange(before, triple_request(7)) == "DEFER_IF_PERMIT third text"
         assert not other.exists()
         with daemon.connect() as fresh:  # still on the old socket
@@ -223,7 +223,7 @@ def test_after_sighup_the_policy_service_still_writes_the_postscreen_table(site,
             assert wait_for(lambda: log_lines(daemon, "reload: settings and whitelists"))
             restart = log_lines(daemon, "needs a restart")
             assert len(restart) == 1, restart
-            assert "log, commit_batch changed" in restart[0], restart
+            assert "greylist_log, greylist_commit_batch changed" in restart[0], restart
             earn(sock, "203.0.113.20")
             assert wait_for(lambda: "203.0.113.20" in postscreen_table(site, postmap))
         assert not (site / "other.log").exists()
@@ -939,3 +939,15 @@ def test_reopening_a_replaced_database_never_holds_up_the_other_connections(site
                 release(holder)
         assert daemon.stop() == 0
         assert_clean(daemon)
+
+
+def test_a_reload_names_the_restart_only_settings_as_the_administrator_writes_them():
+    # The warning said "lock_timeout_ms, cleanup_state changed": names
+    # of no setting. Every restart-only field is named by its setting.
+    from greylist.cli.greylistd import RESTART_ONLY, _setting_names
+    from greylist.config import SETTINGS
+    for field in RESTART_ONLY:
+        (name,) = _setting_names([field])
+        assert name in SETTINGS, field
+    assert _setting_names(["database", "client_table", "cleanup_state", "lock_timeout_ms"]) \
+        == ["greylist_database", "greylist_client_table", "greylist_lock_timeout"]

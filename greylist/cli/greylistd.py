@@ -45,7 +45,7 @@ import time
 from docopt import DocoptExit, docopt
 
 from greylist import __version__
-from greylist.config import Config, ConfigError, load, log_target
+from greylist.config import SETTINGS, Config, ConfigError, load, log_target
 from greylist.log import Log
 from greylist.service import PolicyService
 from greylist.stores.commit import BATCH_S, Committer
@@ -94,6 +94,14 @@ RESTART_ONLY = ("database", "policy_listen", "metrics_listen", "socketmap_listen
 SERVICES = (("policy", "policy_listen"), ("socketmap", "socketmap_listen"),
             ("outbound", "outbound_listen"), ("postscreen", "postscreen_listen"),
             ("metrics", "metrics_listen"))
+
+
+def _setting_names(fields: list[str]) -> list[str]:
+    """The settings (greylist_...) behind Config fields, each once; a
+    derived field (the cleanup state) is named by its setting's."""
+    names = {field: name for name, (field, _) in SETTINGS.items()}
+    names["cleanup_state"] = "greylist_database"
+    return list(dict.fromkeys(names.get(field, field) for field in fields))
 
 
 class Fatal(Exception):
@@ -340,7 +348,7 @@ class Daemon:
         changed = [name for name in RESTART_ONLY if getattr(cfg, name) != getattr(self.cfg, name)]
         if changed:
             self.log.warning("reload: %s changed; that needs a restart, the old values stay"
-                             % ", ".join(changed))
+                             % ", ".join(_setting_names(changed)))
             cfg = cfg._replace(**{name: getattr(self.cfg, name) for name in changed})
         current = server.service
         if current.cleaner is not None:
