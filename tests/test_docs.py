@@ -33,7 +33,10 @@ IDS = ["greylist", "greylistctl", "greylistd", "greylist-socketmap", "greylist-p
 def test_every_option_of_the_usage_is_in_the_man_page(usage, page):
     options = set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", usage))
     assert options >= {"-c", "--config"}
-    missing = [option for option in options if option not in plain(page)]
+    # As whole words: "-c" is not found inside "--check".
+    text = plain(page)
+    missing = [option for option in options
+               if not re.search(r"(?<![\w-])%s(?![\w-])" % re.escape(option), text)]
     assert missing == []
 
 
@@ -117,6 +120,22 @@ def test_systemd_units_match_the_daemon_and_the_main_cf_line():
     assert re.search(r"^Type=notify$", service_unit, re.MULTILINE)
     assert re.search(r"^ExecStart=/\S+/greylistd -c /\S+$", service_unit, re.MULTILINE)
     assert re.search(r"^SocketGroup=postfix$", socket_unit, re.MULTILINE)
+    # StateDirectory= would chown the tables to greylist:greylist at each
+    # start, and smtpd (group postfix) could not read the client table.
+    assert not re.search(r"^StateDirectory", service_unit, re.MULTILINE)
+
+
+DOCUMENTS = ["README.md", "master.cf.example", "docs/greylist.cf.example"] + [
+    "man/%s.8" % name for name in IDS]
+
+
+@pytest.mark.parametrize("name", DOCUMENTS)
+def test_no_setting_line_of_the_documents_has_a_comment_after_its_value(name):
+    # As in main.cf, "#" starts a comment only at the start of a line:
+    # "greylist_x = /path   # mode 0600" names the file "/path   # mode 0600".
+    lines = [line for line in plain((ROOT / name).read_text()).splitlines()
+             if re.match(r"\s*#?\s*greylist_\w+\s*=.*\s#", line)]
+    assert lines == []
 
 
 def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
@@ -202,3 +221,11 @@ def test_exempt_recipients_replaces_its_default_as_the_man_page_says():
            "no longer exempts postmaster@ and abuse@" in text
     assert "separated by white space or commas. A setting replaces its default" in text
     assert "takes effect at postfix reload" in text
+
+
+def test_the_readmes_code_blocks_are_not_cut_by_a_short_indent():
+    # A master.cf continuation line indented by fewer than four spaces ends
+    # Markdown's indented code block: the rendered page lost the lines after
+    # it (the greylist-learn service among them).
+    text = (ROOT / "README.md").read_text()
+    assert [line for line in text.splitlines() if re.match(r" {1,3}-o ", line)] == []
