@@ -318,6 +318,40 @@ def test_the_inbound_policy_passes_a_learned_correspondent_and_no_one_else(cfg):
     assert action("", "alice@example.com").startswith("DEFER_IF_PERMIT")
 
 
+def test_a_forged_correspondent_sender_earns_no_whitelisting_for_its_next_message(cfg):
+    # Review: a message with the forged sender bob@remote.test to alice (a
+    # learned pair) and to victim0 passed victim0 as "message" and wrote
+    # a passed triple, a sender entry and a client count: every later
+    # message from that /24 with that sender passed as awl-sender.
+    from greylist.wiring import policy_service, stores
+    found = stores(cfg)
+    learner = outbound_service(cfg, Recorder(), Clock(T), cleanup=False, found=found)
+    session = learner.new_session()
+    learner.reply(request("RCPT", recipient="bob@remote.test"), session)
+    learner.reply(request("END-OF-MESSAGE", recipient="bob@remote.test",
+                          recipient_count="1"), session)
+    log, clock = Recorder(), Clock(T + 60)
+    policy = policy_service(cfg, log, clock, cleanup=False, found=found)
+
+    def action(session, recipient, instance):
+        return policy.answer({"request": "smtpd_access_policy", "protocol_state": "RCPT",
+                              "client_address": "203.0.113.5", "instance": instance,
+                              "sender": "bob@remote.test", "recipient": recipient}, session)
+    forged = policy.new_session()
+    assert action(forged, "alice@example.com", "s0") == "DUNNO"
+    assert action(forged, "victim0@example.com", "s0") == "DUNNO"
+    assert log.lines[-1].startswith("action=DUNNO reason=message ")
+    # Nothing was recorded for the client or the sender: the next
+    # message, hours later, to a new recipient is greylisted.
+    clock.now = T + 5 * 3600
+    assert action(policy.new_session(), "victim1@example.com", "s1").startswith(
+        "DEFER_IF_PERMIT")
+    assert " reason=new " in log.lines[-1]
+    # victim0 itself was not recorded as passed either.
+    assert action(policy.new_session(), "victim0@example.com", "s2").startswith(
+        "DEFER_IF_PERMIT")
+
+
 def test_correspondent_check_no_ignores_learned_pairs(cfg):
     store = LmdbStore(cfg.database)
     store.put(b"@alice@example.com/bob@remote.test",
@@ -335,9 +369,14 @@ def test_correspondent_check_no_ignores_learned_pairs(cfg):
 def test_decide_passes_a_live_pair_without_writing_and_lets_the_message_through():
     live = Record(T, T, 1, CORRESPONDENT)
     decision = decide(Records(pair=live), T + LIFETIME, CFG)
+    # Not proven: a forged sender can name the pair (see the next test).
     assert (decision.action, decision.reason, decision.proven) == (
-        "DUNNO", CORRESPONDENT_PAIR, True)
+        "DUNNO", CORRESPONDENT_PAIR, False)
     assert decision.writes == Records()
+    # The rest of the message passes, with no writes.
+    rest = decide(Records(), T, CFG, message_accepted=True, message_exempt=True)
+    assert (rest.action, rest.reason, rest.writes, rest.proven) == (
+        "DUNNO", "message", Records(), False)
     assert decide(Records(pair=live), T + LIFETIME + 1, CFG).reason == "new"
     # A record of another kind in the pair's place is no pair.
     assert decide(Records(pair=Record(T, T, 1, PASSED)), T, CFG).reason == "new"

@@ -17,7 +17,9 @@ DESCRIPTION
                                 to the sender: correspondents.py)
         triple passed           DUNNO known
         message accepted        DUNNO message (another recipient of this
-                                message, same instance, was accepted)
+                                message, same instance, was accepted;
+                                after a correspondent pair only, with no
+                                writes: a forged sender earns nothing)
         pool tried long enough  DUNNO sender-retry (the client group, a
                                 sending pool (pools.py), has
                                 had a triple of this sender pending for
@@ -86,11 +88,11 @@ NULL_SENDER = "null sender"
 NO_RECIPIENT = "no recipient"
 PROTOCOL_STATE = "protocol_state="   # followed by the state
 DATABASE_FAILURE = "database-failure"
-# Reasons that let the rest of the same message through (postgrey #93):
-# the client retries like a real MTA, or the sender is a correspondent of
-# a recipient of the message.
-PROVING = frozenset((AWL_CLIENT, AWL_SENDER, KNOWN, DELAY_PASSED, MESSAGE,
-                     CORRESPONDENT_PAIR, SENDER_RETRY))
+# Reasons that prove the client and let the rest of the same message
+# through (postgrey #93): the client retries like a real MTA. A
+# correspondent pair lets the rest through too, but proves nothing
+# (evaluate.render): its later recipients pass without writes.
+PROVING = frozenset((AWL_CLIENT, AWL_SENDER, KNOWN, DELAY_PASSED, MESSAGE, SENDER_RETRY))
 # Passes that are held (deferred) when a recipient of the same message
 # was deferred before: all but the exemptions (manual entries, pairs).
 HOLDABLE = frozenset((AWL_CLIENT, AWL_SENDER, KNOWN, DELAY_PASSED, MESSAGE))
@@ -182,7 +184,7 @@ def screen(attrs: dict[str, str], cfg: Config) -> Decision | None:
 
 def decide(records: Records, now: int, cfg: Config,
            message_accepted: bool = False, message_deferred: bool = False,
-           pooled: bool = False) -> Decision:
+           pooled: bool = False, message_exempt: bool = False) -> Decision:
     """Return the decision for a triple whose stored records are records.
 
     message_deferred: a recipient of the same message (instance) was
@@ -193,9 +195,12 @@ def decide(records: Records, now: int, cfg: Config,
     group is a sending pool (pools.py); only a pool's trying note lets a
     new recipient pass (sender-retry): for any other client a bot that
     sends one new message after another with one sender, and never
-    retries, would pass them all.
+    retries, would pass them all. message_exempt: the message was
+    accepted by a correspondent pair, not by a recipient that proved the
+    client; the rest of it passes without writes.
     """
-    decision = _decide(records, now, cfg, message_accepted, message_deferred, pooled)
+    decision = _decide(records, now, cfg, message_accepted, message_deferred, pooled,
+                       message_exempt)
     if message_deferred and decision.reason in HOLDABLE and not cfg.learn:
         # Deferred with the message; its writes keep the proof.
         return new(Decision, (_defer(cfg.delay_s, cfg), HELD + decision.reason,
@@ -204,7 +209,7 @@ def decide(records: Records, now: int, cfg: Config,
 
 
 def _decide(records: Records, now: int, cfg: Config, message_accepted: bool,
-            message_deferred: bool, pooled: bool) -> Decision:
+            message_deferred: bool, pooled: bool, message_exempt: bool) -> Decision:
     triple = _live(records.triple, TRIPLE_STATES, now, cfg)
     sender = _live(records.sender, SENDER_STATES, now, cfg)
     client = _live(records.client, CLIENT_STATES, now, cfg)
@@ -222,9 +227,10 @@ def _decide(records: Records, now: int, cfg: Config, message_accepted: bool,
                               not manual))
     if records.pair is not None and _live(records.pair, PAIR_STATES, now, cfg) is not None:
         # No writes: only learning refreshes a pair, so a forged sender
-        # never keeps one alive.
+        # never keeps one alive. It accepts the rest of the message
+        # (evaluate.render) but proves nothing: a forged sender names it.
         return new(Decision, (DUNNO, CORRESPONDENT_PAIR, now - records.pair.first_seen,
-                              NO_RECORDS, True))
+                              NO_RECORDS, False))
     if triple is not None and triple.state == PASSED:
         return new(Decision, (DUNNO, KNOWN, now - triple.first_seen, new(
             Records, (_refreshed(triple, now, cfg), None, None, None)), True))
@@ -237,6 +243,12 @@ def _decide(records: Records, now: int, cfg: Config, message_accepted: bool,
     if triple is not None and age >= cfg.delay_s:
         return _pass(DELAY_PASSED, triple, client, now, cfg)
     if message_accepted:
+        if message_exempt:
+            # Accepted by a correspondent pair only: the rest of the
+            # message passes, but records nothing (no passed triple, no
+            # sender entry, no client count) that a forged sender could
+            # earn for the next message.
+            return new(Decision, (DUNNO, MESSAGE, age, NO_RECORDS, False))
         return _pass(MESSAGE, triple, client, now, cfg)
     # The trying note of this (client group, sender), kept where its
     # sender entry will be: no record of its own to read.

@@ -26,7 +26,7 @@ import time
 
 from greylist import __version__
 from greylist.config import Config
-from greylist.core.decide import DELAY_PASSED, DUNNO, Decision, screen
+from greylist.core.decide import CORRESPONDENT_PAIR, DELAY_PASSED, DUNNO, Decision, screen
 from greylist.core.lists import Exemptions
 from greylist.core.message import Session
 from greylist.core.triple import client_address, escape
@@ -52,6 +52,8 @@ def render(decision: Decision, attrs: dict[str, str], address: str, session: Ses
            now: int, cfg: Config, host: str) -> str:
     """Return the action sent for a decision of decide(); update session."""
     if decision.proven:
+        session.accepted = session.proven = True
+    elif decision.reason == CORRESPONDENT_PAIR:
         session.accepted = True
     if decision.action != DUNNO:
         session.deferred = True

@@ -18,11 +18,14 @@ DESCRIPTION
 class Session:
     """The message state of one connection."""
 
-    __slots__ = ("instance", "accepted", "header_sent", "deferred")
+    __slots__ = ("instance", "accepted", "proven", "header_sent", "deferred")
 
     def __init__(self) -> None:
         self.instance: str | None = None
         self.accepted = False
+        # Whether a recipient proved the client; accepted without it: by
+        # a correspondent pair, which a forged sender can name.
+        self.proven = False
         self.header_sent = False
         self.deferred = False
 
@@ -30,7 +33,7 @@ class Session:
         """Note the instance of a request; a new one starts a new message."""
         if instance != self.instance:
             self.instance, self.accepted, self.header_sent = instance, False, False
-            self.deferred = False
+            self.proven = self.deferred = False
 
     @property
     def message_accepted(self) -> bool:

@@ -127,12 +127,13 @@ class PolicyHandler:
         triple = triple_from_request(attrs, cfg, address)
         # With the (recipient, sender) correspondent pair, unless turned off.
         found = keys(triple, cfg.sender_delimiter if cfg.correspondent_check else None)
+        message = session.instance is not None
         return new(Pending, (attrs, address, triple, now, found, self.change(
-            found, now, session.instance is not None and session.accepted,
-            session.instance is not None and session.deferred, triple.client)))
+            found, now, message and session.accepted, message and session.deferred,
+            triple.client, message and session.accepted and not session.proven)))
 
     def change(self, found: Sequence[bytes | None], now: int, accepted: bool,
-               deferred: bool = False, group: str | None = None
+               deferred: bool = False, group: str | None = None, exempt: bool = False
                ) -> Callable[[Values], tuple[Values, Outcome]]:
         """The pure change that decides the triple of keys found at now."""
         cfg = self.cfg
@@ -144,7 +145,7 @@ class PolicyHandler:
             pooled = (group is not None and parsed.sender is not None
                       and parsed.sender.state == TRYING and cfg.client_match == "pool"
                       and group in pool_set(cfg.pool_domains))
-            decision = decide(parsed, now, cfg, accepted, deferred, pooled)
+            decision = decide(parsed, now, cfg, accepted, deferred, pooled, exempt)
             writes = decision.writes
             if writes == NO_RECORDS:
                 return NO_WRITES, new(Outcome, (decision, warnings, parsed))
