@@ -166,6 +166,59 @@ def test_a_client_that_sends_without_reading_replies_is_closed_not_buffered(site
     assert_clean(daemon)
 
 
+def test_a_client_that_pipelines_writing_requests_is_held_to_the_input_budget(site):
+    """Review: requests that wait for the store thread (new triples),
+    pipelined without reading the replies. Each finished request moved
+    the input held meanwhile into the decoder, which kept the rest and
+    had no cap: the daemon read on, 104 MB in 25 s, and the sweep never
+    closed the connection (a request was always under way). Now the
+    decoder's backlog counts against MAX_HELD_BYTES: reading pauses, the
+    replies fill the socket, and the idle timeout closes it."""
+    with daemons.start(site, "greylist_idle_timeout = 2s\n") as daemon:
+        before_kb = memory_kb(daemon.pid)
+        chunk = b"".join(triple_request(n, "pipe") for n in range(20000))  # about 7 MB
+        sent = 0
+        closed_at = None
+        began = time.monotonic()
+        with daemon.connect() as sock:
+            sock.setblocking(False)
+            # At most 8 s and 100000 sends; the chunk is sent once at most.
+            for _ in range(100000):
+                if time.monotonic() - began > 8 or sent >= len(chunk):
+                    break
+                try:
+                    sent += sock.send(chunk[sent:sent + 65536])
+                except BlockingIOError:
+                    select.select([], [sock], [], 0.2)
+                except (BrokenPipeError, ConnectionResetError):
+                    closed_at = time.monotonic()
+                    break
+            # What the daemon took: socket buffers, the held input and the
+            # decoder's budget, and the requests it answered meanwhile
+            # (about 330 bytes each); not the whole chunk.
+            assert sent < 4 * 1024 * 1024, sent
+            if closed_at is None:
+                # Closed by the sweep once its replies fill the socket.
+                sock.setblocking(True)
+                sock.settimeout(0.5)
+                for _ in range(40):
+                    try:
+                        sock.send(b"x" * 65536)
+                    except socket.timeout:
+                        continue
+                    except (BrokenPipeError, ConnectionResetError):
+                        closed_at = time.monotonic()
+                        break
+            assert closed_at is not None and closed_at - began < 8 + 20, "not closed"
+        grown_kb = memory_kb(daemon.pid) - before_kb
+        assert grown_kb < 32 * 1024, grown_kb
+        with daemon.connect() as fresh:
+            fresh.sendall(triple_request(1))
+            assert split_replies(receive_replies(fresh, 1)) == [DEFER_NEW]
+        assert daemon.stop() == 0
+    assert_clean(daemon)
+
+
 def test_a_slow_reader_gets_every_reply_in_order(site):
     """A client that pipelines many requests and reads slowly gets them
     all, in order: a transport that stops taking replies only pauses

@@ -118,6 +118,10 @@ class Decoder:
         """Add bytes received; take the requests they complete with next()."""
         self._buf = self._buf + data if self._buf else data
 
+    def buffered(self) -> int:
+        """How many bytes fed are not taken yet (flow control of a daemon)."""
+        return len(self._buf) + len(self._kept)
+
     def next(self) -> dict[str, str] | None:
         """Return the next complete request, or None until more bytes come.
 

@@ -69,6 +69,10 @@ class Decoder:
         else:
             self._buffer += data
 
+    def buffered(self) -> int:
+        """How many bytes fed are not taken yet (flow control of a daemon)."""
+        return len(self._buffer) - self._start
+
     def next(self) -> tuple[str, str] | None:
         """Return the next complete request as (name, key), or None if
         more input is needed. Raises ProtocolError (see DIAGNOSTICS)."""

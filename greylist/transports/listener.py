@@ -33,8 +33,9 @@ DESCRIPTION
     within its budget), and until its reply is written its connection
     answers nothing else: requests of one connection are answered in
     order. Input that arrives meanwhile, or while the client takes no
-    replies (pause_writing), is held up to MAX_HELD_BYTES, then the
-    connection is read no more until answering goes on; a slow,
+    replies (pause_writing), is held up to MAX_HELD_BYTES (with what the
+    decoder has not answered yet), then the connection is read no more
+    until answering goes on; a slow,
     stalled or hostile client only holds up its own connection.
 
     One periodic sweep (every SWEEP_S, at most a quarter of the
@@ -596,17 +597,22 @@ class Connection(asyncio.Protocol):
             data = b"".join(self.held) if len(self.held) > 1 else self.held[0]
             self.held, self.held_size = [], 0
             self.decoder.feed(data)
-        if not self.reading:
+        self._answer(now)
+        # Read again unless the requests not answered yet fill the budget
+        # (a client that pipelines requests which wait for the store
+        # thread: the decoder would grow by a held buffer per commit).
+        if not self.reading and not self.closing and (
+                self.task is None and self.stalled_at is None
+                or self.decoder.buffered() < MAX_HELD_BYTES):
             self.reading = True
             self.transport.resume_reading()
-        self._answer(now)
 
     def _hold(self, data: bytes) -> None:
         """Keep input until answering goes on; past MAX_HELD_BYTES, read no
         more (the client waits, as for a full socket buffer)."""
         self.held.append(data)
         self.held_size += len(data)
-        if self.held_size >= MAX_HELD_BYTES and self.reading:
+        if self.reading and self.held_size + self.decoder.buffered() >= MAX_HELD_BYTES:
             self.reading = False
             self.transport.pause_reading()
 
