@@ -190,20 +190,25 @@ def stage(dbdir: str, owner: tuple[int, int] | None = None,
                        if name in (TRIPLES, CLIENTS) or _LOG_FILE.fullmatch(name))
         if TRIPLES not in names:
             raise MigrateError("%s: no %s there (postgrey's --dbdir?)" % (dbdir, TRIPLES))
-        todir = os.open(env, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        todir = os.open(env, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             left = max_bytes
             for name in names:
                 left -= _copy(dirfd, todir, name, left, dbdir)
+            # Through the descriptor, never by path, and the staged
+            # directory last: once owner has it, owner could put a link
+            # in the place of ENV, and root would chown what it names.
+            if owner is not None or tool_user is not None:
+                for name in names:
+                    os.chown(name, *(tool_user or owner), dir_fd=todir,
+                             follow_symlinks=False)
+                os.fchown(todir, *(tool_user or owner))
         finally:
             os.close(todir)
-        if owner is not None:
-            os.chown(staged, *owner)
-        if owner is not None or tool_user is not None:
-            for name in names + [""]:
-                os.chown(os.path.join(env, name), *(tool_user or owner))
         if tool_user is not None:
             os.chmod(staged, 0o711)
+        if owner is not None:
+            os.chown(staged, *owner)
     except OSError as exc:
         unstage(staged)
         raise MigrateError("copying %s: %s" % (dbdir, exc)) from None

@@ -657,3 +657,47 @@ def test_a_log_that_names_files_outside_postgreys_directory_is_not_replayed(site
     assert str(outside / "evil.db") in out, out
     assert os.listdir(outside) == []
     assert "import-postgrey from" in (site / "log").read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root gives the staged copy away")
+def test_the_owner_of_the_staged_copy_cannot_make_root_chown_another_file(tmp_path):
+    # Review: stage() gave the staged directory to the policy user first,
+    # then chowned ENV/NAME by path. The new owner could move ENV away
+    # and put a link in its place: root then chowned the file the link
+    # named (any file: /etc/passwd). The attacker's swap is made here at
+    # the moment the staged directory becomes theirs.
+    nobody = pwd.getpwnam("nobody")
+    source = tmp_path / "pg"
+    source.mkdir()
+    (source / "postgrey.db").write_bytes(b"\0" * 4096)
+    victim = tmp_path / "victim"
+    victim.write_text("secret\n")
+    os.chmod(victim, 0o600)
+    lure = tmp_path / "lure"
+    lure.mkdir()
+    os.symlink(victim, lure / "postgrey.db")
+    real_chown = os.chown
+    swapped = []
+
+    def chown(path, uid, gid, *args, **kwargs):
+        real_chown(path, uid, gid, *args, **kwargs)
+        if isinstance(path, str) and os.path.basename(path).startswith(
+                "greylistctl-postgrey-") and not swapped:
+            env = os.path.join(path, migrate.ENV)
+            os.rename(env, env + ".moved")
+            os.symlink(lure, env)
+            swapped.append(path)
+
+    os.chown = chown
+    try:
+        staged = migrate.stage(str(source), owner=(nobody.pw_uid, nobody.pw_gid))
+    finally:
+        os.chown = real_chown
+    try:
+        assert swapped == [staged]
+        assert os.stat(victim).st_uid == 0 and os.stat(victim).st_gid == 0
+        # The copy itself is the owner's.
+        copied = os.path.join(staged, migrate.ENV + ".moved", "postgrey.db")
+        assert os.stat(copied).st_uid == nobody.pw_uid
+    finally:
+        migrate.unstage(staged)
