@@ -284,6 +284,47 @@ def test_database_with_corrupt_pages_never_kills_or_hangs_the_program(tmp_path):
     assert not problems, problems
 
 
+@pytest.mark.parametrize("how", ["truncated", "copied-over"])
+def test_database_cut_or_copied_over_in_place_while_running_is_no_sigbus(tmp_path, postmap,
+                                                                          how):
+    # Review: the open file truncated, or an older copy written over it
+    # with cp (the same inode, so no "replaced"), while the program runs:
+    # LMDB read the pages that were gone through its map, and the process
+    # died of SIGBUS, without a reply or a log line. Under the lock the
+    # file is now seen to be shorter, and opened (and checked) again.
+    directory = home(tmp_path / how)
+    cf = settings(directory)
+    client = Client(command(cf))
+    try:
+        assert client.ask(triple_request(1)).startswith("DEFER_IF_PERMIT")
+        backup = (directory / "db.lmdb").read_bytes()
+        for n in range(2, 400):
+            assert client.ask(triple_request(n)).startswith("DEFER_IF_PERMIT")
+        size = os.path.getsize(directory / "db.lmdb")
+        assert size > len(backup)
+        if how == "truncated":
+            os.truncate(directory / "db.lmdb", size // 2)
+        else:
+            with open(directory / "db.lmdb", "r+b") as handle:  # as cp does
+                handle.truncate(0)
+                handle.write(backup)
+        for n in (1, 399, 400):
+            action = client.ask(triple_request(n))
+            assert action.startswith(("DEFER_IF_PERMIT", "DUNNO")), action
+    finally:
+        status, err = client.close()
+    assert (status, err) == (0, b""), "killed by signal %d" % -status if status < 0 else err
+    text = read_log(directory / "log")
+    if how == "truncated":
+        # Damaged: failing open, with the recovery named.
+        assert "is truncated" in text and FAILURE_TAIL in text, text
+    else:
+        # An older but whole copy: opened again and used.
+        assert "was truncated or rewritten in place; opening it again" in text, text
+        keys = [k for k, _ in postmap_list(postmap, str(directory / "db"))]
+        assert any("rcpt-000400@" in k for k in keys)
+
+
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
 def test_database_deleted_or_replaced_while_running_is_reopened_with_one_log_line(
         tmp_path, postmap, how):

@@ -40,8 +40,8 @@ from typing import Callable, TypeVar
 import lmdb
 
 from greylist.stores.base import StoreError
-from greylist.stores.lmdbfile import (check_directory, check_format, check_length, data_file,
-                                      describe, open_data_file)
+from greylist.stores.lmdbfile import (MOVE_ASIDE, check_directory, check_format,
+                                      check_length, data_file, describe, open_data_file)
 from greylist.stores.lock import EXCLUSIVE, SHARED, LockBusy, lock, locked, unlock
 
 T = TypeVar("T")
@@ -97,6 +97,12 @@ class Environment:
         self._failed_at = 0.0
         self._file_id = (0, 0)
         self._checked_at = 0.0
+        # The file's length when last looked at under a lock: an LMDB file
+        # never shrinks, so a shorter one was truncated or copied over in
+        # place (cp keeps the inode), and LMDB would read pages that are
+        # gone through its map: SIGBUS, without a reply or a log line.
+        self._size = 0
+        self._shrank = False
 
     def open(self) -> None:
         """Open the table now; raise StoreError if that fails."""
@@ -119,15 +125,24 @@ class Environment:
         mode is SHARED for a read transaction and EXCLUSIVE for a write.
         """
         with self._mutex:
-            env = self._open(mode)
-            try:
-                self._lock(mode)
+            for _ in range(2):
+                env = self._open(mode)
                 try:
-                    return _retrying(env, body)
-                finally:
-                    unlock(self.fd)
-            except (lmdb.Error, OSError) as exc:
-                raise self._fail(exc) from None
+                    self._lock(mode)
+                    try:
+                        shrunk = self._shrunk()
+                        if not shrunk:
+                            return _retrying(env, body)
+                    finally:
+                        unlock(self.fd)
+                except (lmdb.Error, OSError) as exc:
+                    raise self._fail(exc) from None
+                # Shorter than it was: opened again, and checked, first.
+            # Shrank again at once: something rewrites it as we look.
+            self._close()
+            self._failed_at = time.monotonic()
+            raise StoreError("%s shrank while open (truncated or copied over in place?); %s"
+                             % (self.path, MOVE_ASIDE))
 
     def try_read(self, body: Callable[[lmdb.Environment], T]) -> tuple[bool, T | None]:
         """Run a read body now if nobody is in the way: (True, result), or
@@ -150,6 +165,8 @@ class Environment:
                 except LockBusy:
                     return False, None
                 try:
+                    if self._shrunk():
+                        return False, None  # The store thread opens it again.
                     return True, _retrying(env, body)
                 finally:
                     unlock(self.fd)
@@ -177,7 +194,7 @@ class Environment:
     def _still_open(self, mode: int) -> lmdb.Environment | None:
         """The open environment while it is the file at the path (for a
         read looked at once per same_file_interval_s), else None."""
-        if self._env is None:
+        if self._env is None or self._shrank:
             return None
         now = time.monotonic()
         if mode == SHARED and now < self._checked_at + self.same_file_interval_s:
@@ -194,9 +211,12 @@ class Environment:
         if self._env is not None:
             # Deleted or replaced: Postfix daemons restart then (dict.c);
             # we reopen, so writes never go to a file nobody reads.
+            shrank = self._shrank
             self._close()
             if self._warn is not None:
-                self._warn("%s was deleted or replaced; using the file now at that path"
+                self._warn("%s was truncated or rewritten in place; opening it again"
+                           % self.path if shrank else
+                           "%s was deleted or replaced; using the file now at that path"
                            % self.path)
         if self._failed_at and time.monotonic() - self._failed_at < self.reopen_delay_s:
             raise StoreError("%s: unavailable after an earlier error; retrying in "
@@ -223,6 +243,7 @@ class Environment:
         self._env, self.fd, self._failed_at = env, fd, 0.0
         st = os.fstat(fd)
         self._file_id = (st.st_ino, st.st_dev)
+        self._size, self._shrank = st.st_size, False
         self._checked_at = time.monotonic()
         return env
 
@@ -317,6 +338,16 @@ class Environment:
         except OSError:
             return False
         return (now.st_ino, now.st_dev) == self._file_id
+
+    def _shrunk(self) -> bool:
+        """Under a lock: whether the file is shorter than it was (then it
+        is to be opened again, which checks it: check_length())."""
+        size = os.fstat(self.fd).st_size
+        if size < self._size:
+            self._shrank = True
+            return True
+        self._size = size
+        return False
 
     def _close(self) -> None:
         if self._env is not None:
