@@ -71,8 +71,8 @@ def environment() -> dict[str, str]:
     return env
 
 
-def command(settings_path: pathlib.Path) -> list[str]:
-    return [sys.executable, "-m", "greylist.cli.greylistd", "-c", str(settings_path)]
+def command(settings_path: pathlib.Path, module: str = "greylist.cli.greylistd") -> list[str]:
+    return [sys.executable, "-m", module, "-c", str(settings_path)]
 
 
 class Daemon:
@@ -173,8 +173,9 @@ def write_settings(directory: pathlib.Path, port: int, extra_settings: str = "",
 
 
 def start(directory, extra_settings: str = "", user: str | None = None,
-          start_s: float = START_S) -> Daemon:
-    """Start greylistd in directory (see the module description)."""
+          start_s: float = START_S, module: str = "greylist.cli.greylistd") -> Daemon:
+    """Start greylistd in directory (see the module description); module:
+    what runs it (a fault injector of tests/reliability, say)."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o755)  # a database directory must not be world-writable
@@ -185,7 +186,7 @@ def start(directory, extra_settings: str = "", user: str | None = None,
         output_path = directory / "greylistd.out"
         served = _serving_lines(directory / "log")
         with open(output_path, "ab") as output:
-            proc = subprocess.Popen(command(settings_path), stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(command(settings_path, module), stdin=subprocess.DEVNULL,
                                     stdout=output, stderr=subprocess.STDOUT,
                                     env=environment(), cwd=str(directory))
         daemon = Daemon(directory, proc, port, settings_path, output_path)

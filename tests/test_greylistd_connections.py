@@ -299,3 +299,40 @@ def test_a_pass_that_writes_the_client_table_keeps_its_place_in_line(site):
         table.close()
     assert len(entries) == 1, entries
     assert_clean(daemon)
+
+
+def test_a_store_that_stalls_in_its_commit_is_answered_as_a_failure_within_a_bound(
+        site, monkeypatch):
+    """Review: with the disk frozen (fsfreeze) a commit never returned,
+    and every request behind it, known triples included, waited without
+    bound and without a log line. A request now waits at most
+    PLAN_WAIT_MARGIN_S past the lock and Redis timeouts, then gets
+    greylist_failure_action, with the rate-limited store warning; the
+    store thread's work goes on when the disk comes back."""
+    from greylist.transports.listener import PLAN_WAIT_MARGIN_S
+    flag = site / "stall"
+    monkeypatch.setenv("GREYLIST_TEST_STALL", str(flag))
+    bound_s = 0.3 + PLAN_WAIT_MARGIN_S  # greylist_redis_timeout's 300 ms is the longer
+    with daemons.start(site, "greylist_lock_timeout = 100ms\n",
+                       module="tests.reliability.stall") as daemon:
+        with daemon.connect() as sock:
+            sock.sendall(triple_request(1))
+            assert split_replies(receive_replies(sock, 1)) == [DEFER_NEW]
+            flag.write_text("")
+            began = time.monotonic()
+            sock.sendall(triple_request(2))
+            assert split_replies(receive_replies(sock, 1, timeout=bound_s + 10)) == ["DUNNO"]
+            took = time.monotonic() - began
+            assert bound_s - 0.5 <= took <= bound_s + 5, took
+            # The next request waits behind the same stalled commit, and
+            # is answered the same way.
+            sock.sendall(triple_request(3))
+            assert split_replies(receive_replies(sock, 1, timeout=bound_s + 10)) == ["DUNNO"]
+            flag.unlink()
+            sock.sendall(triple_request(4))
+            assert split_replies(receive_replies(sock, 1)) == [DEFER_NEW]
+        warned = [line for line in daemon.log().splitlines()
+                  if "did not answer within" in line]
+        assert len(warned) == 1 and ": warning: " in warned[0], daemon.log()
+        assert daemon.stop() == 0
+    assert_clean(daemon)

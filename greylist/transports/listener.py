@@ -89,6 +89,9 @@ BACKLOG = 512
 # (SMTPD_POLICY_README, socketmap_table(5)), so only a client that
 # pipelines, or reads no replies, gets this far; four policy reads.
 MAX_HELD_BYTES = 4 * READ_SIZE
+# How much longer than its lock or Redis timeout a request waits for the
+# store thread before it is answered as a store failure (Server._bounded).
+PLAN_WAIT_MARGIN_S = 5.0
 # How often the connections' last activity is looked at (at most a
 # quarter of greylist_idle_timeout): an idle connection, or one whose
 # client takes no reply, is closed at most this much after the timeout.
@@ -310,6 +313,41 @@ class Server:
         the future is done, returns the reply or another Pending. Raises
         ProtocolError (finish too)."""
         raise NotImplementedError
+
+    def _bounded(self, future: asyncio.Future) -> asyncio.Future:
+        """future, or a future that fails with StoreError once the store
+        thread has not answered it for PLAN_WAIT_MARGIN_S past the lock
+        or Redis timeout (a disk that stalls in fsync, frozen: each of
+        the store's own waits is bounded, the commit itself is not). The
+        plan still runs when the store comes back; the reply does not
+        wait for it."""
+        if future.done():
+            return future
+        waiter = self.loop.create_future()
+        wait_s = max(self.cfg.lock_timeout_ms, self.cfg.redis_timeout_ms) / 1000
+        wait_s += PLAN_WAIT_MARGIN_S
+
+        def expire() -> None:
+            if not waiter.done():
+                waiter.set_exception(StoreError("the database did not answer within %d s"
+                                                % wait_s))
+
+        def copy(done: asyncio.Future) -> None:
+            timer.cancel()
+            if done.cancelled():
+                if not waiter.done():
+                    waiter.cancel()
+                return
+            exc = done.exception()  # Retrieved even when answered already.
+            if waiter.done():
+                return
+            if exc is not None:
+                waiter.set_exception(exc)
+            else:
+                waiter.set_result(done.result())
+        timer = self.loop.call_later(wait_s, expire)
+        future.add_done_callback(copy)
+        return waiter
 
     def _task(self, coroutine: Coroutine) -> "Pending":
         """Pending for a coroutine that returns the reply: the rare requests
@@ -685,7 +723,7 @@ class PolicyServer(Server):
             return self._rest(service, step)
         future = self.committer.plan(step.keys, step.change)
         if not future.done():
-            return future, partial(self._completed, service, session, step)
+            return self._bounded(future), partial(self._completed, service, session, step)
         return self._completed(service, session, step, future)
 
     def _completed(self, service, session: Session, step, future: asyncio.Future):
@@ -702,7 +740,7 @@ class PolicyServer(Server):
             key, change = answer.postscreen
             future = self.committer.plan([key], change, service.postscreen)
             if not future.done():
-                return future, partial(self._screened, service, answer)
+                return self._bounded(future), partial(self._screened, service, answer)
             return self._screened(service, answer, future)
         return self._finish(service, answer)
 
@@ -711,12 +749,12 @@ class PolicyServer(Server):
         store thread)."""
         key, change = answer.table_write
         try:
-            await self.committer.plan([key], change, service.table)
+            await self._bounded(self.committer.plan([key], change, service.table))
         except StoreError as exc:
             service.table_failed(exc)
         if answer.postscreen is not None and service.postscreen is not None:
             key, change = answer.postscreen
-            future = self.committer.plan([key], change, service.postscreen)
+            future = self._bounded(self.committer.plan([key], change, service.postscreen))
             try:
                 await future
             except StoreError:
@@ -851,7 +889,7 @@ class LearnServer(Server):
         service.note(line)
         # All plans of a request at once: they share one trip to the store
         # thread (and one commit per store).
-        waiting = [(plan, self.committer.plan([plan.key], plan.change, store))
+        waiting = [(plan, self._bounded(self.committer.plan([plan.key], plan.change, store)))
                    for plan in found if (store := service.target(plan)) is not None]
         return self._learning(service, waiting, reply)
 
@@ -882,7 +920,7 @@ class LearnServer(Server):
             return NOTFOUND
         future = self.committer.plan(found[1], _read_only, store)
         if not future.done():
-            return future, partial(self._entry, service, found[2])
+            return self._bounded(future), partial(self._entry, service, found[2])
         return self._entry(service, found[2], future)
 
     def _entry(self, service, kind, future: asyncio.Future) -> bytes:
