@@ -384,3 +384,44 @@ def test_the_privacy_secret_is_never_read_through_a_symbolic_link(tmp_path):
     (directory / "db.secret").symlink_to(planted)
     assert run(command(cf), triple_request(1)).stdout == b"action=DUNNO\n\n"
     assert any("db.secret" in line for line in warnings(read_log(directory / "log")))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root changes its user")
+def test_greylistctl_becomes_the_directory_owner_with_the_owners_group_never_root(tmp_path):
+    # Review: greylistctl took the database directory's group, root's
+    # after "install -d -o greylist", and ran with gid 0.
+    from greylist.cli.greylistctl import _policy_user
+    from greylist.config import load
+    nobody = pwd.getpwnam("nobody")
+    directory = tmp_path / "db"
+    directory.mkdir()
+    os.chown(directory, nobody.pw_uid, 0)
+    cf = tmp_path / "greylist.cf"
+    cf.write_text("greylist_database = %s/greylist\n" % directory)
+    assert _policy_user(load(str(cf), {}), True) == (nobody.pw_uid, nobody.pw_gid)
+    assert nobody.pw_gid != 0
+
+
+def test_a_greylist_user_whose_group_is_root_is_refused(tmp_path, monkeypatch):
+    # Review: greylistd and greylistctl dropped to a greylist_user whose
+    # primary group is root and served with gid 0.
+    from greylist.cli import greylistctl, greylistd
+    from greylist.config import load
+    from greylist.log import Log
+    real = pwd.getpwnam
+
+    def getpwnam(name):
+        if name == "gid0user":
+            entry = list(real("nobody"))
+            entry[0], entry[3] = "gid0user", 0
+            return pwd.struct_passwd(entry)
+        return real(name)
+    monkeypatch.setattr(pwd, "getpwnam", getpwnam)
+    cf = tmp_path / "greylist.cf"
+    cf.write_text("greylist_database = %s/greylist\ngreylist_user = gid0user\n" % tmp_path)
+    cfg = load(str(cf), {})
+    assert "group root (gid 0)" in greylistctl._named_user(cfg)
+    if os.geteuid() == 0:
+        daemon = greylistd.Daemon(cfg, str(cf), Log("greylistd-test"))
+        with pytest.raises(greylistd.Fatal, match="group root"):
+            daemon._identity()

@@ -238,7 +238,17 @@ def _policy_user(cfg, writes: bool) -> tuple[int, int] | str | None:
     except OSError:
         return None  # Reported when the database is opened.
     if st.st_uid != 0:
-        return st.st_uid, st.st_gid
+        # The owner's own group, as spawn(8)'s user= gives it, not the
+        # directory's (root's, after install -d -o USER), and never root's.
+        import pwd
+        try:
+            gid = pwd.getpwuid(st.st_uid).pw_gid
+        except KeyError:
+            gid = st.st_gid
+        if gid == 0:
+            return ("refusing to run as the owner of %s with group root (gid 0): give "
+                    "that user a group of its own" % directory)
+        return st.st_uid, gid
     if cfg.allow_root:
         return None
     if cfg.user:
@@ -257,6 +267,8 @@ def _named_user(cfg) -> tuple[int, int] | str:
         user = pwd.getpwnam(cfg.user)
     except KeyError:
         return "greylist_user %s: no such user" % cfg.user
+    if user.pw_gid == 0:
+        return "greylist_user %s has group root (gid 0): give it a group of its own" % cfg.user
     return user.pw_uid, user.pw_gid
 
 

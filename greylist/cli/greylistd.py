@@ -268,6 +268,9 @@ class Daemon:
             raise Fatal("greylist_user: no user %r" % cfg.user) from None
         if entry.pw_uid == 0:
             raise Fatal("greylist_user %r is root" % cfg.user)
+        if entry.pw_gid == 0:
+            raise Fatal("greylist_user %r has group root (gid 0): give it a group of its own"
+                        % cfg.user)
         self._primary_gid = entry.pw_gid
         return entry.pw_uid, gid
 
@@ -320,7 +323,8 @@ class Daemon:
             os.setuid(uid)
         except OSError as exc:
             raise Fatal("cannot drop privileges to %s: %s" % (self.cfg.user, exc.strerror)) from None
-        if os.getuid() == 0 or os.geteuid() == 0 or os.getgroups():
+        if os.getuid() == 0 or os.geteuid() == 0 or os.getgid() == 0 or \
+                os.getegid() == 0 or os.getgroups():
             raise Fatal("privileges were not dropped")
         try:
             os.setuid(0)
