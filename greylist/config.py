@@ -22,6 +22,8 @@ import os
 import re
 from typing import NamedTuple
 
+from greylist.files import read_small
+
 DEFAULT_DATABASE = "/var/lib/greylist/greylist"
 
 
@@ -480,15 +482,19 @@ def load(path: str | None, overrides: dict[str, object]) -> Config:
     values: dict[str, object] = {}
     if path is not None:
         try:
-            with open(path, encoding="utf-8") as handle:
-                text = handle.read()
-        except (OSError, UnicodeDecodeError) as exc:
+            text = read_small(path, MAX_SETTINGS_BYTES)[0].decode("utf-8")
+        except OSError as exc:
+            raise ConfigError("cannot read settings file %s: %s" % (path, exc.strerror)) \
+                from None
+        except UnicodeDecodeError as exc:
             raise ConfigError("cannot read settings file %s: %s" % (path, exc)) from None
         values.update(read_settings(text, path))
     values.update(overrides)
     return resolve(Config(**values))
 
 
+# A settings file is a few KB; more is not one.
+MAX_SETTINGS_BYTES = 1 << 20
 CLIENT_TABLE_SUFFIX = "-clients"
 CORRESPONDENT_TABLE_SUFFIX = "-correspondents"
 POSTSCREEN_TABLE_SUFFIX = "-postscreen"
@@ -566,8 +572,7 @@ def log_target(path: str | None) -> str:
     if path is None:
         return "syslog"
     try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            text = handle.read(1 << 20)
+        text = read_small(path, MAX_SETTINGS_BYTES)[0].decode("utf-8", "replace")
     except OSError:
         return "syslog"
     found = "syslog"

@@ -23,8 +23,11 @@ from greylist.config import Config
 from greylist.core.lists import (TRUSTED, WHITELIST_CLIENT, WHITELIST_RECIPIENT,
                                  WHITELIST_SENDER, Entries, Exemptions, Warn, empty, locate,
                                  match_address, match_client, merge, parse)
+from greylist.files import read_small
 
 CHECK_INTERVAL_S = 10.0
+# The largest whitelist file read (postgrey's own are about 10 KB).
+MAX_FILE_BYTES = 16 << 20
 
 
 class List:
@@ -61,8 +64,7 @@ class List:
         yield None, "\n".join(self.inline)
         for path in self.files:
             try:
-                with open(path, encoding="utf-8", errors="replace") as handle:
-                    text = handle.read()
+                text = read_small(path, MAX_FILE_BYTES)[0].decode("utf-8", "replace")
             except OSError as exc:
                 warn("whitelist %s: %s" % (path, exc.strerror))
                 continue

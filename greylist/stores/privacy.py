@@ -32,6 +32,7 @@ import secrets
 import stat
 from typing import Callable, TypeVar
 
+from greylist.files import read_small
 from greylist.stores.base import Change, Store, StoreError, Values
 
 T = TypeVar("T")
@@ -71,10 +72,9 @@ def load_secret(path: str) -> bytes:
             raise SecretError("cannot create %s: %s" % (path, exc.strerror)) from None
     try:
         # Never through a symbolic link; a secret is short.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with open(fd, encoding="ascii", closefd=True) as handle:
-            mode = os.fstat(handle.fileno()).st_mode
-            text = handle.read(4096).strip()
+        data, st = read_small(path, 4096, follow=False)
+        mode = st.st_mode
+        text = data.decode("ascii").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise SecretError("cannot read %s: %s" % (path, exc)) from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):

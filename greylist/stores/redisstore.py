@@ -175,11 +175,13 @@ def read_password_file(path: str) -> tuple[str | None, str]:
     """(user or None, password) from a password file; RedisError if it is
     missing, empty, or readable by anyone but its owner."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise RedisError("greylist_redis_password_file %s: %s" % (path, exc.strerror)) from None
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RedisError("greylist_redis_password_file %s: not a regular file" % path)
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise RedisError("greylist_redis_password_file %s: readable by others "
                              "(chmod 0600, owned by the greylist user)" % path)
