@@ -1286,6 +1286,14 @@ def test_greylistctl_as_root_on_redis_becomes_greylist_user(short_dir):
         "greylist_user no-such-user-here: no such user"
     settings.write_text(base)
     assert _policy_user(load(str(settings), {}), True) is None
+    # Privacy mode without greylist_user: root would create the secret
+    # as root's, and every greylist process would then fail open (review).
+    secret = short_dir / "greylist.secret"
+    settings.write_text(base + "greylist_privacy = yes\ngreylist_secret_file = %s\n" % secret)
+    refused = _policy_user(load(str(settings), {}), False)
+    assert refused.startswith("refusing to create the privacy secret %s as root" % secret)
+    secret.write_text("00" * 32)
+    assert _policy_user(load(str(settings), {}), True) is None
 
 
 def test_a_delete_that_keeps_losing_its_race_fails_instead_of_skipping(server, monkeypatch):

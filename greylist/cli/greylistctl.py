@@ -231,7 +231,13 @@ def _policy_user(cfg, writes: bool) -> tuple[int, int] | str | None:
         # No directory to own: greylist_user, when set, so that the
         # privacy secret it may create is that user's (found in review:
         # made as root, it failed every greylist process afterwards).
-        return _named_user(cfg) if cfg.user else None
+        if cfg.user:
+            return _named_user(cfg)
+        if cfg.privacy and cfg.secret_file and not os.path.lexists(cfg.secret_file):
+            return ("refusing to create the privacy secret %s as root: the greylist "
+                    "processes could not read it; set greylist_user, or run greylistctl "
+                    "as the greylist user" % cfg.secret_file)
+        return None
     directory = os.path.dirname(os.path.abspath(cfg.database))
     try:
         st = os.stat(directory)
