@@ -273,7 +273,7 @@ def _named_user(cfg) -> tuple[int, int] | str:
         user = pwd.getpwnam(cfg.user)
     except KeyError:
         return "greylist_user %s: no such user" % cfg.user
-    if user.pw_gid == 0:
+    if user.pw_gid == 0 and user.pw_uid != 0:  # (root itself: nothing to drop)
         return "greylist_user %s has group root (gid 0): give it a group of its own" % cfg.user
     return user.pw_uid, user.pw_gid
 
