@@ -1144,7 +1144,7 @@ def test_greylistctl_import_copies_a_live_lmdb_database_into_redis(server, short
     for state in (records.PASSED, records.PENDING, records.MANUAL):
         assert state in states, source
     redis_settings = write_settings(short_dir / "redis", "gl", server.unix_url,
-                                    "greylist_retry_window = 1s\n")
+                                    "greylist_retry_window = 1s\ngreylist_delay = 0\n")
     cfg = load(redis_settings, {})
     # With a retry window of 1 s, the pending records (2 s old) have
     # expired for the Redis settings; the others have not.
@@ -1403,6 +1403,8 @@ def test_greylistctl_import_into_privacy_mode_hashes_plaintext_keys(server, shor
     redis_settings = write_settings(redis_dir, "gl", server.unix_url,
                                     "greylist_privacy = yes\ngreylist_secret_file = %s\n"
                                     % (redis_dir / "secret"))
+    # The greylist user's secret (greylistctl as root would not make it).
+    load_secret(str(redis_dir / "secret"))
     status, out = ctl(redis_settings, "import", str(lmdb_dir / "gl"))
     assert status == 0 and "import: database: 2 copied, 0 expired left behind" in out, out
     cfg = load(redis_settings, {})
