@@ -516,6 +516,11 @@ def resolve(cfg: Config) -> Config:
     """
     if cfg.resolved:
         return cfg
+    if cfg.retry_window_s <= cfg.delay_s:
+        # A pending triple would expire before it may pass: every retry
+        # would be new again, and the mail deferred for ever (review).
+        raise ConfigError("greylist_retry_window (%d s) must be longer than greylist_delay "
+                          "(%d s), or no retry ever passes" % (cfg.retry_window_s, cfg.delay_s))
     if cfg.database.startswith("redis"):
         return _resolve_redis(cfg)
     database = os.path.abspath(cfg.database)

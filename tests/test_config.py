@@ -330,3 +330,17 @@ def test_a_table_path_with_a_redis_database_is_an_error_not_ignored():
         resolve(cfg)
     off = resolve(Config(database="redis:unix:/run/redis.sock", client_table="none"))
     assert off.client_table == "" and off.correspondent_table == "correspondents"
+
+
+def test_a_retry_window_no_longer_than_the_delay_is_an_error(tmp_path):
+    # Review: greylist_delay = 30m with greylist_retry_window = 20m was
+    # accepted (--check: ok), and every new triple expired before it
+    # could pass: its mail was deferred for ever.
+    cf = tmp_path / "greylist.cf"
+    for window in ("20m", "30m"):
+        cf.write_text("greylist_delay = 30m\ngreylist_retry_window = %s\n" % window)
+        with pytest.raises(ConfigError, match="greylist_retry_window .* must be longer than "
+                                              "greylist_delay"):
+            load(str(cf), {})
+    cf.write_text("greylist_delay = 30m\ngreylist_retry_window = 31m\n")
+    assert load(str(cf), {}).retry_window_s == 1860
