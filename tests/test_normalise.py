@@ -23,6 +23,15 @@ CFG = Config()
     ("SRS0+HHH=TT=orig.example=alice@forwarder.example", "alice@orig.example"),
     ("SRS1=XXX=fwd1.example==HHH=TT=orig.example=alice@fwd2.example", "alice@orig.example"),
     ("srs0=hhh=tt=orig.example=alice+tag@forwarder.example", "alice@orig.example"),
+    # Review: the original local part's own "=" (BATV, VERP) made the
+    # last two fields the domain and local part: each day's tag a new
+    # sender, and two senders of different domains one.
+    ("SRS0=h=TT=example.org=prvs=1234abcdef=alice@fwd.example", "alice@example.org"),
+    ("SRS0=h=TT=example.org=prvs=1235bcdefa=alice@fwd.example", "alice@example.org"),
+    ("SRS0=x=TT=a.example=foo=bar@fwd.example", "foo=bar@a.example"),
+    ("SRS0=y=TT=b.example=foo=bar@fwd.example", "foo=bar@b.example"),
+    ("SRS1=XXX=fwd1.example=+HHH=TT=orig.example=a=b@fwd2.example", "a=b@orig.example"),
+    ("prvs=alice=1234abcdef@example.org", "alice@example.org"),
     ("bounce-12345-6789@lists.example", "bounce-#-#@lists.example"),
     ("list-owner.2024.17@lists.example", "list-owner.#.#@lists.example"),
     ("user42@example.org", "user42@example.org"),

@@ -84,10 +84,16 @@ UNKNOWN_CLIENT = "unknown"
 # _plain() tells without a regular expression.
 _ESCAPE = "[%/#\\s\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udcff]"
 # SRS (libsrs2 and postsrsd): SRS0=HASH=TT=domain=local@forwarder and
-# SRS1=HASH=forwarder==HASH=TT=domain=local@..., the original last.
-_SRS = r"srs[01][=+-].*=([^=]+)=([^=@]+)@[^@]+"
-# BATV (draft-levine-smtp-batv): prvs=TAG=local, and Microsoft's msprvs1=.
-_BATV = r"(?:prvs|msprvs1)=[0-9a-z]+=(.+)"
+# SRS1=HASH=forwarder==HASH=TT=domain=local@..., by position: the
+# original local part may have "=" of its own (BATV, VERP), so it is
+# everything after the domain, not the last field.
+_SRS = (r"(?:srs0[=+-][^=@]*|srs1[=+-][^=@]*=[^=@]*=[=+-][^=@]*)"
+        r"=[^=@]*=([^=@]*)=([^@]*)@[^@]+")
+# BATV (draft-levine-smtp-batv): prvs=TAG=local, and Microsoft's msprvs1=;
+# some signers write prvs=local=TAG, told apart by the draft's tag form
+# (a key digit, three day digits, six hexadecimal digits of hash).
+_BATV = r"(?:prvs|msprvs1)=([^=]+)=(.+)"
+_BATV_TAG = r"[0-9]{4}[0-9a-f]{6}"
 # A dotted quad as inet_ntop(3) prints it: decimal octets without
 # leading zeros.
 _OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
@@ -235,7 +241,9 @@ def normalise_sender(sender: str | None, cfg: Config) -> str:
             domain, local = match.group(1), match.group(2)
         match = _regex(_BATV, re.IGNORECASE).fullmatch(local)
         if match is not None:
-            local = match.group(1)
+            tag = _regex(_BATV_TAG, re.IGNORECASE)
+            reversed_ = tag.fullmatch(match.group(2)) and not tag.fullmatch(match.group(1))
+            local = match.group(1) if reversed_ else match.group(2)
     if cfg.sender_delimiter:
         local = strip_extension(local, cfg.sender_delimiter)
     local = _DIGITS.sub("#", local)
