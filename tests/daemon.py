@@ -173,9 +173,11 @@ def write_settings(directory: pathlib.Path, port: int, extra_settings: str = "",
 
 
 def start(directory, extra_settings: str = "", user: str | None = None,
-          start_s: float = START_S, module: str = "greylist.cli.greylistd") -> Daemon:
+          start_s: float = START_S, module: str = "greylist.cli.greylistd",
+          prefix: tuple[str, ...] = ()) -> Daemon:
     """Start greylistd in directory (see the module description); module:
-    what runs it (a fault injector of tests/reliability, say)."""
+    what runs it (a fault injector of tests/reliability, say); prefix: a
+    command that execs it (prlimit, say)."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o755)  # a database directory must not be world-writable
@@ -186,7 +188,8 @@ def start(directory, extra_settings: str = "", user: str | None = None,
         output_path = directory / "greylistd.out"
         served = _serving_lines(directory / "log")
         with open(output_path, "ab") as output:
-            proc = subprocess.Popen(command(settings_path, module), stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen([*prefix, *command(settings_path, module)],
+                                    stdin=subprocess.DEVNULL,
                                     stdout=output, stderr=subprocess.STDOUT,
                                     env=environment(), cwd=str(directory))
         daemon = Daemon(directory, proc, port, settings_path, output_path)

@@ -336,3 +336,45 @@ def test_a_store_that_stalls_in_its_commit_is_answered_as_a_failure_within_a_bou
         assert len(warned) == 1 and ": warning: " in warned[0], daemon.log()
         assert daemon.stop() == 0
     assert_clean(daemon)
+
+
+def test_short_of_descriptors_the_daemon_says_so_once_and_serves_on(site):
+    """Review: with systemd's soft limit of 1024 open files and the default
+    greylist_max_connections = 1000, descriptors ran out before the cap:
+    asyncio logged each failed accept(2) (16000 lines in 5 s) and said
+    nothing useful. greylistd raises the soft limit as far as the hard one
+    allows, warns at start when that is short, and reports EMFILE once a
+    minute, counted; when connections end it accepts again."""
+    prlimit = shutil.which("prlimit")
+    assert prlimit, "prlimit (util-linux) is needed"
+    with daemons.start(site, "greylist_max_connections = 1000\n",
+                       prefix=(prlimit, "--nofile=64:64", "--")) as daemon:
+        text = daemon.log()
+        assert "the open-file limit (64) is below greylist_max_connections + 64 (1064)" \
+            in text, text
+        held = []
+        try:
+            for _ in range(90):  # past the 64 descriptors
+                held.append(daemon.connect())
+            time.sleep(1.5)  # asyncio retries accept(2) a second later
+        finally:
+            for sock in held:
+                sock.close()
+        lines = [line for line in daemon.log().splitlines()
+                 if "cannot accept connections" in line]
+        assert len(lines) == 1, lines
+        assert "Too many open files" in lines[0] and "LimitNOFILE=" in lines[0]
+        assert not [line for line in daemon.log().splitlines() if "asyncio:" in line]
+        # Room again: served (asyncio retries accepting within a second).
+        for _ in range(50):
+            try:
+                with daemon.connect() as fresh:
+                    fresh.sendall(triple_request(9))
+                    assert split_replies(receive_replies(fresh, 1)) == [DEFER_NEW]
+                break
+            except (OSError, TimeoutError):
+                time.sleep(0.2)
+        else:
+            raise AssertionError("not served after the connections ended")
+        assert daemon.stop() == 0
+    assert_clean(daemon)

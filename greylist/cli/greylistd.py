@@ -36,6 +36,7 @@ DIAGNOSTICS
 """
 
 import asyncio
+import errno
 import os
 import signal
 import socket
@@ -104,6 +105,34 @@ def _setting_names(fields: list[str]) -> list[str]:
     return list(dict.fromkeys(names.get(field, field) for field in fields))
 
 
+# Errors of accept(2) that mean "out of descriptors or memory".
+_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+RESOURCE_LOG_S = 60.0
+# Descriptors greylistd needs besides its connections: listeners, lock
+# files, the database and tables, the log, the store thread's pipes.
+FD_RESERVE = 64
+
+
+def open_files_limit(max_connections: int, log: Log) -> None:
+    """Raise the soft open-file limit to what max_connections needs (as
+    far as the hard limit allows: systemd's soft default is 1024), and
+    warn if it is still short."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = max_connections + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("the open-file limit (%d) is below greylist_max_connections + %d (%d): "
+                    "connections past it wait unserved; raise it (LimitNOFILE=)"
+                    % (soft, FD_RESERVE, needed))
+
+
 class Fatal(Exception):
     """A fatal error: logged, written to stderr, exit 1."""
 
@@ -150,6 +179,8 @@ class Daemon:
         self.stopping: asyncio.Event | None = None
         self.notify_socket = None
         self.servers: list = []
+        self._resource_errors = 0
+        self._resource_logged = 0.0
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -158,6 +189,7 @@ class Daemon:
         loop.set_exception_handler(self._asyncio_report)
         self.stopping = asyncio.Event()
         uid, gid = self._identity()
+        open_files_limit(self.cfg.max_connections, self.log)
         socks, listeners = self._sockets(uid, gid)
         self.notify_socket = _notify_socket()
         _preload(self.cfg)
@@ -240,6 +272,20 @@ class Daemon:
     def _asyncio_report(self, loop, context: dict) -> None:
         exc = context.get("exception")
         if isinstance(exc, asyncio.CancelledError):
+            return
+        if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRORS:
+            # asyncio reports each failed accept(2) of the backlog at
+            # EMFILE: hundreds a second. One warning a minute, counted.
+            self._resource_errors += 1
+            now = time.monotonic()
+            if self._resource_logged and now - self._resource_logged < RESOURCE_LOG_S:
+                return
+            self._resource_logged = now
+            self.log.warning("cannot accept connections: %s (%d times since the last "
+                             "warning); clients wait unserved; raise the open-file limit "
+                             "(LimitNOFILE=) or lower greylist_max_connections"
+                             % (exc.strerror, self._resource_errors))
+            self._resource_errors = 0
             return
         self.log.warning("asyncio: %s%s" % (context.get("message", ""),
                                              "" if exc is None else ": %r" % exc))
@@ -372,6 +418,8 @@ class Daemon:
             if getattr(other, "postscreen", None) is not None:
                 other.postscreen = self._renewed(other.postscreen, cfg)
                 other.service.postscreen = other.postscreen
+        if cfg.max_connections != self.cfg.max_connections:
+            open_files_limit(cfg.max_connections, self.log)
         self.cfg = cfg
         self.log.info("reload: settings and whitelists read again")
 
