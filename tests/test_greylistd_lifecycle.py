@@ -951,3 +951,40 @@ def test_a_reload_names_the_restart_only_settings_as_the_administrator_writes_th
         assert name in SETTINGS, field
     assert _setting_names(["database", "client_table", "cleanup_state", "lock_timeout_ms"]) \
         == ["greylist_database", "greylist_client_table", "greylist_lock_timeout"]
+
+
+def test_the_shared_cap_warns_once_for_all_services_and_again_after_room(site):
+    # Review: the cap is shared, but each service kept its own "warned"
+    # flag: a cap reached through two services warned twice, and a later
+    # reach warned not at all until the service that warned lost one.
+    sm_path = site / "sm"
+    port = daemons.free_port()
+    extra = ("greylist_max_connections = 2\n"
+             "greylist_metrics_listen = inet:127.0.0.1:%d\n"
+             "greylist_socketmap_listen = unix:%s\n" % (port, sm_path))
+
+    def socketmap() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(IO_S)
+        sock.connect(str(sm_path))
+        return sock
+    with daemons.start(site, extra) as daemon:
+        # The start's readiness probe has gone: no connection is open.
+        assert wait_for(lambda: metric(scrape(port), "greylist_connections") == 0.0)
+        served = [daemon.connect(), socketmap()]
+        assert exchange(served[0], triple_request(1)).startswith(DEFER_NEW)
+        for refused in (daemon.connect(), socketmap(), socketmap()):
+            with refused:
+                assert closed_without_reply(refused, timeout=5) < 1.0
+        assert len(log_lines(daemon, "connection limit reached")) == 1
+        served.pop().close()  # the socketmap one: room again
+        assert wait_for(lambda: log_lines(daemon, "connections below the limit again"))
+        served.append(daemon.connect())
+        assert exchange(served[1], triple_request(2)).startswith(DEFER_NEW)
+        with socketmap() as refused:
+            assert closed_without_reply(refused, timeout=5) < 1.0
+        assert len(log_lines(daemon, "connection limit reached")) == 2
+        for sock in served:
+            sock.close()
+        assert daemon.stop() == 0
+        assert_clean(daemon)

@@ -215,7 +215,7 @@ class Daemon:
                 await committer.call(lambda table=table: _open_quietly(table))
         # One connection table for all services: greylist_max_connections
         # caps them together.
-        connections: dict = {}
+        connections = listener.Connections()
         server = listener.PolicyServer(service, committer, self.cfg, self.log, metrics,
                                        connections=connections)
         await server.start(socks["policy"])

@@ -282,6 +282,14 @@ def inherited(environ: dict[str, str]) -> list[tuple[str, socket.socket]]:
     return found
 
 
+class Connections(dict):
+    """The open connections of a daemon (Connection: its transport), shared
+    by its servers: one greylist_max_connections caps them all, and full
+    says whether the cap's warning was given, for all of them at once."""
+
+    full = False
+
+
 class Server:
     """One service on a daemon's connections: each connection (Connection)
     gets the service's decoder and session, and respond() answers each
@@ -289,7 +297,7 @@ class Server:
 
     def __init__(self, service, committer: Committer, cfg: Config,
                  log: Log, metrics=None, clock: Callable[[], float] = time.time,
-                 connections: dict | None = None) -> None:
+                 connections: "Connections | None" = None) -> None:
         self.service = service       # the handler, stores, log, store failures
         self.committer = committer
         self.cfg = cfg
@@ -298,10 +306,8 @@ class Server:
         self.clock = clock
         # Each open connection and its transport; stopping: no new request.
         # (Shared between the servers of a daemon: one cap for all.)
-        self.connections: dict[Connection, asyncio.Transport] = (
-            {} if connections is None else connections)
+        self.connections: Connections = Connections() if connections is None else connections
         self.stopping = False
-        self._full = False
         self._servers: list[asyncio.AbstractServer] = []
         self._own: set[Connection] = set()   # this server's connections, for the sweep
         self._sweeper: asyncio.TimerHandle | None = None
@@ -403,8 +409,8 @@ class Server:
         daemon is stopping."""
         connections = self.connections
         if len(connections) >= self.cfg.max_connections:
-            if not self._full:
-                self._full = True
+            if not connections.full:
+                connections.full = True
                 self.log.warning("connection limit reached (greylist_max_connections = %d); "
                                  "closing new connections until one ends"
                                  % self.cfg.max_connections)
@@ -427,8 +433,8 @@ class Server:
         self._own.discard(connection)
         if self.metrics is not None:
             self.metrics.connections(len(connections))
-        if self._full and len(connections) < self.cfg.max_connections:
-            self._full = False
+        if connections.full and len(connections) < self.cfg.max_connections:
+            connections.full = False
             self.log.info("connections below the limit again (%d open)" % len(connections))
 
     def _sweep_s(self) -> float:
