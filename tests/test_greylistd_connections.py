@@ -378,3 +378,40 @@ def test_short_of_descriptors_the_daemon_says_so_once_and_serves_on(site):
             raise AssertionError("not served after the connections ended")
         assert daemon.stop() == 0
     assert_clean(daemon)
+
+
+def test_a_request_trickled_a_byte_at_a_time_is_cut_off_after_the_idle_timeout(site):
+    """Review: every byte reset the idle clock, so a client sending one byte
+    of a request a second held its connection (and a place under the cap)
+    for ever. A request not ended greylist_idle_timeout after it began now
+    closes the connection, with a warning; a request that arrives in
+    pieces within it is answered."""
+    with daemons.start(site, "greylist_idle_timeout = 2s\n") as daemon:
+        request = triple_request(1)
+        with daemon.connect() as slow:
+            # Whole within the timeout: answered.
+            for piece in (request[:100], request[100:200], request[200:]):
+                slow.sendall(piece)
+                time.sleep(0.4)
+            assert split_replies(receive_replies(slow, 1)) == [DEFER_NEW]
+            began = time.monotonic()
+            closed = None
+            for n in range(30):  # a byte every 0.5 s: never idle for 2 s
+                try:
+                    slow.sendall(request[n:n + 1])
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = time.monotonic() - began
+                    break
+                slow.settimeout(0.5)
+                try:
+                    if slow.recv(100) == b"":
+                        closed = time.monotonic() - began
+                        break
+                except socket.timeout:
+                    pass
+            assert closed is not None and 2 <= closed <= 2 + 1 + 3, closed
+        warned = [line for line in daemon.log().splitlines()
+                  if "closing a connection whose request has not ended in 2 s" in line]
+        assert len(warned) == 1 and ": warning: " in warned[0]
+        assert daemon.stop() == 0
+    assert_clean(daemon)

@@ -452,6 +452,13 @@ class Server:
                 if now - connection.stalled_at >= idle_s:
                     self.log.warning("closing a connection whose client reads no replies")
                     connection.transport.abort()
+            elif now - connection.input_began >= idle_s and not connection.closing \
+                    and connection.decoder.buffered():
+                # A request begun greylist_idle_timeout ago and not ended:
+                # a byte now and then must not hold a connection for ever.
+                self.log.warning("closing a connection whose request has not ended in %d s"
+                                 % idle_s)
+                connection.close()
             elif now - connection.last >= idle_s:
                 if not connection.closing:
                     self.log.debug(1, "closing a connection idle for %d s" % idle_s)
@@ -481,7 +488,8 @@ class Connection(asyncio.Protocol):
     (pause_writing) stops the answering too.
     """
 
-    __slots__ = ("server", "transport", "decoder", "session", "last", "began", "task",
+    __slots__ = ("server", "transport", "decoder", "session", "last", "input_began",
+                 "began", "task",
                  "finish", "held", "held_size", "reading", "stalled_at", "eof", "closing",
                  "lost", "_ended")
 
@@ -491,6 +499,7 @@ class Connection(asyncio.Protocol):
         self.decoder = None          # None: refused (over the cap, or stopping)
         self.session = None
         self.last = 0.0              # monotonic time of the last input or reply
+        self.input_began = 0.0       # when the input not yet answered began
         self.began = 0.0             # when the request of task arrived
         # The future the request under way waits for, and what makes its reply.
         self.task: asyncio.Future | None = None
@@ -524,6 +533,8 @@ class Connection(asyncio.Protocol):
         if self.task is not None or self.stalled_at is not None:
             self._hold(data)
             return
+        if not self.decoder.buffered():
+            self.input_began = now
         self.decoder.feed(data)
         self._answer(now)
 
@@ -640,6 +651,8 @@ class Connection(asyncio.Protocol):
         if self.held:
             data = b"".join(self.held) if len(self.held) > 1 else self.held[0]
             self.held, self.held_size = [], 0
+            if not self.decoder.buffered():
+                self.input_began = now
             self.decoder.feed(data)
         self._answer(now)
         # Read again unless the requests not answered yet fill the budget
