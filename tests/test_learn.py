@@ -216,6 +216,20 @@ def test_every_recipient_of_a_message_is_learned_at_end_of_message():
         b"@alice@example.com/bob@remote.test", b"@alice@example.com/carol@other.test"]
 
 
+def test_an_over_long_recipient_is_counted_but_not_kept():
+    # Review: one connection to greylistd sent 10000 RCPTs of 64 KB each
+    # for one message, and the daemon held 640 MB until END-OF-MESSAGE.
+    handler, session = OutboundHandler(CFG), OutboundSession()
+    long = "x" * 65000 + "@remote.test"
+    for recipient in ("bob@remote.test", long):
+        handler.request(request("RCPT", recipient=recipient), session, T)
+    assert session.recipients == ["bob@remote.test", ""]
+    found, line = handler.request(request("END-OF-MESSAGE", recipient="",
+                                          recipient_count="2"), session, T)
+    assert [plan.key for plan in found] == [b"@alice@example.com/bob@remote.test"]
+    assert line == "not learning a recipient (longer than 320 characters)"
+
+
 def test_nothing_is_learned_before_end_of_message():
     assert outbound([request("RCPT", recipient="bob@remote.test"),
                      request("DATA", recipient_count="1")]) == []

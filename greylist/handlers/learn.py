@@ -62,6 +62,12 @@ REQUEST = "smtpd_access_policy"
 # cleanup looks up a message's recipients as smtpd passes them on, within
 # one SMTP session (Postfix's smtpd_timeout is 300 s).
 SENDER_TTL_S = 300
+# The most recipients of one message kept until END-OF-MESSAGE, and the
+# longest kept (RFC 5321's path of 256 octets, and some room): greylistd
+# serves every connection in one process, and a recipient may otherwise
+# be 64 KB long (the line cap).
+MAX_RECIPIENTS = 10000
+MAX_RECIPIENT_CHARS = 320
 TABLE = "table"
 DATABASE = "database"
 TABLE_CLIENTS = "clients"
@@ -241,8 +247,10 @@ class OutboundHandler:
             return [], None
         if state == "RCPT":
             recipient = attrs.get("recipient")
-            if recipient and len(session.recipients) < 10000:
-                session.recipients.append(recipient)
+            if recipient and len(session.recipients) < MAX_RECIPIENTS:
+                # Counted (recipient_count), but an over-long one not kept.
+                session.recipients.append(
+                    recipient if len(recipient) <= MAX_RECIPIENT_CHARS else "")
             return [], None
         if state != "END-OF-MESSAGE":
             return [], None
@@ -258,6 +266,9 @@ class OutboundHandler:
         found: list[Plan] = []
         skipped = []
         for recipient in dict.fromkeys(recipients):
+            if not recipient:
+                skipped.append("a recipient (longer than %d characters)" % MAX_RECIPIENT_CHARS)
+                continue
             reason = correspondents.screen(recipient, self.cfg)
             if reason is None:
                 found.extend(plans(sender, recipient, now, self.cfg))
