@@ -166,3 +166,44 @@ def test_looks_dynamic_counts_ascii_digits_only():
     (found in review: x100-65\u00e9 was no longer dynamic)."""
     assert looks_dynamic("x100-65\u00e9.example", "100.65.220.132")
     assert not looks_dynamic("x\u0661\u0660\u0660-65.example", "1.65.220.132")
+
+
+def test_a_pool_never_earns_the_client_auto_whitelist():
+    # Review: five triples of five Gmail hosts, each passed after its
+    # delay an hour apart, gave google.com the client auto-whitelist, and
+    # every later sender through Gmail (spam too) passed as awl-client.
+    from greylist.core.record import CLIENT, MANUAL, Record
+    cfg = Config(client_match="pool", client_awl_passes=5, delay_s=300)
+    earned = Record(0, 10, 9, CLIENT)
+    assert decide(Records(client=earned), 20, cfg).reason == "awl-client"
+    assert decide(Records(client=earned), 20, cfg, pooled=True).reason == "new"
+    # A pool's passes are not counted.
+    pending = decide(Records(), 0, cfg, pooled=True).writes.triple
+    passed = decide(Records(triple=pending), 300, cfg, pooled=True)
+    assert passed.reason == "delay-passed" and passed.writes.client is None
+    # A manual entry for a pool still counts.
+    manual = Record(0, 0, 1, MANUAL)
+    assert decide(Records(client=manual), 20, cfg, pooled=True).reason == "manual-client"
+
+
+def test_a_pools_passes_through_the_policy_service_leave_it_greylisted(tmp_path):
+    from greylist.wiring import policy_service
+    from tests.conftest import Clock, Recorder
+    cfg = Config(database=str(tmp_path / "db"), client_match="pool", client_awl_passes=5,
+                 delay_s=300, allow_root=True)
+    clock = Clock(10 ** 9)
+    policy = policy_service(cfg, Recorder(), clock, cleanup=False)
+
+    def ask(n, sender, recipient):
+        return policy.answer({"request": "smtpd_access_policy", "protocol_state": "RCPT",
+                              "client_address": "209.85.%d.1" % (100 + n),
+                              "client_name": "mail-sor-f%d.google.com" % n,
+                              "sender": sender, "recipient": recipient},
+                             policy.new_session())
+    for n in range(6):
+        sender, recipient = "user%s@gmail.com" % "abcdef"[n], "r%s@example.net" % "abcdef"[n]
+        assert ask(n, sender, recipient).startswith("DEFER_IF_PERMIT")
+        clock.now += 300
+        assert ask(n, sender, recipient) == "DUNNO"
+        clock.now += 3600
+    assert ask(9, "spammer@gmail.com", "victim@example.net").startswith("DEFER_IF_PERMIT")
