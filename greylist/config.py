@@ -168,7 +168,11 @@ def _parse_database(name: str, value: str) -> str:
         except RedisError as exc:
             raise ConfigError("%s: %s" % (name, exc)) from None
         return value
-    # Accept the data file name too: Postfix's name has no ".lmdb" suffix.
+    # Postfix's notation (lmdb:PATH) too, and the data file's name:
+    # Postfix's name has no ".lmdb" suffix.
+    value = value.removeprefix("lmdb:")
+    if not value:
+        raise ConfigError("%s: empty database name" % name)
     return value[:-len(".lmdb")] if value.endswith(".lmdb") else value
 
 

@@ -344,3 +344,14 @@ def test_a_retry_window_no_longer_than_the_delay_is_an_error(tmp_path):
             load(str(cf), {})
     cf.write_text("greylist_delay = 30m\ngreylist_retry_window = 31m\n")
     assert load(str(cf), {}).retry_window_s == 1860
+
+
+def test_the_database_may_be_named_as_postfix_names_it():
+    # Review: greylist(8) says "-d lmdb:PATH"; the prefix was taken for a
+    # relative directory name.
+    assert parse_setting("greylist_database", "lmdb:/var/lib/greylist/greylist") == (
+        "database", "/var/lib/greylist/greylist")
+    assert parse_setting("greylist_database", "lmdb:/var/lib/greylist/greylist.lmdb") == (
+        "database", "/var/lib/greylist/greylist")
+    with pytest.raises(ConfigError, match="empty database name"):
+        parse_setting("greylist_database", "lmdb:")

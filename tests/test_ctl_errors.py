@@ -21,9 +21,10 @@ def test_show_without_a_recipient_says_so(tmp_path, capsys):
     for recipient in ("", "<>"):
         assert greylistctl.main(["-c", conf, "show", "192.0.2.1", "a@example.org",
                                  recipient]) == 2
-        assert capsys.readouterr().out == (
+        # A usage error: on stderr, as the others (CHANGES).
+        assert capsys.readouterr() == ("", (
             "greylistctl: show needs a RECIPIENT (the policy service answers DUNNO "
-            "without one)\n")
+            "without one)\n"))
 
 
 def test_report_on_a_directory_says_so(tmp_path, capfd):

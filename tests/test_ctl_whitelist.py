@@ -48,9 +48,15 @@ def settings(site, extra=""):
 
 
 def run(site, capsys, *args, clock=time.time):
+    """(status, stdout); for a usage error (status 2), its message, which
+    goes to stderr, stdout then being empty."""
     capsys.readouterr()
     status = greylistctl.main(["-c", str(site / "gl.cf"), *args], clock=clock)
-    return status, capsys.readouterr().out
+    out, err = capsys.readouterr()
+    if status == 2:
+        assert out == "", out
+        return status, err
+    return status, out
 
 
 def contents(site, name):

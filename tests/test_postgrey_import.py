@@ -354,9 +354,13 @@ def test_symbolic_links_and_missing_files_are_refused(site, pgdir, tmp_path):
 
 
 def test_bad_option_values_are_usage_errors(site, pgdir):
-    assert ctl(site, "import-postgrey", str(pgdir), "--retry-window", "2x") == (
-        2, "greylistctl: import-postgrey: --retry-window: expected a number with an optional "
-        "unit s, m, h, d or w, not '2x'\n")
+    done = subprocess.run([sys.executable, "-m", "greylist.cli.greylistctl", "-c",
+                           str(site / "gl.cf"), "import-postgrey", str(pgdir),
+                           "--retry-window", "2x"], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert (done.returncode, done.stdout, done.stderr) == (
+        2, "", "greylistctl: import-postgrey: --retry-window: expected a number with an "
+        "optional unit s, m, h, d or w, not '2x'\n")
     assert ctl(site, "import-postgrey", str(pgdir), "--ipv4cidr", "33")[0] == 2
 
 

@@ -146,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = docopt(USAGE, argv=argv, version=__version__)
     except DocoptExit as exc:
-        Log("greylistd").fatal("usage: %s" % str(exc).replace("\n", " "))
+        # To the log of the settings named, as far as it shows (CHANGES).
+        from greylist.cli.greylist import _config_word
+        words = sys.argv[1:] if argv is None else argv
+        Log("greylistd", log_target(_config_word(words))).fatal(
+            "usage: %s" % str(exc).replace("\n", " "))
         return 2
     if args["--check"]:
         from greylist.check import check
