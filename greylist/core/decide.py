@@ -195,9 +195,7 @@ def decide(records: Records, now: int, cfg: Config,
     group is a sending pool (pools.py); only a pool's trying note lets a
     new recipient pass (sender-retry): for any other client a bot that
     sends one new message after another with one sender, and never
-    retries, would pass them all. A pool never earns the client
-    auto-whitelist (its automatic client entry is ignored, its passes
-    not counted); a manual entry still counts. message_exempt: the message was
+    retries, would pass them all. message_exempt: the message was
     accepted by a correspondent pair, not by a recipient that proved the
     client; the rest of it passes without writes.
     """
@@ -215,12 +213,6 @@ def _decide(records: Records, now: int, cfg: Config, message_accepted: bool,
     triple = _live(records.triple, TRIPLE_STATES, now, cfg)
     sender = _live(records.sender, SENDER_STATES, now, cfg)
     client = _live(records.client, CLIENT_STATES, now, cfg)
-    if pooled and client is not None and client.state != MANUAL:
-        # A sending pool never earns the client auto-whitelist: five
-        # passes of five of its customers would let every sender of the
-        # pool (spam through Gmail's) skip greylisting. A manual entry
-        # still counts. Its passes are not counted either (_pass).
-        client = None
     if whitelisted_client(client, cfg):
         manual = client.state == MANUAL
         return new(Decision, (DUNNO, MANUAL_CLIENT if manual else AWL_CLIENT,
@@ -249,7 +241,7 @@ def _decide(records: Records, now: int, cfg: Config, message_accepted: bool,
         triple = Record(now, triple.last_seen, triple.count, PENDING)
     age = 0 if triple is None else now - triple.first_seen
     if triple is not None and age >= cfg.delay_s:
-        return _pass(DELAY_PASSED, triple, client, now, cfg, pooled)
+        return _pass(DELAY_PASSED, triple, client, now, cfg)
     if message_accepted:
         if message_exempt:
             # Accepted by a correspondent pair only: the rest of the
@@ -257,7 +249,7 @@ def _decide(records: Records, now: int, cfg: Config, message_accepted: bool,
             # sender entry, no client count) that a forged sender could
             # earn for the next message.
             return new(Decision, (DUNNO, MESSAGE, age, NO_RECORDS, False))
-        return _pass(MESSAGE, triple, client, now, cfg, pooled)
+        return _pass(MESSAGE, triple, client, now, cfg)
     # The trying note of this (client group, sender), kept where its
     # sender entry will be: no record of its own to read.
     trying = records.sender
@@ -270,7 +262,7 @@ def _decide(records: Records, now: int, cfg: Config, message_accepted: bool,
                                          PASSED)))
     reason = NEW if triple is None else EARLY_RETRY
     if cfg.learn:
-        return _pass(LEARN + reason, triple, client, now, cfg, pooled)
+        return _pass(LEARN + reason, triple, client, now, cfg)
     # Note when this (client group, sender) began trying, unless a live
     # note says so already (its first_seen is the earliest); never over
     # a live sender entry (with greylist_sender_awl = no, say).
@@ -304,7 +296,7 @@ def _live(record: Record | None, kinds: tuple[str, ...], now: int,
 
 
 def _pass(reason: str, triple: Record | None, client: Record | None, now: int,
-          cfg: Config, pooled: bool = False) -> Decision:
+          cfg: Config) -> Decision:
     first, count = (now, 1) if triple is None else (triple.first_seen, triple.count + 1)
     if client is None:
         counted = Record(now, now, 1, CLIENT)
@@ -315,7 +307,7 @@ def _pass(reason: str, triple: Record | None, client: Record | None, now: int,
     return Decision(DUNNO, reason, now - first, Records(
         triple=Record(first, max(now, first), count, PASSED),
         sender=Record(now, now, 1, SENDER) if cfg.sender_awl else None,
-        client=counted if cfg.client_awl_passes and not pooled else None), reason in PROVING)
+        client=counted if cfg.client_awl_passes else None), reason in PROVING)
 
 
 def _refreshed(record: Record, now: int, cfg: Config) -> Record | None:

@@ -48,7 +48,7 @@ from greylist.config import Config
 from greylist.core.decide import (AWL_CLIENT, DATABASE_FAILURE, MANUAL_CLIENT, NO_RECORDS,
                                   Decision, Records, decide, whitelisted_client)
 from greylist.core.pools import pool_set
-from greylist.core.record import decode, encode, new
+from greylist.core.record import TRYING, decode, encode, new
 from greylist.core.evaluate import precheck, render
 from greylist.core.lists import Exemptions
 from greylist.core.message import Session
@@ -140,10 +140,10 @@ class PolicyHandler:
 
         def change(values: Values) -> tuple[Values, Outcome]:
             parsed, warnings = parse_records(values, found)
-            # Whether the client group is a sending pool: its trying note
-            # may pass a new recipient, and it never earns the client
-            # auto-whitelist (a pool is many senders).
-            pooled = (group is not None and cfg.client_match == "pool"
+            # Whether the client group is a sending pool matters only to a
+            # trying note: asked only then, off the common path.
+            pooled = (group is not None and parsed.sender is not None
+                      and parsed.sender.state == TRYING and cfg.client_match == "pool"
                       and group in pool_set(cfg.pool_domains))
             decision = decide(parsed, now, cfg, accepted, deferred, pooled, exempt)
             writes = decision.writes
