@@ -245,6 +245,38 @@ def test_truncated_database_fails_open_instead_of_dying_of_sigbus(tmp_path):
     assert_fails_open(done, directory, 3, str(directory / "db.lmdb"))
 
 
+@pytest.mark.parametrize("kind", ["first-page", "zeros"])
+def test_a_database_whose_creation_was_cut_short_is_started_afresh(tmp_path, postmap, kind):
+    # Review: a full disk during LMDB's first write left 4096 bytes (one
+    # of its two meta pages), and greylist refused the file for ever ("not
+    # an LMDB file", fail-open) after the space came back. Shorter than
+    # two pages it holds no entry: it is emptied under the lock, with a
+    # warning, and used.
+    directory = home(tmp_path / kind)
+    cf = settings(directory)
+    whole = build_database(str(directory / "whole"), entries=1)
+    (directory / "db.lmdb").write_bytes(whole[:4096] if kind == "first-page" else b"\0" * 4096)
+    os.chmod(directory / "db.lmdb", 0o600)
+    done = run(command(cf), requests(0, 2))
+    assert done.returncode == 0 and done.stderr == b"", done
+    replies = split_replies(done.stdout)
+    assert len(replies) == 2 and all(r.startswith("DEFER_IF_PERMIT") for r in replies), done
+    found = warnings(read_log(directory / "log"))
+    assert len(found) == 1 and "starting it afresh" in found[0], found
+    keys = [k for k, _ in postmap_list(postmap, str(directory / "db"))]
+    assert any("rcpt-000001@" in k for k in keys)
+
+
+def test_a_short_foreign_file_is_never_emptied(tmp_path):
+    directory = home(tmp_path / "foreign")
+    cf = settings(directory)
+    (directory / "db.lmdb").write_bytes(b"not a database, someone's notes\n")
+    os.chmod(directory / "db.lmdb", 0o600)
+    done = run(command(cf), requests(0, 1))
+    assert split_replies(done.stdout) == ["DUNNO"]
+    assert (directory / "db.lmdb").read_bytes() == b"not a database, someone's notes\n"
+
+
 def corrupt_variants(data: bytes, count: int):
     """Seeded copies of data with bytes of one non-meta page overwritten."""
     rng = random.Random(SEED)

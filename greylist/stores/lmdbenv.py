@@ -40,12 +40,14 @@ from typing import Callable, TypeVar
 import lmdb
 
 from greylist.stores.base import StoreError
-from greylist.stores.lmdbfile import (MOVE_ASIDE, check_directory, check_format,
+from greylist.stores.lmdbfile import (META_V1, MOVE_ASIDE, check_directory, check_format,
                                       check_length, data_file, describe, open_data_file)
 from greylist.stores.lock import EXCLUSIVE, SHARED, LockBusy, lock, locked, unlock
 
 T = TypeVar("T")
 
+# LMDB's page (the system's): a file shorter than two holds no entry.
+PAGE_SIZE = max(4096, os.sysconf("SC_PAGE_SIZE"))
 # Postfix's DEF_LMDB_MAP_SIZE and SLMDB_FUDGE (mail_params.h, slmdb.c).
 MAP_SIZE = 16 * 1024 * 1024
 MAP_FUDGE = 10240
@@ -255,6 +257,8 @@ class Environment:
         # closes it once more (which would drop a lock: none is held yet).
         fd, existed = open_data_file(self.path, self.readonly, self.private)
         try:
+            if existed and not self.readonly:
+                self._restart_unfinished(fd)
             check_format(self.path, fd)
             st = os.fstat(fd)
             env = lmdb.open(self.path, map_size=max(self.map_size, st.st_size + MAP_FUDGE),
@@ -274,6 +278,30 @@ class Environment:
             os.close(fd)
             raise
         return env, fd
+
+    def _restart_unfinished(self, fd: int) -> None:
+        """Empty a file whose creation was cut short (a full disk during
+        LMDB's first write of its two meta pages): shorter than two pages,
+        it holds no entry (data pages come after them), but LMDB refuses
+        it as "not an LMDB file" for ever. Only a file that begins as
+        LMDB's does (or with zeros), under the exclusive lock."""
+        if not 0 < os.fstat(fd).st_size < 2 * PAGE_SIZE:
+            return
+        try:
+            lock(fd, EXCLUSIVE, timeout_s=self.lock_timeout_s)
+        except LockBusy:
+            return
+        try:
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, 32, 0)
+            if 0 < size < 2 * PAGE_SIZE and (head[16:24] == META_V1 or not head.strip(b"\0")):
+                os.ftruncate(fd, 0)
+                if self._warn is not None:
+                    self._warn("%s was %d bytes, shorter than LMDB's two meta pages (its "
+                               "creation was cut short: a full disk?) and held no entry; "
+                               "starting it afresh" % (self.path, size))
+        finally:
+            unlock(fd)
 
     def _check_opened(self, env: lmdb.Environment, fd: int, st: os.stat_result,
                       existed: bool) -> None:

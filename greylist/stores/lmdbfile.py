@@ -44,6 +44,8 @@ SUFFIX = ".lmdb"
 # mm_version; MDB_DATA_VERSION is 1 for 0.9 (mdb.c). LMDB 1.0 writes 3.
 MDB_MAGIC = 0xBEEFC0DE
 _META_V1 = struct.pack("=II", MDB_MAGIC, 1)
+# What a data file of format 1 has at 16 in its first page.
+META_V1 = _META_V1
 # Offsets in an LMDB 0.9 meta page on 64-bit hosts (mdb.c MDB_meta): the
 # page size is kept in the free DB's md_pad, then mm_last_pg, mm_txnid.
 _META_PAGE_SIZE = 40
