@@ -260,6 +260,12 @@ def test_learn_mode_passes_and_records_what_would_be_deferred(record, reason):
     pytest.param("$recipient_domain: $client_address", "DEFER_IF_PERMIT example.org: 192.0.2.1",
                  id="request-placeholders"),
     pytest.param("Cost $$5", "DEFER_IF_PERMIT Cost $5", id="escaped-dollar"),
+    # Review: unescaped twice, "$$$$5" was sent as "$5", and a literal
+    # "$$client_address" as the client's address.
+    pytest.param("Cost $$$$5, $$client_address, $${seconds_left}",
+                 "DEFER_IF_PERMIT Cost $$5, $client_address, ${seconds_left}",
+                 id="escaped-twice"),
+    pytest.param("in ${seconds_left}s", "DEFER_IF_PERMIT in 300s", id="braced"),
     pytest.param("", "DEFER_IF_PERMIT", id="empty"),
 ])
 def test_defer_text_placeholders(text, expected):

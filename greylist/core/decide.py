@@ -320,8 +320,13 @@ def _refreshed(record: Record, now: int, cfg: Config) -> Record | None:
 @functools.lru_cache(maxsize=1024)
 def _defer_action(template: str, seconds_left: int) -> str:
     if "$" in template:
-        import string
-        template = string.Template(template).safe_substitute(seconds_left=seconds_left)
+        # $seconds_left only: "$$" stays for evaluate.fill(), which reads
+        # the text once more as a template (a Template here would turn
+        # "$$" into "$", and fill() "$$$$5" into "$5").
+        import re
+        template = re.sub(r"\$\$|\$\{seconds_left\}|\$seconds_left(?![A-Za-z0-9_])",
+                          lambda m: "$$" if m.group() == "$$" else str(seconds_left),
+                          template)
     return ("DEFER_IF_PERMIT " + template) if template else "DEFER_IF_PERMIT"
 
 
