@@ -100,8 +100,20 @@ def locate(text: str, kind: str, matches: Callable[[Entries], bool]
     return found
 
 
+# A repeated group that itself repeats, "(x+)+", "([a-z]+[.-]?)*",
+# "(\w*){2,}": Python's re backtracks through it in exponential time on
+# a near miss, and the sender and client name are the client's to choose
+# (a 30-character local part outlasts smtpd's 100 s policy timeout).
+_NESTED_REPEAT = re.compile(r"\((?:[^()\\]|\\.)*(?:[+*]|\{\d*,\d*\})(?:[^()\\]|\\.)*\)"
+                            r"(?:[+*]|\{\d*,\d*\})")
+
+
 def _add(entries: Entries, entry: str, kind: str) -> None:
     if len(entry) > 2 and entry.startswith("/") and entry.endswith("/"):
+        if _NESTED_REPEAT.search(entry[1:-1]):
+            raise ValueError("a repeated group that repeats inside can take exponential "
+                             "time to fail on a crafted address; write it without the "
+                             "nesting")
         try:
             entries.regexes.append(re.compile(entry[1:-1], re.IGNORECASE))
         except re.error as exc:

@@ -1,0 +1,35 @@
+"""Whitelist entries (core/lists.py): regular expressions that would take
+exponential time on a crafted address are refused at load, with a
+warning (found in review: /^([a-z0-9]+[._-]?)+@example\\.com$/ took 12 s
+for a 26-character local part, doubling with each character more)."""
+
+import time
+
+import pytest
+
+from greylist.core.lists import match_address, parse
+
+
+@pytest.mark.parametrize("pattern", [r"^([a-z0-9]+[._-]?)+@example\.com$", r"(x+)+y",
+                                     r"^(\w*){2,}@", r"(a*b?)*c"])
+def test_a_nested_repetition_is_refused_with_a_warning(pattern):
+    warned = []
+    entries = parse("/%s/\n" % pattern, "address", "wl", warned.append)
+    assert entries.regexes == []
+    assert len(warned) == 1 and "exponential time" in warned[0] and "wl, line 1" in warned[0]
+    # And the crafted address is answered at once.
+    began = time.monotonic()
+    assert not match_address(entries, "a" * 40 + "!@example.com", "+")
+    assert time.monotonic() - began < 0.1
+
+
+@pytest.mark.parametrize("pattern, address", [
+    (r"^mail\d+\.example\.com$", "mail7.example.com"),
+    (r"(a|b)+@example\.org$", "abba@example.org"),
+    (r"^(\d{1,3}\.){3}\d{1,3}$", "192.0.2.1"),
+    (r"(foo)+bar@", "foofoobar@example.org"),
+])
+def test_ordinary_patterns_are_kept(pattern, address):
+    warned = []
+    entries = parse("/%s/\n" % pattern, "address", "wl", warned.append)
+    assert warned == [] and match_address(entries, address, "+")
