@@ -311,3 +311,25 @@ def test_a_pass_run_with_the_clock_ahead_does_not_stop_cleanup(stores):
     assert state is not None and state.position is None
     assert list(store.items()) == []
     right.close()
+
+
+def test_cleanup_removes_entries_that_postmap_n_wrote_without_the_nul(tmp_path, postmap):
+    # Review: postmap -n writes keys without the trailing NUL; scan()
+    # showed them like the others, but delete_if() deleted KEY plus NUL,
+    # which did not exist: two passes said dropped=0 and both stayed.
+    os.chmod(tmp_path, 0o755)
+    source = tmp_path / "src"
+    source.write_text("a/b@c/d@e 1:1000000000:1000000000:1:pending\nforeign OK\n"
+                      "k/x@y/z@w 1:%d:%d:1:passed\n" % (NOW, NOW))
+    done = subprocess.run([postmap, "-n", "-o", "lmdb:%s" % source], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    os.rename(str(source) + ".lmdb", str(tmp_path / "g.lmdb"))
+    os.chmod(tmp_path / "g.lmdb", 0o600)
+    store = LmdbStore(str(tmp_path / "g"))
+    try:
+        state = run_pass(cleaner(store, None, NOW))
+        assert (state.retained, state.dropped) == (1, 2)
+        assert [k for k, _ in store.scan(None, 10)] == [b"k/x@y/z@w"]
+    finally:
+        store.close()

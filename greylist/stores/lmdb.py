@@ -162,8 +162,13 @@ class LmdbStore(Store):
             deleted = 0
             with env.begin(write=True) as txn:
                 for k in keys:
-                    if doomed(k, _strip_or_none(txn.get(k + b"\0"))) \
-                            and txn.delete(k + b"\0"):
+                    stored = k + b"\0"
+                    value = txn.get(stored)
+                    if value is None:
+                        # A key without the NUL (postmap -n writes them):
+                        # scan() shows both forms alike.
+                        stored, value = k, txn.get(k)
+                    if doomed(k, _strip_or_none(value)) and txn.delete(stored):
                         deleted += 1
             return deleted
         return self.env.run(EXCLUSIVE, body)
