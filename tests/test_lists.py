@@ -33,3 +33,15 @@ def test_ordinary_patterns_are_kept(pattern, address):
     warned = []
     entries = parse("/%s/\n" % pattern, "address", "wl", warned.append)
     assert warned == [] and match_address(entries, address, "+")
+
+
+def test_a_leading_dot_domain_is_refused_and_a_trailing_dot_address_matches():
+    # Review: ".example.com" (access(5)'s form) was taken silently and
+    # matched nothing; "bob@example.com." escaped a domain entry.
+    warned = []
+    entries = parse(".example.com\nexample.org\ncarol@example.net\n", "address", "wl",
+                    warned.append)
+    assert len(warned) == 1 and "without the leading dot" in warned[0]
+    assert match_address(entries, "bob@sub.example.org.", "+")
+    assert match_address(entries, "Carol+x@Example.NET.", "+")
+    assert not match_address(entries, "bob@sub.example.com", "+")

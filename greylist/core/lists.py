@@ -131,7 +131,12 @@ def _add(entries: Entries, entry: str, kind: str) -> None:
     elif entry.endswith("@"):
         entries.locals.add(entry[:-1])
     elif "@" in entry:
-        entries.addresses.add(entry)
+        local, _, domain = entry.rpartition("@")
+        entries.addresses.add(local + "@" + domain.rstrip("."))
+    elif entry.startswith("."):
+        # access(5)'s ".example.com" form: here it would match nothing.
+        raise ValueError("a domain is written without the leading dot (example.com "
+                         "matches its subdomains too)")
     else:
         entries.names.add(entry.rstrip("."))
 
@@ -179,8 +184,11 @@ def match_address(entries: Entries, address: str, delimiter: str) -> bool:
     """Whether an address (the extension after a delimiter removed) is listed."""
     address = address.casefold()
     local, at, domain = address.rpartition("@")
-    if at and delimiter:
-        local = strip_extension(local, delimiter)
+    if at and (delimiter or domain.endswith(".")):
+        # An absolute domain (bob@example.com.) is the domain itself.
+        domain = domain.rstrip(".")
+        if delimiter:
+            local = strip_extension(local, delimiter)
         address = local + "@" + domain
     if address in entries.addresses or (at and local in entries.locals):
         return True
