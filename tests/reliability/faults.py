@@ -40,12 +40,17 @@ class _Txn:
 
 
 class _Env:
+    """An environment whose write transactions are txn_class's (stall.py
+    has one of its own)."""
+
+    txn_class = _Txn
+
     def __init__(self, env, fault):
         self._env, self._fault = env, fault
 
     def begin(self, *args, **kwargs):
         txn = self._env.begin(*args, **kwargs)
-        return _Txn(txn, self._fault) if kwargs.get("write") else txn
+        return self.txn_class(txn, self._fault) if kwargs.get("write") else txn
 
     def __getattr__(self, name):
         return getattr(self._env, name)

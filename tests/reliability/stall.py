@@ -15,46 +15,29 @@ import time
 
 import lmdb
 
+from tests.reliability.faults import _Env, _Txn
+
 STALL_LIMIT_S = 60.0
 
 
-class _Txn:
-    def __init__(self, txn, flag: str) -> None:
-        self._txn, self._flag = txn, flag
+class _StallingTxn(_Txn):
+    """Its fault is the flag file's path."""
 
     def commit(self):
         began = time.monotonic()
-        while os.path.exists(self._flag) and time.monotonic() - began < STALL_LIMIT_S:
+        while os.path.exists(self._fault) and time.monotonic() - began < STALL_LIMIT_S:
             time.sleep(0.02)
         return self._txn.commit()
 
-    def __enter__(self):
-        self._txn.__enter__()
-        return self
 
-    def __exit__(self, *exc):
-        return self._txn.__exit__(*exc)
-
-    def __getattr__(self, name):
-        return getattr(self._txn, name)
-
-
-class _Env:
-    def __init__(self, env, flag: str) -> None:
-        self._env, self._flag = env, flag
-
-    def begin(self, *args, **kwargs):
-        txn = self._env.begin(*args, **kwargs)
-        return _Txn(txn, self._flag) if kwargs.get("write") else txn
-
-    def __getattr__(self, name):
-        return getattr(self._env, name)
+class _StallingEnv(_Env):
+    txn_class = _StallingTxn
 
 
 def main() -> int:
     flag = os.environ["GREYLIST_TEST_STALL"]
     real_open = lmdb.open
-    lmdb.open = lambda *a, **k: _Env(real_open(*a, **k), flag)
+    lmdb.open = lambda *a, **k: _StallingEnv(real_open(*a, **k), flag)
     from greylist.cli.greylistd import main as greylistd_main
     sys.argv[0] = "greylistd"
     return greylistd_main()
