@@ -31,12 +31,16 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 MAX_REQUEST = 8192
 TIMEOUT_S = 5.0
+# Scrapes served at once; more are closed at once (each lasts at most
+# about 2 * TIMEOUT_S).
+MAX_SCRAPERS = 16
 
 
 class Metrics:
     """The collectors of one daemon."""
 
     def __init__(self) -> None:
+        self._scrapers = 0
         self.registry = CollectorRegistry(auto_describe=True)
         self._requests = Counter("greylist_requests", "Policy answers by action and reason",
                                  ("action", "reason"), registry=self.registry)
@@ -92,6 +96,18 @@ class Metrics:
         return servers
 
     async def _scrape(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Scrapers are few: a flood of idle ones must not take the
+        # descriptors the policy connections need (review).
+        if self._scrapers >= MAX_SCRAPERS:
+            writer.transport.abort()
+            return
+        self._scrapers += 1
+        try:
+            await self._answer(reader, writer)
+        finally:
+            self._scrapers -= 1
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT_S)
             if len(head) > MAX_REQUEST or not head.startswith(b"GET "):

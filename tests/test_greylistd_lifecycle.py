@@ -988,3 +988,38 @@ def test_the_shared_cap_warns_once_for_all_services_and_again_after_room(site):
             sock.close()
         assert daemon.stop() == 0
         assert_clean(daemon)
+
+
+def test_idle_scrapers_beyond_the_cap_are_closed_and_a_scrape_is_still_served(site):
+    # Review: metrics connections were neither capped nor counted: idle
+    # ones alone took the descriptors the policy connections need.
+    from greylist.metrics import MAX_SCRAPERS, TIMEOUT_S
+    port = daemons.free_port()
+    with daemons.start(site, "greylist_metrics_listen = inet:127.0.0.1:%d\n" % port) as daemon:
+        idle = []
+        try:
+            for _ in range(MAX_SCRAPERS):
+                idle.append(socket.create_connection(("127.0.0.1", port), timeout=IO_S))
+            time.sleep(0.3)
+            extra = socket.create_connection(("127.0.0.1", port), timeout=IO_S)
+            with extra:
+                began = time.monotonic()
+                try:
+                    assert extra.recv(100) == b""
+                except ConnectionResetError:
+                    pass
+                assert time.monotonic() - began < 1.0
+            with daemon.connect() as sock:  # the policy service goes on
+                assert exchange(sock, triple_request(1)).startswith(DEFER_NEW)
+        finally:
+            for sock in idle:
+                sock.close()
+        # Room again once the idle ones are gone (each ends within its timeout).
+        def scraped() -> bool:
+            try:
+                return b"greylist_connections" in scrape(port)
+            except OSError:
+                return False
+        assert wait_for(scraped, TIMEOUT_S * 2 + 5)
+        assert daemon.stop() == 0
+        assert_clean(daemon)
