@@ -368,3 +368,23 @@ def test_a_nul_byte_in_an_over_long_line_ends_the_connection_however_it_arrives(
             decoder.feed(chunk)
             assert decoder.next() is None
     assert not isinstance(raised.value, RequestTooLong)
+
+
+def test_a_service_asked_before_rcpt_warns_once_that_it_greylists_nothing(tmp_path):
+    # Review: in client, helo or sender restrictions with
+    # smtpd_delay_reject = no every request got DUNNO and greylisting was
+    # off with nothing in the log at the default verbosity.
+    from greylist.config import Config
+    from greylist.wiring import policy_service
+    from tests.conftest import Clock, Recorder
+    log = Recorder()
+    policy = policy_service(Config(database=str(tmp_path / "db")), log, Clock(10 ** 9),
+                            cleanup=False)
+    for state in ("MAIL", "CONNECT", "MAIL"):
+        assert policy.answer({"request": "smtpd_access_policy", "protocol_state": state,
+                              "client_address": "192.0.2.1", "sender": "a@example.org"},
+                             policy.new_session()) == "DUNNO"
+    assert policy.answer({"request": "smtpd_access_policy", "protocol_state": "DATA",
+                          "client_address": "192.0.2.1"}, policy.new_session()) == "DUNNO"
+    warned = [line for line in log.lines if "greylisting is done at RCPT only" in line]
+    assert len(warned) == 1 and "protocol_state=MAIL" in warned[0], log.lines

@@ -70,6 +70,12 @@ class Outcome(NamedTuple):
     records: Records = Records()
 
 
+# States at which smtpd asks only when the service sits before the
+# recipient restrictions with smtpd_delay_reject = no (with the default,
+# client, helo and sender restrictions are evaluated at RCPT).
+EARLY_STATES = ("CONNECT", "EHLO", "HELO", "MAIL")
+
+
 class Answer(NamedTuple):
     """What to send and log for one request."""
 
@@ -103,6 +109,7 @@ class PolicyHandler:
     def __init__(self, cfg: Config, host: str) -> None:
         self.cfg = cfg
         self.host = host
+        self._misplaced = False   # warned of a request before RCPT
 
     def prepare(self, attrs: dict[str, str], session: Session, now: int,
                 exemptions: Exemptions) -> "Answer | Pending":
@@ -115,8 +122,17 @@ class PolicyHandler:
         except BadAddress as exc:
             raise ProtocolError(str(exc)) from None
         if address is None:
+            warnings = ()
+            if not self._misplaced and attrs.get("protocol_state", "").upper() in EARLY_STATES:
+                # smtpd_delay_reject = no with the service in client, helo or
+                # sender restrictions: nothing is ever greylisted. Once.
+                self._misplaced = True
+                warnings = ("asked at protocol_state=%s: greylisting is done at RCPT only "
+                            "(check_policy_service belongs in smtpd_recipient_restrictions); "
+                            "answering DUNNO" % attrs["protocol_state"][:20],)
             return Answer(decision.action, decision, "action=%s reason=%s"
-                          % (decision.action, decision.reason), debug=True)
+                          % (decision.action, decision.reason), debug=True,
+                          warnings=warnings)
         instance = attrs.get("instance")
         if instance != session.instance:
             session.begin(instance)
