@@ -45,3 +45,17 @@ def test_a_leading_dot_domain_is_refused_and_a_trailing_dot_address_matches():
     assert match_address(entries, "bob@sub.example.org.", "+")
     assert match_address(entries, "Carol+x@Example.NET.", "+")
     assert not match_address(entries, "bob@sub.example.com", "+")
+
+
+def test_a_whitelisted_sender_signed_with_batv_or_forwarded_with_srs_is_exempt():
+    # Review: alice@example.org whitelisted, prvs=1234abcdef=alice@example.org
+    # was deferred as new.
+    from greylist.core.lists import Exemptions
+    senders = parse("alice@example.org\n", "address", "wl", print)
+    exemptions = Exemptions(senders=senders, delimiter="+")
+    for sender in ("alice@example.org", "prvs=1234abcdef=alice@example.org",
+                   "SRS0=h=TT=example.org=alice@fwd.example"):
+        assert exemptions.reason({"recipient": "bob@example.net", "sender": sender},
+                                 "192.0.2.1") == "whitelist-sender", sender
+    assert exemptions.reason({"recipient": "bob@example.net",
+                              "sender": "prvs=1234abcdef=eve@example.org"}, "192.0.2.1") is None

@@ -39,7 +39,7 @@ DIAGNOSTICS
 import re
 from typing import Callable
 
-from greylist.core.triple import UNKNOWN_CLIENT, strip_extension
+from greylist.core.triple import UNKNOWN_CLIENT, original_sender, strip_extension
 
 Warn = Callable[[str], None]
 
@@ -264,7 +264,10 @@ class Exemptions:
                 self.recipients, attrs["recipient"], self.delimiter):
             return WHITELIST_RECIPIENT
         sender = attrs.get("sender")
-        if sender and self.senders is not None and match_address(
-                self.senders, sender, self.delimiter):
+        if sender and self.senders is not None and (
+                match_address(self.senders, sender, self.delimiter)
+                or "=" in sender and match_address(self.senders, original_sender(sender),
+                                                   self.delimiter)):
+            # A BATV-signed or SRS-forwarded sender is its original too.
             return WHITELIST_SENDER
         return None

@@ -232,11 +232,31 @@ def normalise_sender(sender: str | None, cfg: Config) -> str:
     local, at, domain = address.rpartition("@")
     if not at:
         return address
+    local, domain = _unwrapped(local, domain)
+    if cfg.sender_delimiter:
+        local = strip_extension(local, cfg.sender_delimiter)
+    local = _DIGITS.sub("#", local)
+    return local + "@" + domain
+
+
+def original_sender(sender: str) -> str:
+    """The sender without SRS and BATV wrapping, case-folded (for the
+    sender whitelist: no extension or digit rule)."""
+    address = sender.casefold()
+    local, at, domain = address.rpartition("@")
+    if not at or "=" not in local:
+        return address
+    local, domain = _unwrapped(local, domain)
+    return local + "@" + domain
+
+
+def _unwrapped(local: str, domain: str) -> tuple[str, str]:
+    """(local, domain) of a case-folded address with SRS and BATV undone."""
     # SRS and BATV forms both have "=" in the local part.
     # Compiled on first use: most processes under spawn(8) never see
     # such a sender.
     if "=" in local:
-        match = _regex(_SRS, re.IGNORECASE).fullmatch(address)
+        match = _regex(_SRS, re.IGNORECASE).fullmatch(local + "@" + domain)
         if match is not None:
             domain, local = match.group(1), match.group(2)
         match = _regex(_BATV, re.IGNORECASE).fullmatch(local)
@@ -244,10 +264,7 @@ def normalise_sender(sender: str | None, cfg: Config) -> str:
             tag = _regex(_BATV_TAG, re.IGNORECASE)
             reversed_ = tag.fullmatch(match.group(2)) and not tag.fullmatch(match.group(1))
             local = match.group(1) if reversed_ else match.group(2)
-    if cfg.sender_delimiter:
-        local = strip_extension(local, cfg.sender_delimiter)
-    local = _DIGITS.sub("#", local)
-    return local + "@" + domain
+    return local, domain
 
 
 def strip_extension(local: str, delimiters: str) -> str:
