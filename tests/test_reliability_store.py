@@ -357,6 +357,28 @@ def test_database_cut_or_copied_over_in_place_while_running_is_no_sigbus(tmp_pat
         assert any("rcpt-000400@" in k for k in keys)
 
 
+def test_garbage_written_over_a_live_database_is_named_as_damage(tmp_path):
+    # Review: the warning was LMDB's "mdb_env_set_mapsize: Cannot allocate
+    # memory" (a map size read from the garbage), naming neither the damage
+    # nor the recovery.
+    directory = home(tmp_path / "garbage")
+    cf = settings(directory)
+    client = Client(command(cf))
+    try:
+        for n in range(50):
+            assert client.ask(triple_request(n)).startswith("DEFER_IF_PERMIT")
+        size = os.path.getsize(directory / "db.lmdb")
+        with open(directory / "db.lmdb", "r+b") as handle:
+            handle.write(random.Random(SEED).randbytes(size))
+        assert client.ask(triple_request(99)).startswith("DUNNO")
+    finally:
+        status, err = client.close()
+    assert (status, err) == (0, b""), status
+    found = warnings(read_log(directory / "log"))
+    assert found and "is not an LMDB 0.9 database" in found[0] \
+        and "move the file aside" in found[0], found
+
+
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
 def test_database_deleted_or_replaced_while_running_is_reopened_with_one_log_line(
         tmp_path, postmap, how):

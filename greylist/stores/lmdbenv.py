@@ -384,10 +384,19 @@ class Environment:
             self._env, self.fd = None, -1
 
     def _fail(self, exc: Exception) -> StoreError:
-        """Close after an error (no lock is held then) and describe it."""
+        """Close after an error (no lock is held then) and describe it:
+        as damage, with its recovery, when the file no longer begins as an
+        LMDB file (garbage written over it makes LMDB fail in odd ways,
+        "mdb_env_set_mapsize: Cannot allocate memory" among them)."""
+        message = describe(self.path, exc)
+        if self._env is not None and isinstance(exc, lmdb.Error):
+            try:
+                check_format(self.path, self.fd)
+            except StoreError as damage:
+                message = str(damage)
         self._close()
         self._failed_at = time.monotonic()
-        return StoreError(describe(self.path, exc))
+        return StoreError(message)
 
 
 def _retrying(env: lmdb.Environment, body: Callable[[lmdb.Environment], T]) -> T:
