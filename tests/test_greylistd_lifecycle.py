@@ -649,6 +649,26 @@ def test_a_second_instance_on_the_same_socket_is_refused_and_the_first_serves_on
         assert first.stop() == 0
 
 
+def test_a_second_instance_is_refused_even_when_the_lock_file_was_removed(site):
+    # Review: after "rm policy.lock" a second greylistd took the live
+    # instance's socket (unlink, bind), and the first served no one.
+    with daemons.start(site) as first:
+        os.unlink("%s.lock" % first.policy_path)
+        settings = first.settings_path.read_text()
+        # The second instance on the unix socket only (the first holds the
+        # inet port, which would refuse it for another reason).
+        alone = site / "alone.cf"
+        alone.write_text("\n".join(line for line in settings.splitlines()
+                                    if not line.startswith("greylist_policy_listen"))
+                         + "\ngreylist_policy_listen = unix:%s\n" % first.policy_path)
+        os.chmod(alone, 0o644)
+        done = run_once(alone)
+        assert done.returncode == 1, done
+        assert "another process serves this socket" in done.stderr, done.stderr
+        assert first.ask(triple_request(3)).startswith(b"action=" + DEFER_NEW.encode())
+        assert first.stop() == 0
+
+
 @pytest.mark.parametrize("kind", ["missing-directory", "port-in-use"])
 def test_a_listener_that_cannot_be_created_is_fatal(site, kind):
     busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -153,6 +153,12 @@ def _bind_unix(spec: str, path: str, mode: int, uid: int, gid: int) -> Listener:
         else:
             if not stat.S_ISSOCK(old.st_mode):
                 raise ListenerError("%s: %s exists and is not a socket" % (spec, path))
+            if _answers(path):
+                # The lock file was removed under a live instance: its
+                # socket is still served, and is not ours to take.
+                raise ListenerError("%s: another process serves this socket (it accepts "
+                                    "connections, though %s was not locked)"
+                                    % (spec, lock_path))
             os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -195,6 +201,20 @@ def _check_socket_directory(spec: str, directory: str, uid: int) -> None:
     if st.st_uid not in (0, os.geteuid(), uid):
         raise ListenerError("%s: refusing socket directory %s: it belongs to uid %d, "
                             "neither root nor greylistd's user" % (spec, directory, st.st_uid))
+
+
+def _answers(path: str) -> bool:
+    """Whether something accepts connections on the unix socket at path
+    (a connect that succeeds; refused or timed out: a socket left over)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _open_lock(spec: str, lock_path: str, uid: int) -> int:
