@@ -16,13 +16,14 @@ def settings(tmp_path):
     return str(path)
 
 
-def test_show_without_a_recipient_says_so(tmp_path, capsys):
+def test_show_without_a_recipient_says_so(tmp_path, capfd):
     conf = settings(tmp_path)
     for recipient in ("", "<>"):
         assert greylistctl.main(["-c", conf, "show", "192.0.2.1", "a@example.org",
                                  recipient]) == 2
-        # A usage error: on stderr, as the others (CHANGES).
-        assert capsys.readouterr() == ("", (
+        # A usage error: on stderr, as the others (CHANGES), written to
+        # descriptor 2 by log.to_stderr(): capfd, not capsys.
+        assert capfd.readouterr() == ("", (
             "greylistctl: show needs a RECIPIENT (the policy service answers DUNNO "
             "without one)\n"))
 

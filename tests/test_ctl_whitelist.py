@@ -49,7 +49,8 @@ def settings(site, extra=""):
 
 def run(site, capsys, *args, clock=time.time):
     """(status, stdout); for a usage error (status 2), its message, which
-    goes to stderr, stdout then being empty."""
+    goes to stderr, stdout then being empty. capsys may be capfd: a usage
+    error is written to descriptor 2 itself (log.to_stderr())."""
     capsys.readouterr()
     status = greylistctl.main(["-c", str(site / "gl.cf"), *args], clock=clock)
     out, err = capsys.readouterr()
@@ -178,9 +179,9 @@ def test_whitelist_add_host_whitelists_one_address_not_its_group(site, capsys, p
     assert contents(site, "gl-postscreen") == {}
 
 
-def test_whitelist_add_host_without_a_client_table_is_refused(site, capsys):
+def test_whitelist_add_host_without_a_client_table_is_refused(site, capfd):
     settings(site, "greylist_client_table = none\n")
-    status, out = run(site, capsys, "whitelist", "add", "--host", "192.0.2.10")
+    status, out = run(site, capfd, "whitelist", "add", "--host", "192.0.2.10")
     assert status == 2 and out.startswith("greylistctl: --host needs the client table")
     assert "client groups (192.0.2)" in out
     assert contents(site, "gl") == {}
@@ -200,8 +201,8 @@ def test_whitelist_add_host_with_exact_grouping_is_the_client_entry(site, capsys
     assert "reason=manual-client" in (site / "log").read_text()
 
 
-def test_whitelist_add_host_rejects_a_name(site, capsys):
-    assert run(site, capsys, "whitelist", "add", "--host", "google.com") == (
+def test_whitelist_add_host_rejects_a_name(site, capfd):
+    assert run(site, capfd, "whitelist", "add", "--host", "google.com") == (
         2, "greylistctl: google.com is not an IP address\n")
 
 

@@ -63,7 +63,7 @@ from greylist.core.triple import (BadAddress, client_address, client_group, clie
                                   keys, normalise_sender, registered_domain, sender_key,
                                   table_key, triple_from_request)
 from greylist.handlers.policy import PolicyHandler
-from greylist.log import Log
+from greylist.log import Log, to_stderr
 from greylist.protocols.policy import ProtocolError
 from greylist.stores.base import Store, StoreError
 from greylist.stores.cleanup import MANUAL_BATCH, Cleaner
@@ -462,7 +462,7 @@ def _postscreen(store: Store, cfg: Config, log: Log, client: str) -> int:
         address = check({"client_address": client, "server_address": "127.0.0.1",
                          "client_port": "0", "server_port": "25"})
     except ProtocolError:
-        print("greylistctl: %s is not an IP address" % client, file=sys.stderr)
+        to_stderr("greylistctl: %s is not an IP address" % client)
         return 2
     # The callout logs a store failure and answers ignore: say it here.
     store.open()
@@ -506,8 +506,8 @@ def _import(store: Store, cfg: Config, log: Log, source: str, keyed: Store) -> i
     from greylist.core.decide import expire_at, expired
     from greylist.core.tables import stamp_expire_at
     if not is_redis(cfg):
-        print("greylistctl: import copies into a Redis database; greylist_database is %s"
-              % cfg.database, file=sys.stderr)
+        to_stderr("greylistctl: import copies into a Redis database; greylist_database is %s"
+                  % cfg.database)
         return 2
     lmdb_cfg = resolve(cfg._replace(database=source.removesuffix(".lmdb"), client_table="",
                                     correspondent_table="", postscreen_table="",
@@ -568,7 +568,7 @@ def _stage_postgrey(cfg: Config, args: dict, user: tuple[int, int] | None
         migrate.options(args["--delay"], args["--max-age"], args["--retry-window"],
                         args["--ipv4cidr"], args["--ipv6cidr"], args["--lookup-by-host"])
     except migrate.MigrateError as exc:
-        print("greylistctl: import-postgrey: %s" % exc, file=sys.stderr)
+        to_stderr("greylistctl: import-postgrey: %s" % exc)
         return 2
     tools = None
     if os.geteuid() == 0 and (user is None or user[0] == 0):  # greylist_user = root too
@@ -753,8 +753,8 @@ def _show(store: Store, cfg: Config, log: Log, args: dict,
         attrs["client_name"] = args["--client-name"]
     attrs = {name: value for name, value in attrs.items() if value not in ("", "<>")}
     if "recipient" not in attrs:
-        print("greylistctl: show needs a RECIPIENT (the policy service answers DUNNO "
-              "without one)", file=sys.stderr)
+        to_stderr("greylistctl: show needs a RECIPIENT (the policy service answers DUNNO "
+                  "without one)")
         return 2
     now = int(clock())
     handler = PolicyHandler(cfg, host_name())
@@ -763,7 +763,7 @@ def _show(store: Store, cfg: Config, log: Log, args: dict,
         answer, pending, outcome = handler.explain(attrs, Session(), now, exemptions,
                                                    store.get_many)
     except ProtocolError as exc:
-        print("greylistctl: %s" % exc, file=sys.stderr)
+        to_stderr("greylistctl: %s" % exc)
         return 2
     if pending is None:
         # Answered without its records (an exemption, say): show them all
@@ -771,7 +771,7 @@ def _show(store: Store, cfg: Config, log: Log, args: dict,
         try:
             triple = triple_from_request(attrs, cfg, client_address(attrs.get("client_address")))
         except BadAddress as exc:
-            print("greylistctl: %s" % exc, file=sys.stderr)
+            to_stderr("greylistctl: %s" % exc)
             return 2
         found = keys(triple)
         outcome = handler.change(found, now, False)(store.get_many(found))[1]
@@ -892,14 +892,13 @@ def _whitelist(store: Store, cfg: Config, log: Log, args: dict) -> int:
             group = pool_of(client.casefold(), pool_set(cfg.pool_domains))
             group = POOL_ALIASES.get(group, group)
         if group is None:
-            print("greylistctl: %s is not an IP address%s" % (
+            to_stderr("greylistctl: %s is not an IP address%s" % (
                 client, "" if host else {"domain": " or a registered domain",
-                                         "pool": " or a pool domain"}.get(cfg.client_match, "")),
-                  file=sys.stderr)
+                                         "pool": " or a pool domain"}.get(cfg.client_match, "")))
             return 2
         table_name = group.encode("utf-8")
     if group == "unknown":
-        print("greylistctl: clients without an address cannot be whitelisted", file=sys.stderr)
+        to_stderr("greylistctl: clients without an address cannot be whitelisted")
         return 2
     # A host in a wider group: its own key in the database (for list and
     # show), its address in the client table, which check_client_access
@@ -919,10 +918,9 @@ def _whitelist(store: Store, cfg: Config, log: Log, args: dict) -> int:
         k, what = client_key(group), ("host %s" % group if single else group)
     table = None if sender else _table(cfg, writable=args["add"])
     if single and table is None and args["add"]:
-        print("greylistctl: --host needs the client table (greylist_client_table), read "
-              "by check_client_access before the policy service: the policy service "
-              "matches client groups (%s)" % client_group(address, None, cfg),
-              file=sys.stderr)
+        to_stderr("greylistctl: --host needs the client table (greylist_client_table), read "
+                  "by check_client_access before the policy service: the policy service "
+                  "matches client groups (%s)" % client_group(address, None, cfg))
         return 2
     # The postscreen table lists addresses: an address given, or (on
     # remove) the addresses a pool or domain group left there.
