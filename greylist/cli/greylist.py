@@ -132,11 +132,16 @@ def parse_args(argv: list[str], usage: str = USAGE) -> dict:
     try:
         return docopt(usage, argv=argv, version=__version__)
     except DocoptExit as exc:
-        # The settings file's greylist_log, if argv names one: the line
-        # then reaches the log the administrator reads.
-        Log(target=log_target(_config_word(argv))).fatal(
-            "usage: %s" % str(exc).replace("\n", " "))
+        usage_error(exc, argv)
         raise SystemExit(2) from None
+
+
+def usage_error(exc: Exception, argv: list[str], ident: str = "greylist") -> None:
+    """Report docopt's usage error as fatal (stderr unless spawn's socket)
+    to the settings file's greylist_log, if argv names one: the line then
+    reaches the log the administrator reads. For every program."""
+    Log(ident, log_target(_config_word(argv))).fatal("usage: %s"
+                                                     % str(exc).replace("\n", " "))
 
 
 def _config_word(argv: list[str]) -> str | None:

@@ -129,11 +129,8 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
     try:
         args = docopt(USAGE, argv=argv, version=__version__)
     except DocoptExit as exc:
-        # To the log of the settings named, as far as it shows (CHANGES).
-        from greylist.cli.greylist import _config_word
-        words = sys.argv[1:] if argv is None else argv
-        Log("greylistctl", log_target(_config_word(words))).fatal(
-            "usage: %s" % str(exc).replace("\n", " "))
+        from greylist.cli.greylist import usage_error
+        usage_error(exc, sys.argv[1:] if argv is None else argv, "greylistctl")
         return 2
     try:
         overrides = {}

@@ -146,11 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = docopt(USAGE, argv=argv, version=__version__)
     except DocoptExit as exc:
-        # To the log of the settings named, as far as it shows (CHANGES).
-        from greylist.cli.greylist import _config_word
-        words = sys.argv[1:] if argv is None else argv
-        Log("greylistd", log_target(_config_word(words))).fatal(
-            "usage: %s" % str(exc).replace("\n", " "))
+        from greylist.cli.greylist import usage_error
+        usage_error(exc, sys.argv[1:] if argv is None else argv, "greylistd")
         return 2
     if args["--check"]:
         from greylist.check import check

@@ -244,7 +244,7 @@ def original_sender(sender: str) -> str:
     sender whitelist: no extension or digit rule)."""
     address = sender.casefold()
     local, at, domain = address.rpartition("@")
-    if not at or "=" not in local:
+    if not at:
         return address
     local, domain = _unwrapped(local, domain)
     return local + "@" + domain

@@ -132,8 +132,7 @@ class Environment:
                 try:
                     self._lock(mode)
                     try:
-                        shrunk = self._shrunk()
-                        if not shrunk:
+                        if not self._shrunk():
                             return _retrying(env, body)
                     finally:
                         unlock(self.fd)
