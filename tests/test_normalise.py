@@ -62,6 +62,12 @@ def test_sender_delimiter_setting(delimiter, sender, expected):
     ("2001:0db8:00a0:0002::5", 24, 48, "2001:db8:a0"),
     ("2001:db8::5", 24, 128, "2001:db8::5"),
     ("unknown", 24, 64, "unknown"),
+    # NAT64 (RFC 6052): an IPv4 host behind a translator is cut as IPv4,
+    # never as the one /64 that holds every IPv4 host.
+    ("64:ff9b::c000:20a", 24, 64, "192.0.2"),
+    ("64:ff9b::c000:20a", 32, 128, "192.0.2.10"),
+    ("64:ff9b::1:0:0:1", 24, 64, "64:ff9b:0:0"),
+    ("64:ff9b::1:0:1", 24, 64, "64:ff9b:0:0"),
 ])
 def test_client_grouping(address, v4, v6, expected):
     cfg = Config(ipv4_prefix=v4, ipv6_prefix=v6)
@@ -80,6 +86,17 @@ def test_client_grouping(address, v4, v6, expected):
 ])
 def test_pool_aware_grouping_by_registered_domain(address, name, expected):
     assert client_group(address, name, Config(client_match="domain")) == expected
+
+
+def test_nat64_clients_are_apart_in_pool_mode():
+    # Two IPv4 hosts of different networks behind one translator: apart;
+    # an access-network host alone, as its IPv4 form would be.
+    cfg = Config(client_match="pool")
+    one = client_group("64:ff9b::c000:20a", "mx.example.net", cfg)
+    other = client_group("64:ff9b::c633:640a", "mx.example.org", cfg)
+    assert (one, other) == ("192.0.2", "198.51.100")
+    assert client_group("64:ff9b::c000:20a", "dsl-192-0-2-10.isp.example", cfg) == \
+        "64:ff9b::c000:20a"
 
 
 def test_exact_grouping_ignores_prefixes():
