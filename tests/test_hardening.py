@@ -425,3 +425,53 @@ def test_a_greylist_user_whose_group_is_root_is_refused(tmp_path, monkeypatch):
         daemon = greylistd.Daemon(cfg, str(cf), Log("greylistd-test"))
         with pytest.raises(greylistd.Fatal, match="group root"):
             daemon._identity()
+
+
+def _check_directory_as(uid: int, gid: int, path: str) -> str:
+    """check_directory(path) in a child running as uid:gid; its error or ""."""
+    from greylist.stores.lmdbfile import check_directory
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            try:
+                check_directory(path)
+                message = ""
+            except StoreError as exc:
+                message = str(exc)
+            os.write(write, ("ok:" + message).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as handle:
+        answer = handle.read().decode()
+    os.waitpid(pid, 0)
+    assert answer.startswith("ok:"), answer
+    return answer[3:]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_a_directory_that_another_group_can_write_is_refused(public_tmp):
+    # Review: as the policy user, a directory writable by another group
+    # (install -d -o greylist -g postfix -m 2770) was accepted, and
+    # postfix's users could put a table of theirs, which smtpd trusts, in
+    # place of ours. The process's own group may write it.
+    nobody = pwd.getpwnam("nobody")
+    other = next(gid for gid in range(1, 60000) if gid != nobody.pw_gid)
+    directory = public_tmp / "db"
+    directory.mkdir()
+    os.chown(directory, nobody.pw_uid, other)
+    for mode in (0o2770, 0o770):
+        os.chmod(directory, mode)
+        refused = _check_directory_as(nobody.pw_uid, nobody.pw_gid, str(directory / "db"))
+        assert "its group (gid %d), which is not this process's, can write it" % other \
+            in refused
+    os.chmod(directory, 0o2750)
+    assert _check_directory_as(nobody.pw_uid, nobody.pw_gid, str(directory / "db")) == ""
+    os.chown(directory, nobody.pw_uid, nobody.pw_gid)
+    os.chmod(directory, 0o770)
+    assert _check_directory_as(nobody.pw_uid, nobody.pw_gid, str(directory / "db")) == ""

@@ -6,7 +6,10 @@ DESCRIPTION
     directory, and, for a process running as root, a directory that
     another user owns or that a group can write: root never opens,
     creates or deletes a file on behalf of a directory another user can
-    write (that user could link the name to any file of root's).
+    write (that user could link the name to any file of root's). Any
+    other process refuses a directory that a group other than its own
+    can write: that group's users could put a table of theirs, which
+    Postfix trusts, in place of ours.
     open_data_file() opens the file itself with O_NOFOLLOW (a symbolic
     link is refused, never followed) or creates it with O_EXCL and the
     mode the table needs; the checks that follow look at the opened
@@ -61,8 +64,9 @@ def data_file(name: str) -> str:
 
 def check_directory(path: str) -> None:
     """Raise StoreError unless path's directory exists and is safe to use:
-    not world-writable, and as root neither another user's nor
-    group-writable."""
+    not world-writable, as root neither another user's nor
+    group-writable, and otherwise writable by no group but this
+    process's own."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
         st = os.stat(directory)
@@ -71,10 +75,19 @@ def check_directory(path: str) -> None:
     if st.st_mode & stat.S_IWOTH:
         raise StoreError("refusing database directory %s: it is world-writable; use "
                          "a directory writable only by the policy user" % directory)
-    if os.geteuid() == 0 and (st.st_uid != 0 or st.st_mode & stat.S_IWGRP):
-        raise StoreError("refusing to use database directory %s as root: another user "
-                         "can write it (owner uid %d, mode %04o); run as the policy user"
-                         % (directory, st.st_uid, stat.S_IMODE(st.st_mode)))
+    if os.geteuid() == 0:
+        if st.st_uid != 0 or st.st_mode & stat.S_IWGRP:
+            raise StoreError("refusing to use database directory %s as root: another user "
+                             "can write it (owner uid %d, mode %04o); run as the policy user"
+                             % (directory, st.st_uid, stat.S_IMODE(st.st_mode)))
+    elif st.st_mode & stat.S_IWGRP and st.st_gid != os.getegid():
+        # Its group's users (postfix, with -g postfix -m 2770) could put
+        # their own file in place of a table that Postfix trusts.
+        raise StoreError("refusing database directory %s: its group (gid %d), which is not "
+                         "this process's, can write it (mode %04o); use a directory that "
+                         "only the policy user can write, as install -d -o greylist -g "
+                         "postfix -m 2750 makes it"
+                         % (directory, st.st_gid, stat.S_IMODE(st.st_mode)))
 
 
 def open_data_file(path: str, readonly: bool, private: bool) -> tuple[int, bool]:
