@@ -11,7 +11,8 @@ retry after the delay) runs unprofiled first. Prints the wall time per
 request without the profiler, the top functions by own time, and the
 time per request of each stage, from cumulative times (STAGES):
 
-  parse    transports.spawn Reader.read (protocols.policy Decoder inside)
+  parse    protocols.policy Decoder.next and feed (serve() inlines the
+           read loop of transports.spawn Reader.read)
   key      core.triple: triple_from_request, keys
   lookup   stores.lmdb LmdbStore.get_many
   write    stores.lmdb LmdbStore.update_many (decide again, commit, fsync)
@@ -42,7 +43,8 @@ sys.path.insert(0, HERE)
 import streams  # noqa: E402
 
 STAGES = (
-    ("parse", ("greylist.transports.spawn:Reader.read",)),
+    ("parse", ("greylist.protocols.policy:Decoder.next",
+               "greylist.protocols.policy:Decoder.feed")),
     ("key", ("greylist.core.triple:triple_from_request", "greylist.core.triple:keys")),
     ("lookup", ("greylist.stores.lmdb:LmdbStore.get_many",)),
     ("write", ("greylist.stores.lmdb:LmdbStore.update_many",)),
@@ -134,12 +136,17 @@ def profile(scenario: str, requests: int, seed: int, delay_s: int, top: int,
     stats = pstats.Stats(prof)
     total = stats.total_tt
     print("profiled: %.1f us/request\n" % (total / n * 1e6))
-    print("stage     us/request  share  (cumulative, profiled)")
+    print("stage     us/request  share  calls  (cumulative, profiled)")
     staged = 0.0
     for stage, keys in resolve_stages():
         cum = sum(ct for key, (cc, nc, tt, ct, callers) in stats.stats.items() if key in keys)
+        calls = sum(nc for key, (cc, nc, tt, ct, callers) in stats.stats.items() if key in keys)
         staged += cum
-        print("%-8s %10.1f %5.0f%%" % (stage, cum / n * 1e6, 100 * cum / total))
+        # A stage of functions that exist but were never called shows
+        # "not called", never a silent 0 (a stage that names an inlined
+        # function measured nothing).
+        print("%-8s %10.1f %5.0f%%  %s" % (stage, cum / n * 1e6, 100 * cum / total,
+                                          calls or "not called"))
     print("%-8s %10.1f %5.0f%%  (serve's own work: loop, debug formatting)"
           % ("other", (total - staged) / n * 1e6, 100 * (total - staged) / total))
     print("\ntop %d by own time:" % top)
