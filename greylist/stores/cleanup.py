@@ -41,7 +41,12 @@ DIAGNOSTICS
     counts are for the whole pass, whichever processes took part), and
     "cleanup: partial retained=N dropped=M" when a pass is given up
     because of a database error or an interrupted greylistctl. A state
-    file that does not parse starts a new pass, with a warning.
+    file that does not parse starts a new pass, with a warning. The
+    counts are those of the steps whose state was written: a process
+    killed between a step's delete and its state write leaves that
+    step's deletions (at most delete_batch) out of them; the records
+    are gone all the same, and the next step walks on from the last
+    position written.
 """
 
 import os
