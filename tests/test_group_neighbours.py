@@ -287,3 +287,35 @@ def test_the_socketmap_clients_map_takes_only_a_manual_entry_at_a_pool_modes_pre
         assert keys == [b"192.0.2.11", b"192.0.2"]
         assert live_entry([None, b"%d" % T], lifetimes, T + 60) == found, match
         assert live_entry([None, b"OK manual"], lifetimes, T + 60) == b"12:OK OK manual,"
+
+
+def test_a_nat64_access_host_does_not_pass_on_its_neighbours_record(tmp_path):
+    # Behind a NAT64 translator (64:ff9b::/96) every IPv4 client has an
+    # IPv6 address, and pool mode groups it as the IPv4 address it carries
+    # (core/triple.py): the mail server proves the embedded /24, and the
+    # access host is keyed apart, as for native IPv4. The callout must ask
+    # the postscreen table for such a host too (found in review: it passed
+    # every NAT64 address of the /24 as "an IPv6 prefix").
+    cfg = settings(tmp_path, "pool")
+    clock = Clock(T)
+    found = stores(cfg)
+    service = policy_service(cfg, Recorder(), clock, cleanup=False, found=found)
+    mail_server = ("64:ff9b::c000:20a", "mx.shop.test")
+    earn(service, clock, mail_server)
+    assert rcpt(service, ("64:ff9b::c000:20b", "dsl-192-0-2-11.isp.test"),
+                "y@remote.test").startswith("DEFER")
+    service.close()
+    for store in (found.raw, found.clients, found.postscreen):
+        store.close()
+    callout = postscreen_service(cfg, Recorder(), Clock(T + 7300))
+    assert callout.verdict("64:ff9b::c000:20a")[:3] == ("pass", Config().postscreen_ttl_s,
+                                                        "awl-client")
+    for neighbour in ("64:ff9b::c000:20b", "64:ff9b::c000:263"):
+        assert callout.verdict(neighbour)[:3] == ("ignore", None, "unproven-host"), neighbour
+    for store in (callout.store, callout.table):
+        store.close()
+    # The socketmap postscreen map answers as the callout does.
+    learner = socketmap_service(cfg, Recorder(), Clock(T + 7300), cleanup=False)
+    assert learner.reply(("postscreen", "64:ff9b::c000:20b"), None) == b"9:NOTFOUND ,"
+    assert learner.reply(("postscreen", "64:ff9b::c000:20a"), None) == b"9:OK permit,"
+    learner.close()

@@ -30,6 +30,7 @@ DESCRIPTION
     nothing; decide() turns that record into the verdict.
 
     With greylist_client_match = pool, an IPv4 prefix's automatic entry
+    (also the prefix of the IPv4 address that a NAT64 address carries)
     is not proof for every address of the prefix: pool mode keys an
     access-network host (dsl-1-2-3-4.example.net) by its address, apart
     from the mail servers of its /24, and postscreen cannot tell which
@@ -139,7 +140,9 @@ class PostscreenHandler:
                 own = self.decide(address, values[1], now)
                 if own.action == "pass":
                     verdict = own
-                elif verdict.reason == AWL_CLIENT and self.per_host_ipv4 and ":" not in address:
+                elif verdict.reason == AWL_CLIENT and self.per_host_ipv4 and ":" not in group:
+                    # An IPv4 prefix, also the one a NAT64 address carries
+                    # (core/triple.py): its access hosts are keyed apart.
                     verdict = self.host_lookup(verdict, now)
                 elif verdict.action != "pass" and self.domain_hosts:
                     verdict = self.host_lookup(verdict, now)
