@@ -152,6 +152,28 @@ def test_a_null_sender_message_teaches_nothing_not_even_the_table(cfg):
     assert handler.lookup("rcpt", "spammer@spam.test", SocketmapSession(), T)[0] == []
 
 
+def test_an_automatic_or_implausible_sender_teaches_nothing_not_even_the_table(cfg):
+    # cleanup looks up a MAILER-DAEMON sender of another domain than
+    # $myorigin (only MAILER-DAEMON@$myorigin becomes the null sender,
+    # cleanup_addr.c): an auto-reply or bounce from a local program is sent
+    # to whatever return path came in, which the correspondent table must
+    # not learn (found in review: the pair was refused, the table written).
+    handler = SocketmapHandler(cfg)
+    for sender in ("MAILER-DAEMON@lists.example.org", "double-bounce@example.org",
+                   "<>", "no address"):
+        session = SocketmapSession()
+        handler.lookup("sender", sender, session, T)
+        assert handler.lookup("rcpt", "victim@forged.test", session, T)[0] == [], sender
+    outbound = OutboundHandler(cfg._replace(outbound_require_sasl=False))
+    session = OutboundSession()
+    for state in ("RCPT", "END-OF-MESSAGE"):
+        found, _ = outbound.request({"request": "smtpd_access_policy", "protocol_state": state,
+                                     "instance": "1", "recipient_count": "1",
+                                     "sender": "MAILER-DAEMON@lists.example.org",
+                                     "recipient": "victim@forged.test"}, session, T)
+        assert found == []
+
+
 def test_a_sender_is_forgotten_after_its_time():
     handler, session = SocketmapHandler(CFG), SocketmapSession()
     handler.lookup("sender", "alice@example.com", session, T)

@@ -114,18 +114,21 @@ def plans(sender: str, correspondent: str, now: int, cfg: Config) -> list[Plan]:
         # senders, and a pair learned from it would pass a forged local
         # sender: never learned, even when greylist_local_domains is empty.
         return []
+    # The local sender may be in a local domain (it usually is), but it
+    # must be a plausible address and no automatic sender: a MAILER-DAEMON
+    # of another domain than $myorigin is looked up (cleanup_addr.c), and
+    # what it sends (bounces, auto-replies) goes to whatever return path
+    # came in, which neither the pair nor the table may learn.
+    if correspondents.screen(sender, cfg) not in (None, correspondents.LOCAL_DOMAIN):
+        return []
     found = []
     if cfg.correspondent_table:
         found.append(Plan(TABLE, correspondents.table_key(correspondent, cfg),
                           correspondents.stamp_change(now, cfg),
                           "correspondent=%s" % correspondent))
-    # The local sender may be in a local domain (it usually is), but it
-    # must be a plausible address and no automatic sender.
-    if correspondents.screen(sender, cfg) in (
-            None, correspondents.LOCAL_DOMAIN):
-        found.append(Plan(DATABASE, correspondents.pair(sender, correspondent, cfg),
-                          correspondents.pair_change(now, cfg),
-                          "pair sender=%s correspondent=%s" % (sender, correspondent)))
+    found.append(Plan(DATABASE, correspondents.pair(sender, correspondent, cfg),
+                      correspondents.pair_change(now, cfg),
+                      "pair sender=%s correspondent=%s" % (sender, correspondent)))
     return found
 
 
