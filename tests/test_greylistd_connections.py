@@ -415,3 +415,46 @@ def test_a_request_trickled_a_byte_at_a_time_is_cut_off_after_the_idle_timeout(s
         assert len(warned) == 1 and ": warning: " in warned[0]
         assert daemon.stop() == 0
     assert_clean(daemon)
+
+
+@pytest.mark.parametrize("listener, head", [
+    # A socketmap request over MAX_REQUEST_BYTES, which is discarded as
+    # it arrives (a long header line), and a policy request whose first
+    # line is over MAX_LINE_BYTES: nothing of either stays buffered.
+    ("socketmap", b"20000:header " + b"x" * 100),
+    ("policy", b"x=" + b"a" * 70000),
+])
+def test_a_discarded_request_trickled_a_byte_at_a_time_is_cut_off_too(site, listener, head):
+    """Review: the "request has not ended" cut-off looked at the bytes
+    buffered, and a request being discarded has none: an over-long one,
+    trickled, held its connection (and a place under the cap) for ever."""
+    extra = "greylist_idle_timeout = 2s\n"
+    if listener == "socketmap":
+        extra += "greylist_socketmap_listen = unix:%s\n" % (site / "learn")
+    with daemons.start(site, extra) as daemon:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(site / "learn") if listener == "socketmap" else str(daemon.policy_path))
+        with sock:
+            sock.sendall(head)
+            began = time.monotonic()
+            closed = None
+            for _ in range(16):  # a byte every 0.5 s: never idle for 2 s
+                try:
+                    sock.sendall(b"a")
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = time.monotonic() - began
+                    break
+                sock.settimeout(0.5)
+                try:
+                    if sock.recv(100) == b"":
+                        closed = time.monotonic() - began
+                        break
+                except socket.timeout:
+                    pass
+                except ConnectionResetError:
+                    closed = time.monotonic() - began
+                    break
+            assert closed is not None and 2 <= closed <= 2 + 1 + 3, closed
+        assert "closing a connection whose request has not ended in 2 s" in daemon.log()
+        assert daemon.stop() == 0
+    assert_clean(daemon)

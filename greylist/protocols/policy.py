@@ -122,6 +122,12 @@ class Decoder:
         """How many bytes fed are not taken yet (flow control of a daemon)."""
         return len(self._buf) + len(self._kept)
 
+    def in_request(self) -> bool:
+        """Whether a request has begun and not ended: bytes buffered, or
+        an over-long line being discarded, of which none are (a daemon's
+        cut-off of requests that never end)."""
+        return bool(self._buf or self._kept or self._dropped)
+
     def next(self) -> dict[str, str] | None:
         """Return the next complete request, or None until more bytes come.
 

@@ -73,6 +73,12 @@ class Decoder:
         """How many bytes fed are not taken yet (flow control of a daemon)."""
         return len(self._buffer) - self._start
 
+    def in_request(self) -> bool:
+        """Whether a request has begun and not ended: bytes buffered, or
+        an oversized one being discarded, of which none are (a daemon's
+        cut-off of requests that never end)."""
+        return bool(self._skip) or len(self._buffer) > self._start
+
     def next(self) -> tuple[str, str] | None:
         """Return the next complete request as (name, key), or None if
         more input is needed. Raises ProtocolError (see DIAGNOSTICS)."""

@@ -473,7 +473,7 @@ class Server:
                     self.log.warning("closing a connection whose client reads no replies")
                     connection.transport.abort()
             elif now - connection.input_began >= idle_s and not connection.closing \
-                    and connection.decoder.buffered():
+                    and connection.decoder.in_request():
                 # A request begun greylist_idle_timeout ago and not ended:
                 # a byte now and then must not hold a connection for ever.
                 self.log.warning("closing a connection whose request has not ended in %d s"
@@ -553,7 +553,7 @@ class Connection(asyncio.Protocol):
         if self.task is not None or self.stalled_at is not None:
             self._hold(data)
             return
-        if not self.decoder.buffered():
+        if not self.decoder.in_request():
             self.input_began = now
         self.decoder.feed(data)
         self._answer(now)
@@ -671,7 +671,7 @@ class Connection(asyncio.Protocol):
         if self.held:
             data = b"".join(self.held) if len(self.held) > 1 else self.held[0]
             self.held, self.held_size = [], 0
-            if not self.decoder.buffered():
+            if not self.decoder.in_request():
                 self.input_began = now
             self.decoder.feed(data)
         self._answer(now)
