@@ -174,6 +174,21 @@ def test_an_automatic_or_implausible_sender_teaches_nothing_not_even_the_table(c
         assert found == []
 
 
+def test_a_null_sender_lookup_forgets_the_sender_of_an_aborted_message():
+    # smtpd aborted the message after RCPT (QUIT, RSET): no header lookup
+    # ended its envelope. sender_canonical_maps looks up the next message's
+    # null sender as '""' (found in review with Postfix 3.7: without it the
+    # next null-sender message's recipients were paired with alice).
+    handler, session = SocketmapHandler(CFG), SocketmapSession()
+    handler.lookup("sender", "alice@example.com", session, T)
+    assert handler.lookup("rcpt", "carol@remote.test", session, T)[0]
+    for null in ('""', "", "<>"):
+        assert handler.lookup("sender", null, session, T + 1) == (
+            [], "sender <> (the null sender)")
+        assert session.sender is None
+        assert handler.lookup("rcpt", "spammer@spam.test", session, T + 1)[0] == []
+
+
 def test_a_sender_is_forgotten_after_its_time():
     handler, session = SocketmapHandler(CFG), SocketmapSession()
     handler.lookup("sender", "alice@example.com", session, T)

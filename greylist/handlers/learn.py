@@ -19,8 +19,13 @@ DESCRIPTION
     and each recipient is learned as a correspondent and paired with it.
 
     A message with the null sender (a read receipt, an auto-reply) has
-    no sender lookup, so its recipients would be paired with the sender
-    of the message before it on that cleanup process. The end of a
+    no sender_bcc_maps lookup, so its recipients would be paired with the
+    sender of the message before it on that cleanup process. With
+    sender_canonical_maps (sender_canonical_classes = envelope_sender)
+    pointed at the sender map, cleanup looks up every message's sender,
+    the null one too ('""'), which forgets the sender before it: the
+    only hook that marks the start of every message, also after one that
+    smtpd aborted after RCPT (no header lookups). The end of a
     message's envelope is marked by header_checks lookups (map
     greylist_socketmap_header_name), which cleanup makes for each header
     line after the envelope: the first one forgets the sender. Without
@@ -68,6 +73,9 @@ SENDER_TTL_S = 300
 # be 64 KB long (the line cap).
 MAX_RECIPIENTS = 10000
 MAX_RECIPIENT_CHARS = 320
+# How a sender lookup names the null sender: sender_canonical_maps sends
+# it in external form ('""'), as cleanup quotes an empty local part.
+NULL_SENDER_KEYS = frozenset(("", '""', "<>"))
 TABLE = "table"
 DATABASE = "database"
 TABLE_CLIENTS = "clients"
@@ -148,6 +156,12 @@ class SocketmapHandler:
             # An oversized request (protocols/socketmap.py OVERSIZED).
             return [], "not learning a request over the size limit"
         if name == cfg.socketmap_sender_name:
+            if key in NULL_SENDER_KEYS:
+                # sender_canonical_maps looks up the null sender too (in
+                # external form, '""'): a message with no sender begins,
+                # and the sender of the one before it is forgotten.
+                session.sender = None
+                return [], "sender <> (the null sender)"
             session.sender, session.sender_at = key, now
             return [], "sender %s" % _shown(key)
         if name == cfg.socketmap_header_name:
