@@ -99,6 +99,56 @@ def test_a_cleanup_pass_walks_the_postscreen_table(cfg):
     cleaner.close()
 
 
+DENIED = {"postscreen_drop_networks": ("192.0.2.0/25",),
+          "postscreen_enforce_networks": ("2001:db8:dead::/48",)}
+
+
+def test_the_table_never_permits_what_the_callout_drops_or_enforces(cfg, tmp_path, capsys):
+    # Found in review: a client of greylist_postscreen_drop_networks that
+    # earned the client auto-whitelist was exported "permit", and postscreen
+    # let it through while the callout answered drop.
+    cfg = resolve(cfg._replace(resolved=False, **DENIED))
+    clock = Clock(T)
+    found = stores(cfg)
+    service = policy_service(cfg, Recorder(), clock, cleanup=False, found=found)
+    for hour, sender in enumerate(("x@remote.test", "w@remote.test")):
+        clock.now = T + hour * 7200
+        assert rcpt(service, "192.0.2.10", sender, "a@example.com").startswith("DEFER")
+        clock.now += 61
+        assert rcpt(service, "192.0.2.10", sender, "a@example.com") == "DUNNO"
+    # The group 192.0.2 is proven; only its address outside the /25 is exported.
+    for address in ("192.0.2.11", "192.0.2.200"):
+        assert rcpt(service, address, "y@remote.test", "c@example.com") == "DUNNO"
+        assert service.log.lines[-1].startswith("action=DUNNO reason=awl-client")
+    assert [k for k, _ in found.postscreen.items()] == [b"192.0.2.200"]
+    # Entries written before the networks were listed: cleanup removes them.
+    table = found.postscreen
+    for key in (b"192.0.2.1", b"2001:db8:dead::1", b"2001:db8:beef::1"):
+        table.put(key, b"permit %d" % T)
+    table.put(b"192.0.2.2", MANUAL_PERMIT)
+    log = Recorder()
+    cleaner = Cleaner(found.raw, None, cfg, log, Clock(T + 10), postscreen=table)
+    state = cleaner.step(start=True)
+    while state.position is not None:
+        state = cleaner.step(start=True)
+    assert sorted(k for k, _ in table.items()) == [b"192.0.2.200", b"2001:db8:beef::1"]
+    cleaner.close()
+    for store in found:
+        if store is not None:
+            store.close()
+    # greylistctl whitelist add writes the manual entry, not the permit.
+    from greylist.cli import greylistctl
+    settings = tmp_path / "denied.cf"
+    settings.write_text("greylist_database = %s\n%sgreylist_postscreen_drop_networks = "
+                        "192.0.2.0/25\n" % (cfg.database, ALLOW_ROOT))
+    capsys.readouterr()
+    done = greylistctl.main(["-c", str(settings), "whitelist", "add", "192.0.2.3"])
+    shown = capsys.readouterr()
+    assert done == 0, shown
+    assert "not in the postscreen table: 192.0.2.3" in shown.out
+    assert b"192.0.2.3" not in dict(LmdbStore(cfg.postscreen_table).items())
+
+
 def test_greylistctl_whitelist_add_and_remove_keep_the_manual_entry(cfg, tmp_path, postmap):
     import subprocess
     from greylist.cli import greylistctl

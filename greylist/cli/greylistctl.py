@@ -58,7 +58,7 @@ from greylist.config import Config, ConfigError, is_redis, load, log_target, par
 from greylist.core import record as records
 from greylist.core.decide import expire_at, expired
 from greylist.core.message import Session
-from greylist.core.tables import MANUAL_OK
+from greylist.core.tables import MANUAL_OK, screen_denied
 from greylist.core.triple import (BadAddress, client_address, client_group, client_key,
                                   keys, normalise_sender, registered_domain, sender_key,
                                   table_key, triple_from_request)
@@ -936,7 +936,12 @@ def _whitelist(store: Store, cfg: Config, log: Log, args: dict) -> int:
             # "OK manual": Postfix reads OK, and cleanup, which expires
             # time stamps, keeps it as long as the manual entry.
             _displace(table, table_name, MANUAL_OK, is_ok)
-        if screened is not None:
+        if screened is not None and screen_denied(address, cfg.postscreen_drop_networks,
+                                                  cfg.postscreen_enforce_networks):
+            # The callout drops or enforces it: the table must not permit it.
+            print("not in the postscreen table: %s is in greylist_postscreen_drop_networks "
+                  "or greylist_postscreen_enforce_networks" % address)
+        elif screened is not None:
             _displace(screened, address.encode("ascii"), MANUAL_PERMIT,
                       MANUAL_PERMIT.__eq__)
         if listed is not None:

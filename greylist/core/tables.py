@@ -12,8 +12,16 @@ DESCRIPTION
     permit_change() refreshes an entry only once past half of
     greylist_max_age, so a proven client's requests rarely write.
 
+    The table never permits what the callout would drop or enforce:
+    screen_denied() says whether an address lies in
+    greylist_postscreen_drop_networks or greylist_postscreen_enforce_networks;
+    such an address gets no entry, and cleanup removes one it has (an
+    entry written before the network was listed).
+
     This module is part of the pure core: no I/O, no clock, no logging.
 """
+
+import functools
 
 MANUAL_PERMIT = b"permit manual"
 # The client table's value of a manual entry (greylistctl whitelist add).
@@ -71,3 +79,23 @@ def stamp_expire_at(value: bytes, lifetime_s: int) -> int | None:
     if stamp is None and value.isdigit() and len(value) <= 19:
         stamp = int(value)
     return None if stamp is None else stamp + lifetime_s + 1
+
+
+def screen_denied(address: str, drop: tuple[str, ...], enforce: tuple[str, ...]) -> bool:
+    """Whether a canonical address lies in one of the networks that the
+    callout answers drop or enforce (the settings' tuples); False for
+    anything that is no address."""
+    if not drop and not enforce:
+        return False
+    import ipaddress
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in _networks(drop + enforce))
+
+
+@functools.lru_cache(maxsize=8)
+def _networks(specs: tuple[str, ...]) -> tuple:
+    import ipaddress
+    return tuple(ipaddress.ip_network(spec, strict=False) for spec in specs)

@@ -52,6 +52,7 @@ from greylist.core.record import TRYING, decode, encode, new
 from greylist.core.evaluate import precheck, render
 from greylist.core.lists import Exemptions
 from greylist.core.message import Session
+from greylist.core.tables import screen_denied
 from greylist.core.triple import (UNKNOWN_CLIENT, BadAddress, Triple, auto_table_key,
                                   escape, keys, triple_from_request)
 from greylist.protocols.policy import ProtocolError
@@ -187,7 +188,8 @@ class PolicyHandler:
             table = (auto_table_key(address, pending.triple.client, cfg.client_match),
                      stamp_change(pending.now))
         if cfg.postscreen_table and (earned or decision.reason in (AWL_CLIENT, MANUAL_CLIENT)) \
-                and address != UNKNOWN_CLIENT:
+                and address != UNKNOWN_CLIENT and not screen_denied(
+                    address, cfg.postscreen_drop_networks, cfg.postscreen_enforce_networks):
             # A proven client: postscreen may let this address through.
             from greylist.core.tables import permit_change
             screened = (address.encode("ascii"), permit_change(

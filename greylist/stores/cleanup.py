@@ -56,7 +56,7 @@ from typing import Callable, NamedTuple
 from greylist.config import Config
 from greylist.core import record as records
 from greylist.core.decide import expired
-from greylist.core.tables import permit_expired
+from greylist.core.tables import permit_expired, screen_denied
 from greylist.core.triple import stale_group_key
 from greylist.stores.base import Store, StoreError
 from greylist.stores.lmdbfile import check_directory
@@ -299,7 +299,11 @@ class Cleaner:
             record = records.decode(value)
             return record is None or expired(record, now, self.cfg)
         if table == POSTSCREEN_TABLE:
-            return permit_expired(value, now, self.cfg.max_age_s)
+            # Also an entry of an address that the callout now drops or
+            # enforces (listed after the entry was written).
+            return permit_expired(value, now, self.cfg.max_age_s) or screen_denied(
+                key.decode("ascii", "replace"), self.cfg.postscreen_drop_networks,
+                self.cfg.postscreen_enforce_networks)
         # The tables: numeric time stamps; anything else is left alone.
         lifetime = (self.cfg.max_age_s if table == CLIENT_TABLE
                     else self.cfg.correspondent_lifetime_s)
