@@ -45,7 +45,7 @@ def within_budget(cfg, tuning):
 class PostscreenService:
     """greylist-postscreen's handler, database, whitelists, log and clock."""
 
-    Decoder = policy.Decoder
+    Decoder = postscreen.Decoder
 
     def __init__(self, handler: PostscreenHandler, store: Store, whitelists: Whitelists,
                  log: Log, clock: Callable[[], float] = time.time,
@@ -102,7 +102,8 @@ class PostscreenService:
 
     def too_long(self, exc: policy.RequestTooLong) -> bytes:
         """"ignore" (postscreen's own tests decide) for a request with
-        over-long attributes."""
+        over-long attributes; the callout's Decoder never raises
+        RequestTooLong (it closes the connection instead)."""
         self.log.warning("%s; answering ignore" % exc)
         return postscreen.format_reply("ignore")
 

@@ -20,17 +20,34 @@ DESCRIPTION
     it after a reply.
 
 DIAGNOSTICS
-    check() raises ProtocolError for a request without one of the four
+    Decoder raises ProtocolError for a line over the policy protocol's
+    line cap, or a request over its request cap (no RequestTooLong: a
+    callout request is never discarded and answered). check() raises
+    ProtocolError for a request without one of the four
     attributes, with an address that is not an IP address, or a port
     that is not a number from 0 to 65535: the transport logs it and
     closes the connection without a reply.
 """
 
 from greylist.core.triple import UNKNOWN_CLIENT, BadAddress, client_address
+from greylist.protocols import policy
 from greylist.protocols.policy import ProtocolError
 
 REQUIRED = ("client_address", "server_address", "client_port", "server_port")
 ACTIONS = ("pass", "ignore", "enforce", "drop")
+
+
+class Decoder(policy.Decoder):
+    """The SMTPD policy protocol's decoder, except that a line over its
+    caps is malformed input, as the design says: postscreen sends four
+    short attributes, so the connection is closed at once, without a
+    reply, where the policy protocol discards the line and answers."""
+
+    __slots__ = ()
+
+    def _skip(self, size: int) -> None:
+        raise ProtocolError("postscreen request with a line over %d bytes (or over %d bytes "
+                            "in all)" % (self.max_line, self.max_request))
 
 
 def check(attrs: dict[str, str]) -> str:

@@ -24,9 +24,9 @@ DIAGNOSTICS
     a missing ",", data without "NAME KEY" form, and input that ends
     inside a request. A request over MAX_REQUEST_BYTES (up to
     MAX_SKIP_BYTES) is discarded as it arrives and next() returns
-    OVERSIZED, answered "NOTFOUND ". The transport logs it and closes the connection
-    without a reply; Postfix's client retries once on a new connection
-    (dict_sockmap.c).
+    OVERSIZED, answered "NOTFOUND ". For a ProtocolError the transport
+    logs it and closes the connection without a reply; Postfix's client
+    retries once on a new connection (dict_sockmap.c).
 """
 
 from greylist.protocols.policy import ProtocolError
