@@ -1192,11 +1192,44 @@ def test_greylistctl_import_copies_a_live_lmdb_database_into_redis(server, short
     assert process.ask("192.0.2.20", "one@example.org")[0] == "DUNNO"
     assert "reason=awl-sender" in log_of(redis_settings)
     entries = db.info()["entries"]
-    # A second import copies the same again (idempotent: no duplicates).
+    # A second import finds every entry there already and keeps it
+    # (idempotent: no duplicates, nothing taken back).
     status, out = ctl(redis_settings, "import", str(base))
-    assert status == 0 and "import: database: %d copied" % live in out, out
+    assert status == 0 and "import: database: 0 copied, %d expired left behind, " \
+        "%d already in Redis kept" % (len(source) - live, live) in out, out
     status, out = ctl(redis_settings, "stats")
     assert "entries: %d\n" % entries in out, out
+
+
+def test_greylistctl_import_keeps_what_redis_holds_already(server, short_dir, greylist):
+    # Found in review: import wrote every LMDB entry over the Redis one,
+    # so a manual entry added on Redis after the switch (or a record a
+    # host wrote there since) went back to the older LMDB record.
+    lmdb_dir = short_dir / "lmdb"
+    lmdb_dir.mkdir()
+    os.chmod(lmdb_dir, 0o755)
+    base = lmdb_dir / "gl"
+    lmdb_settings = write_settings(lmdb_dir, "lmdb", str(base))
+    process = greylist(lmdb_settings)
+    assert deferred(process.ask("203.0.113.5", "one@example.org")[0])
+    time.sleep(DELAY_S + 0.2)
+    assert process.ask("203.0.113.5", "one@example.org")[0] == "DUNNO"
+    process.close()
+    assert records.decode(dict(_lmdb_items(str(base)))[b"203.0.113"]).state == records.CLIENT
+    redis_settings = write_settings(short_dir / "redis", "gl", server.unix_url)
+    assert ctl(redis_settings, "whitelist", "add", "203.0.113.5")[0] == 0
+    status, out = ctl(redis_settings, "import", str(base))
+    assert status == 0 and "1 already in Redis kept" in out, out
+    status, out = ctl(redis_settings, "whitelist", "list")
+    assert status == 0 and "client 203.0.113 added" in out, out
+    from greylist.wiring import redis_table
+    db = redis_table(load(redis_settings, {}), "db")
+    try:
+        assert records.decode(db.get(b"203.0.113")).state == records.MANUAL
+        # The entries Redis did not have are copied.
+        assert db.get(b"203.0.113/one@example.org") is not None
+    finally:
+        db.close()
 
 
 def _lmdb_items(base: str) -> list[tuple[bytes, bytes]]:

@@ -498,7 +498,8 @@ def _import(store: Store, cfg: Config, log: Log, source: str, keyed: Store) -> i
     In privacy mode (keyed: the database as handlers key it) a plaintext
     key is written hashed; a key that is a hash already (a database of
     privacy mode) is copied as it is. Without privacy mode, hashed keys
-    are left behind: no plaintext request would ever find them."""
+    are left behind: no plaintext request would ever find them. An entry
+    that the Redis database holds already is kept (_import_one)."""
     from greylist.config import resolve
     from greylist.core.decide import expire_at, expired
     from greylist.core.tables import stamp_expire_at
@@ -527,7 +528,7 @@ def _import(store: Store, cfg: Config, log: Log, source: str, keyed: Store) -> i
     from greylist.core.triple import stale_group_key
     from greylist.stores.privacy import looks_hashed
     for label, source_store, target, live in pairs:
-        copied = skipped = hashes = 0
+        copied = skipped = hashes = kept = 0
         for key, value in source_store.items(MANUAL_BATCH):
             if label == "client table" and value.isdigit() and stale_group_key(
                     key, cfg.client_match):
@@ -535,21 +536,32 @@ def _import(store: Store, cfg: Config, log: Log, source: str, keyed: Store) -> i
             elif not live(value):
                 skipped += 1
             elif label != "database" or cfg.privacy == looks_hashed(key):
-                target.put(key, value)
-                copied += 1
+                copied, kept = _import_one(target, key, value, copied, kept)
             elif cfg.privacy:
-                keyed.put(key, value)  # plaintext: hashed on the way
-                copied += 1
+                # plaintext: hashed on the way
+                copied, kept = _import_one(keyed, key, value, copied, kept)
             else:
                 hashes += 1
         source_store.close()
-        print("import: %s: %d copied, %d expired left behind" % (label, copied, skipped))
-        log.info("import from %s: %s: %d copied, %d expired left behind"
-                 % (source, label, copied, skipped))
+        found = ", %d already in Redis kept" % kept if kept else ""
+        print("import: %s: %d copied, %d expired left behind%s" % (label, copied, skipped,
+                                                                  found))
+        log.info("import from %s: %s: %d copied, %d expired left behind%s"
+                 % (source, label, copied, skipped, found))
         if hashes:
             print("import: %s: %d keys left behind that are privacy mode's keyed hashes "
                   "(greylist_privacy = no here)" % (label, hashes))
     return 0
+
+
+def _import_one(target: Store, key: bytes, value: bytes, copied: int, kept: int
+                ) -> tuple[int, int]:
+    """Write value at key unless the Redis database has an entry there
+    already (written since the switch, or a manual entry): an import never
+    takes a live record back to an older one. Returns the counts again."""
+    if target.update(key, lambda old: (value, True) if old is None else (None, False)):
+        return copied + 1, kept
+    return copied, kept + 1
 
 
 def _stage_postgrey(cfg: Config, args: dict, user: tuple[int, int] | None
