@@ -819,8 +819,12 @@ def test_a_database_url_with_a_password_is_refused_without_the_password(tmp_path
     # Found in review: redis://user:password@host was taken for a host
     # named "user:password@host", and the password was in every warning.
     from greylist.config import ConfigError
+    # And (found in review since) a password with a "/" in it, or in a
+    # query option as redis-py's URLs take it: the settings error quoted it.
     for url in ("redis://default:s3cret-pw@127.0.0.1:6379/0",
-                "redis-sentinel://:s3cret-pw@127.0.0.1:26379/mymaster"):
+                "redis-sentinel://:s3cret-pw@127.0.0.1:26379/mymaster",
+                "redis://default:s3cret-pw/x@127.0.0.1:6379/0",
+                "redis://127.0.0.1:6379/0?password=s3cret-pw"):
         settings = tmp_path / "greylist.cf"
         settings.write_text("greylist_database = %s\n" % url)
         with pytest.raises(ConfigError) as refused:

@@ -136,14 +136,17 @@ def parse_url(url: str) -> dict:
         if not path.startswith("/"):
             raise RedisError("%s: the socket must be an absolute path" % url)
         return {"unix": path}
-    if "@" in url.partition("://")[2].partition("/")[0]:
-        # redis://user:password@host: the usual form elsewhere; here the
-        # password belongs in a file only the run's user can read, and the
-        # URL is logged with every failure.
-        scheme, _, rest = url.partition("://")
-        raise RedisError("%s://...@%s: a user or password in the URL is not used; put "
-                         "them in greylist_redis_password_file"
-                         % (scheme, rest.rpartition("@")[2]))
+    scheme, _, rest = url.partition("://")
+    if "@" in rest or "?" in rest:
+        # redis://user:password@host or ...?password=...: the usual forms
+        # elsewhere; here the password belongs in a file only the run's
+        # user can read, and the URL is logged with every failure. Looked
+        # for in the whole URL (a password may hold "/"), and never quoted.
+        where = rest.rpartition("@")[2].partition("?")[0]
+        raise RedisError("%s://%s%s%s: a user, password or option in the URL is not used; "
+                         "put a user and password in greylist_redis_password_file"
+                         % (scheme, "...@" if "@" in rest else "", where,
+                            "?..." if "?" in rest else ""))
     if url.startswith("redis://"):
         rest = url[len("redis://"):]
         where, _, db = rest.partition("/")
