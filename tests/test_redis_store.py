@@ -833,6 +833,17 @@ def test_a_database_url_with_a_password_is_refused_without_the_password(tmp_path
         assert "greylist_redis_password_file" in str(refused.value), refused.value
 
 
+def test_a_sentinel_url_without_a_sentinel_is_a_settings_error(tmp_path):
+    # Found in review: redis-sentinel:///mymaster was accepted, and every
+    # request then failed open ("No master found") with no sentinel asked.
+    from greylist.config import ConfigError
+    settings = tmp_path / "greylist.cf"
+    for url in ("redis-sentinel:///mymaster", "redis-sentinel://,/mymaster"):
+        settings.write_text("greylist_database = %s\n" % url)
+        with pytest.raises(ConfigError, match="at least one sentinel"):
+            load(str(settings), {})
+
+
 def test_check_reads_the_server_version():
     from greylist.check import MIN_REDIS, _redis_version
     assert MIN_REDIS == (6, 2)   # SET EXAT

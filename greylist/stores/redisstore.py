@@ -159,8 +159,11 @@ def parse_url(url: str) -> dict:
         where, _, master = rest.partition("/")
         if not master or "/" in master:
             raise RedisError("%s: name the master after the sentinels (/MASTERNAME)" % url)
-        return {"sentinels": [_host_port(url, each) for each in where.split(",") if each],
-                "master": master}
+        sentinels = [_host_port(url, each) for each in where.split(",") if each]
+        if not sentinels:
+            # Else every lookup fails, "No master found", with no sentinel asked.
+            raise RedisError("%s: name at least one sentinel (HOST:PORT)" % url)
+        return {"sentinels": sentinels, "master": master}
     raise RedisError("%s: not redis:unix:PATH, redis://HOST:PORT/DB or "
                      "redis-sentinel://HOST:PORT,.../MASTERNAME" % url)
 
