@@ -844,6 +844,45 @@ def test_a_sentinel_url_without_a_sentinel_is_a_settings_error(tmp_path):
             load(str(settings), {})
 
 
+def test_a_server_that_answers_nonsense_is_a_store_failure_not_a_crash(short_dir):
+    # Found in review: a server (or proxy) that answered redis-py 8's HELLO
+    # with an array made redis-py raise AttributeError, which Connection
+    # let through: greylist died with a traceback at its first request.
+    import socket
+    import threading
+    from greylist.stores.base import StoreError
+    from greylist.stores.redisstore import Connection, RedisStore
+    path = str(short_dir / "nonsense.sock")
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(path)
+    listening.listen(4)
+    listening.settimeout(1)
+
+    def serve() -> None:
+        try:
+            while True:
+                conn, _ = listening.accept()
+                with conn:
+                    conn.settimeout(2)
+                    while conn.recv(4096):
+                        conn.sendall(b"*1\r\n$4\r\nPONG\r\n")
+        except OSError:
+            pass
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    store = RedisStore(Connection("redis:unix:" + path, timeout_s=0.5), "db")
+    try:
+        try:
+            store.get_many([b"k"])   # redis-py 5 to 7 send no HELLO
+        except StoreError as exc:
+            assert "redis redis:unix:" in str(exc)
+            assert store.failing   # and the back-off holds
+    finally:
+        store.close()
+        listening.close()
+        thread.join(5)
+
+
 def test_check_reads_the_server_version():
     from greylist.check import MIN_REDIS, _redis_version
     assert MIN_REDIS == (6, 2)   # SET EXAT

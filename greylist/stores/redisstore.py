@@ -279,6 +279,16 @@ class Connection:
         except (redis.exceptions.RedisError, OSError) as exc:
             self.failed()
             raise StoreError("redis %s: %s" % (self.url, describe(exc))) from None
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            # redis-py's own failure on a reply it did not expect (a
+            # server or proxy that answers HELLO with no map: AttributeError
+            # in its handshake): a failure of the store like any other, not
+            # a crash of the process (under spawn(8), smtpd's 451 for every
+            # connection).
+            self.failed()
+            raise StoreError("redis %s: %s" % (self.url, describe(exc))) from None
         if self.failing:
             self.failing, self._backoff = False, 0.0
         return result
