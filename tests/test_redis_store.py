@@ -883,6 +883,41 @@ def test_a_server_that_answers_nonsense_is_a_store_failure_not_a_crash(short_dir
         thread.join(5)
 
 
+def test_a_host_name_that_does_not_resolve_in_time_costs_one_timeout(server, monkeypatch):
+    # Found in review: redis-py looks the host up with getaddrinfo, which
+    # no socket timeout bounds: with a DNS server that did not answer,
+    # each (re)connect cost the resolver's 10 s, not greylist_redis_timeout.
+    import socket
+    from greylist.stores.base import StoreError
+    from greylist.stores.redisstore import Connection, RedisStore
+    original = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "redis.slow.test":
+            time.sleep(3)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        if host == "redis.fast.test":
+            host = "127.0.0.1"
+        return original(host, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    slow = RedisStore(Connection("redis://redis.slow.test:%d/0" % server.port,
+                                 timeout_s=TIMEOUT_MS / 1000), "db")
+    began = time.monotonic()
+    with pytest.raises(StoreError, match="looking up redis.slow.test"):
+        slow.get_many([b"k"])
+    assert time.monotonic() - began < TIMEOUT_MS / 1000 + REPLY_BOUND_S
+    assert slow.failing
+    slow.close()
+    # A name that resolves is connected to by name, as before.
+    fast = RedisStore(Connection("redis://redis.fast.test:%d/0" % server.port,
+                                 timeout_s=TIMEOUT_MS / 1000), "db")
+    try:
+        fast.put(b"k", b"v")
+        assert fast.get_many([b"k"]) == [b"v"]
+    finally:
+        fast.close()
+
+
 def test_check_reads_the_server_version():
     from greylist.check import MIN_REDIS, _redis_version
     assert MIN_REDIS == (6, 2)   # SET EXAT

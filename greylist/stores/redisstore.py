@@ -230,6 +230,11 @@ class Connection:
         self._down_until = 0.0
         self._backoff = 0.0
         self.failing = False
+        # A host name that has not been looked up within the timeout since
+        # the last failure (see _looked_up); None: an address, or a socket.
+        host = self.where.get("host")
+        self._name = None if host is None or _is_address(host) else host
+        self._name_found = False
 
     def client(self):
         """The redis-py client; StoreError while backing off."""
@@ -274,6 +279,8 @@ class Connection:
         """body(client), with Redis's errors as StoreError and the back-off."""
         import redis
         client = self.client()
+        if self._name is not None and not self._name_found:
+            self._looked_up()
         try:
             result = body(client)
         except (redis.exceptions.RedisError, OSError) as exc:
@@ -395,8 +402,36 @@ class Connection:
             except Exception:  # noqa: BLE001 (a broken connection)
                 pass
 
+    def _looked_up(self) -> None:
+        """Look the host name up once within the timeout before redis-py
+        connects by it: getaddrinfo has no timeout, and a DNS server that
+        does not answer costs the resolver's 10 s or more at every
+        (re)connect, far past greylist_redis_timeout. The lookup runs in a
+        thread that is left to finish; a failure or a timeout is a store
+        failure (back-off). Looked up again after each failure, when
+        redis-py may connect anew."""
+        import socket
+        found: list = []
+
+        def lookup() -> None:
+            try:
+                socket.getaddrinfo(self._name, self.where["port"], type=socket.SOCK_STREAM)
+                found.append(None)
+            except OSError as exc:
+                found.append(exc)
+        thread = threading.Thread(target=lookup, name="greylist-redis-lookup", daemon=True)
+        thread.start()
+        thread.join(self.timeout_s)
+        if not found or found[0] is not None:
+            self.failed()
+            raise StoreError("redis %s: looking up %s: %s" % (
+                self.url, self._name, "no answer within %d ms" % (self.timeout_s * 1000)
+                if not found else found[0]))
+        self._name_found = True
+
     def failed(self) -> None:
         """Note a failure: back off before the next try."""
+        self._name_found = False
         self.failing = True
         self._backoff = min(max(self._backoff * 2, BACKOFF_MIN_S), BACKOFF_MAX_S)
         self._down_until = time.monotonic() + self._backoff
@@ -411,6 +446,15 @@ class Connection:
                 except Exception:  # noqa: BLE001 (closing a broken client)
                     pass
                 self._client = None
+
+
+def _is_address(host: str) -> bool:
+    import ipaddress
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    return True
 
 
 def _checkout(pool):
