@@ -105,8 +105,11 @@ def redis_expiry(cfg: Config, table: str) -> Callable[[bytes], int | None]:
 
 
 def database(cfg: Config, log: Log | None = None, readonly: bool = False,
-             tuning: Tuning = DEFAULT) -> tuple[Store, Store]:
-    """Return the database as stored, and as keyed by handlers."""
+             tuning: Tuning = DEFAULT, create_secret: bool = True) -> tuple[Store, Store]:
+    """Return the database as stored, and as keyed by handlers.
+    create_secret: whether a missing privacy secret is made (the policy
+    programs do not make one for a Redis database: a host with a secret
+    of its own would share nothing with the others, silently)."""
     cfg = resolve(cfg)
     if is_redis(cfg):
         raw = redis_table(cfg, "db", log)
@@ -117,7 +120,7 @@ def database(cfg: Config, log: Log | None = None, readonly: bool = False,
     if not cfg.privacy:
         return raw, raw
     from greylist.stores.privacy import HashedKeys
-    return raw, HashedKeys(raw, cfg.secret_file)
+    return raw, HashedKeys(raw, cfg.secret_file, create=create_secret)
 
 
 def client_table(cfg: Config, log: Log | None = None, readonly: bool = False,
@@ -173,7 +176,7 @@ def stores(cfg: Config, log: Log | None = None, tuning: Tuning = DEFAULT,
     stored (tests and benchmarks give their own; privacy keys still apply)."""
     cfg = resolve(cfg)
     if store is None:
-        raw, keyed = database(cfg, log, tuning=tuning)
+        raw, keyed = database(cfg, log, tuning=tuning, create_secret=not is_redis(cfg))
     else:
         raw = keyed = store
         if cfg.privacy:

@@ -676,6 +676,40 @@ def test_two_mail_hosts_share_the_greylist(server, short_dir, greylist):
     assert warnings_of(host1) == warnings_of(host2) == []
 
 
+def test_in_privacy_mode_a_host_without_the_secret_does_not_make_its_own(
+        server, short_dir, greylist):
+    # Found in review: a second host whose greylist_secret_file had not been
+    # copied yet made a secret of its own, silently: it hashed every triple
+    # differently, shared nothing with the first host and deferred again
+    # every sender that the first had passed.
+    from greylist.stores.privacy import load_secret
+    secret = short_dir / "greylist.secret"
+    load_secret(str(secret))   # as greylistctl makes it (as the greylist user)
+    host1 = write_settings(short_dir / "host1", "host1", server.unix_url,
+                           "greylist_privacy = yes\ngreylist_secret_file = %s\n" % secret)
+    missing_secret = short_dir / "host2" / "greylist.secret"
+    host2 = write_settings(short_dir / "host2", "host2", server.unix_url,
+                           "greylist_privacy = yes\ngreylist_secret_file = %s\n"
+                           % missing_secret)
+    first, second = greylist(host1), greylist(host2)
+    assert deferred(first.ask("203.0.113.5", "carol@example.org")[0])
+    time.sleep(DELAY_S + 0.2)
+    assert first.ask("203.0.113.5", "carol@example.org")[0] == "DUNNO"
+    # Host 2 fails open, says why, and makes no secret.
+    action, _ = second.ask("203.0.113.5", "carol@example.org")
+    assert action == "DUNNO", action
+    assert not missing_secret.exists()
+    found = warnings_of(host2)
+    assert len(found) == 1 and "does not exist" in found[0], found
+    # With the secret copied, a new process of host 2 shares host 1's records.
+    shutil.copy(secret, missing_secret)
+    os.chmod(missing_secret, 0o600)
+    second.close()
+    second = greylist(host2)
+    action, _ = second.ask("203.0.113.5", "carol@example.org")
+    assert action == "DUNNO" and "reason=database-failure" not in log_of(host2).splitlines()[-1]
+
+
 # ----------------------------------------------------------------------
 # Faults.
 

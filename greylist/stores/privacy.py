@@ -44,14 +44,20 @@ class SecretError(Exception):
     """The secret file cannot be used."""
 
 
-def load_secret(path: str) -> bytes:
-    """Return the secret in path, creating it (mode 0600) if it is missing.
+def load_secret(path: str, create: bool = True) -> bytes:
+    """Return the secret in path, creating it (mode 0600) if it is missing
+    (unless not create: then a missing secret is a SecretError).
 
     A new secret is written to a temporary file and linked into place,
     so that a concurrent first use (another thread or process) never
     reads a file that exists but holds no secret yet; of two that race,
     the first link wins and both use its secret.
     """
+    if not create and not os.path.lexists(path):
+        raise SecretError("%s does not exist: with a Redis database every host must hash "
+                          "with the same secret, so greylist does not make one of its own; "
+                          "copy the file from the host that has it (greylistctl makes it "
+                          "when it first needs it)" % path)
     if not os.path.lexists(path):
         temporary = "%s.%s.new" % (path, secrets.token_hex(8))
         try:
@@ -106,10 +112,12 @@ _HEX = frozenset(b"0123456789abcdef")
 class HashedKeys(Store):
     """A store whose keys are hashed with the secret in a file."""
 
-    def __init__(self, store, secret_file: str) -> None:
+    def __init__(self, store, secret_file: str, create: bool = True) -> None:
         self.store = store
         self.name = store.name
         self.secret_file = secret_file
+        # Whether a missing secret is made (load_secret).
+        self.create = create
         self._secret: bytes | None = None
 
     @property
@@ -128,7 +136,7 @@ class HashedKeys(Store):
             return None
         if self._secret is None:
             try:
-                self._secret = load_secret(self.secret_file)
+                self._secret = load_secret(self.secret_file, self.create)
             except SecretError as exc:
                 raise StoreError(str(exc)) from None
         return hashed(self._secret, key)
