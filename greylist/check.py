@@ -17,7 +17,9 @@ DESCRIPTION
                     For Redis: connected to (within
                     greylist_redis_timeout), authenticated, a key of
                     greylist's own read, and the compare-and-set script
-                    run on no key, which writes nothing; a note when the
+                    run on a check key with an expiry that has passed
+                    (written and gone at once: a login that may read but
+                    not write is found); a note when the
                     server refuses scripts (writes then take WATCH and
                     MULTI/EXEC, one round trip more). Not as root: the
                     password file must belong to the user a run has.
@@ -160,7 +162,14 @@ def redis_problems(cfg: Config) -> tuple[list[str], list[str]]:
         if version is not None and version < MIN_REDIS:
             return ["greylist_database: Redis %s; greylist needs %d.%d or later (its "
                     "writes use SET EXAT)" % (".".join(map(str, version)), *MIN_REDIS)], notes
-        connection.compare_and_set([], {}, {})
+        # A write of greylist's kind (the script's GET and SET, key
+        # permissions included) that leaves nothing: its expiry has passed,
+        # so Redis deletes the key as it sets it. A login that may read
+        # but not write (an ACL without SET, or %R~ keys) fails open on
+        # every new triple.
+        check_key = store.stored(b"greylist-check")
+        connection.compare_and_set([check_key], {check_key: None},
+                                   {check_key: (b"greylist-check", 1)})
         if not connection.scripting:
             # What writes use instead: allowed too?
             connection.reads([("WATCH", store.stored(b"greylist-check")), ("UNWATCH",)])

@@ -1397,6 +1397,18 @@ def test_check_logs_in_reads_and_runs_the_script_and_notes_refused_scripts(
         problems, notes = checked("reader", "reader reader-pw")
         assert len(problems) == 1 and "NOPERM" in problems[0] and "watch" in problems[0], \
             problems
+        # Found in review: a login that may read but not write passed the
+        # check, and then failed open on every new triple.
+        admin.execute_command("ACL", "SETUSER", "nowrite", "on", ">nowrite-pw", "resetkeys",
+                              "~greylist:*", "-@all", "+@read", "+@transaction",
+                              "+@connection", "+scan", "+info", "+evalsha", "+eval")
+        admin.execute_command("ACL", "SETUSER", "readkeys", "on", ">readkeys-pw", "resetkeys",
+                              "%R~greylist:*", "-@all", "+@read", "+@write", "+@transaction",
+                              "+@connection", "+scan", "+info", "+evalsha", "+eval")
+        for user in ("nowrite", "readkeys"):
+            problems, _ = checked(user, "%s %s-pw" % (user, user))
+            assert len(problems) == 1 and ("NOPERM" in problems[0]
+                                           or "can't run" in problems[0]), (user, problems)
         problems, _ = checked("wrong", "wrong-password")
         assert len(problems) == 1 and "WRONGPASS" in problems[0], problems
         problems, _ = checked("gone", "", "redis:unix:%s/no-such.sock" % short_dir)
@@ -1417,7 +1429,7 @@ def test_check_logs_in_reads_and_runs_the_script_and_notes_refused_scripts(
         else:
             assert "note: redis" in done.stdout and "scripts refused" in done.stdout, done
     finally:
-        for user in ("full", "old", "reader"):
+        for user in ("full", "old", "reader", "nowrite", "readkeys"):
             admin.execute_command("ACL", "DELUSER", user)
         admin.close()
 
