@@ -599,7 +599,7 @@ class RedisStore(Store):
             name in seen for name in names) else None
         # Whether current was read now, not taken from an earlier read.
         fresh = False
-        for _ in range(WATCH_RETRIES):
+        for attempt in range(WATCH_RETRIES):
             if current is None:
                 current = dict(zip(names, self.connection.reads([("MGET", *names)])[0]
                                    if names else []))
@@ -636,6 +636,13 @@ class RedisStore(Store):
                         self._seen = state
                         return results
                     current, fresh = dict(zip(names, reply[1:])), True
+                    if attempt:
+                        # Lost again: others keep writing these keys (threads
+                        # of one process take turns on its one connection,
+                        # the fastest first). A random pause, then a fresh
+                        # read, so that no writer loses every time.
+                        _pause()
+                        current = None
                     continue
                 if fresh:
                     return results
