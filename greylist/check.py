@@ -81,6 +81,11 @@ def problems_of(cfg: Config) -> list[str]:
     Whitelists(cfg, problems.append)
     if not is_redis(cfg):
         problems += database_problems(cfg)
+    elif cfg.privacy and cfg.secret_file and not os.path.lexists(cfg.secret_file):
+        # With Redis the policy programs never make it (privacy.py).
+        problems.append("greylist_secret_file %s does not exist: copy it from the host that "
+                        "has it (with a Redis database greylist does not make one)"
+                        % cfg.secret_file)
     return problems
 
 

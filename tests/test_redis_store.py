@@ -695,7 +695,13 @@ def test_in_privacy_mode_a_host_without_the_secret_does_not_make_its_own(
     assert deferred(first.ask("203.0.113.5", "carol@example.org")[0])
     time.sleep(DELAY_S + 0.2)
     assert first.ask("203.0.113.5", "carol@example.org")[0] == "DUNNO"
-    # Host 2 fails open, says why, and makes no secret.
+    # greylist --check says so; host 2 fails open, says why, and makes no
+    # secret.
+    from greylist.check import problems_of
+    found = problems_of(load(host2, {}))
+    assert len(found) == 1 and "greylist_secret_file %s does not exist" % missing_secret \
+        in found[0], found
+    assert problems_of(load(host1, {})) == []
     action, _ = second.ask("203.0.113.5", "carol@example.org")
     assert action == "DUNNO", action
     assert not missing_secret.exists()
