@@ -20,8 +20,10 @@ DESCRIPTION
 
     Keys: a table's key k is stored as "greylist:TABLE:{TAG}k", where TAG
     is 8 hex digits of a digest of k's first "/"-separated field: the
-    client group of a triple's three records, so that they live in one
-    cluster slot; TAG has a fixed length, so the stored key gives k back.
+    client group of a triple's three records, so that they would live in
+    one cluster slot (not in privacy mode, whose keys are whole digests,
+    nor with a correspondent pair's key; Redis Cluster is not supported);
+    TAG has a fixed length, so the stored key gives k back.
 
     get_many() is one MGET, sent on a connection that the store keeps
     (Connection.reads). update_many() runs the pure change on the values
