@@ -30,16 +30,21 @@ def rcpt(service, address, sender, recipient):
                            "recipient": recipient}, service.new_session())
 
 
+def earn(service, clock: Clock, address: str) -> None:
+    """Earn the client auto-whitelist for address's group: two senders,
+    each greylisted once, an hour or more apart (two passes)."""
+    for hour, sender in enumerate(("x@remote.test", "w@remote.test")):
+        clock.now = T + hour * 7200
+        assert rcpt(service, address, sender, "a@example.com").startswith("DEFER")
+        clock.now += 61
+        assert rcpt(service, address, sender, "a@example.com") == "DUNNO"
+
+
 def test_a_client_that_earns_the_auto_whitelist_is_exported_by_address(cfg):
     clock = Clock(T)
     found = stores(cfg)
     service = policy_service(cfg, Recorder(), clock, cleanup=False, found=found)
-    # Two senders, each greylisted once, an hour or more apart: two passes.
-    for hour, sender in enumerate(("x@remote.test", "w@remote.test")):
-        clock.now = T + hour * 7200
-        assert rcpt(service, "192.0.2.10", sender, "a@example.com").startswith("DEFER")
-        clock.now += 61
-        assert rcpt(service, "192.0.2.10", sender, "a@example.com") == "DUNNO"
+    earn(service, clock, "192.0.2.10")
     assert dict(found.postscreen.items()) == {b"192.0.2.10": b"permit %d" % clock.now}
     # Another address of the group passes as awl-client: exported too.
     clock.now += 10
@@ -111,11 +116,7 @@ def test_the_table_never_permits_what_the_callout_drops_or_enforces(cfg, tmp_pat
     clock = Clock(T)
     found = stores(cfg)
     service = policy_service(cfg, Recorder(), clock, cleanup=False, found=found)
-    for hour, sender in enumerate(("x@remote.test", "w@remote.test")):
-        clock.now = T + hour * 7200
-        assert rcpt(service, "192.0.2.10", sender, "a@example.com").startswith("DEFER")
-        clock.now += 61
-        assert rcpt(service, "192.0.2.10", sender, "a@example.com") == "DUNNO"
+    earn(service, clock, "192.0.2.10")
     # The group 192.0.2 is proven; only its address outside the /25 is exported.
     for address in ("192.0.2.11", "192.0.2.200"):
         assert rcpt(service, address, "y@remote.test", "c@example.com") == "DUNNO"
