@@ -173,6 +173,21 @@ def _give_to_directory_owner(fd: int, path: str) -> None:
         pass
 
 
+def log_groups(target: str) -> list[int]:
+    """The supplementary groups a process that gives up root keeps to log
+    to target: postdrop for postlog (the socket is under Postfix's public
+    directory, group postdrop, mode 0710, as the policy processes get it
+    with user=...:postdrop), else none."""
+    if not target.startswith("postlog"):
+        return []
+    import grp
+    try:
+        gid = grp.getgrnam("postdrop").gr_gid
+    except KeyError:
+        return []
+    return [] if gid == 0 else [gid]
+
+
 def to_stderr(line: str) -> None:
     """Write line to stderr for an administrator, unless stderr is the
     client's socket as spawn(8) connects it (stderr_is_a_client()): the

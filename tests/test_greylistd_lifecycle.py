@@ -433,6 +433,51 @@ def test_started_as_root_it_serves_as_greylist_user_only(site):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
+def test_started_as_root_it_keeps_postdrop_to_log_to_postlog(site):
+    # Found in review: with greylist_log = postlog, greylistd cleared every
+    # group at the drop and logged nothing at all, not even "serving": the
+    # socket is under Postfix's public/ (group postdrop, mode 0710).
+    nobody, _ = nobody_and_nogroup()
+    try:
+        postdrop = grp.getgrnam("postdrop").gr_gid
+    except KeyError:
+        require("needs Postfix's group postdrop")
+    os.chown(site, nobody.pw_uid, nobody.pw_gid)
+    public = site / "public"
+    public.mkdir()
+    os.chown(public, 0, postdrop)
+    os.chmod(public, 0o710)
+    path = str(public / "postlog")
+    settings = site / "postlog.cf"
+    settings.write_text("greylist_database = %s\ngreylist_log = postlog:%s\n"
+                        "greylist_policy_listen = unix:%s\ngreylist_user = nobody\n"
+                        % (site / "db", path, site / "policy"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        os.chmod(path, 0o666)
+        server.settimeout(IO_S)
+        proc = subprocess.Popen(daemons.command(settings), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=daemons.environment(), cwd=str(site))
+        try:
+            lines = []
+            deadline = time.monotonic() + IO_S
+            while not any(" serving " in line for line in lines) and \
+                    time.monotonic() < deadline and len(lines) < 20:
+                try:
+                    lines.append(server.recv(4096).decode("utf-8", "replace"))
+                except socket.timeout:
+                    break
+            assert any(" serving " in line and "as uid %d" % nobody.pw_uid in line
+                       for line in lines), lines
+            assert proc_ids(proc.pid)["Groups"] == [postdrop]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            output = proc.communicate(timeout=IO_S)[0]
+        assert proc.returncode == 0, output
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
 def test_an_unprivileged_daemon_stops_cleanly(site):
     nobody, _ = nobody_and_nogroup()
     os.chown(site, nobody.pw_uid, nobody.pw_gid)

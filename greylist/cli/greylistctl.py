@@ -63,7 +63,7 @@ from greylist.core.triple import (BadAddress, client_address, client_group, clie
                                   keys, normalise_sender, registered_domain, sender_key,
                                   table_key, triple_from_request)
 from greylist.handlers.policy import PolicyHandler
-from greylist.log import Log, to_stderr
+from greylist.log import Log, log_groups, to_stderr
 from greylist.protocols.policy import ProtocolError
 from greylist.stores.base import Store, StoreError
 from greylist.stores.cleanup import MANUAL_BATCH, Cleaner
@@ -288,14 +288,7 @@ def _become(cfg, user: tuple[int, int] | None) -> None:
         return
     if cfg.client_match == "domain":
         registered_domain("example.com")  # load the suffix list while we can
-    groups = []
-    if cfg.log.startswith("postlog"):
-        import grp
-        try:
-            groups = [grp.getgrnam("postdrop").gr_gid]
-        except KeyError:
-            pass
-    os.setgroups(groups)
+    os.setgroups(log_groups(cfg.log))
     os.setgid(user[1])
     os.setuid(user[0])
 

@@ -47,7 +47,7 @@ from docopt import DocoptExit, docopt
 
 from greylist import __version__
 from greylist.config import SETTINGS, Config, ConfigError, load, log_target
-from greylist.log import Log
+from greylist.log import Log, log_groups
 from greylist.service import PolicyService
 from greylist.stores.commit import BATCH_S, Committer
 from greylist.transports import listener
@@ -361,17 +361,20 @@ class Daemon:
 
     def _drop(self, uid: int, gid: int) -> None:
         """Drop root for good: groups, then gid, then uid (in that order:
-        a process that is no longer root cannot change its groups)."""
+        a process that is no longer root cannot change its groups). With
+        greylist_log = postlog the group postdrop stays, or the log's
+        socket could not be reached (log_groups())."""
         if uid == -1:
             return
+        kept = log_groups(self.cfg.log)
         try:
-            os.setgroups([])
+            os.setgroups(kept)
             os.setgid(getattr(self, "_primary_gid", gid))
             os.setuid(uid)
         except OSError as exc:
             raise Fatal("cannot drop privileges to %s: %s" % (self.cfg.user, exc.strerror)) from None
         if os.getuid() == 0 or os.geteuid() == 0 or os.getgid() == 0 or \
-                os.getegid() == 0 or os.getgroups():
+                os.getegid() == 0 or sorted(set(os.getgroups()) - {os.getgid()}) != kept:
             raise Fatal("privileges were not dropped")
         try:
             os.setuid(0)
