@@ -97,11 +97,25 @@ def test_store_failure_answers_dunno_and_keeps_serving(home):
     assert log.count("reason=database-failure") == 3
 
 
-def test_settings_error_is_fatal_with_status_1(home):
+def test_settings_error_is_fatal_with_status_1_on_stderr_unless_it_is_the_spawn_socket(home):
+    # Found in an install walkthrough: with stderr a file or a pipe (not a
+    # terminal), the fatal line went nowhere but the log. Only spawn(8)'s
+    # socket (stdin, stdout and stderr in one) is kept silent.
     (home / "greylist.cf").write_text("greylist_log = %s\ngreylist_dealy = 60\n%s"
                                       % (home / "log", ALLOW_ROOT))
-    status, out, err, _ = greylist(home, RCPT)
-    assert (status, out, err) == (1, b"", b"")
+    status, out, err, log = greylist(home, RCPT)
+    assert (status, out) == (1, b"")
+    assert err.startswith(b"greylist: fatal: ") and b"unknown setting 'greylist_dealy'" in err
+    assert "unknown setting 'greylist_dealy'" in log
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        done = subprocess.run([sys.executable, "-m", "greylist", "-c", str(home / "greylist.cf")],
+                              stdin=theirs, stdout=theirs, stderr=theirs, timeout=30,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        theirs.close()
+        ours.settimeout(10)
+        assert done.returncode == 1
+        assert ours.recv(4096) == b""
 
 
 def test_usage_error_exits_2_and_says_why_on_stderr_only(home):
@@ -139,7 +153,8 @@ def test_running_as_root_is_refused_without_greylist_allow_root(home):
     (home / "greylist.cf").write_text("greylist_log = %s\ngreylist_database = %s\n"
                                       % (home / "log", home / "db"))
     status, out, err, log = greylist(home, RCPT)
-    assert (status, out, err) == (1, b"", b"")
+    assert (status, out) == (1, b"")
+    assert err.startswith(b"greylist: fatal: refusing to run as root")  # stderr: a pipe
     assert "fatal: refusing to run as root" in log
     assert not (home / "db.lmdb").exists()
 

@@ -28,7 +28,7 @@ import sys
 
 from greylist import __version__
 from greylist.config import ConfigError, load, log_target, parse_setting
-from greylist.log import Log
+from greylist.log import Log, stderr_is_a_client
 from greylist.transports.spawn import serve
 from greylist.wiring import DEFAULT, Tuning, policy_service
 
@@ -84,7 +84,7 @@ def run(ident: str, argv: list[str] | None, usage: str, build) -> int:
     if args.get("--check"):
         from greylist.check import check
         return check(args["--config"], lambda: load(args["--config"], _overrides(args)))
-    if not os.isatty(2):
+    if stderr_is_a_client():
         _silence_stderr()
     args.setdefault("--delay", None)
     args.setdefault("--outbound", False)
