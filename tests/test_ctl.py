@@ -214,3 +214,26 @@ def test_a_settings_error_goes_to_stderr_and_the_log_quoted_without_blanks(tmp_p
     assert "greylist_delay: invalid time value '5x'" in done.stderr
     assert "fatal: %s, line 2: greylist_delay: invalid time value '5x'" % settings in \
         (tmp_path / "log").read_text()
+
+
+def test_a_reader_that_goes_away_ends_the_output_without_a_traceback(site):
+    # Found in an install walkthrough: greylistctl stats | head -1 printed
+    # a BrokenPipeError traceback.
+    from greylist.stores.lmdb import LmdbStore
+    store = LmdbStore(str(site / "gl"))
+    store.put_many([(b"192.0.2.%d/sender%d@example.org/bob@example.net" % (n % 250, n),
+                     b"1800000000:1800000000:1:trying") for n in range(5000)])
+    store.close()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "greylist.cli.greylistctl", "-c",
+                             str(site / "gl.cf"), "dump"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline()
+        proc.stdout.close()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 1 and b"Traceback" not in err and err == b"", err

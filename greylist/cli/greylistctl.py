@@ -124,8 +124,22 @@ EX_TEMPFAIL = 75
 def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) -> int:
     """Run one greylistctl command; return the exit status.
 
-    clock is the time source of show (tests).
+    clock is the time source of show (tests). A reader that goes away
+    (greylistctl dump | head) ends the output without a traceback: exit
+    status 1, and nothing more is written to the closed pipe.
     """
+    try:
+        status = _command(argv, clock)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())  # so that the flush at exit is quiet too
+        os.close(null)
+        return 1
+
+
+def _command(argv: list[str] | None, clock: Callable[[], float]) -> int:
     try:
         args = docopt(USAGE, argv=argv, version=__version__)
     except DocoptExit as exc:
