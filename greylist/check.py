@@ -23,8 +23,15 @@ DESCRIPTION
                     server refuses scripts (writes then take WATCH and
                     MULTI/EXEC, one round trip more). Not as root: the
                     password file must belong to the user a run has.
-    root            a note, not a problem: a run as root is refused
-                    unless greylist_allow_root = yes.
+    root            with greylist_user set, everything above is checked
+                    as that user (a child process that drops to it, with
+                    postdrop kept for postlog, as a run does): the
+                    database directory belongs to it, and root's own
+                    rules for directories would refuse it. Without it, a
+                    note (greylist: spawn(8) runs it as the service's
+                    user) or, for greylistd, a problem (it refuses to
+                    start as root without greylist_user), unless
+                    greylist_allow_root = yes.
 
     It prints "FILE: ok" on stdout, or each problem as "FILE: problem"
     on stderr, and returns the exit status, 0 or 1; it prints nothing
@@ -40,38 +47,84 @@ from typing import Callable
 from greylist.config import Config, ConfigError, is_redis
 
 
-def check(path: str | None, load: Callable[[], Config]) -> int:
-    """Check the settings that load() returns; print; return 0 or 1."""
+def check(path: str | None, load: Callable[[], Config], daemon: bool = False) -> int:
+    """Check the settings that load() returns; print; return 0 or 1.
+    daemon: greylistd's check (root without greylist_user is a problem)."""
     name = path or "(defaults)"
     try:
-        cfg = load()
+        cfg, failed = load(), ""
     except ConfigError as exc:
-        cfg, problems = None, [str(exc)]
-    else:
-        problems = problems_of(cfg)
+        cfg, failed = None, str(exc)
     # Nothing into spawn(8)'s socket (descriptors 0 to 2), should master.cf
     # run --check by mistake: the exit status says it then.
-    from greylist.log import stderr_is_a_client, to_stderr
-    if stderr_is_a_client():
-        return 1 if problems else 0
-    if cfg is not None and os.geteuid() == 0 and not cfg.allow_root:
-        print("%s: note: a run as root is refused (greylist_allow_root = no); "
-              "spawn(8) runs it as the service's user" % name)
-    if cfg is not None and is_redis(cfg) and not problems:
-        if os.geteuid() == 0:
-            print("%s: note: the Redis database is not checked as root (its password "
-                  "file belongs to the user a run has): run --check as that user" % name)
+    from greylist.log import stderr_is_a_client
+    quiet = stderr_is_a_client()
+    if cfg is None:
+        return _report(name, [failed], [], quiet)
+    if os.geteuid() == 0 and cfg.user and not cfg.allow_root:
+        return _as_user(name, cfg, quiet)
+    problems, notes = problems_of(cfg), []
+    if os.geteuid() == 0 and not cfg.allow_root:
+        if daemon:
+            problems.append("started as root, greylistd refuses to run without greylist_user "
+                            "(the unprivileged user to serve as)")
         else:
-            found, notes = redis_problems(cfg)
+            notes.append("a run as root is refused (greylist_allow_root = no); spawn(8) runs "
+                         "it as the service's user: set greylist_user to check as that user, "
+                         "or run --check as it")
+    if is_redis(cfg) and not problems:
+        if os.geteuid() == 0:
+            notes.append("the Redis database is not checked as root (its password file "
+                         "belongs to the user a run has): run --check as that user")
+        else:
+            found, more = redis_problems(cfg)
             problems += found
-            for note in notes:
-                print("%s: note: %s" % (name, note))
-    sys.stdout.flush()
-    for problem in problems:
-        to_stderr("%s: %s" % (name, problem))
-    if not problems:
-        print("%s: ok" % name)
+            notes += more
+    return _report(name, problems, notes, quiet)
+
+
+def _report(name: str, problems: list[str], notes: list[str], quiet: bool) -> int:
+    """Print the notes and problems (not into spawn(8)'s socket); the status."""
+    if not quiet:
+        from greylist.log import to_stderr
+        for note in notes:
+            print("%s: note: %s" % (name, note))
+        sys.stdout.flush()
+        for problem in problems:
+            to_stderr("%s: %s" % (name, problem))
+        if not problems:
+            print("%s: ok" % name)
     return 1 if problems else 0
+
+
+def _as_user(name: str, cfg: Config, quiet: bool) -> int:
+    """check() as greylist_user, in a child that drops to it as a run
+    does; the child's status."""
+    import pwd
+    try:
+        entry = pwd.getpwnam(cfg.user)
+    except KeyError:
+        return _report(name, ["greylist_user: no user %r" % cfg.user], [], quiet)
+    if entry.pw_uid == 0 or entry.pw_gid == 0:
+        return _report(name, ["greylist_user %r is root or has group root" % cfg.user],
+                       [], quiet)
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            from greylist.log import log_groups
+            os.setgroups(log_groups(cfg.log))
+            os.setgid(entry.pw_gid)
+            os.setuid(entry.pw_uid)
+            status = check(name if name != "(defaults)" else None, lambda: cfg)
+            sys.stdout.flush()
+        except BaseException as exc:  # noqa: BLE001 (the child must exit here)
+            _report(name, ["checking as %s: %s" % (cfg.user, exc)], [], quiet)
+        finally:
+            os._exit(status)
+    _, waited = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(waited) if os.WIFEXITED(waited) else 1
 
 
 def problems_of(cfg: Config) -> list[str]:

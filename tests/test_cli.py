@@ -415,3 +415,41 @@ def test_greylistd_and_greylistctl_log_a_usage_error_where_the_settings_say(home
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert done.returncode == 2 and b"fatal: usage: " in done.stderr
     assert "fatal: usage: " in (home / "log").read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to check as another user")
+def test_check_as_root_checks_as_greylist_user(public_tmp):
+    # Found in an install walkthrough: as root, --check refused the
+    # README's database directory (owned by the policy user, 2750) with
+    # root's own rules, and greylistd --check noted that "a run as root is
+    # refused", though greylistd starts as root by design.
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    for name in ("db", "logs"):
+        (public_tmp / name).mkdir()
+        os.chown(public_tmp / name, nobody.pw_uid, nobody.pw_gid)
+        os.chmod(public_tmp / name, 0o2750)
+    cf = public_tmp / "greylist.cf"
+    base = ("greylist_log = %s/logs/log\ngreylist_database = %s/db/greylist\n"
+            "greylist_policy_listen = unix:%s/policy\n" % (public_tmp, public_tmp, public_tmp))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def run_check(module):
+        return subprocess.run([sys.executable, "-m", module, "--check", "-c", str(cf)],
+                              capture_output=True, timeout=30, env=env,
+                              stdin=subprocess.DEVNULL)
+    cf.write_text(base + "greylist_user = nobody\n")
+    for module in ("greylist", "greylist.cli.greylistd"):
+        done = run_check(module)
+        assert (done.returncode, done.stdout, done.stderr) == (
+            0, b"%s: ok\n" % bytes(cf), b""), (module, done)
+    assert sorted(os.listdir(public_tmp / "db")) == []
+    # A problem that only the user meets is found: it cannot write there.
+    os.chmod(public_tmp / "db", 0o2555)
+    done = run_check("greylist")
+    assert done.returncode == 1 and b"db" in done.stderr, done
+    os.chmod(public_tmp / "db", 0o2750)
+    # Without greylist_user: greylistd would refuse to start as root.
+    cf.write_text(base)
+    done = run_check("greylist.cli.greylistd")
+    assert done.returncode == 1 and b"without greylist_user" in done.stderr, done

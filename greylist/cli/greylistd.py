@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args["--check"]:
         from greylist.check import check
-        return check(args["--config"], lambda: load(args["--config"], {}))
+        return check(args["--config"], lambda: load(args["--config"], {}), daemon=True)
     try:
         cfg = load(args["--config"], {"verbose": args["--verbose"]})
     except ConfigError as exc:
