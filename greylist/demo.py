@@ -42,7 +42,10 @@ def main() -> int:
     with open(base + ".log", encoding="utf-8") as handle:
         print("log (%s.log):\n%s" % (base, handle.read()))
     ok = first.startswith("action=DEFER_IF_PERMIT") and second == "action=DUNNO"
-    print("database: %s.lmdb (read it with: postmap -s lmdb:%s)" % (base, base))
+    # greylistctl dump, as README says for a live database; postmap -s
+    # reads this one safely only because no process writes it any more.
+    print("database: %s.lmdb (list it with: %s -m greylist.cli.greylistctl -c %s.cf dump; "
+          "Postfix reads it too: postmap -s lmdb:%s)" % (base, sys.executable, base, base))
     print("demo %s" % ("passed" if ok else "FAILED"))
     return 0 if ok else 1
 
