@@ -388,6 +388,17 @@ class PostfixInstance:
         except FileNotFoundError:
             return ""
 
+    def wait_for_log(self, text: str, timeout: float = 10) -> str:
+        """The maillog once it holds text (postlogd writes it after the
+        SMTP reply that the client already has), polled every 0.05 s for
+        at most timeout seconds; then the maillog as it is."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log_text()
+            if text in log or time.monotonic() >= deadline:
+                return log
+            time.sleep(0.05)
+
 
 def install_runtime(root: pathlib.Path, user: str = "nobody") -> list[str] | str:
     """Make this checkout's greylist runnable by user under root.

@@ -133,7 +133,7 @@ def test_first_attempt_and_early_retry_get_450_and_retry_after_delay_is_delivere
     assert "Subject: greylist e2e" in message and "Return-Path: <alice@example.org>" in message
     assert message.count("X-Greylist: delayed ") == 1
 
-    log = postfix.log_text()
+    log = postfix.wait_for_log("action=PREPEND reason=delay-passed")
     assert "451 4.3.5" not in log and "warning: premature end-of-input" not in log
     assert "action=DEFER_IF_PERMIT reason=new age=0 client=127.0.0.1 " \
            "sender=alice@example.org rcpt=bob@example.test" in log
@@ -178,7 +178,7 @@ def test_a_message_is_not_split_when_its_new_recipient_comes_first(postfix):
     rejected = [line for line in first.stdout.splitlines() if line.startswith("<** 450 4.7.1")]
     assert len(rejected) == 2, first.stdout
     assert not [line for line in first.stdout.splitlines() if line.startswith("<-  250 2.1.5")]
-    log = postfix.log_text()
+    log = postfix.wait_for_log("rcpt=pam@example.test")
     assert "reason=held:delay-passed age=" in log and "rcpt=pam@example.test" in log, log
     retry = postfix.swaks(sender, "quinn@example.test,pam@example.test",
                           ["--header", "Subject: not split"])
@@ -192,7 +192,8 @@ def test_whitelisted_client_is_accepted_at_its_first_attempt(postfix):
                            ["--xclient-addr", WHITELISTED, "--header", "Subject: listed"])
     assert rcpt_reply(result).startswith("250 "), result.stdout
     assert "X-Greylist" not in postfix.wait_for_delivery("henry")
-    assert "reason=whitelist-client age=0 client=%s" % WHITELISTED in postfix.log_text()
+    listed = "reason=whitelist-client age=0 client=%s" % WHITELISTED
+    assert listed in postfix.wait_for_log(listed)
 
 
 def test_unavailable_client_address_is_greylisted_not_an_error(postfix):
@@ -200,7 +201,8 @@ def test_unavailable_client_address_is_greylisted_not_an_error(postfix):
     result = postfix.swaks("ivan@example.org", "judy@example.test",
                            ["--xclient-addr", "[UNAVAILABLE]"])
     assert rcpt_reply(result).startswith("450 4.7.1 "), result.stdout
-    assert "reason=new age=0 client=unknown sender=ivan@example.org" in postfix.log_text()
+    logged = "reason=new age=0 client=unknown sender=ivan@example.org"
+    assert logged in postfix.wait_for_log(logged)
 
 
 def test_policy_processes_log_through_postlog_and_never_on_the_smtp_session(postfix):
@@ -208,7 +210,7 @@ def test_policy_processes_log_through_postlog_and_never_on_the_smtp_session(post
     # malformed reply, which Postfix logs and answers with 451 4.3.5.
     result = postfix.swaks("frank@example.org", "grace@example.test")
     assert rcpt_reply(result).startswith("450 4.7.1 ")
-    log = postfix.log_text()
+    log = postfix.wait_for_log("sender=frank@example.org")
     assert "greylist[" in log and "fatal:" not in log
     assert "malformed" not in log and "451 4.3.5" not in log
 
@@ -289,7 +291,7 @@ def test_in_pool_mode_the_client_table_accepts_the_host_and_not_its_access_neigh
     assert rcpt_reply(other).startswith("250 "), other.stdout
     assert "Subject: pool awl" in postfix.wait_for_delivery("other")
     assert re.search(r"action=DUNNO reason=awl-client .*client=198\.51\.100\.99 "
-                     r"sender=new@example\.net", postfix.log_text())
+                     r"sender=new@example\.net", postfix.wait_for_log("client=198.51.100.99"))
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +312,7 @@ def test_sender_longer_than_8192_bytes_is_greylisted_regression_issue_15(postfix
     accepted = postfix.swaks(sender, "long@example.test")
     assert rcpt_reply(accepted).startswith("250 "), accepted.stdout
     assert accepted.returncode == 0
-    log = postfix.log_text()
+    log = postfix.wait_for_log("reason=delay-passed")
     assert "451 4.3.5" not in log and "request attribute too long" not in log
     # (The log line is cut at log.MAX_MESSAGE characters.)
     assert "action=DEFER_IF_PERMIT reason=new age=0 client=127.0.0.1 sender=%s" % sender[:1000] \
