@@ -62,7 +62,7 @@ def check(path: str | None, load: Callable[[], Config], daemon: bool = False) ->
     if cfg is None:
         return _report(name, [failed], [], quiet)
     if os.geteuid() == 0 and cfg.user and not cfg.allow_root:
-        return _as_user(name, cfg, quiet)
+        return _as_user(path, cfg, quiet)
     problems, notes = problems_of(cfg), []
     if os.geteuid() == 0 and not cfg.allow_root:
         if daemon:
@@ -97,10 +97,11 @@ def _report(name: str, problems: list[str], notes: list[str], quiet: bool) -> in
     return 1 if problems else 0
 
 
-def _as_user(name: str, cfg: Config, quiet: bool) -> int:
+def _as_user(path: str | None, cfg: Config, quiet: bool) -> int:
     """check() as greylist_user, in a child that drops to it as a run
     does; the child's status."""
     import pwd
+    name = path or "(defaults)"
     try:
         entry = pwd.getpwnam(cfg.user)
     except KeyError:
@@ -113,11 +114,9 @@ def _as_user(name: str, cfg: Config, quiet: bool) -> int:
     if pid == 0:
         status = 1
         try:
-            from greylist.log import log_groups
-            os.setgroups(log_groups(cfg.log))
-            os.setgid(entry.pw_gid)
-            os.setuid(entry.pw_uid)
-            status = check(name if name != "(defaults)" else None, lambda: cfg)
+            from greylist.log import drop_to
+            drop_to(entry.pw_uid, entry.pw_gid, cfg.log)
+            status = check(path, lambda: cfg)
             sys.stdout.flush()
         except BaseException as exc:  # noqa: BLE001 (the child must exit here)
             _report(name, ["checking as %s: %s" % (cfg.user, exc)], [], quiet)

@@ -188,6 +188,18 @@ def log_groups(target: str) -> list[int]:
     return [] if gid == 0 else [gid]
 
 
+def drop_to(uid: int, gid: int, target: str) -> list[int]:
+    """Give up root for uid and gid, in the order that works (groups,
+    then the group, then the user: a process that is no longer root
+    cannot change its groups), keeping only the groups that logging to
+    target needs (log_groups()); return those. Raises OSError."""
+    kept = log_groups(target)
+    os.setgroups(kept)
+    os.setgid(gid)
+    os.setuid(uid)
+    return kept
+
+
 def to_stderr(line: str) -> None:
     """Write line to stderr for an administrator, unless stderr is the
     client's socket as spawn(8) connects it (stderr_is_a_client()): the

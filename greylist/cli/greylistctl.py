@@ -63,7 +63,7 @@ from greylist.core.triple import (BadAddress, client_address, client_group, clie
                                   keys, normalise_sender, registered_domain, sender_key,
                                   table_key, triple_from_request)
 from greylist.handlers.policy import PolicyHandler
-from greylist.log import Log, log_groups, to_stderr
+from greylist.log import Log, drop_to, to_stderr
 from greylist.protocols.policy import ProtocolError
 from greylist.stores.base import Store, StoreError
 from greylist.stores.cleanup import MANUAL_BATCH, Cleaner
@@ -302,9 +302,7 @@ def _become(cfg, user: tuple[int, int] | None) -> None:
         return
     if cfg.client_match == "domain":
         registered_domain("example.com")  # load the suffix list while we can
-    os.setgroups(log_groups(cfg.log))
-    os.setgid(user[1])
-    os.setuid(user[0])
+    drop_to(user[0], user[1], cfg.log)
 
 
 def _existing(cfg: Config, name: str, build, writable: bool, readonly: bool) -> Store | None:
@@ -506,9 +504,9 @@ def _import(store: Store, cfg: Config, log: Log, source: str, keyed: Store) -> i
     key is written hashed; a key that is a hash already (a database of
     privacy mode) is copied as it is. Without privacy mode, hashed keys
     are left behind: no plaintext request would ever find them. An entry
-    that the Redis database holds already is kept (_import_one)."""
+    that the Redis database holds already is kept (_put_new)."""
     from greylist.config import resolve
-    from greylist.core.decide import expire_at, expired
+    from greylist.core.decide import expired
     from greylist.core.tables import stamp_expire_at
     if not is_redis(cfg):
         to_stderr("greylistctl: import copies into a Redis database; greylist_database is %s"
@@ -542,13 +540,14 @@ def _import(store: Store, cfg: Config, log: Log, source: str, keyed: Store) -> i
                 skipped += 1  # A group entry of an older version (cleanup drops them).
             elif not live(value):
                 skipped += 1
-            elif label != "database" or cfg.privacy == looks_hashed(key):
-                copied, kept = _import_one(target, key, value, copied, kept)
-            elif cfg.privacy:
-                # plaintext: hashed on the way
-                copied, kept = _import_one(keyed, key, value, copied, kept)
-            else:
+            elif label == "database" and not cfg.privacy and looks_hashed(key):
                 hashes += 1
+            # A plaintext key in privacy mode is hashed on the way (keyed).
+            elif _put_new(keyed if label == "database" and cfg.privacy
+                          and not looks_hashed(key) else target, key, value):
+                copied += 1
+            else:
+                kept += 1
         source_store.close()
         found = ", %d already in Redis kept" % kept if kept else ""
         print("import: %s: %d copied, %d expired left behind%s" % (label, copied, skipped,
@@ -561,14 +560,11 @@ def _import(store: Store, cfg: Config, log: Log, source: str, keyed: Store) -> i
     return 0
 
 
-def _import_one(target: Store, key: bytes, value: bytes, copied: int, kept: int
-                ) -> tuple[int, int]:
+def _put_new(target: Store, key: bytes, value: bytes) -> bool:
     """Write value at key unless the Redis database has an entry there
     already (written since the switch, or a manual entry): an import never
-    takes a live record back to an older one. Returns the counts again."""
-    if target.update(key, lambda old: (value, True) if old is None else (None, False)):
-        return copied + 1, kept
-    return copied, kept + 1
+    takes a live record back to an older one. Whether it wrote."""
+    return target.update(key, lambda old: (value, True) if old is None else (None, False))
 
 
 def _stage_postgrey(cfg: Config, args: dict, user: tuple[int, int] | None

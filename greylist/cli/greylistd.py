@@ -47,7 +47,7 @@ from docopt import DocoptExit, docopt
 
 from greylist import __version__
 from greylist.config import SETTINGS, Config, ConfigError, load, log_target
-from greylist.log import Log, log_groups
+from greylist.log import Log, drop_to
 from greylist.service import PolicyService
 from greylist.stores.commit import BATCH_S, Committer
 from greylist.transports import listener
@@ -363,14 +363,11 @@ class Daemon:
         """Drop root for good: groups, then gid, then uid (in that order:
         a process that is no longer root cannot change its groups). With
         greylist_log = postlog the group postdrop stays, or the log's
-        socket could not be reached (log_groups())."""
+        socket could not be reached (log.drop_to())."""
         if uid == -1:
             return
-        kept = log_groups(self.cfg.log)
         try:
-            os.setgroups(kept)
-            os.setgid(getattr(self, "_primary_gid", gid))
-            os.setuid(uid)
+            kept = drop_to(uid, getattr(self, "_primary_gid", gid), self.cfg.log)
         except OSError as exc:
             raise Fatal("cannot drop privileges to %s: %s" % (self.cfg.user, exc.strerror)) from None
         if os.getuid() == 0 or os.geteuid() == 0 or os.getgid() == 0 or \
