@@ -83,16 +83,22 @@ def stamp_expire_at(value: bytes, lifetime_s: int) -> int | None:
 
 def screen_denied(address: str, drop: tuple[str, ...], enforce: tuple[str, ...]) -> bool:
     """Whether a canonical address lies in one of the networks that the
-    callout answers drop or enforce (the settings' tuples); False for
-    anything that is no address."""
-    if not drop and not enforce:
+    callout answers drop or enforce (the settings' tuples)."""
+    return in_networks(address, drop) or in_networks(address, enforce)
+
+
+def in_networks(address: str, specs: tuple[str, ...]) -> bool:
+    """Whether a canonical address lies in one of the networks of specs
+    (a setting's tuple, parsed once); False for anything that is no
+    address."""
+    if not specs:
         return False
     import ipaddress
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
-    return any(ip in network for network in _networks(drop + enforce))
+    return any(ip in network for network in _networks(specs))
 
 
 @functools.lru_cache(maxsize=8)

@@ -186,7 +186,7 @@ def _pool_group(address: str, client_name: str | None, pool_domains: tuple[str, 
     if pool is not None:
         return pool
     if (client_name != UNKNOWN_CLIENT and access_label(client_name)
-            and (":" not in address or _nat64_embedded_or_none(address) is not None)):
+            and (":" not in address or _nat64_embedded(address) is not None)):
         return address
     return _prefix(address, ipv4_prefix, ipv6_prefix)
 
@@ -197,10 +197,7 @@ def _prefix(address: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
     An address of the NAT64 well-known prefix 64:ff9b::/96 (RFC 6052) is
     an IPv4 host seen through a translator: it is cut as the IPv4 address
     it carries, not as a /64 that would hold every IPv4 host at once."""
-    if address.startswith(_NAT64_START):
-        embedded = _nat64_embedded(address)
-        if embedded is not None:
-            address = embedded
+    address = _nat64_embedded(address) or address
     if ":" in address:
         if ipv6_prefix == 128:
             return address
@@ -216,14 +213,11 @@ def _prefix(address: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
 _NAT64_START = "64:ff9b::"
 
 
-def _nat64_embedded_or_none(address: str) -> str | None:
-    """_nat64_embedded() of any canonical address."""
-    return _nat64_embedded(address) if address.startswith(_NAT64_START) else None
-
-
 def _nat64_embedded(address: str) -> str | None:
     """The IPv4 address that a canonical address of 64:ff9b::/96 carries
-    in its last 32 bits, or None if it lies outside that prefix."""
+    in its last 32 bits; None for any other address."""
+    if not address.startswith(_NAT64_START):
+        return None
     import ipaddress
     value = int(ipaddress.IPv6Address(address))
     if value >> 32 != 0x64FF9B << 64:

@@ -55,13 +55,13 @@ DIAGNOSTICS
     client=IP".
 """
 
-import ipaddress
 from typing import Callable, NamedTuple
 
 from greylist.config import Config
 from greylist.core.decide import expired, whitelisted_client
 from greylist.core.lists import Exemptions
 from greylist.core.record import CLIENT, MANUAL, decode
+from greylist.core.tables import in_networks
 from greylist.core.triple import client_group, client_key
 
 DROP_NETWORK = "drop-network"
@@ -111,19 +111,13 @@ class PostscreenHandler:
         # from an address (see DESCRIPTION).
         self.per_host_ipv4 = cfg.client_match == "pool"
         self.domain_hosts = cfg.client_match == "domain" and bool(cfg.postscreen_table)
-        self.drop = [ipaddress.ip_network(n, strict=False)
-                     for n in cfg.postscreen_drop_networks]
-        self.enforce = [ipaddress.ip_network(n, strict=False)
-                        for n in cfg.postscreen_enforce_networks]
 
     def prepare(self, address: str, now: int, exemptions: Exemptions) -> "Verdict | Lookup":
         """The verdict for a canonical client address, or the Lookup it needs."""
-        if self.drop or self.enforce:
-            ip = ipaddress.ip_address(address)
-            if any(ip in network for network in self.drop):
-                return Verdict("drop", None, DROP_NETWORK, address)
-            if any(ip in network for network in self.enforce):
-                return Verdict("enforce", None, ENFORCE_NETWORK, address)
+        if in_networks(address, self.cfg.postscreen_drop_networks):
+            return Verdict("drop", None, DROP_NETWORK, address)
+        if in_networks(address, self.cfg.postscreen_enforce_networks):
+            return Verdict("enforce", None, ENFORCE_NETWORK, address)
         reason = exemptions.client_reason(address)
         if reason is not None:
             return Verdict("pass", self.cfg.postscreen_ttl_s, reason, address)
