@@ -279,23 +279,19 @@ class Connection:
 
     def call(self, body: Callable):
         """body(client), with Redis's errors as StoreError and the back-off."""
-        import redis
         client = self.client()
         if self._name is not None and not self._name_found:
             self._looked_up()
         try:
             result = body(client)
-        except (redis.exceptions.RedisError, OSError) as exc:
-            self.failed()
-            raise StoreError("redis %s: %s" % (self.url, describe(exc))) from None
         except StoreError:
             raise
         except Exception as exc:  # noqa: BLE001
-            # redis-py's own failure on a reply it did not expect (a
-            # server or proxy that answers HELLO with no map: AttributeError
-            # in its handshake): a failure of the store like any other, not
-            # a crash of the process (under spawn(8), smtpd's 451 for every
-            # connection).
+            # RedisError and OSError, and redis-py's own failures on a reply
+            # it did not expect (a server or proxy that answers HELLO with
+            # no map: AttributeError in its handshake): a failure of the
+            # store like any other, not a crash of the process (under
+            # spawn(8), smtpd's 451 for every connection).
             self.failed()
             raise StoreError("redis %s: %s" % (self.url, describe(exc))) from None
         if self.failing:

@@ -553,9 +553,7 @@ class Connection(asyncio.Protocol):
         if self.task is not None or self.stalled_at is not None:
             self._hold(data)
             return
-        if not self.decoder.in_request():
-            self.input_began = now
-        self.decoder.feed(data)
+        self._feed(data, now)
         self._answer(now)
 
     def eof_received(self) -> bool:
@@ -671,9 +669,7 @@ class Connection(asyncio.Protocol):
         if self.held:
             data = b"".join(self.held) if len(self.held) > 1 else self.held[0]
             self.held, self.held_size = [], 0
-            if not self.decoder.in_request():
-                self.input_began = now
-            self.decoder.feed(data)
+            self._feed(data, now)
         self._answer(now)
         # Read again unless the requests not answered yet fill the budget
         # (a client that pipelines requests which wait for the store
@@ -683,6 +679,13 @@ class Connection(asyncio.Protocol):
                 or self.decoder.buffered() < MAX_HELD_BYTES):
             self.reading = True
             self.transport.resume_reading()
+
+    def _feed(self, data: bytes, now: float) -> None:
+        """Give data to the decoder; input that begins a request starts
+        the clock of the cut-off of requests that never end."""
+        if not self.decoder.in_request():
+            self.input_began = now
+        self.decoder.feed(data)
 
     def _hold(self, data: bytes) -> None:
         """Keep input until answering goes on; past MAX_HELD_BYTES, read no
