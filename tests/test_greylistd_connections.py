@@ -394,27 +394,33 @@ def test_a_request_trickled_a_byte_at_a_time_is_cut_off_after_the_idle_timeout(s
                 slow.sendall(piece)
                 time.sleep(0.4)
             assert split_replies(receive_replies(slow, 1)) == [DEFER_NEW]
-            began = time.monotonic()
-            closed = None
-            for n in range(30):  # a byte every 0.5 s: never idle for 2 s
-                try:
-                    slow.sendall(request[n:n + 1])
-                except (BrokenPipeError, ConnectionResetError):
-                    closed = time.monotonic() - began
-                    break
-                slow.settimeout(0.5)
-                try:
-                    if slow.recv(100) == b"":
-                        closed = time.monotonic() - began
-                        break
-                except socket.timeout:
-                    pass
+            closed = trickle(slow, request[:30])
             assert closed is not None and 2 <= closed <= 2 + 1 + 3, closed
         warned = [line for line in daemon.log().splitlines()
                   if "closing a connection whose request has not ended in 2 s" in line]
         assert len(warned) == 1 and ": warning: " in warned[0]
         assert daemon.stop() == 0
     assert_clean(daemon)
+
+
+def trickle(sock: socket.socket, data: bytes) -> float | None:
+    """Send data a byte every 0.5 s (never idle for 2 s); how long until
+    the daemon closed the connection, or None if it never did."""
+    began = time.monotonic()
+    for n in range(len(data)):
+        try:
+            sock.sendall(data[n:n + 1])
+        except (BrokenPipeError, ConnectionResetError):
+            return time.monotonic() - began
+        sock.settimeout(0.5)
+        try:
+            if sock.recv(100) == b"":
+                return time.monotonic() - began
+        except socket.timeout:
+            pass
+        except ConnectionResetError:
+            return time.monotonic() - began
+    return None
 
 
 @pytest.mark.parametrize("listener, head", [
@@ -436,24 +442,7 @@ def test_a_discarded_request_trickled_a_byte_at_a_time_is_cut_off_too(site, list
         sock.connect(str(site / "learn") if listener == "socketmap" else str(daemon.policy_path))
         with sock:
             sock.sendall(head)
-            began = time.monotonic()
-            closed = None
-            for _ in range(16):  # a byte every 0.5 s: never idle for 2 s
-                try:
-                    sock.sendall(b"a")
-                except (BrokenPipeError, ConnectionResetError):
-                    closed = time.monotonic() - began
-                    break
-                sock.settimeout(0.5)
-                try:
-                    if sock.recv(100) == b"":
-                        closed = time.monotonic() - began
-                        break
-                except socket.timeout:
-                    pass
-                except ConnectionResetError:
-                    closed = time.monotonic() - began
-                    break
+            closed = trickle(sock, b"a" * 16)
             assert closed is not None and 2 <= closed <= 2 + 1 + 3, closed
         assert "closing a connection whose request has not ended in 2 s" in daemon.log()
         assert daemon.stop() == 0
