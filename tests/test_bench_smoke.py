@@ -143,6 +143,19 @@ def test_hotpath_stages_name_functions_that_exist():
         hotpath.STAGES = saved
 
 
+def test_mapped_rss_finds_every_key_it_looks_up():
+    # bench/mapped_rss.py on a small database: every lookup must find its
+    # passed triple (keys as greylist stores them), in both readahead modes;
+    # a wrong key form would measure misses and still print a figure.
+    argv = [sys.executable, os.path.join(ROOT, "bench", "mapped_rss.py"),
+            "--size", "10k", "--lookups", "300"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if "lookups (" in line]
+    assert [line.split()[1] for line in lines] == ["on", "off"]
+    assert all("300 lookups (300 found)" in line for line in lines), proc.stdout
+
+
 def test_bench_daemon_run_reports_group_commits_durability_and_rss(tmp_path):
     # greylistd (one daemon, K connections on a unix socket) and the DUNNO
     # responder, the durability audit under strace (where installed) and
