@@ -264,9 +264,14 @@ class Daemon:
         await server.drain(DRAIN_S - STORE_STOP_S)
         done = await loop.run_in_executor(None, committer.stop,
                                           max(deadline - time.monotonic(), STORE_STOP_S))
-        if not done:
-            self.log.warning("the store thread did not finish within %d s" % DRAIN_S)
-        await loop.run_in_executor(None, self._close, server.service, found)
+        if done:
+            await loop.run_in_executor(None, self._close, server.service, found)
+        else:
+            # Its commit (a disk that stalls) holds the stores: closing them
+            # would wait for it without bound. None of its work was answered
+            # as done, and LMDB keeps the last commit, as after a crash.
+            self.log.warning("the store thread did not finish within %d s; exiting without "
+                             "closing the database" % DRAIN_S)
         self.log.info("stopped")
         return 0
 
