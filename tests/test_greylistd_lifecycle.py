@@ -646,6 +646,54 @@ def test_socket_activation_binds_the_listeners_systemd_does_not_pass(site):
         launched.stop()
 
 
+def _datagram(site):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    return [sock], "is not a stream socket (ListenStream=)"
+
+
+def _connection(site):
+    # What a socket unit with Accept=yes passes: one accepted connection.
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    server.close()
+    client.close()
+    return [accepted], "is not a listening socket (the socket unit needs Accept=no)"
+
+
+def _file(site):
+    return [open(site / "not-a-socket", "w")], "is not a socket"
+
+
+@pytest.mark.parametrize("make", [_datagram, _connection, _file])
+def test_socket_activation_with_a_descriptor_that_is_no_listener_is_a_clear_fatal_error(
+        site, make):
+    """Review: a passed descriptor that was no listening stream socket (a
+    unit with ListenDatagram= or Accept=yes, a file) ended greylistd
+    with an "internal error" traceback in the log and on stderr, instead
+    of the clear fatal error of a listener that cannot be created."""
+    passed, reason = make(site)
+    try:
+        launched = Launched(site, base_settings(site), {"LISTEN_FDS": "1",
+                                                        "LISTEN_FDNAMES": "policy"},
+                            fds=tuple(each.fileno() for each in passed))
+    finally:
+        for each in passed:
+            each.close()
+    try:
+        status = launched.proc.wait(timeout=30)
+    finally:
+        launched.stop()
+    log = launched.log()
+    assert status == 1
+    assert "]: fatal: cannot listen: systemd's descriptor 3 (policy) %s" % reason in log, log
+    assert "internal error" not in log and "Traceback" not in launched.output()
+    assert launched.output().startswith("greylistd: fatal: cannot listen: "), launched.output()
+
+
 def test_sd_notify_ready_after_start_and_stopping_at_sigterm(site):
     path = str(site / "notify")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -330,7 +330,11 @@ class Daemon:
         """The listening sockets of each service (SERVICES), and their names."""
         socks: dict[str, list] = {name: [] for name, _ in SERVICES}
         names: list[str] = []
-        for name, sock in listener.inherited(os.environ):
+        try:
+            passed = listener.inherited(os.environ)
+        except listener.ListenerError as exc:
+            raise Fatal("cannot listen: %s" % exc) from None
+        for name, sock in passed:
             socks[name if name in socks else "policy"].append(sock)
             names.append("systemd:%s" % name)
         # A service that systemd passes no socket for keeps its setting's

@@ -8,7 +8,7 @@ DESCRIPTION
     process: asyncio's create_unix_server, like bind(2) after unlink,
     would silently take the socket of a live instance away from it.
     inherited() takes the sockets that systemd passes (LISTEN_PID,
-    LISTEN_FDS, LISTEN_FDNAMES).
+    LISTEN_FDS, LISTEN_FDNAMES); each must be a listening stream socket.
 
     Server serves one service (service.py) on every connection of its
     listeners, each connection with its own decoder and session: message
@@ -282,7 +282,8 @@ def _bind_inet(spec: str, host: str, port: int) -> Listener:
 def inherited(environ: dict[str, str]) -> list[tuple[str, socket.socket]]:
     """The sockets systemd passed to this process, as (name, socket);
     empty unless LISTEN_PID is this process. The LISTEN_ variables are
-    removed, so that no child takes them for its own."""
+    removed, so that no child takes them for its own. Raises
+    ListenerError for a descriptor that is not a listening stream socket."""
     try:
         if int(environ.get("LISTEN_PID", "0")) != os.getpid():
             return []
@@ -295,11 +296,29 @@ def inherited(environ: dict[str, str]) -> list[tuple[str, socket.socket]]:
     found = []
     # SD_LISTEN_FDS_START is 3 (sd_listen_fds(3)).
     for index, fd in enumerate(range(3, 3 + min(count, 64))):
-        sock = socket.socket(fileno=fd)
-        os.set_inheritable(fd, False)
-        found.append((names[index] if index < len(names) and names[index] else "policy",
-                      sock))
+        name = names[index] if index < len(names) and names[index] else "policy"
+        found.append((name, _listening(fd, name)))
     return found
+
+
+def _listening(fd: int, name: str) -> socket.socket:
+    """The passed descriptor fd as a listening stream socket; raises
+    ListenerError for anything else (a unit with ListenDatagram=, or with
+    Accept=yes, which passes a connection; a LISTEN_FDS too high)."""
+    where = "systemd's descriptor %d (%s)" % (fd, name)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise ListenerError("%s is not a socket" % where)
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ListenerError("%s: %s" % (where, exc.strerror)) from None
+    os.set_inheritable(fd, False)
+    if sock.type != socket.SOCK_STREAM:
+        raise ListenerError("%s is not a stream socket (ListenStream=)" % where)
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ListenerError("%s is not a listening socket (the socket unit needs "
+                            "Accept=no)" % where)
+    return sock
 
 
 class Connections(dict):
