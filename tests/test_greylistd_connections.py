@@ -169,6 +169,46 @@ def test_a_client_that_sends_without_reading_replies_is_closed_not_buffered(site
     assert_clean(daemon)
 
 
+def test_clients_that_take_no_replies_cost_little_memory_each(site):
+    """Review: a client that took no replies was read on once its replies
+    filled the transport: the decoder kept the rest of a 256 kB read and
+    one more read was held, about 520 kB per connection (RssAnon), for
+    greylist_idle_timeout (600 s) at greylist_max_connections (1000): half
+    a gigabyte. Such a connection is now read no more once its replies
+    fill the transport (about 110 kB)."""
+    count = 30
+    with daemons.start(site) as daemon:
+        time.sleep(0.5)
+        before_kb = memory_kb(daemon.pid, "RssAnon")
+        chunk = AT_ONCE * 4000  # about 1.2 MB of requests answered at once
+        socks = [daemon.connect() for _ in range(count)]
+        try:
+            for sock in socks:
+                sock.setblocking(False)
+            # Send until the daemon takes no more from anyone: at most 20 s.
+            deadline = time.monotonic() + 20
+            idle_rounds = 0
+            while idle_rounds < 3 and time.monotonic() < deadline:
+                taken = 0
+                for sock in socks:
+                    try:
+                        taken += sock.send(chunk)
+                    except BlockingIOError:
+                        pass
+                idle_rounds = 0 if taken else idle_rounds + 1
+                time.sleep(0.3)
+            grown_kb = memory_kb(daemon.pid, "RssAnon") - before_kb
+            assert grown_kb / count < 256, "%d kB per connection" % (grown_kb / count)
+        finally:
+            for sock in socks:
+                sock.close()
+        with daemon.connect() as fresh:
+            fresh.sendall(triple_request(1))
+            assert split_replies(receive_replies(fresh, 1)) == [DEFER_NEW]
+        assert daemon.stop() == 0
+    assert_clean(daemon)
+
+
 def test_a_client_that_pipelines_writing_requests_is_held_to_the_input_budget(site):
     """Review: requests that wait for the store thread (new triples),
     pipelined without reading the replies. Each finished request moved

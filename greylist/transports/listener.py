@@ -32,10 +32,10 @@ DESCRIPTION
     rare request that waits twice: a client-table write, a callout
     within its budget), and until its reply is written its connection
     answers nothing else: requests of one connection are answered in
-    order. Input that arrives meanwhile, or while the client takes no
-    replies (pause_writing), is held up to MAX_HELD_BYTES (with what the
-    decoder has not answered yet), then the connection is read no more
-    until answering goes on; a slow,
+    order. Input that arrives meanwhile is held up to MAX_HELD_BYTES
+    (with what the decoder has not answered yet), then the connection is
+    read no more until answering goes on; one whose client takes no
+    replies (pause_writing) is read no more at once; a slow,
     stalled or hostile client only holds up its own connection.
 
     One periodic sweep (every SWEEP_S, at most a quarter of the
@@ -524,7 +524,7 @@ class Connection(asyncio.Protocol):
     callback), and meanwhile this connection answers nothing else;
     input that comes meanwhile is held, up to MAX_HELD_BYTES, and then
     reading pauses. A transport that stops taking replies
-    (pause_writing) stops the answering too.
+    (pause_writing) stops the answering and the reading too.
     """
 
     __slots__ = ("server", "transport", "decoder", "session", "last", "input_began",
@@ -583,6 +583,11 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.stalled_at = time.monotonic()
+        # A client that takes no replies is read no more: nothing it sends
+        # could be answered meanwhile.
+        if self.reading:
+            self.reading = False
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.stalled_at = None
