@@ -16,7 +16,7 @@ import time
 import pytest
 
 from greylist.config import Config
-from greylist.report import MAX_LINE, run
+from greylist.report import MAX_LINE, Report, run
 from tests.test_ctl import ALLOW_ROOT, ROOT, Live, make_site, request
 
 
@@ -163,6 +163,45 @@ def test_syslog_years_are_inferred_across_new_year():
     assert "\n2027-01-01 %10d" % 1 in out.getvalue()
     # Two tries two minutes apart: it retried after the 60 s.
     assert "never retried after 60 s: 0 (of 1 deferred" in out.getvalue()
+
+
+# What any SMTP client can make Postfix write into its log, verbatim (up
+# to 100 characters): "warning: non-SMTP command from HOST[ADDR]: LINE".
+FORGED = (b"GET greylist[1]: action=DEFER reason=new age=0 client=192.0.2.66 "
+          b"sender=ceo@v.example rcpt=u@e.test")
+
+
+def test_greylist_tag_inside_another_programs_line_is_not_a_decision():
+    report = Report(Config(), 60, 2026, 12)
+    report.feed(b"Dec  1 10:00:00 mx postfix/smtpd[42]: warning: non-SMTP command from "
+                b"unknown[203.0.113.9]: " + FORGED)
+    report.feed(b"2026-12-01T10:00:00+00:00 mx postfix/smtpd[42]: warning: non-SMTP "
+                b"command from unknown[203.0.113.9]: " + FORGED)
+    report.feed(b"Dec  1 10:00:01 mx greylist[7]: action=DEFER_IF_PERMIT reason=new age=0 "
+                b"client=192.0.2.1 sender=a@b.example rcpt=c@d.example")
+    assert (report.lines, report.decisions, report.other) == (3, 1, 2)
+    assert list(report.senders.counts) == ["a@b.example"]
+
+
+@pytest.mark.postfix
+def test_forged_decision_in_a_real_postfix_maillog_is_not_counted():
+    import socket
+    from tests.test_postfix import instance
+    with instance() as postfix:
+        with socket.create_connection(("127.0.0.1", postfix.port), timeout=30) as client:
+            reply = client.makefile("rb")
+            assert reply.readline().startswith(b"220")
+            client.sendall(FORGED + b"\r\n")
+            assert reply.readline().startswith(b"221")
+        deadline = time.monotonic() + 10
+        while FORGED not in postfix.maillog.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert FORGED in postfix.maillog.read_bytes()
+        out = io.StringIO()
+        assert run([str(postfix.maillog)], Config(), "60", None, out) == 0
+    text = out.getvalue()
+    assert re.match(r"report: \d+ lines: 0 decisions, ", text), text
+    assert "ceo@v.example" not in text and "192.0.2.66" not in text, text
 
 
 @pytest.mark.postfix
