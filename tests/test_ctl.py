@@ -237,3 +237,22 @@ def test_a_reader_that_goes_away_ends_the_output_without_a_traceback(site):
             proc.kill()
             proc.wait(10)
     assert proc.returncode == 1 and b"Traceback" not in err and err == b"", err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_show_as_root_in_a_root_owned_directory_makes_no_root_owned_secret(tmp_path, capfd):
+    # Found in review: show (a read) made the missing privacy secret as
+    # root, 0600; the policy processes, which could not read it, then
+    # answered DUNNO to all mail.
+    from greylist.cli.greylistctl import main
+    from greylist.stores.lmdb import LmdbStore
+    os.chmod(tmp_path, 0o755)
+    LmdbStore(str(tmp_path / "gl")).put_many([(b"x", b"y")])
+    (tmp_path / "gl.cf").write_text("greylist_database = %s/gl\ngreylist_log = %s/log\n"
+                                    "greylist_privacy = yes\n" % (tmp_path, tmp_path))
+    status = main(["-c", str(tmp_path / "gl.cf"), "show", "192.0.2.1", "a@example.org",
+                   "b@example.net"])
+    assert status == 1
+    assert "refusing to create the privacy secret %s/gl.secret as root" % tmp_path \
+        in capfd.readouterr().err
+    assert not (tmp_path / "gl.secret").exists()

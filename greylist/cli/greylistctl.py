@@ -248,11 +248,7 @@ def _policy_user(cfg, writes: bool) -> tuple[int, int] | str | None:
         # made as root, it failed every greylist process afterwards).
         if cfg.user:
             return _named_user(cfg)
-        if cfg.privacy and cfg.secret_file and not os.path.lexists(cfg.secret_file):
-            return ("refusing to create the privacy secret %s as root: the greylist "
-                    "processes could not read it; set greylist_user, or run greylistctl "
-                    "as the greylist user" % cfg.secret_file)
-        return None
+        return _secret_refusal(cfg)
     directory = os.path.dirname(os.path.abspath(cfg.database))
     try:
         st = os.stat(directory)
@@ -275,11 +271,23 @@ def _policy_user(cfg, writes: bool) -> tuple[int, int] | str | None:
     if cfg.user:
         return _named_user(cfg)
     if not writes:
-        return None
+        # Reading as root: a missing secret would be made root's, and the
+        # policy processes fail open on a secret they cannot read (found
+        # in review: show made it).
+        return _secret_refusal(cfg)
     return ("refusing to change the database in %s as root: the directory is root's, so "
             "the files created there would be root's and the policy processes could not "
             "write them; give the directory to the policy user (chown USER %s), set "
             "greylist_user, or run greylistctl as that user" % (directory, directory))
+
+
+def _secret_refusal(cfg) -> str | None:
+    """Staying root: why a missing privacy secret must not be made, or None."""
+    if cfg.privacy and cfg.secret_file and not os.path.lexists(cfg.secret_file):
+        return ("refusing to create the privacy secret %s as root: the greylist "
+                "processes could not read it; set greylist_user, or run greylistctl "
+                "as the greylist user" % cfg.secret_file)
+    return None
 
 
 def _named_user(cfg) -> tuple[int, int] | str:
