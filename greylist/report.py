@@ -45,6 +45,7 @@ import re
 import stat
 import sys
 import time
+import zlib
 from typing import IO, NamedTuple
 
 from greylist.config import Config
@@ -326,7 +327,7 @@ def run(names: list[str], cfg: Config, delay: str | None, top: str | None,
         for name, stream in streams:
             try:
                 read(stream, report)
-            except (OSError, EOFError) as exc:
+            except (OSError, EOFError, zlib.error) as exc:  # zlib: damaged gzip data
                 raise ReportError("%s: %s" % (name, getattr(exc, "strerror", None) or exc)) \
                     from None
     except ReportError as exc:
@@ -335,6 +336,10 @@ def run(names: list[str], cfg: Config, delay: str | None, top: str | None,
     finally:
         for name, stream in streams:
             if name != "-":
+                # A GzipFile leaves the file it reads open.
+                raw = getattr(stream, "fileobj", None)
                 stream.close()
+                if raw is not None:
+                    raw.close()
     report.write(out, shown)
     return 0

@@ -134,6 +134,17 @@ def test_unreadable_files_and_bad_options(site, logged, tmp_path):
     assert report(site, "--top", "many")[0] == 2
 
 
+def test_damaged_gzip_data_is_an_unreadable_file_not_a_traceback(tmp_path):
+    # Found in review: zlib.error (not an OSError) escaped as a traceback.
+    packed = bytearray(gzip.compress(b"Dec  1 10:00:00 mx postfix/smtpd[1]: x\n" * 100))
+    for offset in range(12, len(packed) - 8):
+        packed[offset] ^= 0x55
+    (tmp_path / "log.1.gz").write_bytes(bytes(packed))
+    out = io.StringIO()
+    assert run([str(tmp_path / "log.1.gz")], Config(), None, None, out) == 1
+    assert out.getvalue().startswith("greylistctl: report: %s: " % (tmp_path / "log.1.gz"))
+
+
 def test_distinct_keys_are_capped(monkeypatch):
     from greylist import report as module
     monkeypatch.setattr(module, "MAX_KEYS", 3)
