@@ -256,3 +256,17 @@ def test_show_as_root_in_a_root_owned_directory_makes_no_root_owned_secret(tmp_p
     assert "refusing to create the privacy secret %s/gl.secret as root" % tmp_path \
         in capfd.readouterr().err
     assert not (tmp_path / "gl.secret").exists()
+
+
+def test_an_interrupted_report_exits_130_without_a_traceback(site, monkeypatch, capfd):
+    # Found in review: ^C while report read its input printed a traceback
+    # (only the commands that open the database caught it).
+    import greylist.report
+    from greylist.cli.greylistctl import main
+
+    def interrupted(stream, report):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(greylist.report, "read", interrupted)
+    (site / "mail.log").write_bytes(b"")
+    assert main(["-c", str(site / "gl.cf"), "report", str(site / "mail.log")]) == 130
+    assert "Traceback" not in capfd.readouterr().err

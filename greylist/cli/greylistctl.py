@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
 
     clock is the time source of show (tests). A reader that goes away
     (greylistctl dump | head) ends the output without a traceback: exit
-    status 1, and nothing more is written to the closed pipe.
+    status 1, and nothing more is written to the closed pipe. Interrupted:
+    exit status 130, without a traceback.
     """
     try:
         status = _command(argv, clock)
@@ -137,6 +138,9 @@ def main(argv: list[str] | None = None, clock: Callable[[], float] = time.time) 
         os.dup2(null, sys.stdout.fileno())  # so that the flush at exit is quiet too
         os.close(null)
         return 1
+    except KeyboardInterrupt:
+        # Also where no database is open yet (report, import-postgrey's copy).
+        return 130
 
 
 def _command(argv: list[str] | None, clock: Callable[[], float]) -> int:
