@@ -270,3 +270,34 @@ def test_an_interrupted_report_exits_130_without_a_traceback(site, monkeypatch, 
     (site / "mail.log").write_bytes(b"")
     assert main(["-c", str(site / "gl.cf"), "report", str(site / "mail.log")]) == 130
     assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_stats_opens_the_tables_read_only():
+    # Found in review: stats opened the tables read-write, so a user who
+    # may read them (the files are 0644) got "Permission denied", exit 1.
+    site = pathlib.Path(os.path.join("/tmp", "greylistctl-stats-%d" % os.getpid()))
+    site.mkdir(mode=0o755)
+    try:
+        _stats_as_nobody(make_site(site))
+    finally:
+        shutil.rmtree(site)
+
+
+def _stats_as_nobody(site):
+    assert ctl(site, "whitelist", "add", "192.0.2.1")[0] == 0
+    for name in ("gl.lmdb", "gl-clients.lmdb", "gl-postscreen.lmdb"):
+        os.chmod(site / name, 0o644)
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("no setpriv(1)")
+    nobody = pwd.getpwnam("nobody")
+    done = subprocess.run([setpriv, "--reuid=%d" % nobody.pw_uid, "--regid=%d" % nobody.pw_gid,
+                           "--clear-groups", sys.executable, "-m", "greylist.cli.greylistctl",
+                           "-c", str(site / "gl.cf"), "stats"], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    if done.returncode != 0 and "Permission denied" in done.stderr:
+        pytest.skip("the interpreter is not usable by nobody: %s" % done.stderr[-200:])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "client table: %s/gl-clients.lmdb, 1 entries" % site in done.stdout
+    assert "postscreen table: %s/gl-postscreen.lmdb, 1 entries" % site in done.stdout

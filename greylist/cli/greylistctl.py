@@ -759,9 +759,10 @@ def _stats(store: Store, cfg: Config) -> int:
     for label, found in (("oldest first seen", oldest), ("newest last seen", newest)):
         if found is not None:
             print("%s: %s %s" % (label, _when(found[0]), found[1].decode("utf-8", "replace")))
-    for label, table in (("client table", _table(cfg, writable=False)),
-                         ("correspondent table", _learned(cfg)),
-                         ("postscreen table", _screened(cfg))):
+    # Read-only, as the database: a user who may only read them can run stats.
+    for label, table in (("client table", _table(cfg, writable=False, readonly=True)),
+                         ("correspondent table", _learned(cfg, readonly=True)),
+                         ("postscreen table", _screened(cfg, readonly=True))):
         if table is not None:
             print("%s: %s, %d entries" % (label, table.path, table.info()["entries"]))
             table.close()
