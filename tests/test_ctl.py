@@ -301,3 +301,15 @@ def _stats_as_nobody(site):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "client table: %s/gl-clients.lmdb, 1 entries" % site in done.stdout
     assert "postscreen table: %s/gl-postscreen.lmdb, 1 entries" % site in done.stdout
+
+
+def test_show_writes_an_address_with_a_newline_on_one_line(site):
+    # Found in review: show printed the sender as given, so a newline in
+    # it made a line of its own ("decision now: DUNNO") before greylist's.
+    assert ctl(site, "cleanup")[0] == 0
+    status, out = ctl(site, "show", "192.0.2.1", "evil@example.org\ndecision now: DUNNO",
+                      "bob@example.net")
+    assert status == 0, out
+    assert [line for line in out.splitlines() if line.startswith("decision now:")] == [
+        "decision now: DEFER_IF_PERMIT Greylisted, please try again in 3600 seconds"], out
+    assert "sender: evil@example.org%0adecision%20now:%20dunno\n" in out

@@ -60,7 +60,7 @@ from greylist.core.decide import expire_at, expired
 from greylist.core.message import Session
 from greylist.core.tables import MANUAL_OK, screen_denied
 from greylist.core.triple import (BadAddress, client_address, client_group, client_key,
-                                  keys, normalise_sender, registered_domain, sender_key,
+                                  escape, keys, normalise_sender, registered_domain, sender_key,
                                   table_key, triple_from_request)
 from greylist.handlers.policy import PolicyHandler
 from greylist.log import Log, drop_to, to_stderr
@@ -803,8 +803,8 @@ def _show(store: Store, cfg: Config, log: Log, args: dict,
     else:
         triple, found = pending.triple, pending.keys
     print("client group: %s" % triple.client)
-    print("sender: %s" % triple.sender)
-    print("recipient: %s" % triple.recipient)
+    print("sender: %s" % _printable(triple.sender))
+    print("recipient: %s" % _printable(triple.recipient))
     for warning in outcome.warnings:
         print("warning: %s" % warning)
     reason = answer.decision.reason
@@ -837,6 +837,12 @@ def _show(store: Store, cfg: Config, log: Log, args: dict,
                   "the policy service is asked)")
     print("decision now: %s\nreason: %s" % (answer.action, reason))
     return 0
+
+
+def _printable(address: str) -> str:
+    """address as the log writes it: white space and controls as %xx, so
+    that an address cannot add lines or fields to the output."""
+    return address if address.isprintable() and " " not in address else escape(address)
 
 
 def _show_kept(store: Store, key: bytes, now: int, cfg: Config) -> None:
@@ -938,7 +944,7 @@ def _whitelist(store: Store, cfg: Config, log: Log, args: dict) -> int:
     if sender:
         normalised = normalise_sender(sender, cfg)
         k = sender_key(group, normalised)
-        what = "%s %s" % (group, normalised)
+        what = "%s %s" % (group, _printable(normalised))
     else:
         k, what = client_key(group), ("host %s" % group if single else group)
     table = None if sender else _table(cfg, writable=args["add"])
