@@ -63,14 +63,11 @@ _MONTHS = {name: number for number, name in enumerate(calendar.month_abbr) if na
 _SYSLOG = re.compile(r"([A-Z][a-z]{2}) {1,2}([0-9]{1,2}) ([0-9]{2}):([0-9]{2}):([0-9]{2}) ")
 _RFC3339 = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})[T ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
                       r"(?:[.,][0-9]{1,9})?(Z|[+-][0-9]{2}:?[0-9]{2})? ")
-# The tag right after the time stamp and the host name, where syslog and
-# log.py write it: found anywhere in the line, it could be text that a
-# client wrote into another program's line (the HELO name that ends
-# Postfix's reject lines, "helo=<...>", may hold spaces).
-_TAG = re.compile(r"(?:[A-Z][a-z]{2} {1,2}[0-9]{1,2} [0-9]{2}:[0-9]{2}:[0-9]{2}"
-                  r"|[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}:[0-9]{2}"
-                  r"(?:[.,][0-9]{1,9})?(?:Z|[+-][0-9]{2}:?[0-9]{2})?)"
-                  r" \S+ greylist[a-z-]{0,20}\[[0-9]{1,10}\]: (.*)")
+# The tag right after the time stamp (_SYSLOG or _RFC3339, which end in
+# its space) and the host name, where syslog and log.py write it: found
+# anywhere in the line, it could be text that a client wrote into another
+# program's line (Postfix logs a non-SMTP command as it came).
+_TAG = re.compile(r"\S+ greylist[a-z-]{0,20}\[[0-9]{1,10}\]: (.*)")
 _DECISION = re.compile(r"action=(\S+) reason=(.+?) age=([0-9]{1,19}) client=(\S+) "
                        r"sender=(\S+) rcpt=(\S+)")
 _SCREENED = re.compile(r"action=\S+ reason=\S+(?: \S+)?")
@@ -135,7 +132,8 @@ class Report:
         """Count one line (without its newline; at most MAX_LINE bytes)."""
         self.lines += 1
         line = raw.decode("utf-8", "replace")
-        tagged = _TAG.match(line)
+        stamp = _RFC3339.match(line) or _SYSLOG.match(line)
+        tagged = _TAG.match(line, stamp.end()) if stamp is not None else None
         if tagged is None:
             self.other += 1
             return
