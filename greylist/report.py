@@ -51,6 +51,7 @@ from typing import IO, NamedTuple
 from greylist.config import Config
 from greylist.core.decide import DATABASE_FAILURE
 from greylist.core.triple import BadAddress, client_address, triple_from_request
+from greylist.log import to_stderr
 
 # log.py's MAX_MESSAGE (2000) with its syslog prefix, and room to spare.
 MAX_LINE = 4096
@@ -313,7 +314,7 @@ def run(names: list[str], cfg: Config, delay: str | None, top: str | None,
         delay_s = cfg.delay_s if delay is None else _parse_time("--delay", delay)
         shown = 10 if top is None else _parse_count("--top", top)
     except ConfigError as exc:
-        print("greylistctl: %s" % exc, file=out)
+        to_stderr("greylistctl: %s" % exc)
         return 2
     now = time.localtime(clock())
     report = Report(cfg, delay_s, now.tm_year, now.tm_mon)
@@ -329,7 +330,7 @@ def run(names: list[str], cfg: Config, delay: str | None, top: str | None,
                 raise ReportError("%s: %s" % (name, getattr(exc, "strerror", None) or exc)) \
                     from None
     except ReportError as exc:
-        print("greylistctl: report: %s" % exc, file=out)
+        to_stderr("greylistctl: report: %s" % exc)
         return 1
     finally:
         for name, stream in streams:

@@ -69,6 +69,16 @@ def ctl(site, *args):
     return done.returncode, done.stdout
 
 
+def ctl_error(site, *args):
+    """A greylistctl command that fails: its status and standard error;
+    nothing may go to its standard output (dump > FILE)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "greylist.cli.greylistctl", "-c", str(site / "gl.cf"),
+                           *args], capture_output=True, text=True, timeout=60, env=env)
+    assert done.stdout == "", (args, done.stdout)
+    return done.returncode, done.stderr
+
+
 def test_stats_show_and_dump_read_the_live_database(site, live, postmap):
     assert live.ask(request()).startswith("action=DEFER_IF_PERMIT")
     status, out = ctl(site, "stats")
@@ -195,7 +205,7 @@ def test_dump_table_without_a_client_table_says_so(site, setting):
     # 0.3.1 printed ".lmdb: no such database" for greylist_client_table = none.
     with open(site / "gl.cf", "a") as handle:
         handle.write(setting + "\n")
-    status, out = ctl(site, "dump", "--table")
+    status, out = ctl_error(site, "dump", "--table")
     assert status == 1
     assert out == ("greylistctl: no client table (greylist_client_table = none, "
                    "or greylist_privacy = yes)\n")

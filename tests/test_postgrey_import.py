@@ -26,7 +26,7 @@ from greylist import migrate
 from greylist.config import Config
 from greylist.core.record import Record
 from tests.conftest import require
-from tests.test_ctl import ALLOW_ROOT, ROOT, Live, ctl, request
+from tests.test_ctl import ALLOW_ROOT, ROOT, Live, ctl, ctl_error, request
 
 POSTGREY = "/usr/sbin/postgrey"
 NOW = int(time.time())
@@ -278,8 +278,8 @@ def test_missing_db_tools_are_an_error_and_nothing_is_written(site, pgdir, tmp_p
     done = subprocess.run([sys.executable, "-m", "greylist.cli.greylistctl", "-c",
                            str(site / "gl.cf"), "import-postgrey", str(pgdir)],
                           capture_output=True, text=True, timeout=60, env=env)
-    assert done.returncode == 1
-    assert done.stdout == ("greylistctl: import-postgrey: db_recover not found on PATH "
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == ("greylistctl: import-postgrey: db_recover not found on PATH "
                            "(Debian: apt-get install db-util)\n")
     assert "warning: import-postgrey from" in (site / "log").read_text()
     assert not (site / "gl.lmdb").exists()
@@ -308,7 +308,7 @@ def test_missing_db_dump_after_db_recover(site, pgdir, tools):
     (tools / "db_recover").write_text("#!/bin/sh\nexit 0\n")
     (tools / "db_recover").chmod(0o755)
     done = with_tools(site, pgdir, tools)
-    assert (done.returncode, done.stdout) == (1, "greylistctl: import-postgrey: db_dump not "
+    assert (done.returncode, done.stderr) == (1, "greylistctl: import-postgrey: db_dump not "
                                               "found on PATH (Debian: apt-get install db-util)\n")
 
 
@@ -324,7 +324,7 @@ def test_greylistctl_staying_root_runs_the_db_tools_as_nobody(site, pgdir, tools
     nobody = pwd.getpwnam("nobody")
     for args in (("--dry-run",), ()):
         done = with_tools(site, pgdir, tools, *args)
-        assert (done.returncode, done.stdout) == (
+        assert (done.returncode, done.stderr) == (
             1, "greylistctl: import-postgrey: db_recover failed (exit status 1): uid=%d "
             "groups=%d\n" % (nobody.pw_uid, nobody.pw_gid)), args
     # greylist_user = root: greylistctl "becomes" root, the tools do not.
@@ -332,24 +332,24 @@ def test_greylistctl_staying_root_runs_the_db_tools_as_nobody(site, pgdir, tools
     cf.write_text(cf.read_text().replace("greylist_allow_root = yes\n", "")
                   + "greylist_user = root\n")
     done = with_tools(site, pgdir, tools)
-    assert (done.returncode, done.stdout) == (
+    assert (done.returncode, done.stderr) == (
         1, "greylistctl: import-postgrey: db_recover failed (exit status 1): uid=%d "
         "groups=%d\n" % (nobody.pw_uid, nobody.pw_gid))
 
 
 def test_symbolic_links_and_missing_files_are_refused(site, pgdir, tmp_path):
-    assert ctl(site, "import-postgrey", str(tmp_path / "nowhere")) == (
+    assert ctl_error(site, "import-postgrey", str(tmp_path / "nowhere")) == (
         1, "greylistctl: import-postgrey: %s: No such file or directory\n"
         % (tmp_path / "nowhere"))
     os.symlink(pgdir, tmp_path / "link")
-    status, out = ctl(site, "import-postgrey", str(tmp_path / "link"))
+    status, out = ctl_error(site, "import-postgrey", str(tmp_path / "link"))
     assert status == 1 and "(a symbolic link?)" in out
-    assert ctl(site, "import-postgrey", str(pgdir)) == (
+    assert ctl_error(site, "import-postgrey", str(pgdir)) == (
         1, "greylistctl: import-postgrey: %s: no postgrey.db there (postgrey's --dbdir?)\n"
         % (pgdir))
     (tmp_path / "elsewhere.db").write_bytes(b"")
     os.symlink(tmp_path / "elsewhere.db", pgdir / "postgrey.db")
-    status, out = ctl(site, "import-postgrey", str(pgdir))
+    status, out = ctl_error(site, "import-postgrey", str(pgdir))
     assert status == 1 and "postgrey.db: Too many levels of symbolic links" in out
 
 
@@ -655,7 +655,7 @@ def test_a_log_that_names_files_outside_postgreys_directory_is_not_replayed(site
     assert done.returncode == 0, done.stderr
     assert (outside / "evil.db").exists()
     (outside / "evil.db").unlink()      # a replay would create it again
-    status, out = ctl(site, "import-postgrey", str(pgdir), "--dry-run")
+    status, out = ctl_error(site, "import-postgrey", str(pgdir), "--dry-run")
     assert status == 1, out
     assert "postgrey's transaction log names files that are not postgrey's" in out, out
     assert str(outside / "evil.db") in out, out

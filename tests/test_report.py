@@ -53,11 +53,15 @@ def logged(site):
     return site / "log"
 
 
-def report(site, *args, stdin=None):
+def report(site, *args, stdin=None, errors=False):
+    """greylistctl report's status and output (with errors=True, its
+    standard error too)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-m", "greylist.cli.greylistctl", "-c",
                            str(site / "gl.cf"), "report", *args], input=stdin,
                           capture_output=True, timeout=60, env=env)
+    if errors:
+        return done.returncode, done.stdout.decode(), done.stderr.decode()
     return done.returncode, done.stdout.decode()
 
 
@@ -123,18 +127,21 @@ def test_gzip_files_and_several_files(site, logged, tmp_path):
 
 
 def test_unreadable_files_and_bad_options(site, logged, tmp_path):
-    assert report(site, str(tmp_path / "absent")) == (
-        1, "greylistctl: report: %s: No such file or directory\n" % (tmp_path / "absent"))
+    # Errors go to stderr, never into the report's output (report > FILE).
+    assert report(site, str(tmp_path / "absent"), errors=True) == (
+        1, "", "greylistctl: report: %s: No such file or directory\n" % (tmp_path / "absent"))
     os.symlink(logged, tmp_path / "link")
-    status, out = report(site, str(tmp_path / "link"))
-    assert status == 1 and out.endswith("(a symbolic link?)\n")
+    status, out, err = report(site, str(tmp_path / "link"), errors=True)
+    assert (status, out) == (1, "") and err.endswith("(a symbolic link?)\n")
     (tmp_path / "bad.gz").write_bytes(b"\x1f\x8b" + b"not gzip at all")
-    status, out = report(site, str(tmp_path / "bad.gz"))
-    assert status == 1 and out.startswith("greylistctl: report: %s: " % (tmp_path / "bad.gz"))
-    assert report(site, "--top", "many")[0] == 2
+    status, out, err = report(site, str(tmp_path / "bad.gz"), errors=True)
+    assert (status, out) == (1, "")
+    assert err.startswith("greylistctl: report: %s: " % (tmp_path / "bad.gz"))
+    status, out, err = report(site, "--top", "many", errors=True)
+    assert (status, out) == (2, "") and err.startswith("greylistctl: --top")
 
 
-def test_damaged_gzip_data_is_an_unreadable_file_not_a_traceback(tmp_path):
+def test_damaged_gzip_data_is_an_unreadable_file_not_a_traceback(tmp_path, capfd):
     # Found in review: zlib.error (not an OSError) escaped as a traceback.
     packed = bytearray(gzip.compress(b"Dec  1 10:00:00 mx postfix/smtpd[1]: x\n" * 100))
     for offset in range(12, len(packed) - 8):
@@ -142,7 +149,9 @@ def test_damaged_gzip_data_is_an_unreadable_file_not_a_traceback(tmp_path):
     (tmp_path / "log.1.gz").write_bytes(bytes(packed))
     out = io.StringIO()
     assert run([str(tmp_path / "log.1.gz")], Config(), None, None, out) == 1
-    assert out.getvalue().startswith("greylistctl: report: %s: " % (tmp_path / "log.1.gz"))
+    assert out.getvalue() == ""
+    assert capfd.readouterr().err.startswith("greylistctl: report: %s: "
+                                              % (tmp_path / "log.1.gz"))
 
 
 def test_distinct_keys_are_capped(monkeypatch):

@@ -198,32 +198,32 @@ def _command(argv: list[str] | None, clock: Callable[[], float]) -> int:
             if args["--postscreen"]:
                 table = _screened(cfg, readonly=True)
                 if table is None:
-                    print("greylistctl: no postscreen table (greylist_postscreen_table = "
-                          "none, or greylist_privacy = yes)" if not cfg.postscreen_table
-                          else "greylistctl: %s.lmdb: no such database" % cfg.postscreen_table)
+                    to_stderr("greylistctl: no postscreen table (greylist_postscreen_table = "
+                              "none, or greylist_privacy = yes)" if not cfg.postscreen_table
+                              else "greylistctl: %s.lmdb: no such database" % cfg.postscreen_table)
                     return 1
                 return _dump(table)
             if args["--correspondents"]:
                 table = _learned(cfg, readonly=True)
                 if table is None:
-                    print("greylistctl: no correspondent table (greylist_correspondent_table"
-                          " = none, or greylist_privacy = yes)" if not cfg.correspondent_table
-                          else "greylistctl: %s.lmdb: no such database"
-                          % cfg.correspondent_table)
+                    to_stderr("greylistctl: no correspondent table (greylist_correspondent_table"
+                              " = none, or greylist_privacy = yes)" if not cfg.correspondent_table
+                              else "greylistctl: %s.lmdb: no such database"
+                              % cfg.correspondent_table)
                     return 1
                 return _dump(table)
             if not args["--table"]:
                 return _dump(store)
             table = _table(cfg, writable=False, readonly=True)
             if table is None:
-                print("greylistctl: no client table (greylist_client_table = none, "
-                      "or greylist_privacy = yes)" if not cfg.client_table else
-                      "greylistctl: %s.lmdb: no such database" % cfg.client_table)
+                to_stderr("greylistctl: no client table (greylist_client_table = none, "
+                          "or greylist_privacy = yes)" if not cfg.client_table else
+                          "greylistctl: %s.lmdb: no such database" % cfg.client_table)
                 return 1
             return _dump(table)
         return _whitelist(keyed, cfg, log, args)
     except StoreError as exc:
-        print("greylistctl: %s" % exc)
+        to_stderr("greylistctl: %s" % exc)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -600,14 +600,14 @@ def _stage_postgrey(cfg: Config, args: dict, user: tuple[int, int] | None
         try:
             nobody = pwd.getpwnam(TOOL_USER)
         except KeyError:
-            print("greylistctl: import-postgrey: no user %s to run the Berkeley DB tools "
-                  "as (they are never run as root); set greylist_user" % TOOL_USER)
+            to_stderr("greylistctl: import-postgrey: no user %s to run the Berkeley DB tools "
+                      "as (they are never run as root); set greylist_user" % TOOL_USER)
             return 1
         tools = (nobody.pw_uid, nobody.pw_gid)
     try:
         return migrate.stage(args["DBDIR"], user, tool_user=tools), tools
     except migrate.MigrateError as exc:
-        print("greylistctl: import-postgrey: %s" % exc)
+        to_stderr("greylistctl: import-postgrey: %s" % exc)
         return 1
 
 
@@ -628,7 +628,7 @@ def _import_postgrey(store: Store, cfg: Config, log: Log, args: dict,
         tallies = migrate.import_postgrey(store, table, triples, clients, pg, cfg,
                                           int(time.time()), dry_run)
     except migrate.MigrateError as exc:
-        print("greylistctl: import-postgrey: %s" % exc)
+        to_stderr("greylistctl: import-postgrey: %s" % exc)
         log.warning("import-postgrey from %s: %s" % (args["DBDIR"], exc))
         return 1
     finally:
@@ -671,8 +671,8 @@ def _cleanup(store: Store, cfg: Config, log: Log, dry_run: bool) -> int:
             if stepped is None:
                 busy_since = busy_since or time.monotonic()
                 if time.monotonic() - busy_since > BUSY_WAIT_S:
-                    print("greylistctl: another process held the cleanup state for %d s; "
-                          "try again later" % BUSY_WAIT_S)
+                    to_stderr("greylistctl: another process held the cleanup state for %d s; "
+                              "try again later" % BUSY_WAIT_S)
                     return EX_TEMPFAIL
                 time.sleep(0.05)
                 continue
