@@ -218,6 +218,15 @@ def _parse_count(name: str, value: str) -> int:
     return int(value)
 
 
+def _parse_limit(name: str, value: str) -> int:
+    # A limit of 0 would refuse every connection or commit nothing, not
+    # lift the limit as 0 does in some Postfix settings: an error.
+    count = _parse_count(name, value)
+    if count == 0:
+        raise ConfigError("%s: expected at least 1, not %r" % (name, value))
+    return count
+
+
 def _prefix_parser(bits: int, step: int):
     def parse(name: str, value: str) -> int:
         text = value.strip().lstrip("/")
@@ -413,8 +422,8 @@ SETTINGS = {
     "greylist_socket_group": ("socket_group", _parse_name),
     "greylist_user": ("user", _parse_name),
     "greylist_idle_timeout": ("idle_timeout_s", _parse_time),
-    "greylist_max_connections": ("max_connections", _parse_count),
-    "greylist_commit_batch": ("commit_batch", _parse_count),
+    "greylist_max_connections": ("max_connections", _parse_limit),
+    "greylist_commit_batch": ("commit_batch", _parse_limit),
     "greylist_redis_timeout": ("redis_timeout_ms", _parse_milliseconds),
     "greylist_redis_password_file": ("redis_password_file", _parse_path),
     "greylist_lock_timeout": ("lock_timeout_ms", _parse_milliseconds),

@@ -355,3 +355,12 @@ def test_the_database_may_be_named_as_postfix_names_it():
         "database", "/var/lib/greylist/greylist")
     with pytest.raises(ConfigError, match="empty database name"):
         parse_setting("greylist_database", "lmdb:")
+
+
+@pytest.mark.parametrize("name", ["greylist_max_connections", "greylist_commit_batch"])
+def test_a_zero_connection_or_commit_limit_is_an_error_not_a_daemon_that_refuses_all(name):
+    # greylist_max_connections = 0 started a greylistd that closed every
+    # connection at once (one warning, --check said ok).
+    with pytest.raises(ConfigError, match="%s: expected at least 1" % name):
+        parse_setting(name, "0")
+    assert parse_setting(name, "1")[1] == 1
