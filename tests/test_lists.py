@@ -59,3 +59,15 @@ def test_a_whitelisted_sender_signed_with_batv_or_forwarded_with_srs_is_exempt()
                                  "192.0.2.1") == "whitelist-sender", sender
     assert exemptions.reason({"recipient": "bob@example.net",
                               "sender": "prvs=1234abcdef=eve@example.org"}, "192.0.2.1") is None
+
+
+def test_an_address_line_with_an_action_or_an_at_domain_is_warned_of_not_kept():
+    # "bob@example.net OK" and "@example.net" (access(5) forms) were kept
+    # silently as entries that match no address; postgrey warns of the
+    # first ("doesn't look like an address").
+    warned = []
+    entries = parse("bob@example.net OK\nexample.org DUNNO\n@example.net\ncarol@\n",
+                    "address", "wl", warned.append)
+    assert [w.split(":")[0] for w in warned] == ["wl, line 1", "wl, line 2", "wl, line 3"]
+    assert "white space" in warned[0] and "without the \"@\"" in warned[2]
+    assert not entries.addresses and not entries.names and entries.locals == {"carol"}

@@ -128,6 +128,14 @@ def _add(entries: Entries, entry: str, kind: str) -> None:
             entries.names.add(entry.rstrip("."))
         else:
             raise ValueError("neither an address, a network nor a host name")
+    elif any(c.isspace() for c in entry):
+        # postgrey warns too ("doesn't look like an address"): an
+        # access(5) action after the address would make it match nothing.
+        raise ValueError("an address or domain has no white space (no action after it)")
+    elif entry.startswith("@"):
+        # access(5)'s "@example.com" form: here it would match nothing.
+        raise ValueError("a domain is written without the \"@\" (example.com matches "
+                         "its subdomains too)")
     elif entry.endswith("@"):
         entries.locals.add(entry[:-1])
     elif "@" in entry:
