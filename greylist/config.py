@@ -206,9 +206,16 @@ def _parse_networks(name: str, value: str) -> tuple[str, ...]:
     networks = _parse_list(name, value)
     for network in networks:
         try:
-            ipaddress.ip_network(network, strict=False)
+            found = ipaddress.ip_network(network, strict=False)
         except ValueError:
             raise ConfigError("%s: %r is not an IP network" % (name, network)) from None
+        try:
+            ipaddress.ip_network(network)
+        except ValueError:
+            # Postfix's own words (cidr_match.c): mynetworks and cidr:
+            # tables refuse such a pattern rather than widen it.
+            raise ConfigError("%s: non-null host address bits in %r, perhaps you should "
+                              "use %r instead" % (name, network, str(found))) from None
     return networks
 
 

@@ -364,3 +364,18 @@ def test_a_zero_connection_or_commit_limit_is_an_error_not_a_daemon_that_refuses
     with pytest.raises(ConfigError, match="%s: expected at least 1" % name):
         parse_setting(name, "0")
     assert parse_setting(name, "1")[1] == 1
+
+
+@pytest.mark.parametrize("name", ["greylist_trusted_networks",
+                                  "greylist_postscreen_drop_networks",
+                                  "greylist_postscreen_enforce_networks"])
+def test_a_network_with_host_bits_is_an_error_not_widened(name):
+    # "10.1.2.3/8" trusted all of 10.0.0.0/8 silently; Postfix refuses
+    # such a pattern in mynetworks and cidr: tables.
+    for value, suggestion in (("192.0.2.0/24, 10.1.2.3/8", "10.0.0.0/8"),
+                              ("2001:db8::1/32", "2001:db8::/32")):
+        with pytest.raises(ConfigError, match="non-null host address bits in .*"
+                           "perhaps you should use '%s' instead" % suggestion):
+            parse_setting(name, value)
+    assert parse_setting(name, "10.0.0.0/8 192.0.2.1 2001:db8::/32")[1] == (
+        "10.0.0.0/8", "192.0.2.1", "2001:db8::/32")
