@@ -486,6 +486,11 @@ def read_settings(text: str, origin: str = "settings") -> dict[str, object]:
             logical.append((number, line.strip()))
     values: dict[str, object] = {}
     for number, line in logical:
+        # Bytes that are not UTF-8 (load() keeps them as surrogates) are
+        # an error in a setting only: Postfix reads any comment.
+        if re.search("[\udc80-\udcff]", line):
+            raise ConfigError("cannot read settings file %s, line %d: not valid UTF-8"
+                              % (origin, number))
         name, sep, value = line.partition("=")
         if not sep:
             raise ConfigError("%s, line %d: expected name = value" % (origin, number))
@@ -502,12 +507,10 @@ def load(path: str | None, overrides: dict[str, object]) -> Config:
     values: dict[str, object] = {}
     if path is not None:
         try:
-            text = read_small(path, MAX_SETTINGS_BYTES)[0].decode("utf-8")
+            text = read_small(path, MAX_SETTINGS_BYTES)[0].decode("utf-8", "surrogateescape")
         except OSError as exc:
             raise ConfigError("cannot read settings file %s: %s" % (path, exc.strerror)) \
                 from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError("cannot read settings file %s: %s" % (path, exc)) from None
         values.update(read_settings(text, path))
     values.update(overrides)
     return resolve(Config(**values))

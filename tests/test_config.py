@@ -379,3 +379,14 @@ def test_a_network_with_host_bits_is_an_error_not_widened(name):
             parse_setting(name, value)
     assert parse_setting(name, "10.0.0.0/8 192.0.2.1 2001:db8::/32")[1] == (
         "10.0.0.0/8", "192.0.2.1", "2001:db8::/32")
+
+
+def test_a_comment_that_is_not_utf_8_is_ignored_and_a_bad_value_names_its_line(tmp_path):
+    # A Latin-1 comment ("# Verz\xf6gerung") made the whole file fatal,
+    # with a byte offset ("position 20") for a line number.
+    settings = tmp_path / "greylist.cf"
+    settings.write_bytes(b"# Verz\xf6gerung\ngreylist_delay = 5m\n")
+    assert load(str(settings), {}).delay_s == 300
+    settings.write_bytes(b"# ok\ngreylist_delay = 5m\ngreylist_defer_text = gr\xfc\xdf\n")
+    with pytest.raises(ConfigError, match=r"greylist.cf, line 3: not valid UTF-8$"):
+        load(str(settings), {})
