@@ -463,8 +463,9 @@ def parse_setting(name: str, value: str) -> tuple[str, object]:
     """Return (Config field, parsed value) for one setting."""
     if name not in SETTINGS:
         raise ConfigError("unknown setting %r" % name)
-    if "\n" in value or "\0" in value:
-        raise ConfigError("%s: value contains a newline or NUL" % name)
+    if re.search("[\0-\x08\n-\x1f\x7f-\x9f]", value):
+        raise ConfigError("%s: value contains a newline or NUL, or another control "
+                          "character" % name)
     field, parser = SETTINGS[name]
     # Errors quote the value as written, without the blanks around it.
     return field, parser(name, value.strip())
@@ -473,7 +474,10 @@ def parse_setting(name: str, value: str) -> tuple[str, object]:
 def read_settings(text: str, origin: str = "settings") -> dict[str, object]:
     """Parse settings-file text; return {Config field: value}."""
     logical: list[tuple[int, str]] = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # Lines end at "\n" only, as Postfix's: str.splitlines() also ends
+    # them at a form feed and other characters, which shifted the line
+    # numbers of errors.
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         if line[0].isspace():

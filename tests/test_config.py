@@ -390,3 +390,13 @@ def test_a_comment_that_is_not_utf_8_is_ignored_and_a_bad_value_names_its_line(t
     settings.write_bytes(b"# ok\ngreylist_delay = 5m\ngreylist_defer_text = gr\xfc\xdf\n")
     with pytest.raises(ConfigError, match=r"greylist.cf, line 3: not valid UTF-8$"):
         load(str(settings), {})
+
+
+def test_an_error_after_a_form_feed_line_names_the_line_an_editor_shows():
+    # "^L" on its own line (an old page break) counted as two lines.
+    with pytest.raises(ConfigError, match="^f, line 3: unknown setting"):
+        read_settings("greylist_delay = 60\n\x0c\ngreylist_bogus = 1\n", "f")
+    for control in ("\x0b", "\x1c", "\x1b", "\x85", "\r"):
+        with pytest.raises(ConfigError, match="^f, line 1: .*control character"):
+            read_settings("greylist_defer_text = a%sb\n" % control, "f")
+    assert read_settings("greylist_delay = 60\r\n\x0c\r\n", "f") == {"delay_s": 60}
