@@ -608,7 +608,14 @@ def log_target(path: str | None) -> str:
     except OSError:
         return "syslog"
     found = "syslog"
-    for line in text.splitlines():
+    # Continuation lines joined, as read_settings() joins them.
+    lines: list[str] = []
+    for line in text.split("\n"):
+        if line[:1].isspace() and lines and not line.lstrip().startswith("#"):
+            lines[-1] += " " + line.strip()
+        elif line.strip() and not line.lstrip().startswith("#"):
+            lines.append(line)
+    for line in lines:
         name, sep, value = line.partition("=")
         if sep and name.strip() == "greylist_log":
             try:

@@ -400,3 +400,13 @@ def test_an_error_after_a_form_feed_line_names_the_line_an_editor_shows():
         with pytest.raises(ConfigError, match="^f, line 1: .*control character"):
             read_settings("greylist_defer_text = a%sb\n" % control, "f")
     assert read_settings("greylist_delay = 60\r\n\x0c\r\n", "f") == {"delay_s": 60}
+
+
+def test_a_fatal_settings_error_reaches_a_greylist_log_on_a_continuation_line(tmp_path):
+    # "greylist_log =" with the file on the next line: the fatal error of
+    # a bad setting went to syslog, not to that file.
+    from greylist.config import log_target
+    settings = tmp_path / "greylist.cf"
+    settings.write_text("greylist_log =\n    /var/log/greylist.log\n# c\n"
+                        "greylist_bogus = 1\n", encoding="utf-8")
+    assert log_target(str(settings)) == "/var/log/greylist.log"
