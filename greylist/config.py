@@ -471,8 +471,10 @@ def parse_setting(name: str, value: str) -> tuple[str, object]:
     return field, parser(name, value.strip())
 
 
-def read_settings(text: str, origin: str = "settings") -> dict[str, object]:
-    """Parse settings-file text; return {Config field: value}."""
+def _logical_lines(text: str, origin: str, strict: bool = True) -> list[tuple[int, str]]:
+    """The settings of a file's text as (first line number, line), with
+    continuation lines joined and comments dropped. A continuation line
+    without a setting is an error when strict, else ignored."""
     logical: list[tuple[int, str]] = []
     # Lines end at "\n" only, as Postfix's: str.splitlines() also ends
     # them at a form feed and other characters, which shifted the line
@@ -482,12 +484,20 @@ def read_settings(text: str, origin: str = "settings") -> dict[str, object]:
             continue
         if line[0].isspace():
             if not logical:
+                if not strict:
+                    continue
                 raise ConfigError("%s, line %d: continuation line without a "
                                   "setting" % (origin, number))
             start, previous = logical[-1]
             logical[-1] = (start, previous + " " + line.strip())
         else:
             logical.append((number, line.strip()))
+    return logical
+
+
+def read_settings(text: str, origin: str = "settings") -> dict[str, object]:
+    """Parse settings-file text; return {Config field: value}."""
+    logical = _logical_lines(text, origin)
     values: dict[str, object] = {}
     for number, line in logical:
         # Bytes that are not UTF-8 (load() keeps them as surrogates) are
@@ -608,14 +618,7 @@ def log_target(path: str | None) -> str:
     except OSError:
         return "syslog"
     found = "syslog"
-    # Continuation lines joined, as read_settings() joins them.
-    lines: list[str] = []
-    for line in text.split("\n"):
-        if line[:1].isspace() and lines and not line.lstrip().startswith("#"):
-            lines[-1] += " " + line.strip()
-        elif line.strip() and not line.lstrip().startswith("#"):
-            lines.append(line)
-    for line in lines:
+    for _, line in _logical_lines(text, path, strict=False):
         name, sep, value = line.partition("=")
         if sep and name.strip() == "greylist_log":
             try:
