@@ -44,7 +44,7 @@ import stat
 import sys
 from typing import Callable
 
-from greylist.config import Config, ConfigError, is_redis
+from greylist.config import Config, ConfigError, is_redis, repeated_settings
 
 
 def check(path: str | None, load: Callable[[], Config], daemon: bool = False) -> int:
@@ -63,7 +63,7 @@ def check(path: str | None, load: Callable[[], Config], daemon: bool = False) ->
         return _report(name, [failed], [], quiet)
     if os.geteuid() == 0 and cfg.user and not cfg.allow_root:
         return _as_user(path, cfg, quiet)
-    problems, notes = problems_of(cfg), []
+    problems, notes = problems_of(cfg), repeated_settings(path) if path else []
     if os.geteuid() == 0 and not cfg.allow_root:
         if daemon:
             problems.append("started as root, greylistd refuses to run without greylist_user "

@@ -516,6 +516,24 @@ def read_settings(text: str, origin: str = "settings") -> dict[str, object]:
     return values
 
 
+def repeated_settings(path: str) -> list[str]:
+    """Where a settings file sets a name again, as notes (the last one
+    counts, as in main.cf, where postconf(1) warns of it too)."""
+    try:
+        text = read_small(path, MAX_SETTINGS_BYTES)[0].decode("utf-8", "replace")
+    except OSError:
+        return []
+    first: dict[str, int] = {}
+    notes = []
+    for number, line in _logical_lines(text, path, strict=False):
+        name = line.partition("=")[0].strip()
+        if name in first:
+            notes.append("line %d: %s overrides line %d (the last one counts)"
+                         % (number, name, first[name]))
+        first[name] = number
+    return notes
+
+
 def load(path: str | None, overrides: dict[str, object]) -> Config:
     """Return the Config: defaults, then the settings file, then overrides."""
     values: dict[str, object] = {}

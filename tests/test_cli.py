@@ -280,6 +280,20 @@ def test_check_says_ok_and_writes_and_creates_nothing(checked):
     assert os.listdir(checked / "db") == []
 
 
+def test_check_notes_a_setting_given_twice(checked):
+    # Found in review: silent, where postconf warns "overriding earlier
+    # entry". The last one counts, as in main.cf; a continuation line and
+    # a commented-out line neither hide nor make a repeat.
+    with open(checked / "greylist.cf", "a") as handle:
+        handle.write("greylist_delay = 60\n# greylist_delay = 1\ngreylist_delay =\n  120\n")
+    done = check(checked)
+    assert (done.returncode, done.stderr) == (0, b"")
+    name = b"%s/greylist.cf" % bytes(checked)
+    first = 4 + bool(ALLOW_ROOT)
+    assert done.stdout == (b"%s: note: line %d: greylist_delay overrides line %d (the last "
+                           b"one counts)\n%s: ok\n" % (name, first + 2, first, name))
+
+
 def test_check_accepts_an_existing_database(checked):
     from greylist.stores.lmdb import LmdbStore
     store = LmdbStore(str(checked / "db" / "greylist"))
