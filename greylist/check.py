@@ -47,6 +47,10 @@ from typing import Callable
 from greylist.config import Config, ConfigError, is_redis, repeated_settings
 
 
+# Postfix's default smtpd_policy_service_max_idle.
+SMTPD_POLICY_MAX_IDLE_S = 300
+
+
 def check(path: str | None, load: Callable[[], Config], daemon: bool = False) -> int:
     """Check the settings that load() returns; print; return 0 or 1.
     daemon: greylistd's check (root without greylist_user is a problem)."""
@@ -64,6 +68,11 @@ def check(path: str | None, load: Callable[[], Config], daemon: bool = False) ->
     if os.geteuid() == 0 and cfg.user and not cfg.allow_root:
         return _as_user(path, cfg, quiet)
     problems, notes = problems_of(cfg), repeated_settings(path) if path else []
+    if daemon and cfg.idle_timeout_s < SMTPD_POLICY_MAX_IDLE_S:
+        notes.append("greylist_idle_timeout = %ds is shorter than smtpd's "
+                     "smtpd_policy_service_max_idle (300s by default): greylistd closes "
+                     "connections that smtpd still holds, which then connects again"
+                     % cfg.idle_timeout_s)
     if os.geteuid() == 0 and not cfg.allow_root:
         if daemon:
             problems.append("started as root, greylistd refuses to run without greylist_user "

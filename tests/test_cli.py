@@ -370,6 +370,24 @@ def test_greylistd_check_reads_the_same_file_and_binds_nothing(checked):
     assert done.returncode == 1 and b"greylist_policy_listen" in done.stderr, done
 
 
+def test_greylistd_check_notes_an_idle_timeout_below_smtpds(checked):
+    # A connection that greylistd closes before smtpd does costs smtpd a
+    # new connection (0 would close every one after its request).
+    cf = checked / "greylist.cf"
+    with cf.open("a") as handle:
+        handle.write("greylist_policy_listen = unix:%s/policy\ngreylist_idle_timeout = 60s\n"
+                     % checked)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "greylist.cli.greylistd", "--check", "-c",
+                           str(cf)], capture_output=True, timeout=30, env=env,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done
+    assert done.stdout.startswith(b"%s: note: greylist_idle_timeout = 60s is shorter than "
+                                  b"smtpd's smtpd_policy_service_max_idle" % bytes(cf)), done
+    # The spawn programs hold no connection of their own: no note.
+    assert b"idle_timeout" not in check(checked).stdout
+
+
 def test_check_writes_nothing_into_a_spawn_socket(checked):
     # As spawn(8) connects it, stdin, stdout and stderr are one socket:
     # nothing of --check may reach Postfix there, not even "ok".
