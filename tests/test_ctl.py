@@ -323,3 +323,22 @@ def test_show_writes_an_address_with_a_newline_on_one_line(site):
     assert [line for line in out.splitlines() if line.startswith("decision now:")] == [
         "decision now: DEFER_IF_PERMIT Greylisted, please try again in 3600 seconds"], out
     assert "sender: evil@example.org%0adecision%20now:%20dunno\n" in out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@pytest.mark.parametrize("command", [["dump"], ["stats"], ["check"], ["whitelist", "list"]])
+def test_reads_as_root_that_hash_no_key_are_not_refused_for_a_missing_secret(tmp_path, capfd,
+                                                                             command):
+    # Found in review: the refusal that keeps show from making a
+    # root-owned privacy secret refused dump, stats, check and whitelist
+    # list too, which never read or make it (0.4 ran them).
+    from greylist.cli.greylistctl import main
+    from greylist.stores.lmdb import LmdbStore
+    os.chmod(tmp_path, 0o755)
+    LmdbStore(str(tmp_path / "gl")).put_many([(b"x", b"y")])
+    (tmp_path / "gl.cf").write_text("greylist_database = %s/gl\ngreylist_log = %s/log\n"
+                                    "greylist_privacy = yes\n" % (tmp_path, tmp_path))
+    status = main(["-c", str(tmp_path / "gl.cf"), *command])
+    out, err = capfd.readouterr()
+    assert (status, err) == (0, ""), (out, err)
+    assert not (tmp_path / "gl.secret").exists()

@@ -167,7 +167,9 @@ def _command(argv: list[str] | None, clock: Callable[[], float]) -> int:
     writes = bool(args["cleanup"] and not args["--dry-run"]
                   or args["whitelist"] and not args["list"] or args["import"]
                   or args["import-postgrey"] and not args["--dry-run"])
-    user = _policy_user(cfg, writes)
+    # Only show and postscreen look keys up, and so read (or make) the
+    # privacy secret; dump, stats, check and whitelist list never do.
+    user = _policy_user(cfg, writes, hashes=bool(args["show"] or args["postscreen"]))
     if isinstance(user, str):
         Log("greylistctl", cfg.log, cfg.verbose).fatal(user)
         return 1
@@ -231,7 +233,7 @@ def _command(argv: list[str] | None, clock: Callable[[], float]) -> int:
         store.close()
 
 
-def _policy_user(cfg, writes: bool) -> tuple[int, int] | str | None:
+def _policy_user(cfg, writes: bool, hashes: bool = True) -> tuple[int, int] | str | None:
     """As root, the (uid, gid) of the user the policy processes run as,
     whom greylistctl becomes so that the files it creates are theirs and
     no file is opened on behalf of a directory another user can write;
@@ -242,7 +244,9 @@ def _policy_user(cfg, writes: bool) -> tuple[int, int] | str | None:
     greylist_allow_root = yes, else greylist_user. Without either,
     greylistctl reads as root (lmdbfile.py refuses a directory a group
     can write) and refuses to change anything: files it created would be
-    root's, and the policy processes could not write them (issue 15).
+    root's, and the policy processes could not write them (issue 15);
+    nor make a missing privacy secret, for a command that hashes keys
+    (hashes) and so would make it.
     """
     if os.geteuid() != 0:
         return None
@@ -277,8 +281,9 @@ def _policy_user(cfg, writes: bool) -> tuple[int, int] | str | None:
     if not writes:
         # Reading as root: a missing secret would be made root's, and the
         # policy processes fail open on a secret they cannot read (found
-        # in review: show made it).
-        return _secret_refusal(cfg)
+        # in review: show made it). A read that hashes no key makes none
+        # (found in review: dump and stats were refused).
+        return _secret_refusal(cfg) if hashes else None
     return ("refusing to change the database in %s as root: the directory is root's, so "
             "the files created there would be root's and the policy processes could not "
             "write them; give the directory to the policy user (chown USER %s), set "
