@@ -209,6 +209,73 @@ def test_clients_that_take_no_replies_cost_little_memory_each(site):
     assert_clean(daemon)
 
 
+def test_a_client_that_stalls_again_while_held_requests_are_answered_is_read_no_more():
+    """Review: pause_writing stopped the reading, but when the client took
+    replies again (resume_writing) and the requests waiting in the
+    decoder filled the transport once more, _resume() read on: the
+    connection held MAX_HELD_BYTES again. Without a daemon: the stall
+    must come inside _resume(), which a socket makes a matter of timing."""
+    from greylist.transports import listener
+
+    class Requests:
+        def __init__(self):
+            self.requests = []
+
+        def feed(self, data):
+            self.requests += [r for r in data.split(b"\n\n") if r]
+
+        def next(self):
+            return self.requests.pop(0) if self.requests else None
+
+        def buffered(self):
+            return sum(map(len, self.requests))
+
+        def in_request(self):
+            return False
+
+    class Service:
+        Decoder = Requests
+
+        def new_session(self):
+            return None
+
+    class Server:
+        service, metrics, stopping, log = Service(), None, False, None
+
+        def _admit(self, connection):
+            return True
+
+        def respond(self, request, session):
+            return b"action=DUNNO\n\n"
+
+    class Transport:
+        reading, writes = True, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 2:  # the second reply fills the transport
+                connection.pause_writing()
+
+        def pause_reading(self):
+            self.reading = False
+
+        def resume_reading(self):
+            self.reading = True
+
+        def is_closing(self):
+            return False
+
+    connection = listener.Connection(Server())
+    transport = Transport()
+    connection.connection_made(transport)
+    connection.pause_writing()
+    assert not transport.reading
+    connection.decoder.feed(b"a\n\nb\n\nc\n\n")
+    connection.resume_writing()
+    assert connection.stalled_at is not None and transport.writes == 2
+    assert not transport.reading
+
+
 def test_a_client_that_pipelines_writing_requests_is_held_to_the_input_budget(site):
     """Review: requests that wait for the store thread (new triples),
     pipelined without reading the replies. Each finished request moved

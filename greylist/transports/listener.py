@@ -697,10 +697,11 @@ class Connection(asyncio.Protocol):
         self._answer(now)
         # Read again unless the requests not answered yet fill the budget
         # (a client that pipelines requests which wait for the store
-        # thread: the decoder would grow by a held buffer per commit).
-        if not self.reading and not self.closing and (
-                self.task is None and self.stalled_at is None
-                or self.decoder.buffered() < MAX_HELD_BYTES):
+        # thread: the decoder would grow by a held buffer per commit),
+        # and never while the client takes no replies: the answers just
+        # written may have filled the transport again (pause_writing).
+        if not self.reading and not self.closing and self.stalled_at is None and (
+                self.task is None or self.decoder.buffered() < MAX_HELD_BYTES):
             self.reading = True
             self.transport.resume_reading()
 
