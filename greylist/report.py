@@ -67,8 +67,9 @@ _RFC3339 = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})[T ]([0-9]{2}):([0-9]{2}
 # The tag right after the time stamp (_SYSLOG or _RFC3339, which end in
 # its space) and the host name, where syslog and log.py write it: found
 # anywhere in the line, it could be text that a client wrote into another
-# program's line (Postfix logs a non-SMTP command as it came).
-_TAG = re.compile(r"\S+ greylist[a-z-]{0,20}\[[0-9]{1,10}\]: (.*)")
+# program's line (Postfix logs a non-SMTP command as it came). BusyBox's
+# syslogd writes the facility and level between the two ("mail.info").
+_TAG = re.compile(r"\S+ (?:[a-z0-9]{1,8}\.[a-z]{1,7} )?greylist[a-z-]{0,20}\[[0-9]{1,10}\]: (.*)")
 _DECISION = re.compile(r"action=(\S+) reason=(.+?) age=([0-9]{1,19}) client=(\S+) "
                        r"sender=(\S+) rcpt=(\S+)")
 _SCREENED = re.compile(r"action=\S+ reason=\S+(?: \S+)?")
