@@ -8,6 +8,7 @@ and its durable commit); the ones answered at once in the event loop
 are requests that are not RCPT (DUNNO without the database).
 """
 
+import contextlib
 import os
 import select
 import shutil
@@ -411,6 +412,21 @@ def test_a_pass_that_writes_the_client_table_keeps_its_place_in_line(site):
     assert_clean(daemon)
 
 
+@contextlib.contextmanager
+def stalling(site, monkeypatch):
+    """A greylistd whose commits stall while the flag file exists
+    (tests.reliability.stall), and a connection whose first triple is
+    recorded: yields (daemon, connection, flag)."""
+    flag = site / "stall"
+    monkeypatch.setenv("GREYLIST_TEST_STALL", str(flag))
+    with daemons.start(site, "greylist_lock_timeout = 100ms\n",
+                       module="tests.reliability.stall") as daemon:
+        with daemon.connect() as sock:
+            sock.sendall(triple_request(1))
+            assert split_replies(receive_replies(sock, 1)) == [DEFER_NEW]
+            yield daemon, sock, flag
+
+
 def test_a_store_that_stalls_in_its_commit_is_answered_as_a_failure_within_a_bound(
         site, monkeypatch):
     """Review: with the disk frozen (fsfreeze) a commit never returned,
@@ -420,27 +436,22 @@ def test_a_store_that_stalls_in_its_commit_is_answered_as_a_failure_within_a_bou
     greylist_failure_action, with the rate-limited store warning; the
     store thread's work goes on when the disk comes back."""
     from greylist.transports.listener import PLAN_WAIT_MARGIN_S
-    flag = site / "stall"
-    monkeypatch.setenv("GREYLIST_TEST_STALL", str(flag))
     bound_s = 0.3 + PLAN_WAIT_MARGIN_S  # greylist_redis_timeout's 300 ms is the longer
-    with daemons.start(site, "greylist_lock_timeout = 100ms\n",
-                       module="tests.reliability.stall") as daemon:
-        with daemon.connect() as sock:
-            sock.sendall(triple_request(1))
-            assert split_replies(receive_replies(sock, 1)) == [DEFER_NEW]
-            flag.write_text("")
-            began = time.monotonic()
-            sock.sendall(triple_request(2))
-            assert split_replies(receive_replies(sock, 1, timeout=bound_s + 10)) == ["DUNNO"]
-            took = time.monotonic() - began
-            assert bound_s - 0.5 <= took <= bound_s + 5, took
-            # The next request waits behind the same stalled commit, and
-            # is answered the same way.
-            sock.sendall(triple_request(3))
-            assert split_replies(receive_replies(sock, 1, timeout=bound_s + 10)) == ["DUNNO"]
-            flag.unlink()
-            sock.sendall(triple_request(4))
-            assert split_replies(receive_replies(sock, 1)) == [DEFER_NEW]
+    with stalling(site, monkeypatch) as (daemon, sock, flag):
+        flag.write_text("")
+        began = time.monotonic()
+        sock.sendall(triple_request(2))
+        assert split_replies(receive_replies(sock, 1, timeout=bound_s + 10)) == ["DUNNO"]
+        took = time.monotonic() - began
+        assert bound_s - 0.5 <= took <= bound_s + 5, took
+        # The next request waits behind the same stalled commit, and
+        # is answered the same way.
+        sock.sendall(triple_request(3))
+        assert split_replies(receive_replies(sock, 1, timeout=bound_s + 10)) == ["DUNNO"]
+        flag.unlink()
+        sock.sendall(triple_request(4))
+        assert split_replies(receive_replies(sock, 1)) == [DEFER_NEW]
+        sock.close()
         warned = [line for line in daemon.log().splitlines()
                   if "did not answer within" in line]
         assert len(warned) == 1 and ": warning: " in warned[0], daemon.log()
@@ -457,24 +468,18 @@ def test_sigterm_with_a_commit_stalled_in_the_disk_exits_within_the_drain_bound(
     what the stalled thread holds (nothing it holds was answered as
     done; LMDB keeps the last commit, as after a crash)."""
     from greylist.cli.greylistd import DRAIN_S
-    flag = site / "stall"
-    monkeypatch.setenv("GREYLIST_TEST_STALL", str(flag))
-    with daemons.start(site, "greylist_lock_timeout = 100ms\n",
-                       module="tests.reliability.stall") as daemon:
-        with daemon.connect() as sock:
-            sock.sendall(triple_request(1))
-            assert split_replies(receive_replies(sock, 1)) == [DEFER_NEW]
-            flag.write_text("")
-            sock.sendall(triple_request(2))
-            time.sleep(0.5)  # its commit has begun, and stalls
-            began = time.monotonic()
-            os.kill(daemon.pid, signal.SIGTERM)
-            try:
-                status = daemon.proc.wait(timeout=DRAIN_S + 5)
-            except subprocess.TimeoutExpired:
-                status = None
-            took = time.monotonic() - began
-            flag.unlink()
+    with stalling(site, monkeypatch) as (daemon, sock, flag):
+        flag.write_text("")
+        sock.sendall(triple_request(2))
+        time.sleep(0.5)  # its commit has begun, and stalls
+        began = time.monotonic()
+        os.kill(daemon.pid, signal.SIGTERM)
+        try:
+            status = daemon.proc.wait(timeout=DRAIN_S + 5)
+        except subprocess.TimeoutExpired:
+            status = None
+        took = time.monotonic() - began
+        flag.unlink()
         assert status == 0, "no exit within %.1f s of SIGTERM" % took
         assert took < DRAIN_S + 3, took
         assert "]: warning: the store thread did not finish within 10 s" in daemon.log()
