@@ -67,7 +67,8 @@ def check(path: str | None, load: Callable[[], Config], daemon: bool = False) ->
         return _report(name, [failed], [], quiet)
     if os.geteuid() == 0 and cfg.user and not cfg.allow_root:
         return _as_user(path, cfg, quiet)
-    problems, notes = problems_of(cfg), repeated_settings(path) if path else []
+    notes = repeated_settings(path) if path else []
+    problems = problems_of(cfg, notes)
     if daemon and cfg.idle_timeout_s < SMTPD_POLICY_MAX_IDLE_S:
         notes.append("greylist_idle_timeout = %ds is shorter than smtpd's "
                      "smtpd_policy_service_max_idle (300s by default): greylistd closes "
@@ -135,11 +136,12 @@ def _as_user(path: str | None, cfg: Config, quiet: bool) -> int:
     return os.waitstatus_to_exitcode(waited) if os.WIFEXITED(waited) else 1
 
 
-def problems_of(cfg: Config) -> list[str]:
-    """What would fail, or vanish, in a run with these settings."""
+def problems_of(cfg: Config, notes: list[str] | None = None) -> list[str]:
+    """What would fail, or vanish, in a run with these settings; what
+    works but may not be meant goes into notes, if given."""
     problems = log_problems(cfg.log)
     from greylist.whitelist import Whitelists
-    Whitelists(cfg, problems.append)
+    Whitelists(cfg, problems.append, note=None if notes is None else notes.append)
     if not is_redis(cfg):
         problems += database_problems(cfg)
     elif cfg.privacy and cfg.secret_file and not os.path.lexists(cfg.secret_file):

@@ -34,12 +34,14 @@ class List:
     """The entries of some files (and inline entries), reloaded on change."""
 
     def __init__(self, files: tuple[str, ...], kind: str, warn: Warn,
-                 inline: tuple[str, ...] = (), inline_origin: str = "settings") -> None:
+                 inline: tuple[str, ...] = (), inline_origin: str = "settings",
+                 note: Warn | None = None) -> None:
         self.files = files
         self.kind = kind
         self.inline = inline
         self.inline_origin = inline_origin
         self._warn = warn
+        self._note = note
         self._stamps: list[tuple[int, int] | None] | None = None
         self.entries = Entries()
         self.empty = not files and not inline
@@ -54,7 +56,8 @@ class List:
         if stamps == self._stamps:
             return False
         self._stamps = stamps
-        self.entries = merge([parse(text, self.kind, origin or "settings", self._warn)
+        self.entries = merge([parse(text, self.kind, origin or "settings", self._warn,
+                                    self._note)
                               for origin, text in self._texts(self._warn)])
         return True
 
@@ -98,14 +101,14 @@ class Whitelists:
     """The lists of the settings, and the exemptions they make."""
 
     def __init__(self, cfg: Config, warn: Warn,
-                 check_interval_s: float = CHECK_INTERVAL_S) -> None:
+                 check_interval_s: float = CHECK_INTERVAL_S, note: Warn | None = None) -> None:
         trusted = ()
         if cfg.trusted_networks:
             import ipaddress
             trusted = tuple(ipaddress.ip_network(n, strict=False)
                             for n in cfg.trusted_networks)
         self.check_interval_s = check_interval_s
-        self._lists = (List(cfg.whitelist_clients, "client", warn),
+        self._lists = (List(cfg.whitelist_clients, "client", warn, note=note),
                        List(cfg.whitelist_recipients, "address", warn,
                             inline=cfg.exempt_recipients,
                             inline_origin="greylist_exempt_recipients"),

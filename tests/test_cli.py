@@ -294,6 +294,17 @@ def test_check_notes_a_setting_given_twice(checked):
                            b"one counts)\n%s: ok\n" % (name, first + 2, first, name))
 
 
+def test_check_notes_a_widened_client_network_and_passes(checked):
+    # Kept and matched as the whole network: a note, not a problem.
+    (checked / "clients").write_text("192.0.2.1/24\n")
+    done = check(checked)
+    name = b"%s/greylist.cf" % bytes(checked)
+    assert (done.returncode, done.stderr) == (0, b""), done
+    assert done.stdout == (b"%s: note: %s/clients, line 1: '192.0.2.1/24': host address bits "
+                           b"set: it matches all of 192.0.2.0/24\n%s: ok\n"
+                           % (name, bytes(checked), name))
+
+
 def test_check_accepts_an_existing_database(checked):
     from greylist.stores.lmdb import LmdbStore
     store = LmdbStore(str(checked / "db" / "greylist"))

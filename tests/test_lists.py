@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from greylist.core.lists import match_address, parse
+from greylist.core.lists import match_address, match_client, parse
 
 
 @pytest.mark.parametrize("pattern", [r"^([a-z0-9]+[._-]?)+@example\.com$", r"(x+)+y",
@@ -59,6 +59,21 @@ def test_a_whitelisted_sender_signed_with_batv_or_forwarded_with_srs_is_exempt()
                                  "192.0.2.1") == "whitelist-sender", sender
     assert exemptions.reason({"recipient": "bob@example.net",
                               "sender": "prvs=1234abcdef=eve@example.org"}, "192.0.2.1") is None
+
+
+def test_a_client_network_with_host_bits_is_kept_widened_with_a_warning():
+    # As postgrey (kept, widened), but no longer silently: Postfix's cidr
+    # tables skip "192.0.2.1/24" with a warning.
+    warned = []
+    entries = parse("192.0.2.1/24\n198.51.100.0/24\n2001:0db8::/32\n2001:db8::1/32\n",
+                    "client", "wl", warned.append)
+    assert warned == ["wl, line 1: '192.0.2.1/24': host address bits set: it matches all "
+                      "of 192.0.2.0/24",
+                      "wl, line 4: '2001:db8::1/32': host address bits set: it matches all "
+                      "of 2001:db8::/32"]
+    assert match_client(entries, "192.0.2.200", None)
+    assert [str(n) for n in entries.networks] == ["192.0.2.0/24", "198.51.100.0/24",
+                                                  "2001:db8::/32", "2001:db8::/32"]
 
 
 def test_an_address_line_with_an_action_or_an_at_domain_is_warned_of_not_kept():

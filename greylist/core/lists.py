@@ -62,17 +62,22 @@ class Entries:
         self.addresses: set[str] = set()  # "user@domain"
 
 
-def parse(text: str, kind: str, origin: str, warn: Warn) -> Entries:
-    """Parse whitelist text of kind "client" or "address"."""
+def parse(text: str, kind: str, origin: str, warn: Warn, note: Warn | None = None) -> Entries:
+    """Parse whitelist text of kind "client" or "address". warn(line)
+    for a line that is skipped, note(line) (default: warn) for one that is
+    kept but may not mean what it says."""
     entries = Entries()
     for number, line in enumerate(text.splitlines(), 1):
         entry = line.split("#", 1)[0].strip()
         if not entry:
             continue
         try:
-            _add(entries, entry, kind)
+            kept_note = _add(entries, entry, kind)
         except ValueError as exc:
             warn("%s, line %d: ignoring %r: %s" % (origin, number, entry[:100], exc))
+        else:
+            if kept_note:
+                (note or warn)("%s, line %d: %r: %s" % (origin, number, entry[:100], kept_note))
     return entries
 
 
@@ -108,7 +113,9 @@ _NESTED_REPEAT = re.compile(r"\((?:[^()\\]|\\.)*(?:[+*]|\{\d*,\d*\})(?:[^()\\]|\
                             r"(?:[+*]|\{\d*,\d*\})")
 
 
-def _add(entries: Entries, entry: str, kind: str) -> None:
+def _add(entries: Entries, entry: str, kind: str) -> str | None:
+    """Add one entry; raise ValueError for one that is skipped; return a
+    note for one that is kept but may not mean what it says."""
     if len(entry) > 2 and entry.startswith("/") and entry.endswith("/"):
         if _NESTED_REPEAT.search(entry[1:-1]):
             raise ValueError("a repeated group that repeats inside can take exponential "
@@ -124,6 +131,10 @@ def _add(entries: Entries, entry: str, kind: str) -> None:
         network = _network(entry)
         if network is not None:
             entries.networks.append(network)
+            if "/" in entry and _host_bits(entry):
+                # Kept as postgrey keeps it, widened; Postfix's cidr
+                # tables skip such a pattern.
+                return "host address bits set: it matches all of %s" % network
         elif re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?", entry):
             entries.names.add(entry.rstrip("."))
         else:
@@ -147,6 +158,16 @@ def _add(entries: Entries, entry: str, kind: str) -> None:
                          "matches its subdomains too)")
     else:
         entries.names.add(entry.rstrip("."))
+
+
+def _host_bits(entry: str) -> bool:
+    """Whether a network entry has bits set past its prefix length."""
+    import ipaddress
+    try:
+        ipaddress.ip_network(entry)
+    except ValueError:
+        return True
+    return False
 
 
 def _network(entry: str):
