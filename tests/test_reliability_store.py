@@ -21,6 +21,7 @@ import time
 import lmdb
 import pytest
 
+from greylist.stores.base import StoreError
 from greylist.stores.lmdb import LmdbStore
 from tests.postfix_instance import install_runtime
 from tests.reliability import (SEED, SIZES, Client, command, decisions, environment,
@@ -415,6 +416,7 @@ def test_database_deleted_or_replaced_while_running_is_reopened_with_one_log_lin
 SCAN = """
 import sys
 from greylist.stores.base import StoreError
+from greylist.stores.base import StoreError
 from greylist.stores.lmdb import LmdbStore
 store = LmdbStore(sys.argv[1], readonly=True)
 try:
@@ -451,3 +453,23 @@ def test_scan_of_a_database_with_corrupt_pages_ends(tmp_path):
     assert not others, others
     if aborts:
         pytest.xfail("known limitation, LMDB assertion abort: %s" % aborts)
+
+
+def test_an_error_within_the_reopen_delay_still_names_its_cause(tmp_path):
+    # Review: within the reopen delay (10 s) every request failed with
+    # "unavailable after an earlier error; retrying in at most 10 s", and
+    # the warning repeated once a minute was that text nearly always: after
+    # the first minute of an outage the log no longer said what was wrong.
+    directory = home(tmp_path / "data")
+    store = LmdbStore(str(directory / "db"), reopen_delay_s=60, same_file_interval_s=0)
+    store.put(b"k", b"1:1:1:1:pending")
+    shutil.rmtree(directory)
+    errors = []
+    for _ in range(2):
+        with pytest.raises(StoreError) as caught:
+            store.get(b"k")
+        errors.append(str(caught.value))
+    store.close()
+    cause = "database directory %s: No such file or directory" % directory
+    assert errors[0] == cause
+    assert "unavailable after an earlier error" in errors[1] and cause in errors[1], errors

@@ -97,6 +97,9 @@ class Environment:
         # _thread, the documented low-level API: threading costs start-up time.
         self._mutex = _thread.allocate_lock()
         self._failed_at = 0.0
+        # What that failure was: repeated while no reopen is tried, so that
+        # every warning names the cause, not only the first one.
+        self._failure = ""
         self._file_id = (0, 0)
         self._checked_at = 0.0
         # The file's length when last looked at under a lock: an LMDB file
@@ -142,8 +145,9 @@ class Environment:
             # Shrank again at once: something rewrites it as we look.
             self._close()
             self._failed_at = time.monotonic()
-            raise StoreError("%s shrank while open (truncated or copied over in place?); %s"
+            self._failure = ("%s shrank while open (truncated or copied over in place?); %s"
                              % (self.path, MOVE_ASIDE))
+            raise StoreError(self._failure)
 
     def try_read(self, body: Callable[[lmdb.Environment], T]) -> tuple[bool, T | None]:
         """Run a read body now if nobody is in the way: (True, result), or
@@ -220,8 +224,8 @@ class Environment:
                            "%s was deleted or replaced; using the file now at that path"
                            % self.path)
         if self._failed_at and time.monotonic() - self._failed_at < self.reopen_delay_s:
-            raise StoreError("%s: unavailable after an earlier error; retrying in "
-                             "at most %d s" % (self.path, self.reopen_delay_s))
+            raise StoreError("%s: unavailable after an earlier error (%s); retrying in "
+                             "at most %d s" % (self.path, self._failure, self.reopen_delay_s))
         try:
             env, fd = self._open_files()
             if self.write_check:
@@ -238,8 +242,8 @@ class Environment:
                     env.close()
                     os.close(fd)
                     raise StoreError(problem)
-        except StoreError:
-            self._failed_at = time.monotonic()
+        except StoreError as exc:
+            self._failed_at, self._failure = time.monotonic(), str(exc)
             raise
         self._env, self.fd, self._failed_at = env, fd, 0.0
         st = os.fstat(fd)
@@ -394,7 +398,7 @@ class Environment:
             except StoreError as damage:
                 message = str(damage)
         self._close()
-        self._failed_at = time.monotonic()
+        self._failed_at, self._failure = time.monotonic(), message
         return StoreError(message)
 
 
