@@ -150,7 +150,7 @@ class Report:
             else:
                 self.malformed += 1
             return
-        when = self._when(line)
+        when = self._when(stamp)
         if when is None:
             self.malformed += 1
             return
@@ -193,11 +193,11 @@ class Report:
         elif seen is not None and not seen.passed:
             self.triples[triple] = seen._replace(passed=True)
 
-    def _when(self, line: str) -> tuple[int, str] | None:
-        """The epoch seconds and the day of a line's time stamp, or None."""
-        match = _RFC3339.match(line)
+    def _when(self, match: re.Match) -> tuple[int, str] | None:
+        """The epoch seconds and the day of a line's time stamp (its match
+        of _RFC3339 or _SYSLOG), or None."""
         try:
-            if match is not None:
+            if match.re is _RFC3339:
                 year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
                 stamp = calendar.timegm((year, month, day, hour, minute, second))
                 zone = match.group(7)
@@ -206,8 +206,7 @@ class Report:
                     stamp += sign * (int(zone[1:3]) * 3600 + int(zone[-2:]) * 60)
                 time.gmtime(stamp)
                 return stamp, "%04d-%02d-%02d" % (year, month, day)
-            match = _SYSLOG.match(line)
-            if match is None or match.group(1) not in _MONTHS:
+            if match.group(1) not in _MONTHS:
                 return None
             month = _MONTHS[match.group(1)]
             day, hour, minute, second = (int(g) for g in match.groups()[1:])
