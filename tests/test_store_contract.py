@@ -109,6 +109,17 @@ def test_get_many_gives_none_for_absent_keys_and_none_keys(store):
     assert store.get_many([]) == []
 
 
+def test_get_many_batch_is_get_many_of_each_list(store):
+    # A daemon's store thread reads a turn's plans so (one transaction
+    # under one lock on LMDB, one round trip on Redis).
+    store.put(b"a", b"1")
+    store.put(b"b", b"2")
+    batches = [[b"a"], [], [None, b"absent", b"b"], [b"b", b"a"]]
+    assert store.get_many_batch(batches) == [store.get_many(keys) for keys in batches] \
+        == [[b"1"], [], [None, None, b"2"], [b"2", b"1"]]
+    assert store.get_many_batch([]) == []
+
+
 def test_update_many_writes_only_non_none_values_of_non_none_keys_and_returns_the_result(
         store):
     store.put(b"keep", b"old")
