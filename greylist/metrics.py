@@ -67,7 +67,12 @@ class Metrics:
             # Reasons such as protocol_state=X are few; cap them anyway.
             if len(self._children) >= 200:
                 key = (key[0], "other")
-            child = self._children.setdefault(key, self._requests.labels(*key))
+            # A reason may hold what a client sent (protocol_state=X), with
+            # bytes that were not UTF-8 kept as surrogates: the exposition
+            # cannot encode those, and every later scrape would fail. They
+            # are written as \udcXX, as in the log.
+            child = self._children.setdefault(key, self._requests.labels(
+                key[0], key[1].encode("utf-8", "backslashreplace").decode("utf-8")))
         child.inc()
 
     def latency(self, seconds: float) -> None:

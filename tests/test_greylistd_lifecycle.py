@@ -939,6 +939,19 @@ def test_metrics_count_requests_commits_and_connections(site):
         assert_clean(daemon)
 
 
+def test_a_reason_with_bytes_that_are_not_utf8_does_not_break_the_scrapes(site):
+    # Review: a protocol_state of bytes that were not UTF-8 became a label
+    # the exposition could not encode; every later scrape got 400.
+    port = daemons.free_port()
+    with daemons.start(site, "greylist_metrics_listen = inet:127.0.0.1:%d\n" % port) as daemon:
+        data = request(*triple(1), state="RCPT").replace(b"=RCPT\n", b"=x\xff\n")
+        assert daemon.ask(data) == b"action=DUNNO\n\n"
+        assert metric(scrape(port), 'greylist_requests_total{action="DUNNO",'
+                                    'reason="protocol_state=x\\\\udcff"}') == 1.0
+        assert daemon.stop() == 0
+        assert_clean(daemon)
+
+
 # 9. A store that fails: fail open.
 
 def test_a_refused_database_directory_fails_open_with_one_warning(site):
