@@ -27,13 +27,18 @@ import asyncio
 import socket
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 
 MAX_REQUEST = 8192
 TIMEOUT_S = 5.0
 # Scrapes served at once; more are closed at once (each lasts at most
 # about 2 * TIMEOUT_S).
 MAX_SCRAPERS = 16
+# The text format that generate_latest() writes (Prometheus "Exposition
+# formats", text format 0.0.4). Not CONTENT_TYPE_LATEST: in recent
+# prometheus_client releases it names version 1.0.0, which the library's
+# own server sends only to a scraper that asks for it.
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
 class Metrics:
@@ -119,7 +124,7 @@ class Metrics:
                 raise ValueError
             body = self.text()
             writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-                         b"Connection: close\r\n\r\n" % (CONTENT_TYPE_LATEST.encode(), len(body))
+                         b"Connection: close\r\n\r\n" % (CONTENT_TYPE, len(body))
                          + body)
         except (ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError,
                 asyncio.LimitOverrunError):

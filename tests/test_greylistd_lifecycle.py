@@ -952,6 +952,19 @@ def test_a_reason_with_bytes_that_are_not_utf8_does_not_break_the_scrapes(site):
         assert_clean(daemon)
 
 
+def test_a_scrape_is_answered_as_text_format_0_0_4(site):
+    # Review: the Content-Type was prometheus_client's CONTENT_TYPE_LATEST,
+    # version=1.0.0 in its recent releases, sent to every scraper.
+    port = daemons.free_port()
+    with daemons.start(site, "greylist_metrics_listen = inet:127.0.0.1:%d\n" % port) as daemon:
+        with socket.create_connection(("127.0.0.1", port), timeout=IO_S) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\nAccept: text/plain\r\n\r\n")
+            head = daemons.receive_all(sock, IO_S).partition(b"\r\n\r\n")[0]
+        assert b"\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n" in head
+        assert daemon.stop() == 0
+        assert_clean(daemon)
+
+
 # 9. A store that fails: fail open.
 
 def test_a_refused_database_directory_fails_open_with_one_warning(site):
