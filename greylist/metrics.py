@@ -14,13 +14,14 @@ DESCRIPTION
                                                failure
       greylist_connections                     open connections
 
-    serve() answers "GET /metrics" (any path) on the listeners of
-    greylist_metrics_listen, from the event loop: one short request per
-    connection, read with a cap and a timeout, then closed.
+    serve() answers "GET /metrics" (any path; HEAD too, without the
+    body) on the listeners of greylist_metrics_listen, from the event
+    loop: one short request per connection, read with a cap and a
+    timeout, then closed.
 
 DIAGNOSTICS
-    A request that is not a GET within MAX_REQUEST bytes and TIMEOUT_S
-    gets 400 and the connection closed.
+    A request that is not a GET or HEAD within MAX_REQUEST bytes and
+    TIMEOUT_S gets 400 and the connection closed.
 """
 
 import asyncio
@@ -120,12 +121,14 @@ class Metrics:
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT_S)
-            if len(head) > MAX_REQUEST or not head.startswith(b"GET "):
+            if len(head) > MAX_REQUEST or not head.startswith((b"GET ", b"HEAD ")):
                 raise ValueError
             body = self.text()
+            # HEAD: the head of the answer to GET, without the body
+            # (RFC 9110 9.3.2; a server must support both, 9.1).
             writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
                          b"Connection: close\r\n\r\n" % (CONTENT_TYPE, len(body))
-                         + body)
+                         + (body if head.startswith(b"GET ") else b""))
         except (ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError,
                 asyncio.LimitOverrunError):
             writer.write(b"HTTP/1.0 400 Bad Request\r\nConnection: close\r\n\r\n")

@@ -965,6 +965,17 @@ def test_a_scrape_is_answered_as_text_format_0_0_4(site):
         assert_clean(daemon)
 
 
+def test_a_head_request_gets_the_head_of_a_scrape(site):
+    # Review: HEAD, which a server must support with GET (RFC 9110 9.1),
+    # was answered 400 Bad Request.
+    port = daemons.free_port()
+    with daemons.start(site, "greylist_metrics_listen = inet:127.0.0.1:%d\n" % port) as daemon:
+        status, body = http(port, b"HEAD /metrics HTTP/1.0\r\n\r\n")
+        assert (status, body) == ("HTTP/1.0 200 OK", b"")
+        assert daemon.stop() == 0
+        assert_clean(daemon)
+
+
 # 9. A store that fails: fail open.
 
 def test_a_refused_database_directory_fails_open_with_one_warning(site):
