@@ -21,7 +21,9 @@ DESCRIPTION
 
 DIAGNOSTICS
     A request that is not a GET or HEAD within MAX_REQUEST bytes and
-    TIMEOUT_S gets 400 and the connection closed.
+    TIMEOUT_S gets 400 and the connection closed. One warning when
+    MAX_SCRAPERS scrapes are under way (a new one is closed at once),
+    and an info line when there is room again.
 """
 
 import asyncio
@@ -29,6 +31,8 @@ import socket
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+
+from greylist.log import Log
 
 MAX_REQUEST = 8192
 TIMEOUT_S = 5.0
@@ -45,8 +49,10 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 class Metrics:
     """The collectors of one daemon."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: Log) -> None:
+        self.log = log
         self._scrapers = 0
+        self._full = False
         self.registry = CollectorRegistry(auto_describe=True)
         self._requests = Counter("greylist_requests", "Policy answers by action and reason",
                                  ("action", "reason"), registry=self.registry)
@@ -110,6 +116,10 @@ class Metrics:
         # Scrapers are few: a flood of idle ones must not take the
         # descriptors the policy connections need (review).
         if self._scrapers >= MAX_SCRAPERS:
+            if not self._full:
+                self._full = True
+                self.log.warning("metrics: %d scrapes under way; closing new scrape "
+                                 "connections until one ends" % MAX_SCRAPERS)
             writer.transport.abort()
             return
         self._scrapers += 1
@@ -117,6 +127,9 @@ class Metrics:
             await self._answer(reader, writer)
         finally:
             self._scrapers -= 1
+            if self._full:
+                self._full = False
+                self.log.info("metrics: scrapes below the limit again")
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -198,7 +198,7 @@ class Daemon:
         metrics = None
         if socks["metrics"]:
             from greylist.metrics import Metrics
-            metrics = Metrics()
+            metrics = Metrics(self.log)
         # Lock waits within greylist_lock_timeout: one store thread serves
         # every connection, and smtpd gives up after 100 s with 451. A
         # trial commit before each file is used: an LMDB abort on a damaged
