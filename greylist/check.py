@@ -275,9 +275,13 @@ def database_problems(cfg: Config) -> list[str]:
             problems.append("%s is a symbolic link" % path)
             continue
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             problems.append("cannot open %s: %s" % (path, exc.strerror))
+            continue
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            problems.append("%s is not a regular file" % path)
             continue
         try:
             check_format(path, fd)

@@ -357,6 +357,19 @@ def test_a_fifo_at_the_log_name_never_hangs_a_command(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_a_fifo_at_the_database_name_never_hangs_a_read_or_a_check(tmp_path):
+    # Found in review: a FIFO at db.lmdb hung greylistctl stats and
+    # greylist --check in a read-only open(2) for ever.
+    directory = home(tmp_path / "fifo")
+    os.mkfifo(directory / "db.lmdb", 0o600)
+    cf = settings(directory)
+    done = ctl(cf, "stats", timeout=30)
+    assert done.returncode == 1 and "not a regular file" in done.stderr, done
+    done = subprocess.run(command(cf, "--check"), capture_output=True, text=True,
+                          timeout=30, env=environment())
+    assert done.returncode == 1 and "not a regular file" in done.stderr, done
+
+
 def test_a_log_file_that_root_creates_belongs_to_the_log_directorys_owner(tmp_path):
     # Found in review: a fatal error at start, logged as root, left a
     # root-owned log file that the unprivileged processes could not

@@ -93,12 +93,15 @@ def check_directory(path: str) -> None:
 def open_data_file(path: str, readonly: bool, private: bool) -> tuple[int, bool]:
     """Open path for LMDB and return (descriptor, existed).
 
-    An existing file is opened with O_NOFOLLOW and must be a regular
-    file; a missing one (unless readonly) is created with O_EXCL, so a
+    An existing file is opened with O_NOFOLLOW and O_NONBLOCK and must
+    be a regular file; a missing one (unless readonly) is created with O_EXCL, so a
     dangling link is never followed either, with the mode of the module
     description. Raises StoreError.
     """
-    flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_NOFOLLOW | os.O_CLOEXEC
+    # O_NONBLOCK: a FIFO at the name would hang a read-only open(2) for
+    # ever (greylistctl stats); on a regular file it changes nothing.
+    flags = ((os.O_RDONLY if readonly else os.O_RDWR) | os.O_NOFOLLOW | os.O_NONBLOCK
+             | os.O_CLOEXEC)
     try:
         fd = os.open(path, flags)
         existed = True
