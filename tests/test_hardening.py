@@ -488,3 +488,20 @@ def test_a_directory_that_another_group_can_write_is_refused(public_tmp):
     os.chown(directory, nobody.pw_uid, nobody.pw_gid)
     os.chmod(directory, 0o770)
     assert _check_directory_as(nobody.pw_uid, nobody.pw_gid, str(directory / "db")) == ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_a_directory_that_another_user_owns_is_refused(public_tmp):
+    # Found in review: as the policy user, a directory of another user
+    # (mode 0770, the policy user's group) was accepted; its owner could
+    # put a table of theirs, which smtpd trusts, in place of ours.
+    nobody = pwd.getpwnam("nobody")
+    other = next(uid for uid in range(1, 60000) if uid != nobody.pw_uid)
+    directory = public_tmp / "owned"
+    directory.mkdir()
+    os.chown(directory, other, nobody.pw_gid)
+    os.chmod(directory, 0o770)
+    refused = _check_directory_as(nobody.pw_uid, nobody.pw_gid, str(directory / "db"))
+    assert "it belongs to uid %d, neither root nor this process's user" % other in refused
+    os.chown(directory, 0, nobody.pw_gid)
+    assert _check_directory_as(nobody.pw_uid, nobody.pw_gid, str(directory / "db")) == ""

@@ -7,9 +7,10 @@ DESCRIPTION
     another user owns or that a group can write: root never opens,
     creates or deletes a file on behalf of a directory another user can
     write (that user could link the name to any file of root's). Any
-    other process refuses a directory that a group other than its own
-    can write: that group's users could put a table of theirs, which
-    Postfix trusts, in place of ours.
+    other process refuses a directory that another user owns, or that a
+    group other than its own can write: that user, or that group's
+    users, could put a table of theirs, which Postfix trusts, in place
+    of ours.
     open_data_file() opens the file itself with O_NOFOLLOW (a symbolic
     link is refused, never followed) or creates it with O_EXCL and the
     mode the table needs; the checks that follow look at the opened
@@ -65,8 +66,8 @@ def data_file(name: str) -> str:
 def check_directory(path: str) -> None:
     """Raise StoreError unless path's directory exists and is safe to use:
     not world-writable, as root neither another user's nor
-    group-writable, and otherwise writable by no group but this
-    process's own."""
+    group-writable, and otherwise root's or this process's user's and
+    writable by no group but this process's own."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
         st = os.stat(directory)
@@ -80,6 +81,11 @@ def check_directory(path: str) -> None:
             raise StoreError("refusing to use database directory %s as root: another user "
                              "can write it (owner uid %d, mode %04o); run as the policy user"
                              % (directory, st.st_uid, stat.S_IMODE(st.st_mode)))
+    elif st.st_uid not in (0, os.geteuid()):
+        # Its owner can write it (or chmod it so), and could do the same.
+        raise StoreError("refusing database directory %s: it belongs to uid %d, neither "
+                         "root nor this process's user; use a directory of the policy "
+                         "user's" % (directory, st.st_uid))
     elif st.st_mode & stat.S_IWGRP and st.st_gid != os.getegid():
         # Its group's users (postfix, with -g postfix -m 2770) could put
         # their own file in place of a table that Postfix trusts.
