@@ -399,6 +399,19 @@ def test_the_privacy_secret_is_never_read_through_a_symbolic_link(tmp_path):
     assert any("db.secret" in line for line in warnings(read_log(directory / "log")))
 
 
+def test_the_privacy_secret_is_never_made_or_read_in_a_world_writable_directory(tmp_path):
+    # Found in review: greylist_secret_file in a directory that anyone can
+    # write was made and read there; another user could put a secret of
+    # theirs in its place, or remove it.
+    directory = home(tmp_path / "secret")
+    public = home(tmp_path / "public", 0o777)
+    cf = settings(directory, privacy="yes", secret_file=str(public / "greylist.secret"))
+    assert run(command(cf), triple_request(1)).stdout == b"action=DUNNO\n\n"
+    assert any("refusing secret directory %s: it is world-writable" % public in line
+               for line in warnings(read_log(directory / "log")))
+    assert os.listdir(public) == []
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root changes its user")
 def test_greylistctl_becomes_the_directory_owner_with_the_owners_group_never_root(tmp_path):
     # Review: greylistctl took the database directory's group, root's

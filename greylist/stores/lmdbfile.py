@@ -63,37 +63,38 @@ def data_file(name: str) -> str:
     return name + SUFFIX
 
 
-def check_directory(path: str) -> None:
+def check_directory(path: str, what: str = "database") -> None:
     """Raise StoreError unless path's directory exists and is safe to use:
     not world-writable, as root neither another user's nor
     group-writable, and otherwise root's or this process's user's and
-    writable by no group but this process's own."""
+    writable by no group but this process's own. what: the file's kind,
+    for the message."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
         st = os.stat(directory)
     except OSError as exc:
-        raise StoreError("database directory %s: %s" % (directory, exc.strerror)) from None
+        raise StoreError("%s directory %s: %s" % (what, directory, exc.strerror)) from None
     if st.st_mode & stat.S_IWOTH:
-        raise StoreError("refusing database directory %s: it is world-writable; use "
-                         "a directory writable only by the policy user" % directory)
+        raise StoreError("refusing %s directory %s: it is world-writable; use "
+                         "a directory writable only by the policy user" % (what, directory))
     if os.geteuid() == 0:
         if st.st_uid != 0 or st.st_mode & stat.S_IWGRP:
-            raise StoreError("refusing to use database directory %s as root: another user "
+            raise StoreError("refusing to use %s directory %s as root: another user "
                              "can write it (owner uid %d, mode %04o); run as the policy user"
-                             % (directory, st.st_uid, stat.S_IMODE(st.st_mode)))
+                             % (what, directory, st.st_uid, stat.S_IMODE(st.st_mode)))
     elif st.st_uid not in (0, os.geteuid()):
         # Its owner can write it (or chmod it so), and could do the same.
-        raise StoreError("refusing database directory %s: it belongs to uid %d, neither "
+        raise StoreError("refusing %s directory %s: it belongs to uid %d, neither "
                          "root nor this process's user; use a directory of the policy "
-                         "user's" % (directory, st.st_uid))
+                         "user's" % (what, directory, st.st_uid))
     elif st.st_mode & stat.S_IWGRP and st.st_gid != os.getegid():
         # Its group's users (postfix, with -g postfix -m 2770) could put
         # their own file in place of a table that Postfix trusts.
-        raise StoreError("refusing database directory %s: its group (gid %d), which is not "
+        raise StoreError("refusing %s directory %s: its group (gid %d), which is not "
                          "this process's, can write it (mode %04o); use a directory that "
                          "only the policy user can write, as install -d -o greylist -g "
                          "postfix -m 2750 makes it"
-                         % (directory, st.st_gid, stat.S_IMODE(st.st_mode)))
+                         % (what, directory, st.st_gid, stat.S_IMODE(st.st_mode)))
 
 
 def open_data_file(path: str, readonly: bool, private: bool) -> tuple[int, bool]:

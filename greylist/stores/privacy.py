@@ -21,8 +21,9 @@ DESCRIPTION
     Losing the secret starts greylisting over; changing it too.
 
 DIAGNOSTICS
-    SecretError when the file cannot be created or read, or is readable
-    by group or others.
+    SecretError when the file cannot be created or read, is readable
+    by group or others, or is in a directory that another user can
+    write (lmdbfile.check_directory()).
 """
 
 import hashlib
@@ -34,6 +35,7 @@ from typing import Callable, TypeVar
 
 from greylist.files import read_small
 from greylist.stores.base import Change, Store, StoreError, Values
+from greylist.stores.lmdbfile import check_directory
 
 T = TypeVar("T")
 
@@ -53,6 +55,12 @@ def load_secret(path: str, create: bool = True) -> bytes:
     reads a file that exists but holds no secret yet; of two that race,
     the first link wins and both use its secret.
     """
+    # Never in a directory another user can write: that user could put a
+    # secret of theirs in its place, or remove it (greylisting over).
+    try:
+        check_directory(path, "secret")
+    except StoreError as exc:
+        raise SecretError("greylist_secret_file %s: %s" % (path, exc)) from None
     if not create and not os.path.lexists(path):
         raise SecretError("%s does not exist: with a Redis database every host must hash "
                           "with the same secret, so greylist does not make one of its own; "
