@@ -166,10 +166,16 @@ def log_problems(target: str) -> list[str]:
         except OSError as exc:
             return ["greylist_log: postlog socket %s: %s (is Postfix's postlog service "
                     "running?)" % (socket_path, exc.strerror)]
+    directory = os.path.dirname(os.path.abspath(target))
+    try:
+        if os.stat(directory).st_mode & stat.S_IWOTH:
+            return ["greylist_log: %s is world-writable: use a directory that only its "
+                    "owner can write" % directory]
+    except OSError:
+        pass  # Reported below.
     try:
         st = os.lstat(target)
     except FileNotFoundError:
-        directory = os.path.dirname(target)
         if not os.path.isdir(directory):
             return ["greylist_log: directory %s does not exist" % directory]
         if not os.access(directory, os.W_OK | os.X_OK):

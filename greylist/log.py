@@ -13,7 +13,8 @@ DESCRIPTION
                     lines land in Postfix's own log file.
     /FILE           lines appended to a file, opened again within a
                     second when it is rotated or removed; never through
-                    a symbolic link (the lines are lost instead).
+                    a symbolic link, nor in a world-writable directory
+                    (the lines are lost instead).
 
     File and postlog lines look like the lines Postfix's own programs
     write to maillog_file (msg_logger.c): a time stamp "%b %d %H:%M:%S"
@@ -143,6 +144,10 @@ class Log:
         # a FIFO or device either (O_NONBLOCK: an open of a FIFO with no
         # reader does not wait), which would hang root's commands.
         flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        # Never in a directory that anyone can write (/tmp): another user
+        # could put a file of theirs at the name and read the lines.
+        if os.stat(os.path.dirname(os.path.abspath(self._path))).st_mode & stat.S_IWOTH:
+            raise OSError(errno.EPERM, "the directory is world-writable", self._path)
         try:
             fd = os.open(self._path, flags)
         except FileNotFoundError:

@@ -370,6 +370,23 @@ def test_a_fifo_at_the_database_name_never_hangs_a_read_or_a_check(tmp_path):
     assert done.returncode == 1 and "not a regular file" in done.stderr, done
 
 
+def test_a_log_file_in_a_world_writable_directory_is_never_written(tmp_path):
+    # Found in review: with greylist_log in a directory anyone can write,
+    # another user's file at the name got every line (mail addresses),
+    # and --check said ok.
+    directory = home(tmp_path / "conf")
+    public = home(tmp_path / "public", 0o777)
+    planted = public / "greylist.log"
+    planted.write_text("")
+    os.chmod(planted, 0o666)
+    cf = settings(directory, log=str(public / "greylist.log"))
+    assert run(command(cf), triple_request(1)).stdout.startswith(b"action=DEFER_IF_PERMIT")
+    assert planted.read_text() == ""
+    done = subprocess.run(command(cf, "--check"), capture_output=True, text=True,
+                          timeout=30, env=environment())
+    assert done.returncode == 1 and "%s is world-writable" % public in done.stderr, done
+
+
 def test_a_log_file_that_root_creates_belongs_to_the_log_directorys_owner(tmp_path):
     # Found in review: a fatal error at start, logged as root, left a
     # root-owned log file that the unprivileged processes could not
