@@ -152,6 +152,7 @@ class Log:
             fd = os.open(self._path, flags)
         except FileNotFoundError:
             fd = os.open(self._path, flags | os.O_CREAT | os.O_EXCL, 0o640)
+            os.fchmod(fd, 0o640)  # Whatever the umask (spawn(8): the master's).
             _give_to_directory_owner(fd, self._path)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

@@ -73,6 +73,19 @@ def test_a_rotated_file_is_replaced_within_a_second(tmp_path, clock):
     assert [line.rpartition(": ")[2] for line in lines(path)] == ["after"]
 
 
+@pytest.mark.parametrize("mask", [0o000, 0o077], ids=oct)
+def test_the_log_file_is_created_0640_whatever_the_umask(tmp_path, clock, mask):
+    # Found in review: under umask 077 the file was made 0600, not 0640
+    # as log.py documents.
+    path = tmp_path / "greylist.log"
+    old = os.umask(mask)
+    try:
+        Log("greylist", str(path), clock=clock).info("a line")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+
+
 def test_a_removed_file_is_created_again(tmp_path, clock):
     path = tmp_path / "greylist.log"
     log = Log("greylist", str(path), clock=clock)
