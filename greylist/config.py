@@ -14,12 +14,14 @@ DESCRIPTION
     module then reads them from Config, none computes them.
 
 DIAGNOSTICS
-    ConfigError for an unknown name, a malformed line or an invalid
-    value; callers log it as fatal.
+    ConfigError for an unknown name, a malformed line, an invalid
+    value or a settings file that anyone can write; callers log it as
+    fatal.
 """
 
 import os
 import re
+import stat
 from typing import NamedTuple
 
 from greylist.files import read_small
@@ -539,11 +541,15 @@ def load(path: str | None, overrides: dict[str, object]) -> Config:
     values: dict[str, object] = {}
     if path is not None:
         try:
-            text = read_small(path, MAX_SETTINGS_BYTES)[0].decode("utf-8", "surrogateescape")
+            data, st = read_small(path, MAX_SETTINGS_BYTES)
         except OSError as exc:
             raise ConfigError("cannot read settings file %s: %s" % (path, exc.strerror)) \
                 from None
-        values.update(read_settings(text, path))
+        if st.st_mode & stat.S_IWOTH:
+            # Anyone could set greylist_allow_root, or the files root opens.
+            raise ConfigError("refusing settings file %s: anyone can write it (mode %04o); "
+                              "chmod o-w it" % (path, stat.S_IMODE(st.st_mode)))
+        values.update(read_settings(data.decode("utf-8", "surrogateescape"), path))
     values.update(overrides)
     return resolve(Config(**values))
 
@@ -632,9 +638,12 @@ def log_target(path: str | None) -> str:
     if path is None:
         return "syslog"
     try:
-        text = read_small(path, MAX_SETTINGS_BYTES)[0].decode("utf-8", "replace")
+        data, st = read_small(path, MAX_SETTINGS_BYTES)
     except OSError:
         return "syslog"
+    if st.st_mode & stat.S_IWOTH:
+        return "syslog"  # Refused (load()): its greylist_log is anyone's choice.
+    text = data.decode("utf-8", "replace")
     found = "syslog"
     for _, line in _logical_lines(text, path, strict=False):
         name, sep, value = line.partition("=")

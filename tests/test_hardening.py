@@ -535,3 +535,18 @@ def test_a_directory_that_another_user_owns_is_refused(public_tmp):
     assert "it belongs to uid %d, neither root nor this process's user" % other in refused
     os.chown(directory, 0, nobody.pw_gid)
     assert _check_directory_as(nobody.pw_uid, nobody.pw_gid, str(directory / "db")) == ""
+
+
+def test_a_settings_file_that_anyone_can_write_is_refused(tmp_path):
+    # Found in review: another user appended greylist_allow_root = yes to
+    # a 0666 settings file, and greylistd, started as root, served as root.
+    from greylist.config import ConfigError, load, log_target
+    directory = home(tmp_path / "conf")
+    cf = settings(directory)
+    os.chmod(cf, 0o666)
+    with pytest.raises(ConfigError, match="anyone can write it"):
+        load(str(cf), {})
+    assert log_target(str(cf)) == "syslog"
+    done = subprocess.run([sys.executable, "-m", "greylist.cli.greylistd", "-c", str(cf)],
+                          capture_output=True, text=True, timeout=30, env=environment())
+    assert done.returncode == 1 and "anyone can write it" in done.stderr, done
