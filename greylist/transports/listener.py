@@ -21,8 +21,9 @@ DESCRIPTION
     one durable commit, and its reply is written only after that
     commit.
 
-    A connection is an asyncio Protocol (Connection), not a stream and
-    a coroutine: data_received() feeds the decoder and answers each
+    A connection is an asyncio BufferedProtocol (Connection), not a
+    stream and a coroutine, reading into one buffer that all connections
+    share: data_received() feeds the decoder and answers each
     complete request at once when its reply is known without the store
     thread (a known record read in the event loop by Committer.plan, an
     exemption, a request that is not RCPT): no coroutine, no task, no
@@ -515,10 +516,19 @@ def _result(task: asyncio.Future):
     return task.result()
 
 
-class Connection(asyncio.Protocol):
+# What every connection reads into (asyncio.BufferedProtocol): the event
+# loop reads one connection at a time, and buffer_updated() copies what
+# came before the next read. asyncio's own data_received() path would
+# allocate 256 KiB a read, a mapping of its own, which costs a policy
+# request about 30 us (bench/RESULTS.md, run W).
+_READ_BUFFER = memoryview(bytearray(READ_SIZE))
+
+
+class Connection(asyncio.BufferedProtocol):
     """One connection of a Server: its decoder, session and flow control.
 
-    data_received() feeds the decoder and answers each complete request
+    data_received() (called by buffer_updated() with what was read into
+    the shared buffer) feeds the decoder and answers each complete request
     in order: at once when respond() has the reply (no coroutine, no
     task, no timer), else when the future it waits for is done (a
     callback), and meanwhile this connection answers nothing else;
@@ -564,6 +574,12 @@ class Connection(asyncio.Protocol):
         self.decoder = server.service.Decoder()
         self.session = server.service.new_session()
         self.last = time.monotonic()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_READ_BUFFER[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
