@@ -20,13 +20,15 @@ DESCRIPTION
     timeout, then closed.
 
 DIAGNOSTICS
-    A request that is not a GET or HEAD within MAX_REQUEST bytes and
-    TIMEOUT_S gets 400 and the connection closed. One warning when
+    A well-formed request of another method gets 405 (Allow: GET, HEAD);
+    anything else that is not a GET or HEAD within MAX_REQUEST bytes and
+    TIMEOUT_S gets 400; the connection is closed after either. One warning when
     MAX_SCRAPERS scrapes are under way (a new one is closed at once),
     and an info line when there is room again.
 """
 
 import asyncio
+import re
 import socket
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -44,6 +46,12 @@ MAX_SCRAPERS = 16
 # prometheus_client releases it names version 1.0.0, which the library's
 # own server sends only to a scraper that asks for it.
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+# An HTTP request line (RFC 9112 3): a method token, a target, a version.
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,20} [!-~]{1,2000} HTTP/[0-9]\.[0-9]\r\n")
+
+
+class _Answered(Exception):
+    """The answer is written: nothing more to say."""
 
 
 class Metrics:
@@ -134,14 +142,23 @@ class Metrics:
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT_S)
-            if len(head) > MAX_REQUEST or not head.startswith((b"GET ", b"HEAD ")):
+            if len(head) > MAX_REQUEST:
                 raise ValueError
+            if not head.startswith((b"GET ", b"HEAD ")):
+                if not _REQUEST_LINE.match(head):
+                    raise ValueError
+                # A well-formed request of another method (RFC 9110 15.5.6).
+                writer.write(b"HTTP/1.0 405 Method Not Allowed\r\nAllow: GET, HEAD\r\n"
+                             b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+                raise _Answered
             body = self.text()
             # HEAD: the head of the answer to GET, without the body
             # (RFC 9110 9.3.2; a server must support both, 9.1).
             writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
                          b"Connection: close\r\n\r\n" % (CONTENT_TYPE, len(body))
                          + (body if head.startswith(b"GET ") else b""))
+        except _Answered:
+            pass
         except (ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError,
                 asyncio.LimitOverrunError):
             writer.write(b"HTTP/1.0 400 Bad Request\r\nConnection: close\r\n\r\n")

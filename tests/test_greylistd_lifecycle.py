@@ -931,10 +931,15 @@ def test_metrics_count_requests_commits_and_connections(site):
             assert metric(body, "greylist_connections") == 1.0
             assert metric(body, "greylist_store_failures_total") == 0.0
         assert wait_for(lambda: metric(scrape(port), "greylist_connections") == 0.0)
-        for data in (b"POST /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n",
-                     b"HELLO\r\n\r\n"):
+        for data, answer in ((b"POST /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n",
+                              "HTTP/1.0 405 Method Not Allowed"),
+                             (b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
+                              "HTTP/1.0 405 Method Not Allowed"),
+                             (b"HELLO\r\n\r\n", "HTTP/1.0 400 Bad Request"),
+                             (b"GET\r\n\r\n", "HTTP/1.0 400 Bad Request"),
+                             (b"POST /\xff HTTP/1.0\r\n\r\n", "HTTP/1.0 400 Bad Request")):
             status, _ = http(port, data)
-            assert status == "HTTP/1.0 400 Bad Request"
+            assert status == answer, data
         assert daemon.stop() == 0
         assert_clean(daemon)
 
