@@ -15,8 +15,8 @@ DESCRIPTION
 
 DIAGNOSTICS
     ConfigError for an unknown name, a malformed line, an invalid
-    value or a settings file that anyone can write; callers log it as
-    fatal.
+    value or a settings file that anyone can write (or, for a process
+    running as root, anyone but root); callers log it as fatal.
 """
 
 import os
@@ -545,10 +545,9 @@ def load(path: str | None, overrides: dict[str, object]) -> Config:
         except OSError as exc:
             raise ConfigError("cannot read settings file %s: %s" % (path, exc.strerror)) \
                 from None
-        if st.st_mode & stat.S_IWOTH:
-            # Anyone could set greylist_allow_root, or the files root opens.
-            raise ConfigError("refusing settings file %s: anyone can write it (mode %04o); "
-                              "chmod o-w it" % (path, stat.S_IMODE(st.st_mode)))
+        unsafe = _unsafe_settings(st)
+        if unsafe:
+            raise ConfigError("refusing settings file %s: %s" % (path, unsafe))
         values.update(read_settings(data.decode("utf-8", "surrogateescape"), path))
     values.update(overrides)
     return resolve(Config(**values))
@@ -631,6 +630,27 @@ def is_redis(cfg: Config) -> bool:
     return cfg.database.startswith("redis")
 
 
+def _unsafe_settings(st: os.stat_result) -> str | None:
+    """Why a settings file of these attributes is refused, or None.
+
+    Whoever can write it could set greylist_allow_root or the files that
+    are opened: never anyone; and for a process running as root (greylistd
+    before it drops privileges, root's greylistctl) nobody but root, as
+    Postfix wants main.cf (postfix check).
+    """
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & stat.S_IWOTH:
+        return "anyone can write it (mode %04o); chmod o-w it" % mode
+    if os.geteuid() == 0:
+        if st.st_uid != 0:
+            return ("greylist runs as root, and the file belongs to uid %d; "
+                    "chown root it" % st.st_uid)
+        if mode & stat.S_IWGRP and st.st_gid != 0:
+            return ("greylist runs as root, and group %d can write it (mode %04o); "
+                    "chmod g-w it" % (st.st_gid, mode))
+    return None
+
+
 def log_target(path: str | None) -> str:
     """The greylist_log of a settings file that does not load, as far as
     it can be read (a fatal settings error then still reaches the log the
@@ -641,8 +661,8 @@ def log_target(path: str | None) -> str:
         data, st = read_small(path, MAX_SETTINGS_BYTES)
     except OSError:
         return "syslog"
-    if st.st_mode & stat.S_IWOTH:
-        return "syslog"  # Refused (load()): its greylist_log is anyone's choice.
+    if _unsafe_settings(st):
+        return "syslog"  # Refused (load()): its greylist_log is another's choice.
     text = data.decode("utf-8", "replace")
     found = "syslog"
     for _, line in _logical_lines(text, path, strict=False):

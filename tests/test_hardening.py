@@ -550,3 +550,31 @@ def test_a_settings_file_that_anyone_can_write_is_refused(tmp_path):
     done = subprocess.run([sys.executable, "-m", "greylist.cli.greylistd", "-c", str(cf)],
                           capture_output=True, text=True, timeout=30, env=environment())
     assert done.returncode == 1 and "anyone can write it" in done.stderr, done
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the rule is root's")
+def test_root_refuses_a_settings_file_that_another_user_owns_or_a_group_can_write(tmp_path):
+    # greylistd starts as root: the settings file's owner, or a group that
+    # can write it, could set greylist_allow_root = yes and have it serve
+    # as root; Postfix wants main.cf so (postfix check).
+    from greylist.config import ConfigError, load, log_target
+    nobody = pwd.getpwnam("nobody")
+    directory = home(tmp_path / "conf")
+    cf = settings(directory)
+    load(str(cf), {})  # root's 0644 file: read
+    os.chown(cf, nobody.pw_uid, 0)
+    with pytest.raises(ConfigError, match="belongs to uid %d" % nobody.pw_uid):
+        load(str(cf), {})
+    assert log_target(str(cf)) == "syslog"
+    os.chown(cf, 0, nobody.pw_gid)
+    os.chmod(cf, 0o664)
+    with pytest.raises(ConfigError, match="group %d can write it" % nobody.pw_gid):
+        load(str(cf), {})
+    done = subprocess.run([sys.executable, "-m", "greylist.cli.greylistd", "-c", str(cf)],
+                          capture_output=True, text=True, timeout=30, env=environment())
+    assert done.returncode == 1 and "group %d can write it" % nobody.pw_gid in done.stderr, done
+    os.chown(cf, 0, 0)  # Root's group may write it: only root is in it.
+    load(str(cf), {})
+    os.chmod(cf, 0o644)
+    os.chown(cf, 0, nobody.pw_gid)
+    load(str(cf), {})  # Readable by a group, writable by root only.
