@@ -50,10 +50,6 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,20} [!-~]{1,2000} HTTP/[0-9]\.[0-9]\r\n")
 
 
-class _Answered(Exception):
-    """The answer is written: nothing more to say."""
-
-
 class Metrics:
     """The collectors of one daemon."""
 
@@ -144,21 +140,19 @@ class Metrics:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT_S)
             if len(head) > MAX_REQUEST:
                 raise ValueError
-            if not head.startswith((b"GET ", b"HEAD ")):
-                if not _REQUEST_LINE.match(head):
-                    raise ValueError
+            if head.startswith((b"GET ", b"HEAD ")):
+                body = self.text()
+                # HEAD: the head of the answer to GET, without the body
+                # (RFC 9110 9.3.2; a server must support both, 9.1).
+                writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                             b"Connection: close\r\n\r\n" % (CONTENT_TYPE, len(body))
+                             + (body if head.startswith(b"GET ") else b""))
+            elif _REQUEST_LINE.match(head):
                 # A well-formed request of another method (RFC 9110 15.5.6).
                 writer.write(b"HTTP/1.0 405 Method Not Allowed\r\nAllow: GET, HEAD\r\n"
                              b"Content-Length: 0\r\nConnection: close\r\n\r\n")
-                raise _Answered
-            body = self.text()
-            # HEAD: the head of the answer to GET, without the body
-            # (RFC 9110 9.3.2; a server must support both, 9.1).
-            writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-                         b"Connection: close\r\n\r\n" % (CONTENT_TYPE, len(body))
-                         + (body if head.startswith(b"GET ") else b""))
-        except _Answered:
-            pass
+            else:
+                raise ValueError
         except (ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError,
                 asyncio.LimitOverrunError):
             writer.write(b"HTTP/1.0 400 Bad Request\r\nConnection: close\r\n\r\n")

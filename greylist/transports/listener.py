@@ -520,7 +520,7 @@ def _result(task: asyncio.Future):
 # loop reads one connection at a time, and buffer_updated() copies what
 # came before the next read. asyncio's own data_received() path would
 # allocate 256 KiB a read, a mapping of its own, which costs a policy
-# request about 30 us (bench/RESULTS.md, run W).
+# request about 30 us (bench/RESULTS.md, run X).
 _READ_BUFFER = memoryview(bytearray(READ_SIZE))
 
 
