@@ -845,8 +845,8 @@ BAD_INPUTS = {
     "long-line": b"request=smtpd_access_policy\n" + b"x" * 70000 + b"\n\n",
     "endless-line": b"y" * 70000,
     "http": b"GET / HTTP/1.0\nHost: example.org\n\n",
-    # CRLF lines never make the empty line that ends a request: only the
-    # end of input shows the request unfinished.
+    # CRLF lines never make the empty line that ends a request: the first
+    # line, without "=", is refused once it ends, not at the end of input.
     "http-crlf-eof": b"GET / HTTP/1.1\r\nHost: example.org\r\n\r\n",
     "tls": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)) + b"\n\n",
     "premature-eof": b"request=smtpd_access_policy\nsender=a@example.org\n",

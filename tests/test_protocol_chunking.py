@@ -282,3 +282,24 @@ def test_a_malformed_line_past_the_request_cap_is_malformed_in_any_chunking():
         requests, error = decode(chunks)
         assert requests == [] and error is not None and "malformed line" in error, (
             chunks, requests, error)
+
+
+@pytest.mark.parametrize("line, error", [
+    (b"GET / HTTP/1.1\r", "malformed line"),     # an HTTP probe: no empty line follows
+    (b"=value", "malformed line"),
+    (b"sender=a\0b", "NUL byte"),
+])
+def test_a_bad_line_is_refused_as_soon_as_it_ends(line, error):
+    """Found in review: a line without "=" (or with a NUL) was refused only
+    at its request's empty line, so a client that sent one and waited
+    (an HTTP probe) held its connection until the cut-off, and at end of
+    input it was logged as "premature end of input"."""
+    decoder = Decoder()
+    decoder.feed(b"request=smtpd_access_policy\n" + line + b"\n")
+    with pytest.raises(ProtocolError, match=error):
+        decoder.next()
+    # A whole request fails on the same line as one in pieces would.
+    whole = Decoder()
+    whole.feed(b"request=smtpd_access_policy\n" + line + b"\nx\nc=\0\n\n")
+    with pytest.raises(ProtocolError, match=error):
+        whole.next()

@@ -189,6 +189,9 @@ class Decoder:
                 self._skip(newline - start)
                 buf = buf[:start] + buf[newline + 1:]
                 continue
+            # A whole line is checked at once: a malformed one must not
+            # wait for an empty line that may never come.
+            _check(buf[start:newline])
             start = newline + 1
 
     def _discard(self, buf: bytes) -> bytes:
@@ -264,11 +267,8 @@ def _show_value(value: str) -> str:
 def _parse(block: bytes, max_attributes: int) -> dict[str, str]:
     """The attributes of a block of lines, each ended by a newline, within
     the line cap."""
-    if block.count(b"\n") > max_attributes:
-        raise ProtocolError("more than %d attributes in one request" % max_attributes)
-    if b"\0" in block:
-        line = next(raw for raw in block.split(b"\n") if b"\0" in raw)
-        raise ProtocolError("NUL byte in line %s" % _show(line))
+    if block.count(b"\n") > max_attributes or b"\0" in block:
+        _first_error(block, max_attributes)
     # A newline never occurs inside a UTF-8 sequence: splitting after
     # decoding gives the same lines.
     lines = block.decode("utf-8", "surrogateescape").split("\n")
@@ -277,13 +277,33 @@ def _parse(block: bytes, max_attributes: int) -> dict[str, str]:
     for line in lines:
         name, sep, value = line.partition("=")
         if not sep or not name:
-            raise ProtocolError("malformed line %s: expected name=value"
-                                % _show(line.encode("utf-8", "surrogateescape")))
+            _first_error(block, max_attributes)
         if value:
             attrs[name] = value
         else:
             attrs.pop(name, None)
     return attrs
+
+
+def _check(line: bytes) -> None:
+    """Raise ProtocolError for a line (without its newline) that is not
+    name=value, or that holds a NUL."""
+    if b"\0" in line:
+        raise ProtocolError("NUL byte in line %s" % _show(line))
+    name, sep, _ = line.partition(b"=")
+    if not sep or not name:
+        raise ProtocolError("malformed line %s: expected name=value" % _show(line))
+
+
+def _first_error(block: bytes, max_attributes: int) -> None:
+    """Raise the error of a block's first bad line, as Decoder._scan()
+    meets it line by line (a line over the attribute cap first), so that
+    a request that arrives whole fails as one that arrives in pieces."""
+    for number, line in enumerate(block.split(b"\n")[:-1], 1):
+        if number > max_attributes:
+            raise ProtocolError("more than %d attributes in one request" % max_attributes)
+        _check(line)
+    raise AssertionError("no bad line in the block")
 
 
 def format_reply(action: str) -> bytes:
