@@ -1323,7 +1323,8 @@ def test_greylistctl_import_copies_a_live_lmdb_database_into_redis(server, short
     entries = db.info()["entries"]
     # A second import finds every entry there already and keeps it
     # (idempotent: no duplicates, nothing taken back).
-    status, out = ctl(redis_settings, "import", str(base))
+    # (Named as Postfix names it, lmdb:PATH, as greylistctl(8) writes it.)
+    status, out = ctl(redis_settings, "import", "lmdb:" + str(base))
     assert status == 0 and "import: database: 0 copied, %d expired left behind, " \
         "%d already in Redis kept" % (len(source) - live, live) in out, out
     status, out = ctl(redis_settings, "stats")

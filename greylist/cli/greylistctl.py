@@ -529,7 +529,10 @@ def _import(store: Store, cfg: Config, log: Log, source: str, keyed: Store) -> i
         to_stderr("greylistctl: import copies into a Redis database; greylist_database is %s"
                   % cfg.database)
         return 2
-    lmdb_cfg = resolve(cfg._replace(database=source.removesuffix(".lmdb"), client_table="",
+    # Postfix's name (lmdb:PATH), as the usage and greylistctl(8) write
+    # it, or the file's: as greylist_database and --database take them.
+    source = source.removeprefix("lmdb:").removesuffix(".lmdb")
+    lmdb_cfg = resolve(cfg._replace(database=source, client_table="",
                                     correspondent_table="", postscreen_table="",
                                     resolved=False))
     now = int(time.time())
