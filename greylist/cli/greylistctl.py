@@ -93,7 +93,8 @@ Usage:
 Options:
   -c FILE, --config FILE    Read settings from FILE, as greylist does.
   -d PATH, --database PATH  Database lmdb:PATH (greylist_database).
-  --dry-run                 Count what cleanup would drop; change nothing.
+  --dry-run                 Count what cleanup or import-postgrey would do;
+                            change nothing.
   --client-name NAME        The client's verified name (for domain matching).
   --table                   Dump the client table instead of the database.
   --correspondents          Dump the correspondent table instead.
