@@ -332,6 +332,35 @@ def test_sigterm_drains_requests_in_flight_and_keeps_every_answered_triple(site)
     assert missing == []
 
 
+# A ^C that lands while greylistd loads its modules (before main() and
+# the event loop): the code below runs right after the import.
+_INTERRUPTED_AFTER_IMPORT = (
+    "import os, signal, sys, time\n"
+    "import greylist.cli.greylistd\n"
+    "print(getattr(signal.getsignal(signal.SIGINT), \"name\", \"a handler\"), flush=True)\n"
+    "os.kill(os.getpid(), signal.SIGINT)\n"
+    "time.sleep(5)\n"
+    "sys.exit(3)\n")
+
+
+def test_sigint_while_greylistd_starts_ends_it_without_a_traceback():
+    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_AFTER_IMPORT],
+                          capture_output=True, text=True, timeout=30,
+                          env=daemons.environment(),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+    assert (done.returncode, done.stderr) == (-signal.SIGINT, "")
+    assert done.stdout == "SIG_DFL\n"
+
+
+def test_an_ignored_sigint_stays_ignored_while_greylistd_starts():
+    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_AFTER_IMPORT],
+                          capture_output=True, text=True, timeout=30,
+                          env=daemons.environment(),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert (done.returncode, done.stderr) == (3, "")
+    assert done.stdout == "SIG_IGN\n"
+
+
 def test_after_sigterm_a_connection_gets_only_its_request_in_flight(site):
     with daemons.start(site, "greylist_delay = 1h\n") as daemon:
         senders = senders_under_load(daemon, 16, 300)

@@ -35,10 +35,18 @@ DIAGNOSTICS
     an exception hook.
 """
 
+import signal
+
+# A ^C before the event loop takes SIGINT (while the modules below load,
+# the settings are read, the listeners bound) ends greylistd as the
+# default action does, without a traceback: nothing is served yet. An
+# ignored SIGINT (nohup, a shell's background job) stays ignored.
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import asyncio
 import errno
 import os
-import signal
 import socket
 import sys
 import time
