@@ -183,6 +183,22 @@ def test_retry_after_the_retry_window_counts_as_new():
     assert decision.writes.triple == Record(T + WINDOW + 1, T + WINDOW + 1, 1, PENDING)
 
 
+@pytest.mark.parametrize("records, now, reason", [
+    pytest.param(only(Record(T, T + 60, 2, PENDING)), T + WINDOW, "delay-passed",
+                 id="pending-at-window"),
+    pytest.param(only(Record(T, T, 2, PASSED)), T + MAX_AGE, "known", id="passed-at-max-age"),
+    pytest.param(Records(sender=Record(T, T, 1, SENDER)), T + MAX_AGE, "awl-sender",
+                 id="sender-at-max-age"),
+    pytest.param(Records(client=Record(T, T, 9, CLIENT)), T + MAX_AGE, "awl-client",
+                 id="client-at-max-age"),
+])
+def test_a_record_at_the_end_of_its_lifetime_is_still_used(records, now, reason):
+    # decide() reads the lifetimes inline (_live): it must agree with
+    # expired() at the boundary, where the record is still alive.
+    assert not any(expired(r, now, CFG) for r in records if r is not None)
+    assert decide(records, now, CFG).reason == reason
+
+
 def test_passed_triple_expires_after_max_age_and_is_greylisted_again():
     decision = decide(only(Record(T, T, 2, PASSED)), T + MAX_AGE + 1, TRIPLE_ONLY)
     assert decision.action.startswith("DEFER_IF_PERMIT") and decision.reason == "new"
