@@ -347,6 +347,45 @@ def test_the_longest_request_kept_is_decoded():
     assert attrs["sender"] == "s" * (MAX_LINE_BYTES - 7) and attrs["instance"]
 
 
+@pytest.mark.parametrize("size, kept", [
+    pytest.param(MAX_REQUEST_BYTES, True, id="at-request-cap"),
+    pytest.param(MAX_REQUEST_BYTES + 1, False, id="one-byte-over"),
+])
+def test_a_line_that_takes_the_request_past_its_cap_is_dropped(size, kept):
+    # Lines (newlines included) of size bytes in all, the last of them
+    # ending exactly there; the empty line that ends the request is not
+    # counted.
+    head = b"request=smtpd_access_policy\n"
+    fillers = [b"f%d=" % i + b"v" * (MAX_LINE_BYTES - 10) + b"\n" for i in range(3)]
+    rest = size - len(head) - sum(map(len, fillers))
+    assert 10 < rest <= MAX_LINE_BYTES
+    last = b"z=" + b"v" * (rest - 3) + b"\n"
+    raw = head + b"".join(fillers) + last + b"\n"
+    assert len(raw) == size + 1
+    if kept:
+        assert parse(raw)["z"] == "v" * (rest - 3)
+    else:
+        with pytest.raises(RequestTooLong) as raised:
+            parse(raw)
+        assert raised.value.dropped == [("z", rest - 1)]
+
+
+@pytest.mark.parametrize("lines, ends", [
+    pytest.param(MAX_ATTRIBUTES, False, id="at-cap"),
+    pytest.param(MAX_ATTRIBUTES + 1, True, id="one-over"),
+])
+def test_the_attribute_cap_ends_a_request_before_its_empty_line(lines, ends):
+    # A client that sends line after line and never ends the request is
+    # cut off at the line over the cap, not when the request ends.
+    decoder = Decoder()
+    decoder.feed(b"a=b\n" * lines)
+    if ends:
+        with pytest.raises(ProtocolError, match="more than %d attributes" % MAX_ATTRIBUTES):
+            decoder.next()
+    else:
+        assert decoder.next() is None
+
+
 def test_a_request_in_the_buffer_is_answered_without_another_read():
     stream = Trickle(wire(POSTFIX_37_RCPT) * 2, READ_SIZE)
     reader = Reader(stream)
