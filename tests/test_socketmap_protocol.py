@@ -82,6 +82,15 @@ def test_a_long_header_line_is_discarded_unbuffered_and_answered():
         bad.next()
 
 
+def test_a_request_at_the_skip_limit_is_discarded_not_refused():
+    # MAX_SKIP_BYTES is the largest request discarded and answered; one
+    # byte more is a framing error (test_framing_errors_are_protocol_errors).
+    decoder = Decoder()
+    decoder.feed(b"%d:" % MAX_SKIP_BYTES + b"header X: " + b"x" * 1000)
+    assert decoder.next() is None
+    assert decoder.in_request()
+
+
 def test_the_largest_request_is_accepted():
     key = b"k" * (MAX_REQUEST_BYTES - len(b"rcpt "))
     assert decode_all(netstring(b"rcpt " + key)) == [("rcpt", key.decode())]
