@@ -469,6 +469,43 @@ def test_ttls_follow_the_settings_and_the_lifetimes():
             assert spawner.stop() == [0]
 
 
+# The ttl rules in the handler itself, at fixed times.
+
+def handler_verdict(address: str, records: list[bytes | None], table: bytes | None,
+                    now: int):
+    """The handler's verdict for address with its group's (and its own)
+    records, and table the postscreen table's value for it."""
+    from greylist.core.lists import Exemptions
+    from greylist.handlers.postscreen import Lookup, PostscreenHandler
+    handler = PostscreenHandler(Config(postscreen_table="/nonexistent/db-postscreen"))
+    step = handler.prepare(address, now, Exemptions())
+    assert isinstance(step, Lookup) and not step.table
+    _, step = step.change(records)
+    if isinstance(step, Lookup):
+        assert step.table
+        _, step = step.change([table])
+    return step
+
+
+def test_an_awl_ttl_counts_the_lifetime_from_the_last_sight():
+    # A client proven long ago (first seen past greylist_max_age) and
+    # seen a minute ago: its entry lives almost all of max_age yet.
+    now = 2_000_000_000
+    value = b"1:%d:%d:5:client" % (now - MAX_AGE - 86400, now - 60)
+    verdict = handler_verdict("2001:db8:7::1", [value], None, now)
+    assert (verdict.action, verdict.ttl, verdict.reason) == ("pass", PS_TTL, "awl-client")
+
+
+def test_a_host_ttl_never_exceeds_its_postscreen_table_entrys_remaining_lifetime():
+    # Pool mode: the /24's entry was seen now, the host's table entry has
+    # ten minutes left.
+    now = 2_000_000_000
+    value = b"1:%d:%d:5:client" % (now, now)
+    verdict = handler_verdict("198.18.1.77", [value, None],
+                              b"permit %d" % (now - (MAX_AGE - 600)), now)
+    assert (verdict.action, verdict.ttl, verdict.reason) == ("pass", 600, "awl-client")
+
+
 # The request: addresses, attributes in any order, unknown attributes.
 
 @pytest.mark.parametrize("server", ["192.0.2.25", "127.0.0.1", "::1", "2001:db8::25",
