@@ -333,3 +333,16 @@ def test_cleanup_removes_entries_that_postmap_n_wrote_without_the_nul(tmp_path, 
         assert [k for k, _ in store.scan(None, 10)] == [b"k/x@y/z@w"]
     finally:
         store.close()
+
+
+def test_the_state_file_is_private_whatever_the_umask(stores):
+    # Its position names a database key (addresses, unless privacy mode).
+    store, table = stores
+    c = cleaner(store, table, NOW)
+    old = os.umask(0)
+    try:
+        run_pass(c)
+    finally:
+        os.umask(old)
+        c.close()
+    assert os.stat(at(store).cleanup_state).st_mode & 0o777 == 0o600
