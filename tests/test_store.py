@@ -154,6 +154,35 @@ def test_lock_calls_are_exactly_the_postfix_protocol(db, monkeypatch):
                      (fd, fcntl.LOCK_SH), (fd, fcntl.LOCK_UN)]
 
 
+@pytest.mark.parametrize("operation, kind", [
+    pytest.param(lambda db: db.get_many([b"k", None]), fcntl.LOCK_SH, id="get_many"),
+    pytest.param(lambda db: db.get_many_batch([[b"k"], [b"j"]]), fcntl.LOCK_SH,
+                 id="get_many_batch"),
+    pytest.param(lambda db: db.get_many_nowait([b"k"]), fcntl.LOCK_SH, id="get_many_nowait"),
+    pytest.param(lambda db: db.scan(None, 10), fcntl.LOCK_SH, id="scan"),
+    pytest.param(lambda db: db.info(), fcntl.LOCK_SH, id="info"),
+    pytest.param(lambda db: db.update_many([b"k"], lambda old: ([b"w"], None)), fcntl.LOCK_EX,
+                 id="update_many"),
+    pytest.param(lambda db: db.update_batch([([b"k"], lambda old: ([b"w"], None))]),
+                 fcntl.LOCK_EX, id="update_batch"),
+    pytest.param(lambda db: db.put_many([(b"j", b"v")]), fcntl.LOCK_EX, id="put_many"),
+    pytest.param(lambda db: db.delete_if([b"k"], lambda k, v: True), fcntl.LOCK_EX,
+                 id="delete_if"),
+])
+def test_each_operation_takes_the_lock_kind_postfix_expects(db, monkeypatch, operation, kind):
+    # lmdb_table(5): readers (postmap -q, smtpd) take a shared lock,
+    # writers an exclusive one; a write under a shared lock would let a
+    # reader see a transaction half done, a read under an exclusive one
+    # would block the readers.
+    db.put(b"k", b"v")
+    calls = []
+    real = fcntl.lockf
+    monkeypatch.setattr(fcntl, "lockf",
+                        lambda fd, op, *a: (calls.append(op), real(fd, op, *a))[1])
+    operation(db)
+    assert [op & ~fcntl.LOCK_NB for op in calls] == [kind, fcntl.LOCK_UN]
+
+
 def test_map_full_doubles_the_map_and_keeps_every_value(tmp_path, monkeypatch):
     os.chmod(tmp_path, 0o755)
     store = LmdbStore(str(tmp_path / "g"), map_size=64 * 1024)
