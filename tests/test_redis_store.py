@@ -324,12 +324,17 @@ def test_each_redis_table_expires_what_the_lmdb_cleanup_drops(data, table, lifet
             assert cleaner._doomed(number, value, now) == (at is not None and now >= at), now
 
 
-def test_records_written_through_redisstore_expire_by_ttl_and_manual_ones_never(server):
+@pytest.mark.parametrize("scripting", [True, False], ids=["script", "watch"])
+def test_records_written_through_redisstore_expire_by_ttl_and_manual_ones_never(
+        server, scripting):
+    # Both ways of writing: the script, and WATCH/MULTI/EXEC where
+    # scripts are refused.
     from greylist.wiring import redis_table
     cfg = Config(database=server.unix_url, retry_window_s=3600, max_age_s=7 * 86400,
                  correspondent_lifetime_s=30 * 86400)
     now = int(time.time())
     db = redis_table(cfg, "db")
+    db.connection.scripting = scripting
     written = {
         b"192.0.2/a@example.org/b@example.net": records.Record(now - 60, now - 60, 1,
                                                                 records.PENDING),
@@ -339,8 +344,10 @@ def test_records_written_through_redisstore_expire_by_ttl_and_manual_ones_never(
     for key, record in written.items():
         db.put(key, records.encode(record))
     clients = redis_table(cfg, "clients")
+    clients.connection.scripting = scripting
     clients.put(b"192.0.2.7", b"%d" % (now - 5))
     screened = redis_table(cfg, "postscreen")
+    screened.connection.scripting = scripting
     screened.put(b"192.0.2.8", MANUAL_PERMIT)
     screened.put(b"192.0.2.9", b"permit %d" % now)
     client = server.client()
