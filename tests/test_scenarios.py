@@ -339,6 +339,20 @@ def test_exemptions_need_no_retry(tmp_path, extra, reason):
     assert site.reason() == reason
 
 
+@pytest.mark.parametrize("client, trusted", [
+    ("127.0.0.1", True), ("::1", True), ("198.51.100.7", True), ("198.51.101.7", False),
+])
+def test_each_trusted_network_is_trusted_on_its_own(tmp_path, client, trusted):
+    # Several networks, as mynetworks lists them: any one of them exempts.
+    site = Site(tmp_path, CFG._replace(
+        trusted_networks=("127.0.0.0/8", "::1/128", "198.51.100.0/24")))
+    answer = site.ask(client=client)
+    if trusted:
+        assert (answer, site.reason()) == ("DUNNO", "trusted")
+    else:
+        assert answer.startswith("DEFER_IF_PERMIT")
+
+
 def test_learn_mode_never_defers_and_fills_the_database(tmp_path):
     learning = Site(tmp_path, CFG._replace(learn=True))
     assert learning.ask() == "DUNNO"
