@@ -215,15 +215,18 @@ def test_after_sighup_the_policy_service_still_writes_the_postscreen_table(site,
         with daemon.connect() as sock:
             earn(sock, "192.0.2.10")
             assert wait_for(lambda: "192.0.2.10" in postscreen_table(site, postmap))
-            # Start-only settings that a reload cannot apply are named.
+            # Start-only settings that a reload cannot apply are named, and
+            # their old values stay (the table too: not turned off).
             daemon.settings_path.write_text(
                 daemon.settings_path.read_text()
-                + "greylist_log = %s/other.log\ngreylist_commit_batch = 7\n" % site)
+                + "greylist_log = %s/other.log\ngreylist_commit_batch = 7\n" % site
+                + "greylist_postscreen_table = none\n")
             os.kill(daemon.pid, signal.SIGHUP)
             assert wait_for(lambda: log_lines(daemon, "reload: settings and whitelists"))
             restart = log_lines(daemon, "needs a restart")
             assert len(restart) == 1, restart
-            assert "greylist_log, greylist_commit_batch changed" in restart[0], restart
+            assert ("greylist_postscreen_table, greylist_log, greylist_commit_batch changed"
+                    in restart[0]), restart
             earn(sock, "203.0.113.20")
             assert wait_for(lambda: "203.0.113.20" in postscreen_table(site, postmap))
         assert not (site / "other.log").exists()
