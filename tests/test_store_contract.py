@@ -431,3 +431,80 @@ def test_a_secret_being_created_is_not_read_half_written(tmp_path, monkeypatch):
         patch.setattr(privacy.os, "fdopen", fdopen)
         mine = first.hash(b"k")
     assert seen == [mine]
+
+
+# Privacy mode: every operation of HashedKeys reaches the store with the
+# keyed hash of each key, never the key itself (greylistd writes through
+# update_batch and reads through get_many_nowait and get_many_batch).
+HASHED_OPERATIONS = {
+    "get_many": lambda s: s.get_many([b"192.0.2/a@example.org/b@example.net", None]),
+    "get_many_nowait": lambda s: s.get_many_nowait([b"192.0.2/a@example.org/b@example.net"]),
+    "get_many_batch": lambda s: s.get_many_batch([[b"192.0.2/a@example.org/b@example.net"]]),
+    "update_many": lambda s: s.update_many([b"192.0.2/a@example.org/b@example.net"],
+                                           lambda old: ([b"v"], None)),
+    "update_batch": lambda s: s.update_batch([([b"192.0.2/a@example.org/b@example.net"],
+                                               lambda old: ([b"v"], None))]),
+    "delete_if": lambda s: s.delete_if([b"192.0.2/a@example.org/b@example.net"],
+                                       lambda k, v: True),
+}
+
+
+@pytest.mark.parametrize("operation", list(HASHED_OPERATIONS))
+def test_privacy_mode_hands_the_store_only_hashed_keys(tmp_path, operation):
+    seen = []
+
+    class Watched(MemoryStore):
+        def _keys(self, keys):
+            seen.extend(k for k in keys if k is not None)
+
+        def get_many(self, keys):
+            self._keys(keys)
+            return super().get_many(keys)
+
+        def get_many_nowait(self, keys):
+            self._keys(keys)
+            return super().get_many_nowait(keys)
+
+        def get_many_batch(self, batches):
+            for keys in batches:
+                self._keys(keys)
+            return super().get_many_batch(batches)
+
+        def update_many(self, keys, change):
+            self._keys(keys)
+            return super().update_many(keys, change)
+
+        def update_batch(self, ops):
+            for keys, _ in ops:
+                self._keys(keys)
+            return super().update_batch(ops)
+
+        def delete_if(self, keys, doomed):
+            self._keys(keys)
+            return super().delete_if(keys, doomed)
+
+    store = HashedKeys(Watched(), str(tmp_path / "contract.secret"))
+    HASHED_OPERATIONS[operation](store)
+    # (The base class's defaults call each other: a key may be seen twice.)
+    assert set(seen) == {store.hash(b"192.0.2/a@example.org/b@example.net")}
+    assert all(k not in b"".join(key for key, _ in store.items()) for k in (b"@", b"192."))
+
+
+def test_the_privacy_hash_is_keyed_by_the_secret(tmp_path):
+    # Without the secret, the hash of an address is a dictionary lookup
+    # away: two secrets give two hashes, neither the plain SHA-256.
+    import hashlib
+    key = b"192.0.2/a@example.org/b@example.net"
+    one, two = (HashedKeys(MemoryStore(), str(tmp_path / name)) for name in ("1", "2"))
+    assert one.hash(key) != two.hash(key)
+    assert hashlib.sha256(key).hexdigest().encode("ascii") not in (one.hash(key), two.hash(key))
+    assert one.hash(key) == HashedKeys(MemoryStore(), str(tmp_path / "1")).hash(key)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660])
+def test_a_secret_that_a_group_or_others_can_read_is_refused(tmp_path, mode):
+    path = tmp_path / "contract.secret"
+    HashedKeys(MemoryStore(), str(path)).hash(b"k")   # made 0600
+    os.chmod(path, mode)
+    with pytest.raises(StoreError, match="accessible by group or others"):
+        HashedKeys(MemoryStore(), str(path)).hash(b"k")
