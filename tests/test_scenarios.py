@@ -410,6 +410,20 @@ def test_header_is_prepended_once_per_delayed_message(tmp_path):
     assert site.ask(rcpt="bob@example.net", instance="m3") == "DUNNO"
 
 
+def test_one_header_per_message_when_each_recipient_passes_its_delay(tmp_path):
+    # Without the sender auto-whitelist, each recipient of the retried
+    # message passes by its own delay: the header is still added once.
+    site = Site(tmp_path, CFG._replace(header=True, sender_awl=False, client_awl_passes=0))
+    for rcpt in ("bob@example.net", "carol@example.net", "dave@example.net"):
+        site.ask(rcpt=rcpt, instance="m1")
+    site.later(300)
+    answers = [site.ask(rcpt=rcpt, instance="m2")
+               for rcpt in ("bob@example.net", "carol@example.net", "dave@example.net")]
+    assert answers[0].startswith("PREPEND X-Greylist: delayed 300 seconds")
+    assert answers[1:] == ["DUNNO", "DUNNO"]
+    assert site.reason() == "delay-passed"
+
+
 def test_defer_text_tells_recipient_domain_and_client(tmp_path):
     site = Site(tmp_path, CFG._replace(defer_text="4.7.1 $client_address to "
                                                   "$recipient_domain: wait $seconds_left s"))
