@@ -110,3 +110,31 @@ def test_a_fresh_start_and_a_restart_in_a_safe_directory_work(directory):
     assert stat.S_IMODE(os.lstat(directory / "policy.lock").st_mode) == 0o600
     bound(directory, mode=0o660)  # the old socket is replaced
     assert stat.S_IMODE(os.lstat(directory / "policy").st_mode) == 0o660
+
+
+def test_the_socket_is_never_wider_than_its_mode_even_as_it_is_bound(directory, monkeypatch):
+    # Bound under umask 0 it would be 0777 until the chmod: any local
+    # user could connect in between and keep the connection.
+    import socket
+    from greylist.transports import listener
+    seen = []
+
+    class Watched(socket.socket):
+        def bind(self, address):
+            super().bind(address)
+            seen.append(stat.S_IMODE(os.lstat(address).st_mode))
+
+    monkeypatch.setattr(listener.socket, "socket", Watched)
+    old = os.umask(0)
+    try:
+        bound(directory)
+    finally:
+        os.umask(old)
+    assert seen == [0]
+    assert stat.S_IMODE(os.lstat(directory / "policy").st_mode) == 0o660
+
+
+def test_the_default_socket_mode_lets_only_owner_and_group_connect():
+    # Postfix connects as its own user and group (greylist_socket_group).
+    from greylist.config import Config
+    assert Config().socket_mode == 0o660
