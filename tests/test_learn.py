@@ -197,6 +197,15 @@ def test_a_sender_is_forgotten_after_its_time():
     assert session.sender is None
 
 
+def test_a_sender_looked_up_before_the_clock_stepped_back_is_forgotten():
+    # Its age is unknown then: a recipient an hour "earlier" may be the
+    # null sender's, not alice's.
+    handler, session = SocketmapHandler(CFG), SocketmapSession()
+    handler.lookup("sender", "alice@example.com", session, T)
+    assert handler.lookup("rcpt", "bob@remote.test", session, T - 3600)[0] == []
+    assert session.sender is None
+
+
 def test_the_first_header_lookup_ends_the_envelope():
     handler, session = SocketmapHandler(CFG), SocketmapSession()
     handler.lookup("sender", "alice@example.com", session, T)
