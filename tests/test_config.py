@@ -410,3 +410,41 @@ def test_a_fatal_settings_error_reaches_a_greylist_log_on_a_continuation_line(tm
     settings.write_text("greylist_log =\n    /var/log/greylist.log\n# c\n"
                         "greylist_bogus = 1\n", encoding="utf-8")
     assert log_target(str(settings)) == "/var/log/greylist.log"
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    pytest.param("greylist_ipv4_prefix", "24", 24, id="v4"),
+    pytest.param("greylist_ipv4_prefix", "/16", 16, id="v4-slash"),
+    pytest.param("greylist_ipv4_prefix", "32", 32, id="v4-host"),
+    pytest.param("greylist_ipv6_prefix", "64", 64, id="v6"),
+    pytest.param("greylist_ipv6_prefix", "/48", 48, id="v6-slash"),
+    pytest.param("greylist_ipv6_prefix", "128", 128, id="v6-host"),
+])
+def test_prefix_lengths(name, value, expected):
+    assert parse_setting(name, value)[1] == expected
+
+
+@pytest.mark.parametrize("name, value", [
+    pytest.param("greylist_ipv4_prefix", "0", id="v4-zero-is-one-client-for-all"),
+    pytest.param("greylist_ipv4_prefix", "33", id="v4-too-long"),
+    pytest.param("greylist_ipv4_prefix", "20", id="v4-not-an-octet"),
+    pytest.param("greylist_ipv6_prefix", "0", id="v6-zero"),
+    pytest.param("greylist_ipv6_prefix", "129", id="v6-too-long"),
+    pytest.param("greylist_ipv6_prefix", "56", id="v6-not-a-16-bit-group"),
+    pytest.param("greylist_ipv6_prefix", "-64", id="v6-negative"),
+])
+def test_prefix_lengths_rejected(name, value):
+    # access(5) address forms: octets of IPv4, 16-bit groups of IPv6.
+    with pytest.raises(ConfigError, match="%s: expected a prefix length" % name):
+        parse_setting(name, value)
+
+
+@pytest.mark.parametrize("name, field", [("greylist_redis_timeout", "redis_timeout_ms"),
+                                         ("greylist_lock_timeout", "lock_timeout_ms")])
+def test_millisecond_values(name, field):
+    assert parse_setting(name, "300ms") == (field, 300)
+    assert parse_setting(name, "2s") == (field, 2000)
+    for value in ("0ms", "0s", "300", "1m", "1.5s", ""):
+        # 0 would fail every request at once; a bare number is ambiguous.
+        with pytest.raises(ConfigError, match="%s: expected a time like 300ms" % name):
+            parse_setting(name, value)
