@@ -86,3 +86,33 @@ def test_an_address_line_with_an_action_or_an_at_domain_is_warned_of_not_kept():
     assert [w.split(":")[0] for w in warned] == ["wl, line 1", "wl, line 2", "wl, line 3"]
     assert "white space" in warned[0] and "without the \"@\"" in warned[2]
     assert not entries.addresses and not entries.names and entries.locals == {"carol"}
+
+
+def test_client_entries_match_as_postgrey_matches_them():
+    # postgrey searches a regex case-insensitively anywhere in the
+    # client name; a name entry matches the name and its subdomains, a
+    # trailing dot of the name aside.
+    warned = []
+    entries = parse("/Tiscali\\.IT$/\n/\\.google\\./\nsouthwest.com\n", "client", "wl",
+                    warned.append)
+    assert warned == []
+    assert match_client(entries, "198.51.100.1", "smtp7.tiscali.it")
+    assert match_client(entries, "198.51.100.1", "MAIL-yw1.google.com")
+    assert match_client(entries, "198.51.100.1", "mx.southwest.com.")
+    assert not match_client(entries, "198.51.100.1", "southwest.com.example")
+
+
+def test_an_unknown_client_matches_no_address_and_no_name_entry():
+    # client_address and client_name "unknown" (no address, no reverse
+    # name) are Postfix's placeholders, not an address or a name: a
+    # network entry must not choke on them, nor a name entry or a
+    # pattern that happens to fit the word exempt every unnamed client.
+    from greylist.core.lists import Exemptions
+    entries = parse("192.0.2.0/24\n/^unknown$/\n/nk/\nunknown\n", "client", "wl", print)
+    assert not match_client(entries, "unknown", None)
+    assert not match_client(entries, "unknown", "unknown")
+    assert not match_client(entries, "198.51.100.1", "unknown")
+    assert match_client(entries, "192.0.2.1", "unknown")
+    exemptions = Exemptions(clients=entries)
+    assert exemptions.reason({"recipient": "bob@example.net", "sender": ""}, "unknown") is None
+    assert exemptions.client_reason("unknown") is None
