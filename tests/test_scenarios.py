@@ -438,3 +438,25 @@ def test_a_quoted_local_part_with_spaces_cannot_fake_log_fields(tmp_path):
     line = [line for line in site.policy.log.lines if "reason=" in line][-1]
     assert line.count(" rcpt=") == 1 and line.endswith(" rcpt=bob@example.net")
     assert 'sender="x%20rcpt=postmaster@example.net"@spam.example ' in line
+
+
+def test_whitelist_files_are_looked_at_once_an_interval_all_of_them_and_after_a_clock_step(
+        tmp_path):
+    from greylist.whitelist import Whitelists
+    clients, senders = tmp_path / "clients", tmp_path / "senders"
+    clients.write_text("# none\n")
+    senders.write_text("# none\n")
+    cfg = CFG._replace(whitelist_clients=(str(clients),), whitelist_senders=(str(senders),))
+    lists = Whitelists(cfg, print, check_interval_s=10.0)
+    request = {"recipient": "bob@example.net", "sender": "alice@example.org"}
+    assert lists.exemptions(T).reason(request, "192.0.2.1") is None
+    clients.write_text("192.0.2.0/24\n")
+    senders.write_text("example.org\n")
+    assert lists.exemptions(T + 5).reason(request, "192.0.2.1") is None  # not yet looked at
+    # Both files changed: both are read at the same look.
+    exemptions = lists.exemptions(T + 11)
+    assert exemptions.reason(request, "192.0.2.1") == "whitelist-client"
+    assert exemptions.reason(request, "198.51.100.1") == "whitelist-sender"
+    # A clock stepped back looks at once, rather than after the step.
+    clients.write_text("# none again\n")
+    assert lists.exemptions(T - 3600).reason(request, "192.0.2.1") == "whitelist-sender"
