@@ -342,3 +342,34 @@ def test_reads_as_root_that_hash_no_key_are_not_refused_for_a_missing_secret(tmp
     out, err = capfd.readouterr()
     assert (status, err) == (0, ""), (out, err)
     assert not (tmp_path / "gl.secret").exists()
+
+
+def test_stats_names_the_oldest_first_seen_and_the_newest_last_seen(site, capsys):
+    import time
+    from greylist.cli.greylistctl import main
+    from greylist.core.record import Record, encode
+    from greylist.stores.lmdb import LmdbStore
+    now = int(time.time())
+    store = LmdbStore(str(site / "gl"))
+    # Keys in an order that is neither the first seen's nor the last seen's.
+    for key, first, last in ((b"b/x@example.org/y@example.net", now - 1000, now - 10),
+                             (b"a/x@example.org/y@example.net", now - 2000, now - 50),
+                             (b"c/x@example.org/y@example.net", now - 4000, now - 3000)):
+        store.put(key, encode(Record(first, last, 1, "pending")))
+    store.close()
+    capsys.readouterr()
+    assert main(["-c", str(site / "gl.cf"), "stats"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^oldest first seen: .* c/x@example\.org/y@example\.net$", out, re.M), out
+    assert re.search(r"^newest last seen: .* b/x@example\.org/y@example\.net$", out, re.M), out
+
+
+def test_cleanup_exits_75_when_another_process_holds_the_pass(site, monkeypatch, capfd):
+    # EX_TEMPFAIL, so that a cron job or a timer tries again later.
+    from greylist.cli import greylistctl
+    assert greylistctl.main(["-c", str(site / "gl.cf"), "cleanup"]) == 0
+    monkeypatch.setattr(greylistctl, "BUSY_WAIT_S", 0.2)
+    monkeypatch.setattr(greylistctl.Cleaner, "step", lambda self, **kw: None)
+    capfd.readouterr()
+    assert greylistctl.main(["-c", str(site / "gl.cf"), "cleanup"]) == 75
+    assert "another process held the cleanup state" in capfd.readouterr().err
