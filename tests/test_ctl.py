@@ -373,3 +373,17 @@ def test_cleanup_exits_75_when_another_process_holds_the_pass(site, monkeypatch,
     capfd.readouterr()
     assert greylistctl.main(["-c", str(site / "gl.cf"), "cleanup"]) == 75
     assert "another process held the cleanup state" in capfd.readouterr().err
+
+
+def test_cleanup_dry_run_creates_no_table_and_no_state(site, capsys):
+    # "nothing changed": a real run creates the missing tables (smtpd
+    # needs them), a dry run leaves the directory as it found it.
+    from greylist.cli.greylistctl import main
+    from greylist.stores.lmdb import LmdbStore
+    store = LmdbStore(str(site / "gl"))
+    store.put(b"192.0.2/a@example.org/b@example.net", b"1:1:1:1:pending")
+    store.close()
+    before = sorted(os.listdir(site))
+    assert main(["-c", str(site / "gl.cf"), "cleanup", "--dry-run"]) == 0
+    assert "cleanup: dry run retained=" in capsys.readouterr().out
+    assert sorted(os.listdir(site)) == before
