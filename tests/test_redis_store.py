@@ -1616,3 +1616,64 @@ def test_a_sentinel_failure_is_logged_without_redis_pys_object_reprs():
             % (pool % ("path=/tmp/s%d,db=0" % i * 20)) for i in range(3))))
     assert text.startswith("MasterNotFoundError: No master found for 'mymaster' : {"), text
     assert "ConnectionPool" not in text and len(text) <= MAX_ERROR_TEXT + 30, text
+
+
+def test_the_back_off_fails_fast_doubles_to_its_cap_and_starts_over_after_a_success(
+        monkeypatch):
+    # No server: the body stands for the exchange with Redis. Within a
+    # back-off a call fails at once, without the round trip; the back-off
+    # doubles from BACKOFF_MIN_S to BACKOFF_MAX_S, and a success ends it,
+    # so that the next failure backs off BACKOFF_MIN_S again.
+    from greylist.stores import redisstore
+    from greylist.stores.base import StoreError
+    now = [1000.0]
+    monkeypatch.setattr(redisstore.time, "monotonic", lambda: now[0])
+    connection = redisstore.Connection("redis:unix:/nonexistent/redis.sock", timeout_s=0.1)
+    called = []
+
+    def fails(client):
+        called.append("fails")
+        raise ConnectionError("refused")
+
+    def answers(client):
+        called.append("answers")
+        return "ok"
+
+    def call(body):
+        try:
+            return connection.call(body)
+        except StoreError as exc:
+            return str(exc)
+
+    assert "refused" in call(fails) and connection.failing
+    now[0] += 0.4
+    assert "unavailable, next try in 0.1 s" in call(answers) and called == ["fails"]
+    now[0] += 0.2                                  # past 0.5 s: tried again
+    assert "refused" in call(fails)
+    now[0] += 0.6                                  # within the doubled 1 s
+    assert "unavailable" in call(answers) and called == ["fails", "fails"]
+    for _ in range(10):
+        now[0] += redisstore.BACKOFF_MAX_S
+        assert "refused" in call(fails)
+    assert "next try in %.1f s" % redisstore.BACKOFF_MAX_S in call(answers)
+    now[0] += redisstore.BACKOFF_MAX_S
+    assert call(answers) == "ok" and not connection.failing
+    assert "refused" in call(fails)
+    now[0] += redisstore.BACKOFF_MIN_S + 0.01       # the back-off started over
+    assert call(answers) == "ok"
+
+
+def test_a_failing_store_is_warned_of_again_after_the_interval(monkeypatch):
+    import types
+    from greylist import service
+    from greylist.stores.base import StoreError
+    now = [50.0]
+    monkeypatch.setattr(service.time, "monotonic", lambda: now[0])
+    warned = []
+    fake = types.SimpleNamespace(_warned_at=None, warning_interval_s=60.0,
+                                 cfg=Config(), log=types.SimpleNamespace(warning=warned.append))
+    for step in (0, 30, 29.9, 0.2, 59, 1):
+        now[0] += step
+        service.PolicyService.store_failed(fake, StoreError("redis down"))
+    # At 50, 80, 109.9 (one), 110.1 (again), 169.1, 170.1 (again).
+    assert len(warned) == 3 and "answering DUNNO" in warned[0]
