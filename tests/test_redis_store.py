@@ -1677,3 +1677,27 @@ def test_a_failing_store_is_warned_of_again_after_the_interval(monkeypatch):
         service.PolicyService.store_failed(fake, StoreError("redis down"))
     # At 50, 80, 109.9 (one), 110.1 (again), 169.1, 170.1 (again).
     assert len(warned) == 3 and "answering DUNNO" in warned[0]
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/x", "redis://127.0.0.1:6379/123456",
+                                 "redis://127.0.0.1:6379/-1"])
+def test_a_database_that_is_not_a_small_number_is_a_settings_error(url):
+    from greylist.config import ConfigError, parse_setting
+    with pytest.raises(ConfigError, match="the database must be a number"):
+        parse_setting("greylist_database", url)
+    assert parse_setting("greylist_database", "redis://127.0.0.1:6379/15")[1] \
+        == "redis://127.0.0.1:6379/15"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_a_password_file_of_another_user_is_refused(tmp_path):
+    import pwd
+    from greylist.stores.redisstore import RedisError, read_password_file
+    path = tmp_path / "password"
+    path.write_text("secret\n")
+    os.chmod(path, 0o600)
+    assert read_password_file(str(path)) == (None, "secret")
+    os.chown(path, pwd.getpwnam("nobody").pw_uid, 0)
+    with pytest.raises(RedisError, match="owned by uid %d, not by this user"
+                       % pwd.getpwnam("nobody").pw_uid):
+        read_password_file(str(path))
