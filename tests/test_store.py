@@ -406,3 +406,50 @@ def test_a_read_that_must_not_wait_gives_way_to_a_lock_or_a_transaction(tmp_path
         assert time.monotonic() - began < 0.5
     assert store.get_many_nowait([b"k"]) == [b"v"]
     store.close()
+
+
+def test_the_store_thread_caps_batches_keeps_arrival_order_and_drains_at_stop():
+    # Seven writing plans queued before the thread starts, batches of at
+    # most three: three commits (3, 3, 1), the plans applied in the order
+    # they came, every one of them before stop() returns; a plan after
+    # stop() fails at once (the caller fails open).
+    import asyncio
+    from greylist.stores.base import StoreError
+    from greylist.stores.commit import Committer
+    from greylist.stores.memory import MemoryStore
+
+    class Recording(MemoryStore):
+        def __init__(self):
+            super().__init__()
+            self.batches = []
+
+        def update_batch(self, ops):
+            self.batches.append([keys[0] for keys, _ in ops])
+            return super().update_batch(ops)
+
+    applied = []
+
+    def change(n):
+        def apply(values):
+            applied.append(n)
+            return [b"%d" % n], n
+        return apply
+
+    loop = asyncio.new_event_loop()
+    try:
+        store = Recording()
+        committer = Committer(store, loop, batch_max=3, batch_s=5.0)
+        futures = [committer.plan([b"k%d" % n], change(n)) for n in range(7)]
+        applied.clear()  # the snapshot runs of plan(), in the caller's thread
+        committer.start()
+        assert committer.stop(timeout_s=10)
+        loop.run_until_complete(asyncio.sleep(0))
+        assert store.batches == [[b"k0", b"k1", b"k2"], [b"k3", b"k4", b"k5"], [b"k6"]]
+        assert applied == list(range(7))
+        assert [f.result() for f in futures] == list(range(7))
+        assert store.get(b"k6") == b"6"
+        late = committer.plan([b"k9"], change(9))
+        with pytest.raises(StoreError, match="stopped"):
+            late.result()
+    finally:
+        loop.close()
