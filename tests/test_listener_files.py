@@ -138,3 +138,35 @@ def test_the_default_socket_mode_lets_only_owner_and_group_connect():
     # Postfix connects as its own user and group (greylist_socket_group).
     from greylist.config import Config
     assert Config().socket_mode == 0o660
+
+
+def test_systemd_sockets_of_another_process_are_not_taken_and_ours_clear_the_variables():
+    # LISTEN_PID names the process the sockets are for (sd_listen_fds(3)):
+    # a child that inherited the variables must not take descriptor 3.
+    import os
+    from greylist.transports.listener import inherited
+    theirs = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "policy"}
+    assert inherited(theirs) == []
+    ours = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "0", "LISTEN_FDNAMES": "",
+            "PATH": "/bin"}
+    assert inherited(ours) == [] and ours == {"PATH": "/bin"}
+
+
+def test_sd_notify_reaches_a_socket_in_the_abstract_namespace(monkeypatch):
+    # systemd may set NOTIFY_SOCKET=@NAME: "@" stands for the leading NUL.
+    import os
+    import socket
+    from greylist.cli.greylistd import _notify_socket
+    name = "greylist-test-notify-%d" % os.getpid()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        server.bind("\0" + name)
+        server.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        sock = _notify_socket()
+        assert sock is not None and "NOTIFY_SOCKET" not in os.environ
+        sock.send(b"READY=1")
+        assert server.recv(100) == b"READY=1"
+        sock.close()
+    finally:
+        server.close()
