@@ -1216,3 +1216,25 @@ def test_idle_scrapers_beyond_the_cap_are_closed_and_a_scrape_is_still_served(si
         assert len(log_lines(daemon, "metrics: scrapes below the limit again")) == 1
         assert daemon.stop() == 0
         assert_clean(daemon)
+
+
+def test_metrics_count_store_failures_and_cap_the_reason_labels():
+    # A client's protocol_state=X becomes a reason: past 200 label pairs
+    # the new ones are counted as "other", so a scraper's series stay few.
+    import types
+    from greylist.metrics import Metrics
+    metrics = Metrics(log=None)
+
+    def answer(action, reason):
+        return types.SimpleNamespace(action=action,
+                                     decision=types.SimpleNamespace(reason=reason))
+    for n in range(250):
+        metrics.answer(answer("DUNNO", "protocol_state=X%d" % n))
+    metrics.answer(answer("DEFER_IF_PERMIT Greylisted", "new"))
+    metrics.store_failure()
+    metrics.store_failure()
+    text = metrics.text().decode()
+    assert 'greylist_requests_total{action="DUNNO",reason="other"} 50.0' in text
+    assert 'reason="protocol_state=X199"' in text and 'reason="protocol_state=X200"' not in text
+    assert 'greylist_requests_total{action="DEFER_IF_PERMIT",reason="other"} 1.0' in text
+    assert "greylist_store_failures_total 2.0" in text
