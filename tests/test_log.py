@@ -129,3 +129,19 @@ def test_host_is_the_setting_or_the_system_host_name(tmp_path, clock, host, show
     log.info("x")
     log.close()
     assert lines(path)[0].split(" ")[3] == shown
+
+
+def test_a_file_that_logrotate_created_at_the_name_takes_the_lines(tmp_path, clock):
+    # logrotate's "create": the old file renamed, a new one made at the
+    # name at once; the lines go to the new one from the next second on.
+    path = tmp_path / "greylist.log"
+    log = Log("greylist", str(path), clock=clock)
+    log.info("before")
+    os.rename(path, tmp_path / "greylist.log.1")
+    path.write_text("")
+    clock[0] += 1
+    log.info("after")
+    log.close()
+    assert [line.rpartition(": ")[2] for line in lines(tmp_path / "greylist.log.1")] == [
+        "before"]
+    assert [line.rpartition(": ")[2] for line in lines(path)] == ["after"]
