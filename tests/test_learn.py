@@ -614,3 +614,28 @@ def test_mail_within_the_senders_own_domain_is_never_learned():
     handler.lookup("sender", "alice@corp.example", session, T)
     assert handler.lookup("rcpt", "bob@Corp.Example", session, T)[0] == []
     assert handler.lookup("rcpt", "bob@remote.test", session, T)[0]
+
+
+def test_the_clients_map_answers_a_live_stamp_a_manual_entry_and_nothing_else():
+    # greylist_database in Redis: smtpd's check_client_access reads the
+    # clients map. A stamp lives max_age_s (the first second past it is
+    # cleanup's, expire_at); in pool mode the group's key counts only
+    # with a manual entry (its automatic entries are the hosts').
+    from greylist.config import Config
+    from greylist.core.tables import MANUAL_OK
+    from greylist.handlers.learn import table_lookup
+    from greylist.learning import live_entry
+    from greylist.protocols.socketmap import NOTFOUND
+    now = 1_700_000_000
+    exact = Config(client_match="exact", max_age_s=1000)
+    which, keys, lifetimes = table_lookup("clients", "192.0.2.1", exact)
+    assert keys == [b"192.0.2.1"]
+    stamp = b"%d" % (now - 1000)
+    assert live_entry([stamp], lifetimes, now) == b"13:OK %s," % stamp
+    assert live_entry([stamp], lifetimes, now + 1) == NOTFOUND
+    assert live_entry([MANUAL_OK], lifetimes, now) == b"12:OK OK manual,"
+    pool = Config(client_match="pool", max_age_s=1000)
+    which, keys, lifetimes = table_lookup("clients", "192.0.2.1", pool)
+    assert keys == [b"192.0.2.1", b"192.0.2"]
+    assert live_entry([None, b"%d" % now], lifetimes, now) == NOTFOUND
+    assert live_entry([None, MANUAL_OK], lifetimes, now) == b"12:OK OK manual,"
