@@ -250,3 +250,21 @@ def test_report_of_a_real_postfix_maillog():
     assert counts is not None and counts.group(2) == "3" and int(counts.group(3)) > 10, text
     assert "never retried after %d s: 1 (of 2 deferred" % DELAY_S in text
     assert " bot@spam.example user@example.test tries=1 " in text
+
+
+def test_a_retry_exactly_delay_later_is_a_retry_and_the_key_cap_is_exact():
+    import io
+    from greylist.config import Config
+    from greylist.report import Counter, Report, Seen
+    report = Report(Config(), 300, 2026, 12)
+    report.triples[("a", "b", "c")] = Seen(1000, 1300, 2, False, "a", "b", "c")
+    report.triples[("d", "e", "f")] = Seen(1000, 1299, 2, False, "d", "e", "f")
+    report.end = 100000
+    out = io.StringIO()
+    report.write(out, 10)
+    assert "never retried after 300 s: 1 (of 2 deferred" in out.getvalue()
+    assert "  d e f tries=2" in out.getvalue() and "  a b c" not in out.getvalue()
+    counter = Counter(2)
+    for key in ("x", "y", "z", "x"):
+        counter.add(key)
+    assert counter.counts == {"x": 2, "y": 1} and counter.full
