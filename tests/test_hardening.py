@@ -260,15 +260,23 @@ print(done.returncode)
 """
 
 
-def damaged_by_postmap_i(directory: pathlib.Path, cf: pathlib.Path, postmap: str,
-                         rounds: int = 8) -> str | None:
-    """Run postmap -i on the database while greylist writes it, as issue 15's
-    review did, until the file is damaged (at most rounds); how, or None."""
+def damaged_by_postmap_i(base: pathlib.Path, postmap: str, attempts: int = 8,
+                         budget_s: float = 60.0):
+    """Run postmap -i on a database while greylist writes it, as issue 15's
+    review did, until the file is damaged: (directory, settings, how), or
+    None. Each attempt on a database of its own (a file that came through
+    one round undamaged mostly stays so), at most attempts, none begun
+    after budget_s."""
     from greylist.stores.lmdbenv import Environment
-    entries = directory / "entries"
-    entries.write_text("".join("pm%d OK\n" % n for n in range(20000)))
-    for n in range(rounds):
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(cf), str(10000 * n)],
+    began = time.monotonic()
+    for n in range(attempts):
+        if time.monotonic() - began > budget_s:
+            break
+        directory = home(base / ("a%d" % n))
+        cf = settings(directory)
+        entries = directory / "entries"
+        entries.write_text("".join("pm%d OK\n" % i for i in range(20000)))
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(cf), "0"],
                                   stdout=subprocess.PIPE, text=True, env=environment())
         try:
             for _ in range(3):
@@ -291,7 +299,7 @@ def damaged_by_postmap_i(directory: pathlib.Path, cf: pathlib.Path, postmap: str
             trying.open()
         except StoreError as exc:
             if "is damaged" in str(exc):
-                return str(exc)
+                return directory, cf, str(exc)
             raise
         finally:
             trying.close()
@@ -303,11 +311,11 @@ def test_postmap_i_damage_is_found_and_greylistd_fails_open_with_one_line(tmp_pa
     # write died in LMDB's mdb_freelist_save() assertion (SIGABRT), with
     # no log line, and smtpd answered 451 4.3.5.
     from tests import daemon
-    directory = home(tmp_path / "pmi")
-    cf = settings(directory)
-    damage = damaged_by_postmap_i(directory, cf, postmap)
-    if damage is None:
-        pytest.skip("postmap -i beside greylist's writes did not damage the file in 8 rounds")
+    damaged = damaged_by_postmap_i(tmp_path / "pmi", postmap)
+    if damaged is None:
+        pytest.skip("postmap -i beside greylist's writes damaged none of 8 databases "
+                    "(or in 60 s)")
+    directory, cf, damage = damaged
     if "LMDB aborts on it" in damage:
         # Postfix's own postmap (Debian's liblmdb) cannot write it either
         # (an assertion in mdb_freelist_save() or mdb_page_dirty(), or
