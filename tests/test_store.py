@@ -453,3 +453,35 @@ def test_the_store_thread_caps_batches_keeps_arrival_order_and_drains_at_stop():
             late.result()
     finally:
         loop.close()
+
+
+def test_a_failed_trial_commit_refuses_the_file_and_nothing_is_served_from_it(
+        tmp_path, monkeypatch):
+    """greylistd (write_check) must not use a file on which a trial commit
+    failed: one LMDB abort there would end every connection at once. The
+    open fails with the trial's reason, the table is failing, and no
+    descriptor of it stays open."""
+    from greylist.stores import writecheck
+    os.chmod(tmp_path, 0o755)
+    name = str(tmp_path / "db")
+    seeded = LmdbStore(name)
+    seeded.put(b"k", b"v")
+    seeded.close()
+    calls = []
+
+    def failing_trial(path, env, fd, lock_timeout_s, read_all=False):
+        calls.append(path)
+        return "%s is damaged (the trial commit aborted); move it aside" % path, 0
+    monkeypatch.setattr(writecheck, "trial", failing_trial)
+    env = store_module.Environment(name, lock_timeout_s=1.0, write_check=True)
+    fds_before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(StoreError, match="the trial commit aborted"):
+        env.open()
+    assert calls == [name + ".lmdb"]
+    assert env.failing and env.fd == -1
+    assert set(os.listdir("/proc/self/fd")) <= fds_before
+    # Within the reopen delay the store answers as failed, without a new trial.
+    with pytest.raises(StoreError, match="unavailable after an earlier error"):
+        env.run(EXCLUSIVE, lambda e: None)
+    assert len(calls) == 1
+    env.close()
