@@ -180,3 +180,24 @@ def test_whitelist_remove_of_a_pool_group_leaves_no_permanent_postscreen_entry(c
     table = LmdbStore(cfg.postscreen_table)
     assert dict(table.items()) == {b"198.51.100.7": MANUAL_PERMIT}  # still covered
     table.close()
+
+
+def test_a_manual_client_pass_exports_its_address_as_a_manual_entry(cfg, tmp_path):
+    """A host of a manually whitelisted group (greylistctl whitelist add of
+    a domain: no address to write then) is exported when it passes as
+    manual-client, as a manual entry that cleanup keeps."""
+    from greylist.cli import greylistctl
+    settings = tmp_path / "greylist.cf"
+    settings.write_text("greylist_database = %s\n%s" % (cfg.database, ALLOW_ROOT))
+    assert greylistctl.main(["-c", str(settings), "whitelist", "add", "google.com"]) == 0
+    assert list(LmdbStore(cfg.postscreen_table).items()) == []
+    found = stores(cfg)
+    service = policy_service(cfg, Recorder(), Clock(T), cleanup=False, found=found)
+    reply = service.answer({"request": "smtpd_access_policy", "protocol_state": "RCPT",
+                            "client_address": "209.85.128.170",
+                            "client_name": "mail-yw1-f170.google.com",
+                            "sender": "x@gmail.com", "recipient": "a@example.com"},
+                           service.new_session())
+    assert reply == "DUNNO"
+    assert service.log.lines[-1].startswith("action=DUNNO reason=manual-client")
+    assert dict(found.postscreen.items()) == {b"209.85.128.170": MANUAL_PERMIT}
