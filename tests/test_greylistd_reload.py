@@ -160,3 +160,30 @@ def test_a_sighup_while_greylistd_starts_is_a_reload_not_its_end():
             assert proc.wait(timeout=20) == 0
         holder.wait(timeout=10)
         holder.stdout.close()
+
+
+def test_a_reload_gives_the_postscreen_callout_the_new_whitelist():
+    # The administrator adds a client to greylist_whitelist_clients and
+    # sends SIGHUP: the callout (not only the policy service) passes it.
+    site = short_site("grw")
+    whitelist = site / "whitelist_clients"
+    whitelist.write_text("192.0.2.250\n")
+    extra = ("greylist_postscreen_listen = unix:%s\ngreylist_whitelist_clients = %s\n"
+             % (site / "postscreen", whitelist))
+
+    def callout(client: str) -> bytes:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(WAIT_S)
+            sock.connect(str(site / "postscreen"))
+            sock.sendall(b"client_address=%s\nserver_address=192.0.2.25\n"
+                         b"client_port=49152\nserver_port=25\n\n" % client.encode())
+            sock.shutdown(socket.SHUT_WR)
+            return daemons.receive_all(sock, WAIT_S)
+
+    with daemons.start(site, extra) as daemon:
+        assert callout("198.51.100.77") == b"action=ignore\n\n"
+        whitelist.write_text("192.0.2.250\n198.51.100.77\n")
+        reload(daemon, "greylist_delay = 2s", "greylist_delay = 3s")
+        assert callout("198.51.100.77").startswith(b"action=pass\n")
+        assert "reason=whitelist-client client=198.51.100.77" in daemon.log()
+        assert daemon.stop() == 0
