@@ -491,6 +491,42 @@ def test_sigterm_with_a_commit_stalled_in_the_disk_exits_within_the_drain_bound(
          "dump"], capture_output=True, timeout=30, env=daemons.environment()).stdout
 
 
+def test_a_connection_lost_while_its_request_waits_is_counted_out_when_it_is_done(
+        site, monkeypatch):
+    """A client that resets its connection (TCP RST) while its request
+    waits for the store thread: the request finishes (its log line), and
+    the connection is then counted out. Kept in the count, it would hold
+    a place under greylist_max_connections for ever, and a stop would
+    wait for it to the end of the drain bound."""
+    import struct
+    flag = site / "stall"
+    monkeypatch.setenv("GREYLIST_TEST_STALL", str(flag))
+    with daemons.start(site, "greylist_lock_timeout = 100ms\n",
+                       module="tests.reliability.stall") as daemon:
+        flag.write_text("")
+        sock = daemon.connect(inet=True)
+        try:
+            sock.sendall(triple_request(2))
+            time.sleep(0.5)  # read, and its commit stalls
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:
+            sock.close()  # a reset, with the request in flight
+        time.sleep(0.3)
+        flag.unlink()
+        deadline = time.monotonic() + IO_S
+        while "rcpt-000002@" not in daemon.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "rcpt-000002@" in daemon.log()
+        time.sleep(0.2)
+        began = time.monotonic()
+        assert daemon.stop() == 0
+        took = time.monotonic() - began
+        assert "]: stopping: no new connections; finishing 0\n" in daemon.log(), \
+            daemon.log()[-1500:]
+        assert took < 3.0, took
+    assert_clean(daemon)
+
+
 def test_short_of_descriptors_the_daemon_says_so_once_and_serves_on(site):
     """Review: with systemd's soft limit of 1024 open files and the default
     greylist_max_connections = 1000, descriptors ran out before the cap:
