@@ -527,6 +527,31 @@ def test_a_connection_lost_while_its_request_waits_is_counted_out_when_it_is_don
     assert_clean(daemon)
 
 
+def test_a_message_on_one_connection_is_not_reset_by_another_connections_message(site):
+    """Each connection has its own session: a message (its instance) on
+    one connection whose first recipient passed passes its other
+    recipients (reason=message), even when another connection's message
+    came in between. A session shared between connections would start
+    over at the other instance and greylist the rest of the message."""
+    client, sender, first = triple(10)
+    second = "rcpt-second@example.net"
+    # Without the sender auto-whitelist, which would pass it first.
+    with daemons.start(site, "greylist_sender_awl = no\n") as daemon:
+        assert split_replies(daemon.ask(request(client, sender, first))) == [DEFER_NEW]
+        time.sleep(2.2)  # greylist_delay = 2s
+        with daemon.connect() as one, daemon.connect() as other:
+            one.sendall(request(client, sender, first, instance="m1"))
+            assert split_replies(receive_replies(one, 1)) == ["DUNNO"]
+            other.sendall(request(*triple(11), instance="m2"))
+            assert split_replies(receive_replies(other, 1)) == [DEFER_NEW]
+            one.sendall(request(client, sender, second, instance="m1"))
+            assert split_replies(receive_replies(one, 1)) == ["DUNNO"]
+        lines = [line for line in daemon.log().splitlines() if "rcpt=" + second in line]
+        assert len(lines) == 1 and " reason=message " in lines[0], lines
+        assert daemon.stop() == 0
+    assert_clean(daemon)
+
+
 def test_short_of_descriptors_the_daemon_says_so_once_and_serves_on(site):
     """Review: with systemd's soft limit of 1024 open files and the default
     greylist_max_connections = 1000, descriptors ran out before the cap:
