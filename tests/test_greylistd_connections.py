@@ -552,6 +552,43 @@ def test_a_message_on_one_connection_is_not_reset_by_another_connections_message
     assert_clean(daemon)
 
 
+def test_sigterm_cuts_a_client_that_takes_no_replies_at_the_drain_bound(site):
+    """A connection whose client reads no replies is busy (its reply is
+    due) and never ends by itself: SIGTERM must still end greylistd
+    within DRAIN_S (greylistd(8)), cutting it, with status 0."""
+    from greylist.cli.greylistd import DRAIN_S
+    with daemons.start(site) as daemon:
+        chunk = memoryview(AT_ONCE * 2000)
+        with daemon.connect() as sock:
+            sock.setblocking(False)
+            blocked_since = None
+            began = time.monotonic()
+            # Send until the daemon takes nothing for 1 s: at most 30 s
+            # and 100000 sends.
+            for _ in range(100000):
+                if time.monotonic() - began > 30:
+                    break
+                try:
+                    sock.send(chunk)
+                    blocked_since = None
+                except BlockingIOError:
+                    blocked_since = blocked_since or time.monotonic()
+                    if time.monotonic() - blocked_since > 1.0:
+                        break
+                    select.select([], [sock], [], 0.2)
+            assert blocked_since is not None, "the daemon took everything for 30 s"
+            stopped_at = time.monotonic()
+            os.kill(daemon.pid, signal.SIGTERM)
+            try:
+                status = daemon.proc.wait(timeout=DRAIN_S + 5)
+            except subprocess.TimeoutExpired:
+                status = None
+            took = time.monotonic() - stopped_at
+        assert status == 0, "no exit within %.1f s of SIGTERM" % took
+        assert took < DRAIN_S + 3, took
+        assert "]: stopped" in daemon.log()
+
+
 def test_short_of_descriptors_the_daemon_says_so_once_and_serves_on(site):
     """Review: with systemd's soft limit of 1024 open files and the default
     greylist_max_connections = 1000, descriptors ran out before the cap:
