@@ -353,6 +353,14 @@ def test_symbolic_links_and_missing_files_are_refused(site, pgdir, tmp_path):
     assert status == 1 and "postgrey.db: Too many levels of symbolic links" in out
 
 
+def test_a_fifo_in_place_of_postgrey_db_is_refused_as_not_a_regular_file(site, pgdir):
+    # Opened without blocking, a FIFO reads as empty: it must be named as
+    # what it is, not staged and left to db_dump to fail on.
+    os.mkfifo(pgdir / "postgrey.db")
+    assert ctl_error(site, "import-postgrey", str(pgdir)) == (
+        1, "greylistctl: import-postgrey: %s/postgrey.db: not a regular file\n" % pgdir)
+
+
 def test_bad_option_values_are_usage_errors(site, pgdir):
     done = subprocess.run([sys.executable, "-m", "greylist.cli.greylistctl", "-c",
                            str(site / "gl.cf"), "import-postgrey", str(pgdir),
