@@ -45,6 +45,7 @@ import sys
 from typing import Callable
 
 from greylist.config import Config, ConfigError, is_redis, repeated_settings
+from greylist.log import POSTLOG_SOCKET, world_writable_directory
 
 
 # Postfix's default smtpd_policy_service_max_idle.
@@ -157,7 +158,6 @@ def log_problems(target: str) -> list[str]:
     if target == "syslog":
         return []
     if target.startswith("postlog"):
-        from greylist.log import POSTLOG_SOCKET
         socket_path = target.partition(":")[2] or POSTLOG_SOCKET
         try:
             if stat.S_ISSOCK(os.stat(socket_path).st_mode):
@@ -168,7 +168,7 @@ def log_problems(target: str) -> list[str]:
                     "running?)" % (socket_path, exc.strerror)]
     directory = os.path.dirname(os.path.abspath(target))
     try:
-        if os.stat(directory).st_mode & stat.S_IWOTH:
+        if world_writable_directory(target):
             return ["greylist_log: %s is world-writable: use a directory that only its "
                     "owner can write" % directory]
     except OSError:

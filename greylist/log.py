@@ -43,6 +43,14 @@ POSTLOG_SOCKET = "/var/spool/postfix/public/postlog"
 MAX_MESSAGE = 2000
 
 
+def world_writable_directory(path: str) -> str | None:
+    """The directory of a log file at path if anyone can write it (no log
+    file there, nor one that greylist --check accepts); else None.
+    OSError if the directory cannot be looked at."""
+    directory = os.path.dirname(os.path.abspath(path))
+    return directory if os.stat(directory).st_mode & stat.S_IWOTH else None
+
+
 class Log:
     """A logger for one process; see the module description for targets."""
 
@@ -146,7 +154,7 @@ class Log:
         flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         # Never in a directory that anyone can write (/tmp): another user
         # could put a file of theirs at the name and read the lines.
-        if os.stat(os.path.dirname(os.path.abspath(self._path))).st_mode & stat.S_IWOTH:
+        if world_writable_directory(self._path):
             raise OSError(errno.EPERM, "the directory is world-writable", self._path)
         try:
             fd = os.open(self._path, flags)
