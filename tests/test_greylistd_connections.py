@@ -459,6 +459,18 @@ def test_a_store_that_stalls_in_its_commit_is_answered_as_a_failure_within_a_bou
     assert_clean(daemon)
 
 
+def stop_by_sigterm(daemon, timeout_s: float) -> tuple[int | None, float]:
+    """SIGTERM to daemon, then its exit status (None: not within
+    timeout_s) and how long the stop took."""
+    began = time.monotonic()
+    os.kill(daemon.pid, signal.SIGTERM)
+    try:
+        status = daemon.proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        status = None
+    return status, time.monotonic() - began
+
+
 def test_sigterm_with_a_commit_stalled_in_the_disk_exits_within_the_drain_bound(
         site, monkeypatch):
     """Review: with a commit stalled (a frozen disk), SIGTERM logged "the
@@ -472,13 +484,7 @@ def test_sigterm_with_a_commit_stalled_in_the_disk_exits_within_the_drain_bound(
         flag.write_text("")
         sock.sendall(triple_request(2))
         time.sleep(0.5)  # its commit has begun, and stalls
-        began = time.monotonic()
-        os.kill(daemon.pid, signal.SIGTERM)
-        try:
-            status = daemon.proc.wait(timeout=DRAIN_S + 5)
-        except subprocess.TimeoutExpired:
-            status = None
-        took = time.monotonic() - began
+        status, took = stop_by_sigterm(daemon, DRAIN_S + 5)
         flag.unlink()
         assert status == 0, "no exit within %.1f s of SIGTERM" % took
         assert took < DRAIN_S + 3, took
@@ -577,13 +583,7 @@ def test_sigterm_cuts_a_client_that_takes_no_replies_at_the_drain_bound(site):
                         break
                     select.select([], [sock], [], 0.2)
             assert blocked_since is not None, "the daemon took everything for 30 s"
-            stopped_at = time.monotonic()
-            os.kill(daemon.pid, signal.SIGTERM)
-            try:
-                status = daemon.proc.wait(timeout=DRAIN_S + 5)
-            except subprocess.TimeoutExpired:
-                status = None
-            took = time.monotonic() - stopped_at
+            status, took = stop_by_sigterm(daemon, DRAIN_S + 5)
         assert status == 0, "no exit within %.1f s of SIGTERM" % took
         assert took < DRAIN_S + 3, took
         assert "]: stopped" in daemon.log()
