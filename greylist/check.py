@@ -228,7 +228,8 @@ def redis_problems(cfg: Config) -> tuple[list[str], list[str]]:
     from greylist.stores.redisstore import Connection, RedisStore
     notes: list[str] = []
     connection = Connection(cfg.database, cfg.redis_timeout_ms / 1000,
-                            cfg.redis_password_file, notice=notes.append)
+                            cfg.redis_password_file, notice=notes.append,
+                            sentinel_password_file=cfg.redis_sentinel_password_file)
     store = RedisStore(connection, "db")
     try:
         store.get_many([b"greylist-check"])

@@ -99,6 +99,8 @@ class Config(NamedTuple):
     # most, so that a failing Redis is answered within smtpd's patience.
     redis_timeout_ms: int = 300
     redis_password_file: str = ""
+    # The sentinels' own login (redis-sentinel://), when they require one.
+    redis_sentinel_password_file: str = ""
     # The longest wait for a database lock (lmdb_table(5) locking), so
     # that a process holding one (even another user's shared lock) costs
     # a bounded delay and an answer of greylist_failure_action.
@@ -435,6 +437,7 @@ SETTINGS = {
     "greylist_commit_batch": ("commit_batch", _parse_limit),
     "greylist_redis_timeout": ("redis_timeout_ms", _parse_milliseconds),
     "greylist_redis_password_file": ("redis_password_file", _parse_path),
+    "greylist_redis_sentinel_password_file": ("redis_sentinel_password_file", _parse_path),
     "greylist_lock_timeout": ("lock_timeout_ms", _parse_milliseconds),
     "greylist_correspondent_table": ("correspondent_table", _parse_table),
     "greylist_correspondent_lifetime": ("correspondent_lifetime_s", _parse_time),

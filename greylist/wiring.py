@@ -75,10 +75,12 @@ def redis_table(cfg: Config, table: str, log: Log | None = None):
     connection to it, with the expiry of the table's entries (log: where
     the connection's one-time notices go)."""
     from greylist.stores.redisstore import Connection, RedisStore
-    where = (cfg.database, cfg.redis_timeout_ms, cfg.redis_password_file)
+    where = (cfg.database, cfg.redis_timeout_ms, cfg.redis_password_file,
+             cfg.redis_sentinel_password_file)
     if where not in _connections:
-        _connections[where] = Connection(cfg.database, cfg.redis_timeout_ms / 1000,
-                                         cfg.redis_password_file)
+        _connections[where] = Connection(
+            cfg.database, cfg.redis_timeout_ms / 1000, cfg.redis_password_file,
+            sentinel_password_file=cfg.redis_sentinel_password_file)
     if log is not None and _connections[where].notice is None:
         _connections[where].notice = log.warning
     return RedisStore(_connections[where], table, redis_expiry(cfg, table))

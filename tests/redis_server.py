@@ -37,7 +37,10 @@ DESCRIPTION
     master_port() asks a sentinel which port is the master now;
     wait_failover(old_port, timeout) waits until the sentinels name
     another master and it answers as a master. stop() stops all five,
-    by PID, even after a failure half-way.
+    by PID, even after a failure half-way. Sentinels(directory,
+    password=P, sentinel_password=S): the master and the replica require
+    P (requirepass, masterauth), the sentinels require S (requirepass,
+    sentinel-pass) and log in to the master with P (auth-pass).
 """
 
 import os
@@ -155,8 +158,9 @@ class RedisServer(Process):
     """A redis-server on a unix socket in directory, and optionally TCP."""
 
     def __init__(self, directory, tcp: bool = False, args=(), name: str = "redis",
-                 port: int | None = None) -> None:
+                 port: int | None = None, password: str | None = None) -> None:
         super().__init__(directory, name)
+        self.password = password  # what client() logs in with
         self.socket_path = str(self.directory / (name + ".sock"))
         self.port = port if port is not None else (free_port() if tcp else 0)
         self.args = list(args)
@@ -189,6 +193,7 @@ class RedisServer(Process):
         # No retries: redis-py's default retries with back-off (seconds
         # for a server that wants a password).
         options.setdefault("retry", Retry(NoBackoff(), 0))
+        options.setdefault("password", self.password)
         options.setdefault("socket_timeout", 2)
         options.setdefault("socket_connect_timeout", 2)
         if tcp:
@@ -251,16 +256,22 @@ def start_server(directory, tcp: bool = False, args=(), name: str = "redis") -> 
 class Sentinel(Process):
     """One redis-sentinel with its own config file."""
 
-    def __init__(self, directory, name: str, master_port: int) -> None:
+    def __init__(self, directory, name: str, master_port: int, password: str | None = None,
+                 master_password: str | None = None) -> None:
         super().__init__(directory, name)
         self.port = free_port()
+        self.password = password
         self.config = self.directory / (name + ".conf")
-        self.config.write_text(
-            "port %d\nbind 127.0.0.1\ndaemonize no\ndir %s\n"
-            "sentinel monitor %s 127.0.0.1 %d 2\n"
-            "sentinel down-after-milliseconds %s 1000\n"
-            "sentinel failover-timeout %s 5000\n"
-            % (self.port, self.directory, MASTER, master_port, MASTER, MASTER))
+        text = ("port %d\nbind 127.0.0.1\ndaemonize no\ndir %s\n"
+                "sentinel monitor %s 127.0.0.1 %d 2\n"
+                "sentinel down-after-milliseconds %s 1000\n"
+                "sentinel failover-timeout %s 5000\n"
+                % (self.port, self.directory, MASTER, master_port, MASTER, MASTER))
+        if master_password:
+            text += "sentinel auth-pass %s %s\n" % (MASTER, master_password)
+        if password:
+            text += "requirepass %s\nsentinel sentinel-pass %s\n" % (password, password)
+        self.config.write_text(text)
 
     def start(self) -> None:
         self.spawn([program("redis-sentinel"), str(self.config)])
@@ -271,7 +282,7 @@ class Sentinel(Process):
         from redis.retry import Retry
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1,
                            socket_connect_timeout=1, decode_responses=True,
-                           retry=Retry(NoBackoff(), 0))
+                           retry=Retry(NoBackoff(), 0), password=self.password)
 
     def ask(self, *command):
         client = self.client()
@@ -284,14 +295,18 @@ class Sentinel(Process):
 class Sentinels:
     """A master, a replica and three sentinels on 127.0.0.1."""
 
-    def __init__(self, directory) -> None:
+    def __init__(self, directory, password: str | None = None,
+                 sentinel_password: str | None = None) -> None:
         self.directory = pathlib.Path(directory)
-        self.master = RedisServer(self.directory / "master", tcp=True, name="master")
+        login = ["--requirepass", password, "--masterauth", password] if password else []
+        self.master = RedisServer(self.directory / "master", tcp=True, name="master",
+                                  args=login, password=password)
         self.replica = RedisServer(self.directory / "replica", tcp=True, name="replica",
-                                   args=["--replicaof", "127.0.0.1", "0"])
-        self.replica.args = ["--replicaof", "127.0.0.1", str(self.master.port)]
+                                   password=password)
+        self.replica.args = ["--replicaof", "127.0.0.1", str(self.master.port), *login]
         self.sentinels = [Sentinel(self.directory / ("sentinel%d" % i), "sentinel%d" % i,
-                                   self.master.port) for i in range(3)]
+                                   self.master.port, sentinel_password, password)
+                          for i in range(3)]
 
     def __enter__(self) -> "Sentinels":
         return self

@@ -836,6 +836,57 @@ def test_one_sentinel_that_does_not_answer_costs_one_timeout_not_seconds(sentine
     assert took < TIMEOUT_MS / 1000 + REPLY_BOUND_S, took
 
 
+def test_sentinels_that_require_a_login_get_the_sentinel_password_file(short_dir, greylist):
+    # Sentinels secured with requirepass (sentinel.conf), in front of a
+    # master with a password of its own: each login from its own file.
+    from conftest import require
+    require(missing())
+    setup = Sentinels(short_dir / "sentinel", password="master-password",
+                      sentinel_password="sentinel-password")
+    try:
+        setup.start()
+    except ServerError as exc:
+        require("the Sentinel setup does not start: %s" % exc)
+    try:
+        master = password_file(short_dir, "master-password")
+        sentinel = password_file(short_dir, "sentinel-password")
+        settings = write_settings(
+            short_dir / "both", "gl", setup.url,
+            "greylist_redis_password_file = %s\n"
+            "greylist_redis_sentinel_password_file = %s\n" % (master, sentinel))
+        process = greylist(settings)
+        assert deferred(process.ask("198.51.100.9", "a@example.org", timeout=20)[0])
+        assert warnings_of(settings) == []
+        status, out = ctl(settings, "stats")
+        assert status == 0 and "\n  pending: 1\n" in out, out
+        # Without the sentinels' login: no master is found; the answer
+        # fails open at once and the warning says why.
+        settings = write_settings(short_dir / "master-only", "gl", setup.url,
+                                  "greylist_redis_password_file = %s\n" % master)
+        process = greylist(settings)
+        action, took = process.ask("198.51.100.9", "b@example.org", timeout=20)
+        assert action == "DUNNO"
+        found = warnings_of(settings)
+        assert len(found) == 1 and "answering DUNNO" in found[0], found
+        # Each sentinel by its address, and the setting that is missing.
+        for each in setup.sentinels:
+            assert "sentinel 127.0.0.1:%d auth:AuthenticationError" % each.port in found[0], found
+        assert "greylist_redis_sentinel_password_file" in found[0], found
+        assert "ConnectionPool" not in found[0], found
+        # A sentinel password file that others may read is refused, as the
+        # master's is, and named.
+        loose = password_file(short_dir, "sentinel-password", 0o644)
+        settings = write_settings(
+            short_dir / "loose", "gl", setup.url,
+            "greylist_redis_password_file = %s\n"
+            "greylist_redis_sentinel_password_file = %s\n" % (master, loose))
+        status, out = ctl(settings, "stats")
+        assert status == 1, out
+        assert "greylist_redis_sentinel_password_file %s: readable by others" % loose in out, out
+    finally:
+        setup.stop()
+
+
 def test_items_walks_the_table_page_by_page(server):
     # Found in review: items() (greylistctl dump, stats, whitelist list)
     # read the whole table into one list before it yielded the first pair.
@@ -1614,8 +1665,21 @@ def test_a_sentinel_failure_is_logged_without_redis_pys_object_reprs():
         "No master found for 'mymaster' : {%s}" % ", ".join(
             "<redis.client.Redis(%s)>: ConnectionError('Error 111 connecting')"
             % (pool % ("path=/tmp/s%d,db=0" % i * 20)) for i in range(3))))
-    assert text.startswith("MasterNotFoundError: No master found for 'mymaster' : {"), text
+    assert text.startswith("MasterNotFoundError: No master found for 'mymaster': sentinel "
+                           "/tmp/s0 ConnectionError('Error 111 connecting'), sentinel /tmp/s1 "), text
     assert "ConnectionPool" not in text and len(text) <= MAX_ERROR_TEXT + 30, text
+    # The form of redis-py 5 and later: each client's repr nests deeper,
+    # and the failure follows it as " - KIND:ERROR".
+    client = ("<redis.client.Redis(<redis.connection.ConnectionPool(<redis.connection."
+              "Connection(db=0,username=<REDACTED>,password=<REDACTED>,retry=<redis.retry."
+              "Retry object at 0x7f>,host=127.0.0.1,port=%d,socket_connect_timeout=0.3)>)>)>")
+    text = describe(MasterNotFoundError("No master found for 'mymaster' : %s - auth:"
+                                        "AuthenticationError, %s - network:TimeoutError"
+                                        % (client % 26379, client % 26380)))
+    assert text == ("MasterNotFoundError: No master found for 'mymaster' (the sentinels' "
+                    "own login: greylist_redis_sentinel_password_file): sentinel "
+                    "127.0.0.1:26379 auth:AuthenticationError, sentinel 127.0.0.1:26380 "
+                    "network:TimeoutError"), text
 
 
 def test_the_back_off_fails_fast_doubles_to_its_cap_and_starts_over_after_a_success(

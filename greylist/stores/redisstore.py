@@ -16,7 +16,9 @@ DESCRIPTION
     A password, or an ACL user and password, comes from
     greylist_redis_password_file (one line: PASSWORD, or USER PASSWORD), a
     file readable only by its owner (the greylist user): never from the
-    command line or the settings file.
+    command line or the settings file. Sentinels that require a login
+    of their own (sentinel.conf requirepass, or an ACL user) get the one
+    in greylist_redis_sentinel_password_file, of the same form.
 
     Keys: a table's key k is stored as "greylist:TABLE:{TAG}k", where TAG
     is 8 hex digits of a digest of k's first "/"-separated field: the
@@ -179,23 +181,24 @@ def _host_port(url: str, where: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def read_password_file(path: str) -> tuple[str | None, str]:
-    """(user or None, password) from a password file; RedisError if it is
-    missing, empty, or readable by anyone but its owner."""
+def read_password_file(path: str, setting: str = "greylist_redis_password_file"
+                       ) -> tuple[str | None, str]:
+    """(user or None, password) from a password file (of setting); RedisError
+    if it is missing, empty, or readable by anyone but its owner."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise RedisError("greylist_redis_password_file %s: %s" % (path, exc.strerror)) from None
+        raise RedisError("%s %s: %s" % (setting, path, exc.strerror)) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise RedisError("greylist_redis_password_file %s: not a regular file" % path)
+            raise RedisError("%s %s: not a regular file" % (setting, path))
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise RedisError("greylist_redis_password_file %s: readable by others "
-                             "(chmod 0600, owned by the greylist user)" % path)
+            raise RedisError("%s %s: readable by others (chmod 0600, owned by the "
+                             "greylist user)" % (setting, path))
         if st.st_uid != os.geteuid():
-            raise RedisError("greylist_redis_password_file %s: owned by uid %d, not by "
-                             "this user (uid %d)" % (path, st.st_uid, os.geteuid()))
+            raise RedisError("%s %s: owned by uid %d, not by this user (uid %d)"
+                             % (setting, path, st.st_uid, os.geteuid()))
         text = os.read(fd, 4096).decode("utf-8", "replace").strip()
     finally:
         os.close(fd)
@@ -204,8 +207,8 @@ def read_password_file(path: str) -> tuple[str | None, str]:
         return None, words[0]
     if len(words) == 2:
         return words[0], words[1]
-    raise RedisError("greylist_redis_password_file %s: expected PASSWORD or USER PASSWORD "
-                     "on one line" % path)
+    raise RedisError("%s %s: expected PASSWORD or USER PASSWORD on one line"
+                     % (setting, path))
 
 
 class Connection:
@@ -213,8 +216,8 @@ class Connection:
     fail-fast back-off of the module description."""
 
     def __init__(self, url: str, timeout_s: float = TIMEOUT_S,
-                 password_file: str = "", notice: Callable[[str], None] | None = None
-                 ) -> None:
+                 password_file: str = "", notice: Callable[[str], None] | None = None,
+                 sentinel_password_file: str = "") -> None:
         self.url = url
         # Told once when the server refuses scripts (see compare_and_set).
         self.notice = notice
@@ -222,6 +225,7 @@ class Connection:
         self.where = parse_url(url)
         self.timeout_s = timeout_s
         self.password_file = password_file
+        self.sentinel_password_file = sentinel_password_file
         self._client = None
         self._mutex = threading.Lock()
         # The connection that every read and write of the hot path uses
@@ -269,9 +273,16 @@ class Connection:
             # (redis-py's default retries each one ten times, with pauses:
             # seconds for one sentinel that is down). A master lookup
             # still asks them in turn: at most one timeout per sentinel.
+            login = {}
+            if self.sentinel_password_file:
+                try:
+                    login["username"], login["password"] = read_password_file(
+                        self.sentinel_password_file, "greylist_redis_sentinel_password_file")
+                except RedisError as exc:
+                    raise StoreError(str(exc)) from None
             sentinel = Sentinel(where["sentinels"], sentinel_kwargs={
                 "socket_timeout": self.timeout_s, "socket_connect_timeout": self.timeout_s,
-                "retry": Retry(NoBackoff(), 0), "health_check_interval": 0})
+                "retry": Retry(NoBackoff(), 0), "health_check_interval": 0, **login})
             return sentinel.master_for(where["master"], **options)
         if "unix" in where:
             return redis.Redis(unix_socket_path=where["unix"], **options)
@@ -469,6 +480,8 @@ def describe(exc: Exception) -> str:
     WRONGPASS), and Redis's text, without the pipeline command that
     redis-py quotes (it holds a record's key and value)."""
     text = str(exc)
+    if type(exc).__name__ == "MasterNotFoundError":
+        text = _sentinel_errors(text)
     if "caused error:" in text:
         text = text.split("caused error:", 1)[1].strip()
     # Redis quotes the first arguments of an unknown command: keys, values.
@@ -489,6 +502,30 @@ def describe(exc: Exception) -> str:
         name = "%s (%s)" % (code, name)
     return "%s: %s" % (name, text) if text else name
 
+
+def _sentinel_errors(text: str) -> str:
+    """MasterNotFoundError's text with each sentinel's client object (a
+    repr of kilobytes) replaced by the sentinel's address; a login that
+    the sentinels refused or want names the setting for it."""
+    head, sep, rest = text.partition(" : ")
+    parts = rest.split("<redis.client.Redis(")[1:]
+    if not sep or not parts:
+        return text
+    named = []
+    for part in parts:
+        at = _SENTINEL_AT.search(part)
+        where = "?" if at is None else (at.group(3) or "%s:%s" % (at.group(1), at.group(2)))
+        # What follows the object: " - auth:AuthenticationError, " (or,
+        # in older redis-py releases, ": ConnectionError(...), ").
+        error = part.rpartition(")>")[2].strip(" ,{}:-")
+        named.append("sentinel %s %s" % (where, error) if error else "sentinel " + where)
+    if any("AuthenticationError" in each for each in named):
+        # First: a long list is cut at MAX_ERROR_TEXT.
+        head += " (the sentinels' own login: greylist_redis_sentinel_password_file)"
+    return "%s: %s" % (head, ", ".join(named))
+
+
+_SENTINEL_AT = re.compile(r"host=([^,()<>]+),port=(\d+)|path=([^,()<>]+)")
 
 # The longest Redis error text that a log line quotes.
 MAX_ERROR_TEXT = 300
