@@ -225,11 +225,10 @@ def _info_server(connection) -> bytes:
 def redis_problems(cfg: Config) -> tuple[list[str], list[str]]:
     """Why a run could not use the Redis database, and notes."""
     from greylist.stores.base import StoreError
-    from greylist.stores.redisstore import Connection, RedisStore
+    from greylist.stores.redisstore import RedisStore
+    from greylist.wiring import redis_connection
     notes: list[str] = []
-    connection = Connection(cfg.database, cfg.redis_timeout_ms / 1000,
-                            cfg.redis_password_file, notice=notes.append,
-                            sentinel_password_file=cfg.redis_sentinel_password_file)
+    connection = redis_connection(cfg, notice=notes.append)
     store = RedisStore(connection, "db")
     try:
         store.get_many([b"greylist-check"])

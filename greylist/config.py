@@ -101,6 +101,11 @@ class Config(NamedTuple):
     redis_password_file: str = ""
     # The sentinels' own login (redis-sentinel://), when they require one.
     redis_sentinel_password_file: str = ""
+    # rediss://: the CAs of the server's certificate ("": the system's),
+    # and a client certificate and key ("": none).
+    redis_tls_ca_file: str = ""
+    redis_tls_cert_file: str = ""
+    redis_tls_key_file: str = ""
     # The longest wait for a database lock (lmdb_table(5) locking), so
     # that a process holding one (even another user's shared lock) costs
     # a bounded delay and an answer of greylist_failure_action.
@@ -163,11 +168,10 @@ def _parse_database(name: str, value: str) -> str:
     if not value:
         raise ConfigError("%s: empty database name" % name)
     if value.startswith("redis"):
-        from greylist.stores.redisstore import RedisError, is_redis, parse_url
+        from greylist.stores.redisstore import FORMS, RedisError, is_redis, parse_url
         try:
             if not is_redis(value):
-                raise RedisError("%s: not redis:unix:PATH, redis://HOST:PORT/DB or "
-                                 "redis-sentinel://HOST:PORT,.../MASTERNAME" % value)
+                raise RedisError("%s: %s" % (value, FORMS))
             parse_url(value)
         except RedisError as exc:
             raise ConfigError("%s: %s" % (name, exc)) from None
@@ -438,6 +442,9 @@ SETTINGS = {
     "greylist_redis_timeout": ("redis_timeout_ms", _parse_milliseconds),
     "greylist_redis_password_file": ("redis_password_file", _parse_path),
     "greylist_redis_sentinel_password_file": ("redis_sentinel_password_file", _parse_path),
+    "greylist_redis_tls_ca_file": ("redis_tls_ca_file", _parse_path),
+    "greylist_redis_tls_cert_file": ("redis_tls_cert_file", _parse_path),
+    "greylist_redis_tls_key_file": ("redis_tls_key_file", _parse_path),
     "greylist_lock_timeout": ("lock_timeout_ms", _parse_milliseconds),
     "greylist_correspondent_table": ("correspondent_table", _parse_table),
     "greylist_correspondent_lifetime": ("correspondent_lifetime_s", _parse_time),
@@ -616,6 +623,9 @@ def _resolve_redis(cfg: Config) -> Config:
                               "database the tables are namespaces of the same server: "
                               "leave the setting out, or set it to none" % value)
         return "" if value == "none" or cfg.privacy else default
+    if bool(cfg.redis_tls_cert_file) != bool(cfg.redis_tls_key_file):
+        raise ConfigError("greylist_redis_tls_cert_file and greylist_redis_tls_key_file: "
+                          "set both (a client certificate and its key) or neither")
     if cfg.privacy and not cfg.secret_file:
         raise ConfigError("greylist_privacy with a Redis database: set "
                           "greylist_secret_file (the same file on every host)")

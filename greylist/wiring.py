@@ -74,16 +74,24 @@ def redis_table(cfg: Config, table: str, log: Log | None = None):
     """A table of the Redis database of cfg, on the process's one
     connection to it, with the expiry of the table's entries (log: where
     the connection's one-time notices go)."""
-    from greylist.stores.redisstore import Connection, RedisStore
+    from greylist.stores.redisstore import RedisStore
     where = (cfg.database, cfg.redis_timeout_ms, cfg.redis_password_file,
-             cfg.redis_sentinel_password_file)
+             cfg.redis_sentinel_password_file, cfg.redis_tls_ca_file, cfg.redis_tls_cert_file,
+             cfg.redis_tls_key_file)
     if where not in _connections:
-        _connections[where] = Connection(
-            cfg.database, cfg.redis_timeout_ms / 1000, cfg.redis_password_file,
-            sentinel_password_file=cfg.redis_sentinel_password_file)
+        _connections[where] = redis_connection(cfg)
     if log is not None and _connections[where].notice is None:
         _connections[where].notice = log.warning
     return RedisStore(_connections[where], table, redis_expiry(cfg, table))
+
+
+def redis_connection(cfg: Config, notice: Callable[[str], None] | None = None):
+    """A new connection to the Redis database of cfg."""
+    from greylist.stores.redisstore import Connection, Tls
+    return Connection(cfg.database, cfg.redis_timeout_ms / 1000, cfg.redis_password_file,
+                      notice=notice, sentinel_password_file=cfg.redis_sentinel_password_file,
+                      tls=Tls(cfg.redis_tls_ca_file, cfg.redis_tls_cert_file,
+                              cfg.redis_tls_key_file))
 
 
 def redis_expiry(cfg: Config, table: str) -> Callable[[bytes], int | None]:

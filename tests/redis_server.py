@@ -22,6 +22,15 @@ DESCRIPTION
     also starts one, or calls conftest.require() when redis-server is
     missing or does not come up: a skip locally, a failure under CI.
 
+    RedisServer(directory, tls=CERTS) serves TLS on a free high port of
+    127.0.0.1 (tls_url, rediss://127.0.0.1:PORT/0) with the server
+    certificate of CERTS, which make_certificates(directory) writes with
+    openssl: a CA (ca.crt), a server certificate for 127.0.0.1 only
+    (server.crt, server.key) and a client certificate (client.crt,
+    client.key, mode 0600), all signed by the CA; the server wants a
+    client certificate (tls-auth-clients yes, Redis's default). Its unix
+    socket stays plain, for the test's own client.
+
     Sentinels(directory) is a Sentinel setup on 127.0.0.1: a master, a
     replica (--replicaof) and three redis-sentinel processes on free
     ports, each with its own config file
@@ -158,9 +167,12 @@ class RedisServer(Process):
     """A redis-server on a unix socket in directory, and optionally TCP."""
 
     def __init__(self, directory, tcp: bool = False, args=(), name: str = "redis",
-                 port: int | None = None, password: str | None = None) -> None:
+                 port: int | None = None, password: str | None = None,
+                 tls: dict | None = None) -> None:
         super().__init__(directory, name)
         self.password = password  # what client() logs in with
+        self.tls = tls
+        self.tls_port = free_port() if tls else 0
         self.socket_path = str(self.directory / (name + ".sock"))
         self.port = port if port is not None else (free_port() if tcp else 0)
         self.args = list(args)
@@ -180,11 +192,21 @@ class RedisServer(Process):
         assert self.port, "started without TCP"
         return "redis://127.0.0.1:%d/0" % self.port
 
+    @property
+    def tls_url(self) -> str:
+        assert self.tls_port, "started without TLS"
+        return "rediss://127.0.0.1:%d/0" % self.tls_port
+
     def argv(self) -> list[str]:
+        tls = []
+        if self.tls:
+            tls = ["--tls-port", str(self.tls_port), "--tls-cert-file", self.tls["server.crt"],
+                   "--tls-key-file", self.tls["server.key"],
+                   "--tls-ca-cert-file", self.tls["ca.crt"], "--tls-auth-clients", "yes"]
         return [program("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--unixsocket", self.socket_path, "--unixsocketperm", "700",
                 "--save", "", "--appendonly", "no", "--daemonize", "no",
-                "--dir", str(self.directory), *self.args]
+                "--dir", str(self.directory), *tls, *self.args]
 
     def client(self, tcp: bool = False, **options):
         import redis
@@ -239,6 +261,39 @@ def wait_ping(server: RedisServer, timeout: float, tcp: bool = False, **options)
         time.sleep(0.05)
     raise ServerError("%s did not answer PING within %.0f s (%s):\n%s"
                       % (server.name, timeout, last, server.log()))
+
+
+def make_certificates(directory) -> dict[str, str]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate,
+    written by openssl into directory; {file name: path}. ServerError if
+    openssl fails."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {name: str(directory / name) for name in
+             ("ca.crt", "ca.key", "server.crt", "server.key", "client.crt", "client.key")}
+
+    def openssl(*argv, config: str | None = None) -> None:
+        if config is not None:
+            (directory / "ext.cnf").write_text(config)
+        done = subprocess.run([program("openssl"), *argv], cwd=str(directory), timeout=60,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ServerError("openssl %s: %s" % (argv[0], done.stderr[-2000:]))
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=greylist test CA", "-keyout", paths["ca.key"], "-out", paths["ca.crt"])
+    for name, ext in (("server", "subjectAltName = IP:127.0.0.1\n"
+                                 "extendedKeyUsage = serverAuth\n"),
+                      ("client", "extendedKeyUsage = clientAuth\n")):
+        csr = str(directory / (name + ".csr"))
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=greylist test " + name,
+                "-keyout", paths[name + ".key"], "-out", csr)
+        openssl("x509", "-req", "-in", csr, "-CA", paths["ca.crt"], "-CAkey", paths["ca.key"],
+                "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf",
+                "-out", paths[name + ".crt"], config=ext)
+    for name in ("ca.key", "server.key", "client.key"):
+        os.chmod(paths[name], 0o600)
+    return paths
 
 
 def start_server(directory, tcp: bool = False, args=(), name: str = "redis") -> RedisServer:

@@ -42,7 +42,8 @@ from greylist.config import Config, load
 from greylist.core import record as records
 from greylist.core.decide import expire_at, expired
 from greylist.core.tables import MANUAL_PERMIT, permit_expired, stamp_expire_at
-from redis_server import Sentinels, ServerError, missing, start_server
+from redis_server import (RedisServer, Sentinels, ServerError, make_certificates, missing,
+                          start_server)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BIN = pathlib.Path(sys.executable).parent
@@ -885,6 +886,78 @@ def test_sentinels_that_require_a_login_get_the_sentinel_password_file(short_dir
         assert "greylist_redis_sentinel_password_file %s: readable by others" % loose in out, out
     finally:
         setup.stop()
+
+
+@pytest.fixture
+def tls_server(short_dir):
+    from conftest import require
+    require(missing())
+    try:
+        certs = make_certificates(short_dir / "certs")
+    except (ServerError, OSError, subprocess.TimeoutExpired) as exc:
+        require("openssl cannot make the test certificates: %s" % exc)
+    server = RedisServer(short_dir / "redis", tls=certs)
+    try:
+        server.start()
+    except ServerError as exc:
+        require("redis-server does not start with TLS: %s" % exc)
+    yield server
+    server.stop()
+
+
+def test_rediss_checks_the_server_certificate_and_its_name_and_sends_the_client_one(
+        tls_server, short_dir, greylist):
+    certs = tls_server.tls
+    client = ("greylist_redis_tls_cert_file = %s\ngreylist_redis_tls_key_file = %s\n"
+              % (certs["client.crt"], certs["client.key"]))
+    ca = "greylist_redis_tls_ca_file = %s\n" % certs["ca.crt"]
+    settings = write_settings(short_dir / "tls", "gl", tls_server.tls_url, ca + client)
+    process = greylist(settings)
+    assert deferred(process.ask("198.51.100.9", "a@example.org", timeout=20)[0])
+    assert warnings_of(settings) == []
+    status, out = ctl(settings, "stats")
+    assert status == 0 and "\n  pending: 1\n" in out, out
+    admin = tls_server.client()
+    try:
+        assert admin.dbsize() >= 1   # written over TLS, read on the plain socket
+    finally:
+        admin.close()
+
+    def refused(name: str, url: str, extra: str, why: str) -> None:
+        settings = write_settings(short_dir / name, "gl", url, extra)
+        action, took = greylist(settings).ask("198.51.100.9", name + "@example.org",
+                                              timeout=20)
+        assert action == "DUNNO" and took < REPLY_BOUND_S, (name, action, took)
+        found = warnings_of(settings)
+        assert len(found) == 1 and why in found[0] and "answering DUNNO" in found[0], found
+
+    # A server whose certificate no trusted CA signed (the system's CAs
+    # do not know the test's), and one that does not carry the name
+    # connected to: both refused.
+    refused("unknown-ca", tls_server.tls_url, client, "certificate verify failed")
+    refused("other-name", tls_server.tls_url.replace("127.0.0.1", "localhost"), ca + client,
+            "Hostname mismatch")
+    # No client certificate for a server that wants one (TLS 1.3: the
+    # server's alert comes at the first read or write, whose errors
+    # differ).
+    refused("no-client", tls_server.tls_url, ca, "ConnectionError")
+    # A client key that others may read is not used.
+    loose = short_dir / "loose.key"
+    loose.write_bytes(pathlib.Path(certs["client.key"]).read_bytes())
+    os.chmod(loose, 0o644)
+    refused("loose-key", tls_server.tls_url,
+            ca + "greylist_redis_tls_cert_file = %s\ngreylist_redis_tls_key_file = %s\n"
+            % (certs["client.crt"], loose),
+            "greylist_redis_tls_key_file %s: readable by others" % loose)
+
+
+def test_a_client_certificate_without_its_key_is_a_settings_error(tmp_path):
+    settings = tmp_path / "gl.cf"
+    settings.write_text("greylist_database = rediss://127.0.0.1:6379/0\n"
+                        "greylist_redis_tls_cert_file = /etc/greylist/client.crt\n")
+    with pytest.raises(Exception) as refused:
+        load(str(settings), {})
+    assert "set both" in str(refused.value), refused.value
 
 
 def test_items_walks_the_table_page_by_page(server):

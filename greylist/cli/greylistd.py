@@ -98,7 +98,8 @@ RESTART_ONLY = ("database", "policy_listen", "metrics_listen", "socketmap_listen
                 "user", "allow_root", "privacy", "secret_file", "client_table",
                 "correspondent_table", "postscreen_table", "cleanup_state", "log",
                 "log_hostname", "commit_batch", "lock_timeout_ms", "redis_timeout_ms",
-                "redis_password_file", "redis_sentinel_password_file")
+                "redis_password_file", "redis_sentinel_password_file", "redis_tls_ca_file",
+                "redis_tls_cert_file", "redis_tls_key_file")
 # Service names of listeners (LISTEN_FDNAMES), and their settings.
 SERVICES = (("policy", "policy_listen"), ("socketmap", "socketmap_listen"),
             ("outbound", "outbound_listen"), ("postscreen", "postscreen_listen"),

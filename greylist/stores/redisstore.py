@@ -8,6 +8,13 @@ DESCRIPTION
 
         redis:unix:PATH                       a unix socket
         redis://HOST:PORT/DB                  TCP (DB optional, default 0)
+        rediss://HOST:PORT/DB                 the same over TLS: the server's
+                                              certificate checked against
+                                              greylist_redis_tls_ca_file (or
+                                              the system's CAs) and HOST;
+                                              a client certificate from
+                                              greylist_redis_tls_cert_file
+                                              and _key_file
         redis-sentinel://HOST:PORT,HOST:PORT/MASTERNAME
                                               the master that the Sentinels
                                               name, followed through
@@ -67,7 +74,7 @@ import re
 import stat
 import threading
 import time
-from typing import Callable, TypeVar
+from typing import Callable, NamedTuple, TypeVar
 
 from greylist.stores.base import Change, Store, StoreError, Values
 
@@ -128,12 +135,12 @@ class RedisError(Exception):
 
 def is_redis(database: str) -> bool:
     """Whether a greylist_database names a Redis server."""
-    return database.startswith(("redis:unix:", "redis://", "redis-sentinel://"))
+    return database.startswith(("redis:unix:", "redis://", "rediss://", "redis-sentinel://"))
 
 
 def parse_url(url: str) -> dict:
     """The connection of a Redis database name: {"unix": PATH}, {"host",
-    "port", "db"} or {"sentinels": [(host, port)], "master": NAME}.
+    "port", "db", "tls"} or {"sentinels": [(host, port)], "master": NAME}.
     Raises RedisError."""
     if url.startswith("redis:unix:"):
         path = url[len("redis:unix:"):]
@@ -151,13 +158,12 @@ def parse_url(url: str) -> dict:
                          "put a user and password in greylist_redis_password_file"
                          % (scheme, "...@" if "@" in rest else "", where,
                             "?..." if "?" in rest else ""))
-    if url.startswith("redis://"):
-        rest = url[len("redis://"):]
+    if scheme in ("redis", "rediss"):
         where, _, db = rest.partition("/")
         host, port = _host_port(url, where)
         if db and not (db.isdigit() and len(db) <= 5):
             raise RedisError("%s: the database must be a number" % url)
-        return {"host": host, "port": port, "db": int(db or 0)}
+        return {"host": host, "port": port, "db": int(db or 0), "tls": scheme == "rediss"}
     if url.startswith("redis-sentinel://"):
         rest = url[len("redis-sentinel://"):]
         where, _, master = rest.partition("/")
@@ -168,8 +174,12 @@ def parse_url(url: str) -> dict:
             # Else every lookup fails, "No master found", with no sentinel asked.
             raise RedisError("%s: name at least one sentinel (HOST:PORT)" % url)
         return {"sentinels": sentinels, "master": master}
-    raise RedisError("%s: not redis:unix:PATH, redis://HOST:PORT/DB or "
-                     "redis-sentinel://HOST:PORT,.../MASTERNAME" % url)
+    raise RedisError("%s: %s" % (url, FORMS))
+
+
+# The forms of a Redis database name, for errors.
+FORMS = ("not redis:unix:PATH, redis://HOST:PORT/DB, rediss://HOST:PORT/DB or "
+         "redis-sentinel://HOST:PORT,.../MASTERNAME")
 
 
 def _host_port(url: str, where: str) -> tuple[str, int]:
@@ -185,6 +195,30 @@ def read_password_file(path: str, setting: str = "greylist_redis_password_file"
                        ) -> tuple[str | None, str]:
     """(user or None, password) from a password file (of setting); RedisError
     if it is missing, empty, or readable by anyone but its owner."""
+    fd = _open_private(path, setting)
+    try:
+        text = os.read(fd, 4096).decode("utf-8", "replace").strip()
+    finally:
+        os.close(fd)
+    words = text.split()
+    if len(words) == 1:
+        return None, words[0]
+    if len(words) == 2:
+        return words[0], words[1]
+    raise RedisError("%s %s: expected PASSWORD or USER PASSWORD on one line"
+                     % (setting, path))
+
+
+def check_private_file(path: str, setting: str) -> None:
+    """RedisError unless path is a regular file of this user that nobody
+    else may read (a TLS client key)."""
+    os.close(_open_private(path, setting))
+
+
+def _open_private(path: str, setting: str) -> int:
+    """A descriptor of path, opened without following a symbolic link;
+    RedisError if it is missing, not a regular file, readable by others
+    or another user's."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -199,16 +233,17 @@ def read_password_file(path: str, setting: str = "greylist_redis_password_file"
         if st.st_uid != os.geteuid():
             raise RedisError("%s %s: owned by uid %d, not by this user (uid %d)"
                              % (setting, path, st.st_uid, os.geteuid()))
-        text = os.read(fd, 4096).decode("utf-8", "replace").strip()
-    finally:
+    except BaseException:
         os.close(fd)
-    words = text.split()
-    if len(words) == 1:
-        return None, words[0]
-    if len(words) == 2:
-        return words[0], words[1]
-    raise RedisError("%s %s: expected PASSWORD or USER PASSWORD on one line"
-                     % (setting, path))
+        raise
+    return fd
+
+
+class Tls(NamedTuple):
+    """The TLS files of a rediss:// database ("": none)."""
+    ca_file: str = ""     # the CAs the server's certificate is checked against
+    cert_file: str = ""   # the client certificate, for tls-auth-clients
+    key_file: str = ""    # its key: private, as a password file
 
 
 class Connection:
@@ -217,7 +252,7 @@ class Connection:
 
     def __init__(self, url: str, timeout_s: float = TIMEOUT_S,
                  password_file: str = "", notice: Callable[[str], None] | None = None,
-                 sentinel_password_file: str = "") -> None:
+                 sentinel_password_file: str = "", tls: Tls = Tls()) -> None:
         self.url = url
         # Told once when the server refuses scripts (see compare_and_set).
         self.notice = notice
@@ -226,6 +261,7 @@ class Connection:
         self.timeout_s = timeout_s
         self.password_file = password_file
         self.sentinel_password_file = sentinel_password_file
+        self.tls = tls
         self._client = None
         self._mutex = threading.Lock()
         # The connection that every read and write of the hot path uses
@@ -286,7 +322,23 @@ class Connection:
             return sentinel.master_for(where["master"], **options)
         if "unix" in where:
             return redis.Redis(unix_socket_path=where["unix"], **options)
+        if where["tls"]:
+            options.update(self._tls_options())
         return redis.Redis(host=where["host"], port=where["port"], db=where["db"], **options)
+
+    def _tls_options(self) -> dict:
+        """redis-py's options for TLS: the server's certificate is always
+        checked, its name too (redis-py 5 does not check the name by
+        default)."""
+        tls = self.tls
+        if tls.key_file:
+            try:
+                check_private_file(tls.key_file, "greylist_redis_tls_key_file")
+            except RedisError as exc:
+                raise StoreError(str(exc)) from None
+        return {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True,
+                "ssl_ca_certs": tls.ca_file or None, "ssl_certfile": tls.cert_file or None,
+                "ssl_keyfile": tls.key_file or None}
 
     def call(self, body: Callable):
         """body(client), with Redis's errors as StoreError and the back-off."""
