@@ -781,15 +781,21 @@ def test_redis_paused_answers_within_the_timeout(own_server, short_dir, greylist
 
 @pytest.fixture
 def sentinels(short_dir):
+    setup = started_sentinels(short_dir / "sentinel")
+    yield setup
+    setup.stop()
+
+
+def started_sentinels(directory: pathlib.Path, **options) -> Sentinels:
+    """A started Sentinels(directory, **options), or require()."""
     from conftest import require
     require(missing())
-    setup = Sentinels(short_dir / "sentinel")
+    setup = Sentinels(directory, **options)
     try:
         setup.start()
     except ServerError as exc:
         require("the Sentinel setup does not start: %s" % exc)
-    yield setup
-    setup.stop()
+    return setup
 
 
 def test_a_sentinel_failover_is_followed(sentinels, short_dir, greylist):
@@ -840,14 +846,8 @@ def test_one_sentinel_that_does_not_answer_costs_one_timeout_not_seconds(sentine
 def test_sentinels_that_require_a_login_get_the_sentinel_password_file(short_dir, greylist):
     # Sentinels secured with requirepass (sentinel.conf), in front of a
     # master with a password of its own: each login from its own file.
-    from conftest import require
-    require(missing())
-    setup = Sentinels(short_dir / "sentinel", password="master-password",
-                      sentinel_password="sentinel-password")
-    try:
-        setup.start()
-    except ServerError as exc:
-        require("the Sentinel setup does not start: %s" % exc)
+    setup = started_sentinels(short_dir / "sentinel", password="master-password",
+                              sentinel_password="sentinel-password")
     try:
         master = password_file(short_dir, "master-password")
         sentinel = password_file(short_dir, "sentinel-password")
