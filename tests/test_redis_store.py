@@ -951,6 +951,35 @@ def test_rediss_checks_the_server_certificate_and_its_name_and_sends_the_client_
             "greylist_redis_tls_key_file %s: readable by others" % loose)
 
 
+def test_a_missing_tls_file_is_named_in_the_warning(tls_server, short_dir, greylist):
+    # Found in review: a CA or client certificate file that is missing was
+    # logged as redis-py's "Error 2 connecting to 127.0.0.1:PORT. No such
+    # file or directory.", a network failure, naming neither file nor
+    # setting.
+    certs = tls_server.tls
+    client = ("greylist_redis_tls_cert_file = %s\ngreylist_redis_tls_key_file = %s\n"
+              % (certs["client.crt"], certs["client.key"]))
+    ca = "greylist_redis_tls_ca_file = %s\n" % certs["ca.crt"]
+    gone = str(short_dir / "gone.crt")
+    for name, extra, why in (
+            ("no-ca", "greylist_redis_tls_ca_file = %s\n" % gone + client,
+             "greylist_redis_tls_ca_file %s: No such file or directory" % gone),
+            ("no-cert", ca + "greylist_redis_tls_cert_file = %s\n"
+             "greylist_redis_tls_key_file = %s\n" % (gone, certs["client.key"]),
+             "greylist_redis_tls_cert_file %s: No such file or directory" % gone),
+            ("ca-directory", "greylist_redis_tls_ca_file = %s\n" % short_dir + client,
+             "greylist_redis_tls_ca_file %s: not a regular file" % short_dir)):
+        settings = write_settings(short_dir / name, "gl", tls_server.tls_url, extra)
+        action, took = greylist(settings).ask("198.51.100.9", name + "@example.org",
+                                              timeout=20)
+        assert action == "DUNNO" and took < REPLY_BOUND_S, (name, action, took)
+        found = warnings_of(settings)
+        assert len(found) == 1 and why in found[0] and "answering DUNNO" in found[0], found
+        assert "Traceback" not in log_of(settings)
+        status, out = ctl(settings, "stats")
+        assert status == 1 and why in out and "Traceback" not in out, out
+
+
 def test_a_client_certificate_without_its_key_is_a_settings_error(tmp_path):
     settings = tmp_path / "gl.cf"
     settings.write_text("greylist_database = rediss://127.0.0.1:6379/0\n"

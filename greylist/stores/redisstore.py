@@ -209,6 +209,20 @@ def read_password_file(path: str, setting: str = "greylist_redis_password_file"
                      % (setting, path))
 
 
+def check_readable_file(path: str, setting: str) -> None:
+    """RedisError unless path is a regular file that this user may read (a
+    TLS CA or client certificate: public, so a symbolic link is fine)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RedisError("%s %s: %s" % (setting, path, exc.strerror)) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RedisError("%s %s: not a regular file" % (setting, path))
+    finally:
+        os.close(fd)
+
+
 def check_private_file(path: str, setting: str) -> None:
     """RedisError unless path is a regular file of this user that nobody
     else may read (a TLS client key)."""
@@ -331,11 +345,18 @@ class Connection:
         checked, its name too (redis-py 5 does not check the name by
         default)."""
         tls = self.tls
-        if tls.key_file:
-            try:
+        try:
+            # Else ssl's error names neither the file nor the setting, and
+            # redis-py words it as a failure to connect ("Error 2
+            # connecting to HOST:PORT. No such file or directory.").
+            for path, setting in ((tls.ca_file, "greylist_redis_tls_ca_file"),
+                                  (tls.cert_file, "greylist_redis_tls_cert_file")):
+                if path:
+                    check_readable_file(path, setting)
+            if tls.key_file:
                 check_private_file(tls.key_file, "greylist_redis_tls_key_file")
-            except RedisError as exc:
-                raise StoreError(str(exc)) from None
+        except RedisError as exc:
+            raise StoreError(str(exc)) from None
         return {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True,
                 "ssl_ca_certs": tls.ca_file or None, "ssl_certfile": tls.cert_file or None,
                 "ssl_keyfile": tls.key_file or None}
