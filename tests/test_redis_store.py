@@ -980,6 +980,30 @@ def test_a_missing_tls_file_is_named_in_the_warning(tls_server, short_dir, greyl
         assert status == 1 and why in out and "Traceback" not in out, out
 
 
+def test_rediss_asks_redis_py_for_the_certificate_and_name_checks_itself(monkeypatch):
+    # Found in review: the test of a wrong host name passed without
+    # ssl_check_hostname, since redis-py 6 and later check the name by
+    # default; redis-py 5, which setup.cfg allows, does not. So what
+    # greylist asks of every redis-py, as it asks, and what it makes of it.
+    import ssl
+    import redis
+    from greylist.stores.redisstore import Connection, Tls
+    asked = []
+    real = redis.Redis
+    monkeypatch.setattr(redis, "Redis", lambda **options: asked.append(options) or real(**options))
+    connection = Connection("rediss://127.0.0.1:1/0", tls=Tls(ca_file="/etc/hostname"))
+    try:
+        pool = connection.client().connection_pool
+        [options] = asked
+        assert options["ssl"] is True and options["ssl_check_hostname"] is True, options
+        assert options["ssl_cert_reqs"] in ("required", ssl.CERT_REQUIRED), options
+        made = pool.connection_class(**pool.connection_kwargs)
+        assert made.check_hostname is True and made.cert_reqs == ssl.CERT_REQUIRED
+        assert made.ca_certs == "/etc/hostname"
+    finally:
+        connection.close()
+
+
 def test_a_client_certificate_without_its_key_is_a_settings_error(tmp_path):
     settings = tmp_path / "gl.cf"
     settings.write_text("greylist_database = rediss://127.0.0.1:6379/0\n"
