@@ -1013,6 +1013,25 @@ def test_a_client_certificate_without_its_key_is_a_settings_error(tmp_path):
     assert "set both" in str(refused.value), refused.value
 
 
+def test_a_tls_setting_without_rediss_is_a_settings_error(tmp_path):
+    # Found in review: with redis://, a unix socket or Sentinel (which
+    # greylist does not run over TLS) the TLS settings were ignored, and
+    # the password and records crossed the network in clear.
+    for database in ("redis://127.0.0.1:6379/0", "redis:unix:/run/redis/redis.sock",
+                     "redis-sentinel://127.0.0.1:26379/mymaster"):
+        settings = tmp_path / "gl.cf"
+        settings.write_text("greylist_database = %s\n"
+                            "greylist_redis_tls_ca_file = /etc/greylist/ca.crt\n" % database)
+        with pytest.raises(Exception) as refused:
+            load(str(settings), {})
+        assert ("greylist_redis_tls_ca_file: only with a rediss:// database"
+                in str(refused.value)), refused.value
+    # LMDB ignores every Redis setting, as before.
+    settings.write_text("greylist_database = lmdb:%s/greylist\n"
+                        "greylist_redis_tls_ca_file = /etc/greylist/ca.crt\n" % tmp_path)
+    assert load(str(settings), {}).redis_tls_ca_file == "/etc/greylist/ca.crt"
+
+
 def test_items_walks_the_table_page_by_page(server):
     # Found in review: items() (greylistctl dump, stats, whitelist list)
     # read the whole table into one list before it yielded the first pair.
