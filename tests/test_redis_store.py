@@ -951,6 +951,24 @@ def test_rediss_checks_the_server_certificate_and_its_name_and_sends_the_client_
             "greylist_redis_tls_key_file %s: readable by others" % loose)
 
 
+def test_the_tls_ca_file_adds_to_the_systems_cas(tls_server, monkeypatch):
+    # Found in review: the documentation said that the server's
+    # certificate must be signed by a CA of greylist_redis_tls_ca_file;
+    # redis-py loads the file into a context that already trusts the
+    # system's CAs (ssl.create_default_context()), so either one will do.
+    # The test's CA stands for a system CA (SSL_CERT_FILE, which OpenSSL
+    # reads at each handshake), and the CA file names another.
+    from greylist.stores.redisstore import Connection, RedisStore, Tls
+    certs = tls_server.tls
+    monkeypatch.setenv("SSL_CERT_FILE", certs["ca.crt"])
+    connection = Connection(tls_server.tls_url, 2.0, tls=Tls(
+        certs["client.crt"], certs["client.crt"], certs["client.key"]))
+    try:
+        assert RedisStore(connection, "db").get_many([b"k"]) == [None]
+    finally:
+        connection.close()
+
+
 def test_a_missing_tls_file_is_named_in_the_warning(tls_server, short_dir, greylist):
     # Found in review: a CA or client certificate file that is missing was
     # logged as redis-py's "Error 2 connecting to 127.0.0.1:PORT. No such

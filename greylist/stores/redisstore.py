@@ -10,8 +10,9 @@ DESCRIPTION
         redis://HOST:PORT/DB                  TCP (DB optional, default 0)
         rediss://HOST:PORT/DB                 the same over TLS: the server's
                                               certificate checked against
-                                              greylist_redis_tls_ca_file (or
-                                              the system's CAs) and HOST;
+                                              the system's CAs and those of
+                                              greylist_redis_tls_ca_file,
+                                              and its name against HOST;
                                               a client certificate from
                                               greylist_redis_tls_cert_file
                                               and _key_file
