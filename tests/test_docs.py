@@ -85,6 +85,17 @@ def test_every_setting_is_documented_with_its_default():
     assert [entry for entry in missing if entry not in text] == []
 
 
+def test_every_redis_setting_needs_a_restart_of_greylistd_as_its_page_says():
+    # Found in review: the TLS files were restart-only, but greylistd(8)
+    # named only "the Redis timeout and password files".
+    from greylist.cli.greylistd import RESTART_ONLY
+    redis = [field for name, (field, _) in SETTINGS.items()
+             if name.startswith("greylist_redis_")]
+    assert len(redis) >= 6 and set(redis) <= set(RESTART_ONLY), redis
+    page = plain((ROOT / "man" / "greylistd.8").read_text())
+    assert "every greylist_redis_* setting" in " ".join(page.split())
+
+
 def test_changes_starts_with_the_current_version():
     first = re.search(r"^--- (\S+) \((\d{4}-\d\d-\d\d)\)$", (ROOT / "CHANGES").read_text(),
                       re.MULTILINE)
