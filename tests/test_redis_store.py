@@ -1831,8 +1831,8 @@ def test_a_sentinel_failure_is_logged_without_redis_pys_object_reprs():
     assert text.startswith("MasterNotFoundError: No master found for 'mymaster': sentinel "
                            "/tmp/s0 ConnectionError('Error 111 connecting'), sentinel /tmp/s1 "), text
     assert "ConnectionPool" not in text and len(text) <= MAX_ERROR_TEXT + 30, text
-    # The form of redis-py 5 and later: each client's repr nests deeper,
-    # and the failure follows it as " - KIND:ERROR".
+    # The form of redis-py 6 and later: each client's repr nests deeper,
+    # and the failure follows it after " - " (in redis-py 8 as KIND:ERROR).
     client = ("<redis.client.Redis(<redis.connection.ConnectionPool(<redis.connection."
               "Connection(db=0,username=<REDACTED>,password=<REDACTED>,retry=<redis.retry."
               "Retry object at 0x7f>,host=127.0.0.1,port=%d,socket_connect_timeout=0.3)>)>)>")
@@ -1843,6 +1843,22 @@ def test_a_sentinel_failure_is_logged_without_redis_pys_object_reprs():
                     "own login: greylist_redis_sentinel_password_file): sentinel "
                     "127.0.0.1:26379 auth:AuthenticationError, sentinel 127.0.0.1:26380 "
                     "network:TimeoutError"), text
+    # Found in review: redis-py 5's form, "Redis<ConnectionPool<...>>>",
+    # was left as it was, without the setting that a refused login wants.
+    text = describe(MasterNotFoundError(
+        "No master found for 'mymaster' : Redis<ConnectionPool<Connection<host=127.0.0.1,"
+        "port=26379,db=0>>> - AuthenticationError('Authentication required.'), Redis<"
+        "ConnectionPool<UnixDomainSocketConnection<path=/tmp/s1,db=0>>> - ConnectionError("
+        "'Error 111 connecting to unix socket: /tmp/s1. Connection refused.')"))
+    assert text == ("MasterNotFoundError: No master found for 'mymaster' (the sentinels' "
+                    "own login: greylist_redis_sentinel_password_file): sentinel "
+                    "127.0.0.1:26379 AuthenticationError('Authentication required.'), "
+                    "sentinel /tmp/s1 ConnectionError('Error 111 connecting to unix socket: "
+                    "/tmp/s1. Connection refused.')"), text
+    # Whatever the text, describe() returns one: it runs in every failure.
+    for odd in ("", " : ", "No master : Redis<ConnectionPool<", "x : <redis.client.Redis(",
+                "x : <redis.client.Redis(host=[::1],port=26379)> - e", "a : b : c"):
+        assert describe(MasterNotFoundError(odd)).startswith("MasterNotFoundError")
 
 
 def test_the_back_off_fails_fast_doubles_to_its_cap_and_starts_over_after_a_success(

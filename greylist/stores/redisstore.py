@@ -582,7 +582,7 @@ def _sentinel_errors(text: str) -> str:
     repr of kilobytes) replaced by the sentinel's address; a login that
     the sentinels refused or want names the setting for it."""
     head, sep, rest = text.partition(" : ")
-    parts = rest.split("<redis.client.Redis(")[1:]
+    parts = _SENTINEL_CLIENT.split(rest)[1:]
     if not sep or not parts:
         return text
     named = []
@@ -590,8 +590,9 @@ def _sentinel_errors(text: str) -> str:
         at = _SENTINEL_AT.search(part)
         where = "?" if at is None else (at.group(3) or "%s:%s" % (at.group(1), at.group(2)))
         # What follows the object: " - auth:AuthenticationError, " (or,
-        # in older redis-py releases, ": ConnectionError(...), ").
-        error = part.rpartition(")>")[2].strip(" ,{}:-")
+        # in older redis-py releases, " - ConnectionError(...), " or
+        # ": ConnectionError(...), ").
+        error = re.split(r"\)>|>>>", part)[-1].strip(" ,{}:-")
         named.append("sentinel %s %s" % (where, error) if error else "sentinel " + where)
     if any("AuthenticationError" in each for each in named):
         # First: a long list is cut at MAX_ERROR_TEXT.
@@ -599,6 +600,10 @@ def _sentinel_errors(text: str) -> str:
     return "%s: %s" % (head, ", ".join(named))
 
 
+# The start of a sentinel's client object: "<redis.client.Redis(<redis.
+# connection.ConnectionPool(...)>)>" from redis-py 6 on, and in redis-py 5
+# "Redis<ConnectionPool<Connection<host=H,port=P,db=0>>>".
+_SENTINEL_CLIENT = re.compile(r"<redis\.client\.Redis\(|\bRedis<ConnectionPool<")
 _SENTINEL_AT = re.compile(r"host=([^,()<>]+),port=(\d+)|path=([^,()<>]+)")
 
 # The longest Redis error text that a log line quotes.
