@@ -969,6 +969,23 @@ def test_the_tls_ca_file_adds_to_the_systems_cas(tls_server, monkeypatch):
         connection.close()
 
 
+def test_check_connects_to_rediss_with_the_tls_settings(tls_server, short_dir):
+    # Found in review: no test ran redis_problems() (--check) over TLS, so
+    # a check that connected without the TLS settings went unseen.
+    from greylist.check import redis_problems
+    certs = tls_server.tls
+    client = ("greylist_redis_tls_cert_file = %s\ngreylist_redis_tls_key_file = %s\n"
+              % (certs["client.crt"], certs["client.key"]))
+
+    def checked(name: str, extra: str) -> tuple[list[str], list[str]]:
+        return redis_problems(load(write_settings(short_dir / name, "gl", tls_server.tls_url,
+                                                  extra), {}))
+    assert checked("ok", "greylist_redis_tls_ca_file = %s\n" % certs["ca.crt"] + client) \
+        == ([], [])
+    problems, _ = checked("unknown-ca", client)
+    assert len(problems) == 1 and "certificate verify failed" in problems[0], problems
+
+
 def test_a_missing_tls_file_is_named_in_the_warning(tls_server, short_dir, greylist):
     # Found in review: a CA or client certificate file that is missing was
     # logged as redis-py's "Error 2 connecting to 127.0.0.1:PORT. No such
