@@ -969,6 +969,32 @@ def test_the_tls_ca_file_adds_to_the_systems_cas(tls_server, monkeypatch):
         connection.close()
 
 
+def test_an_encrypted_client_key_is_refused_and_no_pass_phrase_is_asked(
+        tls_server, short_dir, greylist):
+    # Found in review: OpenSSL asked for an encrypted key's pass phrase on
+    # the terminal, or without one on standard input (greylist's: under
+    # spawn(8) the policy socket), and waited there.
+    certs = tls_server.tls
+    key = str(short_dir / "encrypted.key")
+    done = subprocess.run(["openssl", "pkey", "-in", certs["client.key"], "-aes128",
+                           "-passout", "pass:secret-phrase", "-out", key],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    os.chmod(key, 0o600)
+    extra = ("greylist_redis_tls_ca_file = %s\ngreylist_redis_tls_cert_file = %s\n"
+             "greylist_redis_tls_key_file = %s\n" % (certs["ca.crt"], certs["client.crt"], key))
+    settings = write_settings(short_dir / "encrypted", "gl", tls_server.tls_url, extra)
+    action, took = greylist(settings).ask("198.51.100.9", "a@example.org", timeout=20)
+    assert action == "DUNNO" and took < REPLY_BOUND_S, (action, took)
+    found = warnings_of(settings)
+    why = "greylist_redis_tls_key_file %s: encrypted" % key
+    assert len(found) == 1 and why in found[0], found
+    # The pass phrase is never asked for, even where the file check does
+    # not see the encryption.
+    from greylist.stores.redisstore import Connection, Tls
+    assert Connection(tls_server.tls_url, tls=Tls())._tls_options()["ssl_password"] == ""
+
+
 def test_check_connects_to_rediss_with_the_tls_settings(tls_server, short_dir):
     # Found in review: no test ran redis_problems() (--check) over TLS, so
     # a check that connected without the TLS settings went unseen.

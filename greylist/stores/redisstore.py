@@ -224,10 +224,18 @@ def check_readable_file(path: str, setting: str) -> None:
         os.close(fd)
 
 
-def check_private_file(path: str, setting: str) -> None:
+def check_private_key(path: str, setting: str) -> None:
     """RedisError unless path is a regular file of this user that nobody
-    else may read (a TLS client key)."""
-    os.close(_open_private(path, setting))
+    else may read, and not encrypted (a TLS client key)."""
+    fd = _open_private(path, setting)
+    try:
+        head = os.read(fd, 65536)
+    finally:
+        os.close(fd)
+    # "BEGIN ENCRYPTED PRIVATE KEY" (PKCS #8) or "Proc-Type: 4,ENCRYPTED".
+    if b"ENCRYPTED" in head:
+        raise RedisError("%s %s: encrypted, and greylist has no pass phrase for it: "
+                         "store the key unencrypted (mode 0600)" % (setting, path))
 
 
 def _open_private(path: str, setting: str) -> int:
@@ -355,12 +363,15 @@ class Connection:
                 if path:
                     check_readable_file(path, setting)
             if tls.key_file:
-                check_private_file(tls.key_file, "greylist_redis_tls_key_file")
+                check_private_key(tls.key_file, "greylist_redis_tls_key_file")
         except RedisError as exc:
             raise StoreError(str(exc)) from None
+        # ssl_password "": without one, OpenSSL asks for an encrypted key's
+        # pass phrase on the terminal, or else on standard input (under
+        # spawn(8) the policy socket), and waits.
         return {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True,
                 "ssl_ca_certs": tls.ca_file or None, "ssl_certfile": tls.cert_file or None,
-                "ssl_keyfile": tls.key_file or None}
+                "ssl_keyfile": tls.key_file or None, "ssl_password": ""}
 
     def call(self, body: Callable):
         """body(client), with Redis's errors as StoreError and the back-off."""
