@@ -1898,6 +1898,10 @@ def test_a_sentinel_failure_is_logged_without_redis_pys_object_reprs():
                     "127.0.0.1:26379 AuthenticationError('Authentication required.'), "
                     "sentinel /tmp/s1 ConnectionError('Error 111 connecting to unix socket: "
                     "/tmp/s1. Connection refused.')"), text
+    # An IPv6 sentinel as the URL names it, not "::1:26379".
+    text = describe(MasterNotFoundError("No master found for 'm' : %s - network:ConnectionError"
+                                        % (client % 26379).replace("127.0.0.1", "::1")))
+    assert text.endswith(": sentinel [::1]:26379 network:ConnectionError"), text
     # Whatever the text, describe() returns one: it runs in every failure.
     for odd in ("", " : ", "No master : Redis<ConnectionPool<", "x : <redis.client.Redis(",
                 "x : <redis.client.Redis(host=[::1],port=26379)> - e", "a : b : c"):

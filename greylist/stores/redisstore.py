@@ -599,7 +599,9 @@ def _sentinel_errors(text: str) -> str:
     named = []
     for part in parts:
         at = _SENTINEL_AT.search(part)
-        where = "?" if at is None else (at.group(3) or "%s:%s" % (at.group(1), at.group(2)))
+        where = "?" if at is None else (at.group(3) or (
+            # An IPv6 address in brackets, as the URL has it: "[::1]:26379".
+            "[%s]:%s" if ":" in at.group(1) else "%s:%s") % (at.group(1), at.group(2)))
         # What follows the object: " - auth:AuthenticationError, " (or,
         # in older redis-py releases, " - ConnectionError(...), " or
         # ": ConnectionError(...), ").
