@@ -74,12 +74,10 @@ def redis_table(cfg: Config, table: str, log: Log | None = None):
     """A table of the Redis database of cfg, on the process's one
     connection to it, with the expiry of the table's entries (log: where
     the connection's one-time notices go)."""
-    from greylist.stores.redisstore import RedisStore
-    where = (cfg.database, cfg.redis_timeout_ms, cfg.redis_password_file,
-             cfg.redis_sentinel_password_file, cfg.redis_tls_ca_file, cfg.redis_tls_cert_file,
-             cfg.redis_tls_key_file)
+    from greylist.stores.redisstore import Connection, RedisStore
+    where = _redis_where(cfg)
     if where not in _connections:
-        _connections[where] = redis_connection(cfg)
+        _connections[where] = Connection(*where)
     if log is not None and _connections[where].notice is None:
         _connections[where].notice = log.warning
     return RedisStore(_connections[where], table, redis_expiry(cfg, table))
@@ -87,11 +85,17 @@ def redis_table(cfg: Config, table: str, log: Log | None = None):
 
 def redis_connection(cfg: Config, notice: Callable[[str], None] | None = None):
     """A new connection to the Redis database of cfg."""
-    from greylist.stores.redisstore import Connection, Tls
-    return Connection(cfg.database, cfg.redis_timeout_ms / 1000, cfg.redis_password_file,
-                      notice=notice, sentinel_password_file=cfg.redis_sentinel_password_file,
-                      tls=Tls(cfg.redis_tls_ca_file, cfg.redis_tls_cert_file,
-                              cfg.redis_tls_key_file))
+    from greylist.stores.redisstore import Connection
+    return Connection(*_redis_where(cfg), notice=notice)
+
+
+def _redis_where(cfg: Config) -> tuple:
+    """Connection's arguments for the Redis database of cfg: also the key
+    of the process's one connection to it."""
+    from greylist.stores.redisstore import Tls
+    return (cfg.database, cfg.redis_timeout_ms / 1000, cfg.redis_password_file,
+            cfg.redis_sentinel_password_file,
+            Tls(cfg.redis_tls_ca_file, cfg.redis_tls_cert_file, cfg.redis_tls_key_file))
 
 
 def redis_expiry(cfg: Config, table: str) -> Callable[[bytes], int | None]:

@@ -213,15 +213,7 @@ def read_password_file(path: str, setting: str = "greylist_redis_password_file"
 def check_readable_file(path: str, setting: str) -> None:
     """RedisError unless path is a regular file that this user may read (a
     TLS CA or client certificate: public, so a symbolic link is fine)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise RedisError("%s %s: %s" % (setting, path, exc.strerror)) from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise RedisError("%s %s: not a regular file" % (setting, path))
-    finally:
-        os.close(fd)
+    os.close(_open_regular(path, setting, 0)[0])
 
 
 def check_private_key(path: str, setting: str) -> None:
@@ -242,14 +234,8 @@ def _open_private(path: str, setting: str) -> int:
     """A descriptor of path, opened without following a symbolic link;
     RedisError if it is missing, not a regular file, readable by others
     or another user's."""
+    fd, st = _open_regular(path, setting, os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise RedisError("%s %s: %s" % (setting, path, exc.strerror)) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise RedisError("%s %s: not a regular file" % (setting, path))
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise RedisError("%s %s: readable by others (chmod 0600, owned by the "
                              "greylist user)" % (setting, path))
@@ -260,6 +246,20 @@ def _open_private(path: str, setting: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _open_regular(path: str, setting: str, flags: int) -> tuple[int, os.stat_result]:
+    """A descriptor of path opened for reading (with flags), and its
+    status; RedisError if it is missing or not a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | flags)
+    except OSError as exc:
+        raise RedisError("%s %s: %s" % (setting, path, exc.strerror)) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise RedisError("%s %s: not a regular file" % (setting, path))
+    return fd, st
 
 
 class Tls(NamedTuple):
@@ -273,9 +273,9 @@ class Connection:
     """One client for a Redis database name, shared by its tables, with the
     fail-fast back-off of the module description."""
 
-    def __init__(self, url: str, timeout_s: float = TIMEOUT_S,
-                 password_file: str = "", notice: Callable[[str], None] | None = None,
-                 sentinel_password_file: str = "", tls: Tls = Tls()) -> None:
+    def __init__(self, url: str, timeout_s: float = TIMEOUT_S, password_file: str = "",
+                 sentinel_password_file: str = "", tls: Tls = Tls(),
+                 notice: Callable[[str], None] | None = None) -> None:
         self.url = url
         # Told once when the server refuses scripts (see compare_and_set).
         self.notice = notice
