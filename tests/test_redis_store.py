@@ -1012,7 +1012,7 @@ def test_check_connects_to_rediss_with_the_tls_settings(tls_server, short_dir):
     assert len(problems) == 1 and "certificate verify failed" in problems[0], problems
 
 
-def test_a_missing_tls_file_is_named_in_the_warning(tls_server, short_dir, greylist):
+def test_a_missing_or_wrong_tls_file_is_named_in_the_warning(tls_server, short_dir, greylist):
     # Found in review: a CA or client certificate file that is missing was
     # logged as redis-py's "Error 2 connecting to 127.0.0.1:PORT. No such
     # file or directory.", a network failure, naming neither file nor
@@ -1022,6 +1022,11 @@ def test_a_missing_tls_file_is_named_in_the_warning(tls_server, short_dir, greyl
               % (certs["client.crt"], certs["client.key"]))
     ca = "greylist_redis_tls_ca_file = %s\n" % certs["ca.crt"]
     gone = str(short_dir / "gone.crt")
+    notes = short_dir / "notes.txt"
+    notes.write_text("not a certificate\n")
+    private_notes = short_dir / "notes.key"
+    private_notes.write_text("not a key\n")
+    os.chmod(private_notes, 0o600)
     for name, extra, why in (
             ("no-ca", "greylist_redis_tls_ca_file = %s\n" % gone + client,
              "greylist_redis_tls_ca_file %s: No such file or directory" % gone),
@@ -1029,7 +1034,22 @@ def test_a_missing_tls_file_is_named_in_the_warning(tls_server, short_dir, greyl
              "greylist_redis_tls_key_file = %s\n" % (gone, certs["client.key"]),
              "greylist_redis_tls_cert_file %s: No such file or directory" % gone),
             ("ca-directory", "greylist_redis_tls_ca_file = %s\n" % short_dir + client,
-             "greylist_redis_tls_ca_file %s: not a regular file" % short_dir)):
+             "greylist_redis_tls_ca_file %s: not a regular file" % short_dir),
+            # Files that are there but hold the wrong thing: before, redis-py's
+            # "[X509: NO_CERTIFICATE_OR_CRL_FOUND]" or "[X509:
+            # KEY_VALUES_MISMATCH]", naming no file.
+            ("ca-not-pem", "greylist_redis_tls_ca_file = %s\n" % notes + client,
+             "greylist_redis_tls_ca_file %s: no PEM certificate in it" % notes),
+            ("cert-not-pem", ca + "greylist_redis_tls_cert_file = %s\n"
+             "greylist_redis_tls_key_file = %s\n" % (notes, certs["client.key"]),
+             "greylist_redis_tls_cert_file %s: no PEM certificate in it" % notes),
+            ("key-not-pem", ca + "greylist_redis_tls_cert_file = %s\n"
+             "greylist_redis_tls_key_file = %s\n" % (certs["client.crt"], private_notes),
+             "greylist_redis_tls_key_file %s: no PEM private key in it" % private_notes),
+            ("other-key", ca + "greylist_redis_tls_cert_file = %s\n"
+             "greylist_redis_tls_key_file = %s\n" % (certs["client.crt"], certs["server.key"]),
+             "greylist_redis_tls_key_file %s: not the key of greylist_redis_tls_cert_file %s"
+             % (certs["server.key"], certs["client.crt"]))):
         settings = write_settings(short_dir / name, "gl", tls_server.tls_url, extra)
         action, took = greylist(settings).ask("198.51.100.9", name + "@example.org",
                                               timeout=20)
@@ -1041,7 +1061,8 @@ def test_a_missing_tls_file_is_named_in_the_warning(tls_server, short_dir, greyl
         assert status == 1 and why in out and "Traceback" not in out, out
 
 
-def test_rediss_asks_redis_py_for_the_certificate_and_name_checks_itself(monkeypatch):
+def test_rediss_asks_redis_py_for_the_certificate_and_name_checks_itself(
+        monkeypatch, tls_server):
     # Found in review: the test of a wrong host name passed without
     # ssl_check_hostname, since redis-py 6 and later check the name by
     # default; redis-py 5, which setup.cfg allows, does not. So what
@@ -1052,7 +1073,8 @@ def test_rediss_asks_redis_py_for_the_certificate_and_name_checks_itself(monkeyp
     asked = []
     real = redis.Redis
     monkeypatch.setattr(redis, "Redis", lambda **options: asked.append(options) or real(**options))
-    connection = Connection("rediss://127.0.0.1:1/0", tls=Tls(ca_file="/etc/hostname"))
+    ca = tls_server.tls["ca.crt"]
+    connection = Connection("rediss://127.0.0.1:1/0", tls=Tls(ca_file=ca))
     try:
         pool = connection.client().connection_pool
         [options] = asked
@@ -1060,7 +1082,7 @@ def test_rediss_asks_redis_py_for_the_certificate_and_name_checks_itself(monkeyp
         assert options["ssl_cert_reqs"] in ("required", ssl.CERT_REQUIRED), options
         made = pool.connection_class(**pool.connection_kwargs)
         assert made.check_hostname is True and made.cert_reqs == ssl.CERT_REQUIRED
-        assert made.ca_certs == "/etc/hostname"
+        assert made.ca_certs == ca
     finally:
         connection.close()
 

@@ -230,6 +230,46 @@ def check_private_key(path: str, setting: str) -> None:
                          "store the key unencrypted (mode 0600)" % (setting, path))
 
 
+def check_tls_contents(tls: "Tls") -> None:
+    """RedisError, naming the file and its setting, unless the CA file holds
+    PEM certificates and the client certificate and key are PEM and belong
+    together; else redis-py reports them at each connection as an X509
+    or PEM error that names neither."""
+    import ssl   # here: the spawn program without TLS never loads it
+
+    def certificates(path: str, setting: str) -> None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+        except (ssl.SSLError, ValueError) as exc:
+            raise RedisError("%s %s: no PEM certificate in it (%s)"
+                             % (setting, path, _ssl_reason(exc))) from None
+
+    if tls.ca_file:
+        certificates(tls.ca_file, "greylist_redis_tls_ca_file")
+    if tls.cert_file and tls.key_file:
+        certificates(tls.cert_file, "greylist_redis_tls_cert_file")
+        try:
+            # password "": an encrypted key fails here instead of asking
+            # for its pass phrase (check_private_key refuses it first).
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(
+                tls.cert_file, tls.key_file, password="")
+        except (ssl.SSLError, ValueError) as exc:
+            reason = _ssl_reason(exc)
+            if "mismatch" in reason.lower():
+                raise RedisError("greylist_redis_tls_key_file %s: not the key of "
+                                 "greylist_redis_tls_cert_file %s (%s)"
+                                 % (tls.key_file, tls.cert_file, reason)) from None
+            raise RedisError("greylist_redis_tls_key_file %s: no PEM private key in it"
+                             % tls.key_file) from None
+
+
+def _ssl_reason(exc: Exception) -> str:
+    """ssl's words for a failure, without its errno prefix."""
+    if getattr(exc, "reason", None):
+        return "%s: %s" % (exc.library, exc.reason) if exc.library else str(exc.reason)
+    return str(exc)
+
+
 def _open_private(path: str, setting: str) -> int:
     """A descriptor of path, opened without following a symbolic link;
     RedisError if it is missing, not a regular file, readable by others
@@ -364,6 +404,7 @@ class Connection:
                     check_readable_file(path, setting)
             if tls.key_file:
                 check_private_key(tls.key_file, "greylist_redis_tls_key_file")
+            check_tls_contents(tls)
         except RedisError as exc:
             raise StoreError(str(exc)) from None
         # ssl_password "": without one, OpenSSL asks for an encrypted key's
