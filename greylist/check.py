@@ -248,6 +248,9 @@ def redis_problems(cfg: Config) -> tuple[list[str], list[str]]:
             # What writes use instead: allowed too?
             connection.reads([("WATCH", store.stored(b"greylist-check")), ("UNWATCH",)])
     except StoreError as exc:
+        if "MasterNotFoundError" in str(exc):
+            # What each sentinel says, as the lookup's error does not.
+            notes.extend(connection.sentinel_answers())
         return ["greylist_database: %s" % exc], notes
     finally:
         connection.close()

@@ -627,11 +627,12 @@ def _resolve_redis(cfg: Config) -> Config:
                                     ("greylist_redis_tls_cert_file", cfg.redis_tls_cert_file),
                                     ("greylist_redis_tls_key_file", cfg.redis_tls_key_file))
            if value]
-    if tls and not cfg.database.startswith("rediss://"):
-        # Else redis://, a unix socket or Sentinel (no TLS) would send the
-        # password and the records in clear, where TLS was asked for.
-        raise ConfigError("%s: only with a rediss:// database (TLS); greylist_database "
-                          "is %s" % (", ".join(tls), cfg.database))
+    if tls and not cfg.database.startswith(("rediss://", "rediss-sentinel://")):
+        # Else redis://, a unix socket or redis-sentinel:// (no TLS) would
+        # send the password and the records in clear, where TLS was asked
+        # for.
+        raise ConfigError("%s: only with a rediss:// or rediss-sentinel:// database (TLS); "
+                          "greylist_database is %s" % (", ".join(tls), cfg.database))
     if bool(cfg.redis_tls_cert_file) != bool(cfg.redis_tls_key_file):
         raise ConfigError("greylist_redis_tls_cert_file and greylist_redis_tls_key_file: "
                           "set both (a client certificate and its key) or neither")

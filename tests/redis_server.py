@@ -50,6 +50,12 @@ DESCRIPTION
     password=P, sentinel_password=S): the master and the replica require
     P (requirepass, masterauth), the sentinels require S (requirepass,
     sentinel-pass) and log in to the master with P (auth-pass).
+    Sentinels(directory, tls=CERTS): the master, the replica and the
+    sentinels serve TLS (the sentinels on TLS only, the two servers on a
+    plain TCP port too, for the test's own clients), want client
+    certificates, and replicate and monitor over TLS (tls-replication,
+    with client.crt); url is then rediss-sentinel://..., and the
+    sentinels name the TLS ports.
 """
 
 import os
@@ -200,9 +206,9 @@ class RedisServer(Process):
     def argv(self) -> list[str]:
         tls = []
         if self.tls:
-            tls = ["--tls-port", str(self.tls_port), "--tls-cert-file", self.tls["server.crt"],
-                   "--tls-key-file", self.tls["server.key"],
-                   "--tls-ca-cert-file", self.tls["ca.crt"], "--tls-auth-clients", "yes"]
+            tls = ["--tls-port", str(self.tls_port)]
+            for name, value in tls_options(self.tls):
+                tls += ["--" + name, value]
         return [program("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--unixsocket", self.socket_path, "--unixsocketperm", "700",
                 "--save", "", "--appendonly", "no", "--daemonize", "no",
@@ -296,6 +302,16 @@ def make_certificates(directory) -> dict[str, str]:
     return paths
 
 
+def tls_options(certs: dict) -> list[tuple[str, str]]:
+    """A TLS server's settings (redis.conf names) for the files of
+    make_certificates(); as a replica or a sentinel it connects over TLS
+    too, with client.crt (server.crt is for serverAuth only)."""
+    return [("tls-cert-file", certs["server.crt"]), ("tls-key-file", certs["server.key"]),
+            ("tls-ca-cert-file", certs["ca.crt"]), ("tls-auth-clients", "yes"),
+            ("tls-replication", "yes"), ("tls-client-cert-file", certs["client.crt"]),
+            ("tls-client-key-file", certs["client.key"])]
+
+
 def start_server(directory, tcp: bool = False, args=(), name: str = "redis") -> RedisServer:
     """A started RedisServer, or require() (skip; fail under CI)."""
     from conftest import require
@@ -312,16 +328,21 @@ class Sentinel(Process):
     """One redis-sentinel with its own config file."""
 
     def __init__(self, directory, name: str, master_port: int, password: str | None = None,
-                 master_password: str | None = None) -> None:
+                 master_password: str | None = None, tls: dict | None = None) -> None:
         super().__init__(directory, name)
         self.port = free_port()
         self.password = password
+        self.tls = tls
         self.config = self.directory / (name + ".conf")
         text = ("port %d\nbind 127.0.0.1\ndaemonize no\ndir %s\n"
                 "sentinel monitor %s 127.0.0.1 %d 2\n"
                 "sentinel down-after-milliseconds %s 1000\n"
                 "sentinel failover-timeout %s 5000\n"
-                % (self.port, self.directory, MASTER, master_port, MASTER, MASTER))
+                % (0 if tls else self.port, self.directory, MASTER, master_port, MASTER,
+                   MASTER))
+        if tls:
+            text += "tls-port %d\n%s" % (self.port, "".join(
+                "%s %s\n" % pair for pair in tls_options(tls)))
         if master_password:
             text += "sentinel auth-pass %s %s\n" % (MASTER, master_password)
         if password:
@@ -335,9 +356,13 @@ class Sentinel(Process):
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
+        tls = {}
+        if self.tls:
+            tls = {"ssl": True, "ssl_ca_certs": self.tls["ca.crt"],
+                   "ssl_certfile": self.tls["client.crt"], "ssl_keyfile": self.tls["client.key"]}
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1,
                            socket_connect_timeout=1, decode_responses=True,
-                           retry=Retry(NoBackoff(), 0), password=self.password)
+                           retry=Retry(NoBackoff(), 0), password=self.password, **tls)
 
     def ask(self, *command):
         client = self.client()
@@ -351,17 +376,24 @@ class Sentinels:
     """A master, a replica and three sentinels on 127.0.0.1."""
 
     def __init__(self, directory, password: str | None = None,
-                 sentinel_password: str | None = None) -> None:
+                 sentinel_password: str | None = None, tls: dict | None = None) -> None:
         self.directory = pathlib.Path(directory)
+        self.tls = tls
         login = ["--requirepass", password, "--masterauth", password] if password else []
         self.master = RedisServer(self.directory / "master", tcp=True, name="master",
-                                  args=login, password=password)
+                                  args=login, password=password, tls=tls)
         self.replica = RedisServer(self.directory / "replica", tcp=True, name="replica",
-                                   password=password)
-        self.replica.args = ["--replicaof", "127.0.0.1", str(self.master.port), *login]
+                                   password=password, tls=tls)
+        self.replica.args = ["--replicaof", "127.0.0.1", str(self.announced(self.master)),
+                             *login]
         self.sentinels = [Sentinel(self.directory / ("sentinel%d" % i), "sentinel%d" % i,
-                                   self.master.port, sentinel_password, password)
+                                   self.announced(self.master), sentinel_password, password,
+                                   tls=tls)
                           for i in range(3)]
+
+    def announced(self, server: RedisServer) -> int:
+        """The port of server that replicas and sentinels use (TLS's with tls)."""
+        return server.tls_port if self.tls else server.port
 
     def __enter__(self) -> "Sentinels":
         return self
@@ -371,8 +403,8 @@ class Sentinels:
 
     @property
     def url(self) -> str:
-        return "redis-sentinel://%s/%s" % (
-            ",".join("127.0.0.1:%d" % s.port for s in self.sentinels), MASTER)
+        return "%s://%s/%s" % (
+            "rediss-sentinel" if self.tls else "redis-sentinel", ",".join("127.0.0.1:%d" % s.port for s in self.sentinels), MASTER)
 
     def servers(self) -> list[RedisServer]:
         return [self.master, self.replica]
@@ -416,7 +448,7 @@ class Sentinels:
             if not each.alive():
                 return "%s exited:\n%s" % (each.name, each.log())
             replicas = each.ask("SENTINEL", "REPLICAS", MASTER)
-            if not any(_field(r, "port") == str(self.replica.port)
+            if not any(_field(r, "port") == str(self.announced(self.replica))
                        and "s_down" not in _field(r, "flags") for r in replicas):
                 return "%s does not know the replica yet" % each.name
             if len(each.ask("SENTINEL", "SENTINELS", MASTER)) < 2:
@@ -434,7 +466,7 @@ class Sentinels:
         return None
 
     def server_on(self, port: int) -> RedisServer:
-        return self.master if port == self.master.port else self.replica
+        return self.master if port == self.announced(self.master) else self.replica
 
     def wait_failover(self, old_port: int, timeout: float) -> RedisServer:
         """Wait (bounded) until the sentinels name a master other than

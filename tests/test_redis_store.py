@@ -951,6 +951,63 @@ def test_rediss_checks_the_server_certificate_and_its_name_and_sends_the_client_
             "greylist_redis_tls_key_file %s: readable by others" % loose)
 
 
+def test_rediss_sentinel_runs_tls_to_the_sentinels_and_the_master_through_a_failover(
+        short_dir, greylist):
+    # Sentinels, a master and a replica that serve TLS only to clients
+    # with a certificate (the two servers keep a plain port for the
+    # test's own checks), and replicate and monitor over TLS.
+    from conftest import require
+    from greylist.check import redis_problems
+    require(missing())
+    try:
+        certs = make_certificates(short_dir / "certs")
+    except (ServerError, OSError, subprocess.TimeoutExpired) as exc:
+        require("openssl cannot make the test certificates: %s" % exc)
+    setup = started_sentinels(short_dir / "sentinel", tls=certs)
+    try:
+        assert setup.url.startswith("rediss-sentinel://")
+        client = ("greylist_redis_tls_cert_file = %s\ngreylist_redis_tls_key_file = %s\n"
+                  % (certs["client.crt"], certs["client.key"]))
+        ca = "greylist_redis_tls_ca_file = %s\n" % certs["ca.crt"]
+        settings = write_settings(short_dir / "tls", "gl", setup.url, ca + client)
+        process = greylist(settings)
+        assert deferred(process.ask("198.51.100.9", "a@example.org", timeout=20)[0])
+        assert warnings_of(settings) == []
+        status, out = ctl(settings, "stats")
+        assert status == 0 and "\n  pending: 1\n" in out, out
+        # The master goes; the replica that the sentinels promote is
+        # reached over TLS too, and its certificate checked.
+        old = setup.master_port()
+        assert old == setup.master.tls_port
+        setup.master.kill()
+        sender, attempts, _ = until_deferred(process, "failover", within_s=30)
+        assert setup.master_port() == setup.replica.tls_port
+        # (Any warning is of answers that failed open during the failover.)
+        assert all("answering DUNNO" in each for each in warnings_of(settings))
+        replica = setup.replica.client(tcp=True)
+        try:
+            assert replica.info("replication")["role"] == "master"
+            assert replica.dbsize() >= 2
+        finally:
+            replica.close()
+        # Without the test's CA no sentinel is trusted: the answer fails
+        # open at once, and --check says why for each sentinel (redis-py's
+        # own error keeps only "network:ConnectionError").
+        settings = write_settings(short_dir / "no-ca", "gl", setup.url, client)
+        action, took = greylist(settings).ask("198.51.100.9", "b@example.org", timeout=20)
+        assert action == "DUNNO" and took < REPLY_BOUND_S, (action, took)
+        found = warnings_of(settings)
+        assert len(found) == 1 and "No master found" in found[0], found
+        problems, notes = redis_problems(load(settings, {}))
+        assert len(problems) == 1 and "MasterNotFoundError" in problems[0], problems
+        assert len(notes) == 3, notes
+        for each, note in zip(setup.sentinels, notes):
+            assert note.startswith("sentinel 127.0.0.1:%d: " % each.port), note
+            assert "certificate verify failed" in note, note
+    finally:
+        setup.stop()
+
+
 def test_the_tls_ca_file_adds_to_the_systems_cas(tls_server, monkeypatch):
     # Found in review: the documentation said that the server's
     # certificate must be signed by a CA of greylist_redis_tls_ca_file;
@@ -1107,8 +1164,8 @@ def test_a_tls_setting_without_rediss_is_a_settings_error(tmp_path):
                             "greylist_redis_tls_ca_file = /etc/greylist/ca.crt\n" % database)
         with pytest.raises(Exception) as refused:
             load(str(settings), {})
-        assert ("greylist_redis_tls_ca_file: only with a rediss:// database"
-                in str(refused.value)), refused.value
+        assert ("greylist_redis_tls_ca_file: only with a rediss:// or rediss-sentinel:// "
+                "database" in str(refused.value)), refused.value
     # LMDB ignores every Redis setting, as before.
     settings.write_text("greylist_database = lmdb:%s/greylist\n"
                         "greylist_redis_tls_ca_file = /etc/greylist/ca.crt\n" % tmp_path)
@@ -1164,10 +1221,19 @@ def test_a_sentinel_url_without_a_sentinel_is_a_settings_error(tmp_path):
     # request then failed open ("No master found") with no sentinel asked.
     from greylist.config import ConfigError
     settings = tmp_path / "greylist.cf"
-    for url in ("redis-sentinel:///mymaster", "redis-sentinel://,/mymaster"):
+    for url in ("redis-sentinel:///mymaster", "redis-sentinel://,/mymaster",
+                "rediss-sentinel:///mymaster"):
         settings.write_text("greylist_database = %s\n" % url)
         with pytest.raises(ConfigError, match="at least one sentinel"):
             load(str(settings), {})
+
+
+def test_rediss_sentinel_urls_are_sentinels_over_tls():
+    from greylist.stores.redisstore import parse_url
+    assert parse_url("rediss-sentinel://127.0.0.1:26379,[::1]:26380/mymaster") == {
+        "sentinels": [("127.0.0.1", 26379), ("::1", 26380)], "master": "mymaster",
+        "tls": True}
+    assert parse_url("redis-sentinel://127.0.0.1:26379/mymaster")["tls"] is False
 
 
 def test_a_server_that_answers_nonsense_is_a_store_failure_not_a_crash(short_dir):

@@ -20,6 +20,13 @@ DESCRIPTION
                                               the master that the Sentinels
                                               name, followed through
                                               failovers
+        rediss-sentinel://HOST:PORT,HOST:PORT/MASTERNAME
+                                              the same over TLS, to the
+                                              sentinels and to the master,
+                                              with rediss://'s checks and
+                                              files (the master's name
+                                              checked against the address
+                                              that the sentinels give)
 
     A password, or an ACL user and password, comes from
     greylist_redis_password_file (one line: PASSWORD, or USER PASSWORD), a
@@ -136,12 +143,14 @@ class RedisError(Exception):
 
 def is_redis(database: str) -> bool:
     """Whether a greylist_database names a Redis server."""
-    return database.startswith(("redis:unix:", "redis://", "rediss://", "redis-sentinel://"))
+    return database.startswith(("redis:unix:", "redis://", "rediss://", "redis-sentinel://",
+                                "rediss-sentinel://"))
 
 
 def parse_url(url: str) -> dict:
     """The connection of a Redis database name: {"unix": PATH}, {"host",
-    "port", "db", "tls"} or {"sentinels": [(host, port)], "master": NAME}.
+    "port", "db", "tls"} or {"sentinels": [(host, port)], "master": NAME,
+    "tls"}.
     Raises RedisError."""
     if url.startswith("redis:unix:"):
         path = url[len("redis:unix:"):]
@@ -165,8 +174,7 @@ def parse_url(url: str) -> dict:
         if db and not (db.isdigit() and len(db) <= 5):
             raise RedisError("%s: the database must be a number" % url)
         return {"host": host, "port": port, "db": int(db or 0), "tls": scheme == "rediss"}
-    if url.startswith("redis-sentinel://"):
-        rest = url[len("redis-sentinel://"):]
+    if scheme in ("redis-sentinel", "rediss-sentinel"):
         where, _, master = rest.partition("/")
         if not master or "/" in master:
             raise RedisError("%s: name the master after the sentinels (/MASTERNAME)" % url)
@@ -174,13 +182,13 @@ def parse_url(url: str) -> dict:
         if not sentinels:
             # Else every lookup fails, "No master found", with no sentinel asked.
             raise RedisError("%s: name at least one sentinel (HOST:PORT)" % url)
-        return {"sentinels": sentinels, "master": master}
+        return {"sentinels": sentinels, "master": master, "tls": scheme == "rediss-sentinel"}
     raise RedisError("%s: %s" % (url, FORMS))
 
 
 # The forms of a Redis database name, for errors.
-FORMS = ("not redis:unix:PATH, redis://HOST:PORT/DB, rediss://HOST:PORT/DB or "
-         "redis-sentinel://HOST:PORT,.../MASTERNAME")
+FORMS = ("not redis:unix:PATH, redis://HOST:PORT/DB, rediss://HOST:PORT/DB, "
+         "redis-sentinel://HOST:PORT,.../MASTERNAME or rediss-sentinel://HOST:PORT,.../MASTERNAME")
 
 
 def _host_port(url: str, where: str) -> tuple[str, int]:
@@ -303,7 +311,7 @@ def _open_regular(path: str, setting: str, flags: int) -> tuple[int, os.stat_res
 
 
 class Tls(NamedTuple):
-    """The TLS files of a rediss:// database ("": none)."""
+    """The TLS files of a rediss:// or rediss-sentinel:// database ("": none)."""
     ca_file: str = ""     # the CAs the server's certificate is checked against
     cert_file: str = ""   # the client certificate, for tls-auth-clients
     key_file: str = ""    # its key: private, as a password file
@@ -368,26 +376,64 @@ class Connection:
         where = self.where
         if "sentinels" in where:
             from redis.sentinel import Sentinel
-            # The sentinels' own connections get no retries either
-            # (redis-py's default retries each one ten times, with pauses:
-            # seconds for one sentinel that is down). A master lookup
-            # still asks them in turn: at most one timeout per sentinel.
-            login = {}
-            if self.sentinel_password_file:
-                try:
-                    login["username"], login["password"] = read_password_file(
-                        self.sentinel_password_file, "greylist_redis_sentinel_password_file")
-                except RedisError as exc:
-                    raise StoreError(str(exc)) from None
-            sentinel = Sentinel(where["sentinels"], sentinel_kwargs={
-                "socket_timeout": self.timeout_s, "socket_connect_timeout": self.timeout_s,
-                "retry": Retry(NoBackoff(), 0), "health_check_interval": 0, **login})
+            # TLS: the same checks and files for the sentinels and for the
+            # master (and the replica that a failover makes master).
+            tls = self._tls_options() if where["tls"] else {}
+            options.update(tls)
+            sentinel = Sentinel(where["sentinels"], sentinel_kwargs=self._sentinel_options(tls))
             return sentinel.master_for(where["master"], **options)
         if "unix" in where:
             return redis.Redis(unix_socket_path=where["unix"], **options)
         if where["tls"]:
             options.update(self._tls_options())
         return redis.Redis(host=where["host"], port=where["port"], db=where["db"], **options)
+
+    def _sentinel_options(self, tls: dict) -> dict:
+        """redis-py's options for a connection to a sentinel."""
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+        # The sentinels' own connections get no retries either (redis-py's
+        # default retries each one ten times, with pauses: seconds for one
+        # sentinel that is down). A master lookup still asks them in turn:
+        # at most one timeout per sentinel.
+        login = {}
+        if self.sentinel_password_file:
+            try:
+                login["username"], login["password"] = read_password_file(
+                    self.sentinel_password_file, "greylist_redis_sentinel_password_file")
+            except RedisError as exc:
+                raise StoreError(str(exc)) from None
+        return {"socket_timeout": self.timeout_s, "socket_connect_timeout": self.timeout_s,
+                "retry": Retry(NoBackoff(), 0), "health_check_interval": 0, **login, **tls}
+
+    def sentinel_answers(self) -> list[str]:
+        """Each sentinel's answer to a lookup of the master, in full, for
+        greylist --check: from redis-py 8 on, a failed lookup's error
+        keeps only each sentinel's error class ("network:ConnectionError"),
+        not why (a refused certificate, a refused connection)."""
+        import redis
+        where = self.where
+        try:
+            options = self._sentinel_options(self._tls_options() if where["tls"] else {})
+        except StoreError as exc:
+            return [str(exc)]
+        answers = []
+        for host, port in where["sentinels"]:
+            name = ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+            client = redis.Redis(host=host, port=port, **options)
+            try:
+                found = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME",
+                                               where["master"])
+                answer = ("master %s unknown" % where["master"] if not found else
+                          "master %s at %s:%s" % (where["master"], *(
+                              each.decode("utf-8", "replace") if isinstance(each, bytes)
+                              else each for each in found)))
+            except Exception as exc:  # noqa: BLE001 (each failure is an answer)
+                answer = describe(exc)
+            finally:
+                client.close()
+            answers.append("sentinel %s: %s" % (name, answer))
+        return answers
 
     def _tls_options(self) -> dict:
         """redis-py's options for TLS: the server's certificate is always
