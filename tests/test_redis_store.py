@@ -799,7 +799,8 @@ def started_sentinels(directory: pathlib.Path, **options) -> Sentinels:
 
 
 def test_a_sentinel_failover_is_followed(sentinels, short_dir, greylist):
-    settings = write_settings(short_dir, "gl", sentinels.url)
+    # In database 2 of the master (MASTERNAME/DB), and of the new one.
+    settings = write_settings(short_dir, "gl", sentinels.url + "/2")
     process = greylist(settings)
     assert deferred(process.warm())
     old = sentinels.master_port()
@@ -816,12 +817,17 @@ def test_a_sentinel_failover_is_followed(sentinels, short_dir, greylist):
     action, took = process.ask(client, sender)
     assert action == "DUNNO" and took < REPLY_BOUND_S, action
     assert "reason=delay-passed" in log_of(settings)
-    replica = sentinels.replica.client(tcp=True)
+    replica = sentinels.replica.client(tcp=True, db=2)
     try:
         assert replica.info("replication")["role"] == "master"
         assert replica.dbsize() >= 2
     finally:
         replica.close()
+    zero = sentinels.replica.client(tcp=True)
+    try:
+        assert zero.dbsize() == 0
+    finally:
+        zero.close()
 
 
 def test_one_sentinel_that_does_not_answer_costs_one_timeout_not_seconds(sentinels):
@@ -1229,11 +1235,17 @@ def test_a_sentinel_url_without_a_sentinel_is_a_settings_error(tmp_path):
 
 
 def test_rediss_sentinel_urls_are_sentinels_over_tls():
-    from greylist.stores.redisstore import parse_url
+    from greylist.stores.redisstore import RedisError, parse_url
     assert parse_url("rediss-sentinel://127.0.0.1:26379,[::1]:26380/mymaster") == {
         "sentinels": [("127.0.0.1", 26379), ("::1", 26380)], "master": "mymaster",
-        "tls": True}
+        "db": 0, "tls": True}
     assert parse_url("redis-sentinel://127.0.0.1:26379/mymaster")["tls"] is False
+    assert parse_url("redis-sentinel://127.0.0.1:26379/mymaster/3")["db"] == 3
+    for url in ("redis-sentinel://127.0.0.1:26379/mymaster/x",
+                "redis-sentinel://127.0.0.1:26379/mymaster/3/4",
+                "redis-sentinel://127.0.0.1:26379//3"):
+        with pytest.raises(RedisError):
+            parse_url(url)
 
 
 def test_a_server_that_answers_nonsense_is_a_store_failure_not_a_crash(short_dir):

@@ -16,11 +16,11 @@ DESCRIPTION
                                               a client certificate from
                                               greylist_redis_tls_cert_file
                                               and _key_file
-        redis-sentinel://HOST:PORT,HOST:PORT/MASTERNAME
+        redis-sentinel://HOST:PORT,HOST:PORT/MASTERNAME[/DB]
                                               the master that the Sentinels
                                               name, followed through
-                                              failovers
-        rediss-sentinel://HOST:PORT,HOST:PORT/MASTERNAME
+                                              failovers (DB default 0)
+        rediss-sentinel://HOST:PORT,HOST:PORT/MASTERNAME[/DB]
                                               the same over TLS, to the
                                               sentinels and to the master,
                                               with rediss://'s checks and
@@ -176,19 +176,23 @@ def parse_url(url: str) -> dict:
         return {"host": host, "port": port, "db": int(db or 0), "tls": scheme == "rediss"}
     if scheme in ("redis-sentinel", "rediss-sentinel"):
         where, _, master = rest.partition("/")
-        if not master or "/" in master:
+        master, _, db = master.partition("/")
+        if not master:
             raise RedisError("%s: name the master after the sentinels (/MASTERNAME)" % url)
+        if db and not (db.isdigit() and len(db) <= 5):
+            raise RedisError("%s: the database after the master must be a number" % url)
         sentinels = [_host_port(url, each) for each in where.split(",") if each]
         if not sentinels:
             # Else every lookup fails, "No master found", with no sentinel asked.
             raise RedisError("%s: name at least one sentinel (HOST:PORT)" % url)
-        return {"sentinels": sentinels, "master": master, "tls": scheme == "rediss-sentinel"}
+        return {"sentinels": sentinels, "master": master, "db": int(db or 0),
+                "tls": scheme == "rediss-sentinel"}
     raise RedisError("%s: %s" % (url, FORMS))
 
 
 # The forms of a Redis database name, for errors.
 FORMS = ("not redis:unix:PATH, redis://HOST:PORT/DB, rediss://HOST:PORT/DB, "
-         "redis-sentinel://HOST:PORT,.../MASTERNAME or rediss-sentinel://HOST:PORT,.../MASTERNAME")
+         "redis-sentinel://HOST:PORT,.../MASTERNAME[/DB] or rediss-sentinel://HOST:PORT,.../MASTERNAME[/DB]")
 
 
 def _host_port(url: str, where: str) -> tuple[str, int]:
@@ -381,7 +385,7 @@ class Connection:
             tls = self._tls_options() if where["tls"] else {}
             options.update(tls)
             sentinel = Sentinel(where["sentinels"], sentinel_kwargs=self._sentinel_options(tls))
-            return sentinel.master_for(where["master"], **options)
+            return sentinel.master_for(where["master"], db=where["db"], **options)
         if "unix" in where:
             return redis.Redis(unix_socket_path=where["unix"], **options)
         if where["tls"]:
