@@ -36,6 +36,7 @@ import time
 
 import pytest
 
+from greylist.metrics import RENDER_EVERY_S
 from tests import daemon as daemons
 from tests.conftest import require
 from tests.postfix_instance import PostfixInstance, free_port, install_runtime, \
@@ -405,6 +406,7 @@ def test_greylistd_on_the_same_redis_serves_50_connections_and_fails_open_while_
         assert [a for a, _ in stopped] == ["DUNNO"] * CONNECTIONS, stopped
         assert max(s for _, s in stopped) < limit, sorted(s for _, s in stopped)[-5:]
         assert seen["scrape_s"] < 0.5 and seen["replies_then"] < CONNECTIONS, seen
+        time.sleep(RENDER_EVERY_S)   # past the render of the scrape above
         after, _ = scrape(metrics_port, 5)
         failures = (counter(after, "greylist_store_failures_total")
                     - counter(before, "greylist_store_failures_total"))
