@@ -52,7 +52,22 @@ RENDER_EVERY_S = 0.5
 # own server sends only to a scraper that asks for it.
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 # An HTTP request line (RFC 9112 3): a method token, a target, a version.
-_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,20} [!-~]{1,2000} HTTP/[0-9]\.[0-9]\r\n")
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,20} [!-~]{1,2000} HTTP/[0-9]\.[0-9]\r?\n")
+
+
+async def _read_head(reader: asyncio.StreamReader) -> bytes:
+    """An HTTP request's head, to its empty line: lines end in CRLF, or
+    in a bare LF, which RFC 9112 2.2 lets a server take as the end of a
+    line (before, such a request waited TIMEOUT_S for a CRLF). ValueError
+    beyond MAX_REQUEST bytes."""
+    head = b""
+    while True:
+        line = await reader.readuntil(b"\n")
+        head += line
+        if len(head) > MAX_REQUEST:
+            raise ValueError
+        if line in (b"\r\n", b"\n"):
+            return head
 
 
 class Metrics:
@@ -126,7 +141,8 @@ class Metrics:
         servers = []
         for sock in sockets:
             sock.setblocking(False)
-            servers.append(await asyncio.start_server(self._scrape, sock=sock))
+            servers.append(await asyncio.start_server(self._scrape, sock=sock,
+                                                      limit=MAX_REQUEST))
         return servers
 
     async def _scrape(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -150,9 +166,7 @@ class Metrics:
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT_S)
-            if len(head) > MAX_REQUEST:
-                raise ValueError
+            head = await asyncio.wait_for(_read_head(reader), TIMEOUT_S)
             if head.startswith((b"GET ", b"HEAD ")):
                 body = self.text()
                 # HEAD: the head of the answer to GET, without the body

@@ -1047,6 +1047,28 @@ def test_a_head_request_gets_the_head_of_a_scrape(site):
         assert_clean(daemon)
 
 
+def test_a_request_with_bare_line_feeds_is_answered_at_once(site):
+    # A scraper that ends its lines with LF alone (RFC 9112 2.2 lets a
+    # server accept it) waited the 5 s timeout for a CRLF, then got 400.
+    # A head beyond the cap still gets 400 at once.
+    port = daemons.free_port()
+    with daemons.start(site, "greylist_metrics_listen = inet:127.0.0.1:%d\n" % port) as daemon:
+        for data, answer in ((b"GET /metrics HTTP/1.0\nHost: x\n\n", "HTTP/1.0 200 OK"),
+                             (b"GET /metrics HTTP/1.0\r\nHost: x\n\r\n", "HTTP/1.0 200 OK"),
+                             (b"DELETE / HTTP/1.1\n\n", "HTTP/1.0 405 Method Not Allowed"),
+                             (b"GET / HTTP/1.0\n" + b"X: %s\n" % (b"y" * 9000) + b"\n",
+                              "HTTP/1.0 400 Bad Request"),
+                             (b"GET / HTTP/1.0\n" + b"X: y\n" * 2000 + b"\n",
+                              "HTTP/1.0 400 Bad Request")):
+            began = time.monotonic()
+            status, body = http(port, data)
+            assert status == answer and time.monotonic() - began < 2.0, (data[:40], status)
+            if answer.endswith("200 OK"):
+                assert b"greylist_connections" in body
+        assert daemon.stop() == 0
+        assert_clean(daemon)
+
+
 # 9. A store that fails: fail open.
 
 def test_a_refused_database_directory_fails_open_with_one_warning(site):
