@@ -8,7 +8,7 @@ import pytest
 from greylist import __version__
 from greylist.cli.greylist import USAGE
 from greylist.cli.greylistctl import USAGE as CTL_USAGE
-from greylist.cli.greylistd import USAGE as DAEMON_USAGE
+from greylist.cli.greylistd import SERVICES, USAGE as DAEMON_USAGE
 from greylist.cli.postscreen import USAGE as POSTSCREEN_USAGE
 from greylist.cli.socketmap import USAGE as SOCKETMAP_USAGE
 from greylist.config import SETTINGS, Config
@@ -134,6 +134,20 @@ def test_systemd_units_match_the_daemon_and_the_main_cf_line():
     # StateDirectory= would chown the tables to greylist:greylist at each
     # start, and smtpd (group postfix) could not read the client table.
     assert not re.search(r"^StateDirectory", service_unit, re.MULTILINE)
+    # The learners' sockets: each names the service greylistd serves on it
+    # (greylist/cli/greylistd.py SERVICES), goes to greylist.service, and
+    # is the socket that greylist-socketmap(8) points Postfix at.
+    learner_page = plain((ROOT / "man" / "greylist-socketmap.8").read_text())
+    for unit, name, relative in (("greylist-learn.socket", "socketmap", "greylist/learn"),
+                                 ("greylist-outbound.socket", "outbound", "greylist/out")):
+        text = (ROOT / "docs" / "systemd" / unit).read_text()
+        assert name in dict(SERVICES)
+        assert re.search(r"^FileDescriptorName=%s$" % name, text, re.MULTILINE), unit
+        assert re.search(r"^Service=greylist.service$", text, re.MULTILINE), unit
+        assert re.search(r"^ListenStream=/var/spool/postfix/%s$" % relative, text,
+                         re.MULTILINE), unit
+        assert re.search(r"^SocketGroup=postfix$", text, re.MULTILINE), unit
+        assert "unix:%s" % relative in learner_page
 
 
 DOCUMENTS = ["README.md", "master.cf.example", "docs/greylist.cf.example"] + [
@@ -158,12 +172,13 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
     require(None if analyze else "systemd-analyze is not installed (Debian: systemd)")
     daemon = pathlib.Path(sys.executable).parent / "greylistd"
     require(None if daemon.exists() else "no greylistd console script beside %s" % sys.executable)
-    for name in ("greylist.socket", "greylist.service"):
+    names = ("greylist.socket", "greylist.service", "greylist-learn.socket",
+             "greylist-outbound.socket")
+    for name in names:
         text = (ROOT / "docs" / "systemd" / name).read_text()
         # Where this test's installation is, instead of /opt/greylist.
         (tmp_path / name).write_text(text.replace("/opt/greylist/bin/greylistd", str(daemon)))
-    done = subprocess.run([analyze, "verify", "--man=no", str(tmp_path / "greylist.socket"),
-                           str(tmp_path / "greylist.service")],
+    done = subprocess.run([analyze, "verify", "--man=no", *(str(tmp_path / n) for n in names)],
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (0, "")
 

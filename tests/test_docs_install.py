@@ -107,7 +107,8 @@ def test_the_environment_has_the_man_pages_and_samples_as_in_the_checkout(instal
         (ROOT / "master.cf.example").read_bytes()
     # The systemd units that README and greylistd(8) say to copy (found in
     # an install walkthrough: they were only in the checkout).
-    for unit in ("greylist.service", "greylist.socket"):
+    for unit in ("greylist.service", "greylist.socket", "greylist-learn.socket",
+                 "greylist-outbound.socket"):
         assert (docs / "systemd" / unit).read_bytes() == \
             (ROOT / "docs" / "systemd" / unit).read_bytes()
     # README copies the sample from there.

@@ -647,6 +647,52 @@ def test_socket_activation_serves_the_inherited_sockets(site):
         launched.stop()
 
 
+def test_socket_activation_serves_the_learners_on_their_named_sockets(site):
+    # As docs/systemd/greylist-learn.socket and greylist-outbound.socket
+    # pass them: FileDescriptorName=socketmap and outbound.
+    sockets = {}
+    for name in ("policy", "socketmap", "outbound"):
+        sockets[name] = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sockets[name].bind(str(site / name))
+        sockets[name].listen(16)
+    env = {"LISTEN_FDS": "3", "LISTEN_FDNAMES": "policy:socketmap:outbound"}
+    settings = base_settings(site) + ("greylist_local_domains = example.com\n"
+                                      "greylist_outbound_require_sasl = no\n")
+    try:
+        launched = Launched(site, settings, env,
+                            fds=tuple(each.fileno() for each in sockets.values()))
+    finally:
+        for each in sockets.values():
+            each.close()
+    try:
+        assert ("serving systemd:policy, systemd:socketmap, systemd:outbound as uid"
+                in launched.wait_serving())
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(IO_S)
+            sock.connect(str(site / "socketmap"))
+            sock.sendall(b"24:sender alice@example.com,")
+            reply = b""
+            for _ in range(12):   # "9:NOTFOUND ," is 12 bytes
+                chunk = sock.recv(12 - len(reply))
+                reply += chunk
+                if not chunk or len(reply) == 12:
+                    break
+            assert reply == b"9:NOTFOUND ,"
+        # The outbound learner answers DUNNO where the policy service
+        # greylists the same new triple.
+        for name, answer in (("outbound", "DUNNO"),
+                             ("policy", "DEFER_IF_PERMIT Greylisted, please try again "
+                                        "in 3600 seconds")):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(IO_S)
+                sock.connect(str(site / name))
+                assert exchange(sock, triple_request(1)) == answer, name
+        assert launched.stop() == 0
+        assert launched.output() == ""
+    finally:
+        launched.stop()
+
+
 def test_socket_activation_binds_the_listeners_systemd_does_not_pass(site):
     # A socket unit with the policy socket only: greylist_metrics_listen is
     # still served (greylistd(8) suggests it), and a greylist_policy_listen
